@@ -1,0 +1,87 @@
+"""Authorise callers by their client-certificate identity, after the mTLS handshake.
+
+The TLS layer already checked that the certificate chains to the private CA; this interceptor
+checks *who* it is: only the public tier's identity may call inference, and the health service
+also admits the private tier's own identity (its container healthcheck).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import Any
+
+import grpc
+
+from shared.logs import get_logger
+
+log = get_logger(__name__)
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+Handler = Any  # grpc.RpcMethodHandler; the stubs type it for the sync API only
+
+
+def peer_identities(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
+    """Common names of the verified client certificate."""
+    auth = context.auth_context()
+    return [value.decode("utf-8", "replace") for value in auth.get("x509_common_name", [])]
+
+
+class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Refuse any RPC whose client certificate is not an allowed identity for that method."""
+
+    def __init__(self, allowed: Collection[str], health_allowed: Collection[str]) -> None:
+        self._allowed = frozenset(allowed)
+        self._health_allowed = frozenset(health_allowed)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler: Handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        allowed = self._health_allowed if method.startswith(HEALTH_PREFIX) else self._allowed
+        return _guarded(handler, allowed, method)
+
+
+def _guarded(handler: Handler, allowed: frozenset[str], method: str) -> Any:
+    async def check(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        names = peer_identities(context)
+        if not allowed.intersection(names):
+            log.warning("caller_refused", method=method, identities=names, peer=context.peer())
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "client identity not allowed")
+
+    kinds: Mapping[str, Callable[..., Any]] = {
+        "unary_unary": grpc.unary_unary_rpc_method_handler,
+        "unary_stream": grpc.unary_stream_rpc_method_handler,
+    }
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await check(context)
+            return await inner(request, context)
+
+        wrapped, kind = unary, "unary_unary"
+    elif handler.unary_stream is not None:
+        inner_stream = handler.unary_stream
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await check(context)
+            result: Any = inner_stream(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            else:  # a handler that writes with context.write()
+                await result
+
+        wrapped, kind = stream, "unary_stream"
+    else:  # streaming requests are not part of the contract
+        return handler
+    return kinds[kind](
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

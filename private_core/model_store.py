@@ -1,0 +1,114 @@
+"""Load each encrypted back stage into memory only, and remember why a model failed to load.
+
+``torch.export.load`` unpickles, so a file is deserialized only after every chunk has been
+authenticated and its plaintext hash matches the manifest: authentication is what makes
+loading safe. A model that fails is reported by name with a reason, never half-loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from shared.crypto import DecryptionError, decrypt_bytes
+from shared.errors import ModelNotFound, ModelNotReady
+from shared.keys import KeyProvider
+from shared.layout import TierDir
+from shared.logs import get_logger
+from shared.manifest import ModelConfig, StageManifest, read_config, read_manifest
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class BackStage:
+    """A loaded back stage: its config, manifest and callable module."""
+
+    config: ModelConfig
+    manifest: StageManifest
+    module: torch.nn.Module
+
+
+@dataclass
+class ModelStore:
+    """Every model found in the private tier's folder: loaded, or failed with a reason."""
+
+    loaded: dict[str, BackStage] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def get(self, name: str) -> BackStage:
+        """The loaded model ``name``, or ``ModelNotFound`` / ``ModelNotReady``."""
+        if name in self.loaded:
+            return self.loaded[name]
+        if name in self.failed:
+            raise ModelNotReady(f"model {name!r} is not loaded")
+        raise ModelNotFound(f"model {name!r} is not deployed")
+
+    def status(self) -> dict[str, str | None]:
+        """Model name -> None when ready, else the reason it is not."""
+        return {**dict.fromkeys(self.loaded), **self.failed}
+
+
+def load_store(tier: TierDir, provider: KeyProvider) -> ModelStore:
+    """Load every model folder under ``tier.models``."""
+    store = ModelStore()
+    folders = sorted(p for p in tier.models.iterdir() if p.is_dir()) if tier.models.is_dir() else []
+    for folder in folders:
+        try:
+            stage = load_back_stage(folder, provider)
+        except ModelLoadFailure as failure:
+            store.failed[folder.name] = failure.reason
+            log.error("model_load_failed", model=folder.name, reason=failure.reason)
+            continue
+        store.loaded[stage.config.name] = stage
+        log.info(
+            "model_loaded",
+            model=stage.config.name,
+            parameters=stage.manifest.tiers["private"].parameters,
+        )
+    return store
+
+
+class ModelLoadFailure(Exception):
+    """A model folder could not be loaded; ``reason`` names the model and the cause."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def load_back_stage(folder: Path, provider: KeyProvider) -> BackStage:
+    """Decrypt, authenticate and deserialize one back stage, all in memory."""
+    name = folder.name
+    try:
+        config, manifest = read_config(folder), read_manifest(folder)
+    except (OSError, ValueError, ValidationError) as error:
+        raise ModelLoadFailure(f"model {name!r}: unreadable config or manifest ({error})") from None
+    if manifest.stage != "back" or not manifest.encrypted or config.name != name:
+        raise ModelLoadFailure(
+            f"model {name!r}: the manifest does not describe an encrypted back stage"
+        )
+    try:
+        plaintext = decrypt_bytes((folder / manifest.file).read_bytes(), provider)
+    except OSError as error:
+        raise ModelLoadFailure(
+            f"model {name!r}: cannot read {manifest.file} ({error.strerror})"
+        ) from None
+    except DecryptionError as error:
+        raise ModelLoadFailure(f"model {name!r}: {error.message}") from None
+    if hashlib.sha256(plaintext).hexdigest() != manifest.sha256:
+        raise ModelLoadFailure(f"model {name!r}: decrypted stage does not match the manifest hash")
+    try:
+        program = torch.export.load(io.BytesIO(plaintext))
+    except Exception as error:  # an authenticated file that still fails: a version mismatch
+        raise ModelLoadFailure(
+            f"model {name!r}: cannot deserialize the back stage ({type(error).__name__})"
+        ) from None
+    finally:
+        del plaintext
+    return BackStage(config=config, manifest=manifest, module=program.module())

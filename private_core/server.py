@@ -1,0 +1,118 @@
+"""Build and run the private tier's gRPC server: secure port only, mutual TLS, health service."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+from private_core.auth import IdentityInterceptor
+from private_core.hardening import protect_process_memory
+from private_core.model_store import ModelStore, load_store
+from private_core.runner import BackStageRunner
+from private_core.servicer import PrivateInferenceServicer
+from private_core.settings import PrivateSettings
+from protos import inference_pb2_grpc
+from shared.keys import KeyProvider, LocalFileKeyProvider
+from shared.layout import TierDir
+from shared.logs import get_logger
+
+log = get_logger(__name__)
+SERVICE_NAME = "splitvault.v1.PrivateInference"
+
+
+@dataclass
+class PrivateServer:
+    """A started private tier: the gRPC server, the port it bound and its health servicer."""
+
+    server: grpc.aio.Server
+    port: int
+    health: Any  # grpc_health aio HealthServicer (untyped)
+    store: ModelStore
+    executor: ThreadPoolExecutor
+
+    async def stop(self, grace_s: float) -> None:
+        """Report NOT_SERVING, let in-flight calls finish within ``grace_s``, then stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self.executor.shutdown(wait=True)
+
+
+def key_provider(settings: PrivateSettings) -> KeyProvider:
+    """The KEK provider named by the settings (a file, or the secret's base64 value)."""
+    if settings.kek_file is not None:
+        return LocalFileKeyProvider.load(settings.kek_file)
+    if settings.kek is None:
+        raise ValueError("no KEK configured")
+    try:
+        return LocalFileKeyProvider.from_bytes(
+            base64.b64decode(settings.kek.get_secret_value().strip())
+        )
+    except (binascii.Error, ValueError):
+        raise ValueError("the KEK secret is not a base64-encoded 32-byte key") from None
+
+
+def server_credentials(tier: TierDir) -> grpc.ServerCredentials:
+    """Mutual TLS: present the server certificate, require a client certificate from our CA."""
+    return grpc.ssl_server_credentials(
+        [((tier.tls / "server.key").read_bytes(), (tier.tls / "server.crt").read_bytes())],
+        root_certificates=tier.ca_cert.read_bytes(),
+        require_client_auth=True,
+    )
+
+
+async def build_server(settings: PrivateSettings) -> PrivateServer:
+    """Load the models, then bind and start the server (port 0 binds a free port)."""
+    torch.set_num_threads(settings.torch_threads)
+    tier = TierDir(settings.tier_dir)
+    store = load_store(tier, key_provider(settings))
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="back-stage")
+    limit = settings.max_message_mb * 1024 * 1024
+    server = grpc.aio.server(
+        interceptors=[IdentityInterceptor(settings.allowed_identities, settings.health_identities)],
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ],
+    )
+    runner = BackStageRunner(store, executor)
+    inference_pb2_grpc.add_PrivateInferenceServicer_to_server(
+        PrivateInferenceServicer(store, runner), server
+    )
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_secure_port(f"{settings.host}:{settings.port}", server_credentials(tier))
+    await server.start()
+    status = health_pb2.HealthCheckResponse.SERVING
+    await health_servicer.set("", status)
+    await health_servicer.set(SERVICE_NAME, status)
+    log.info(
+        "private_tier_listening",
+        host=settings.host,
+        port=port,
+        models=sorted(store.loaded),
+        failed=sorted(store.failed),
+    )
+    return PrivateServer(server, port, health_servicer, store, executor)
+
+
+async def serve(settings: PrivateSettings) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    protect_process_memory(settings.lock_memory)
+    running = await build_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("private_tier_stopping", grace_s=settings.grace_period_s)
+    await running.stop(settings.grace_period_s)

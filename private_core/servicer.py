@@ -1,0 +1,52 @@
+"""The gRPC servicer: decode, call the runner, encode; errors mapped through the one table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from private_core.model_store import ModelStore
+from private_core.runner import BackStageRunner
+from protos import inference_pb2, inference_pb2_grpc
+from shared.errors import SplitVaultError, mapping_for
+from shared.logs import get_logger
+
+log = get_logger(__name__)
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
+    """Implements ``splitvault.v1.PrivateInference``."""
+
+    def __init__(self, store: ModelStore, runner: BackStageRunner) -> None:
+        self._store = store
+        self._runner = runner
+
+    async def Infer(
+        self, request: inference_pb2.InferRequest, context: Context
+    ) -> inference_pb2.InferResponse:
+        try:
+            return await self._runner.infer(request)
+        except SplitVaultError as error:
+            await context.abort(mapping_for(error).grpc_code, error.message)
+        except Exception:
+            log.exception("infer_failed", model=request.model, request_id=request.request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("unreachable: abort raises")
+
+    async def ModelStatus(
+        self, request: inference_pb2.ModelStatusRequest, context: Context
+    ) -> inference_pb2.ModelStatusResponse:
+        statuses = self._store.status()
+        names = [request.model] if request.model else sorted(statuses)
+        return inference_pb2.ModelStatusResponse(
+            models=[
+                inference_pb2.ModelStatus(
+                    name=name,
+                    ready=name in statuses and statuses[name] is None,
+                    reason=statuses.get(name) or ("" if name in statuses else "not deployed"),
+                )
+                for name in names
+            ]
+        )

@@ -1,0 +1,65 @@
+"""``create_app(settings)``: the public tier's FastAPI application (v2 REST)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import torch
+from fastapi import FastAPI
+
+from public_api.errors import install_error_handlers
+from public_api.front import FrontRunner, load_front_stages
+from public_api.limits import BodySizeLimit
+from public_api.private_client import PrivateTierClient
+from public_api.routes import router
+from public_api.service import InferenceService
+from public_api.settings import PublicSettings
+from shared.layout import TierDir
+from shared.logs import get_logger
+
+log = get_logger(__name__)
+VERSION = "0.1.0"
+
+
+@dataclass
+class PublicState:
+    """What the routes need, built in the lifespan (nothing heavy at import)."""
+
+    settings: PublicSettings
+    service: InferenceService
+    private: PrivateTierClient
+
+
+def create_app(settings: PublicSettings) -> FastAPI:
+    """Build the app; front stages load and the private channel opens at startup."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        torch.set_num_threads(settings.torch_threads)
+        executor = ThreadPoolExecutor(settings.front_workers, thread_name_prefix="front-stage")
+        private = PrivateTierClient(settings)
+        stages = load_front_stages(TierDir(settings.tier_dir))
+        service = InferenceService(
+            stages, FrontRunner(executor), private, max_elements=settings.max_elements
+        )
+        app.state.splitvault = PublicState(settings, service, private)
+        log.info("public_tier_ready", models=sorted(stages))
+        try:
+            yield
+        finally:
+            await private.close()
+            executor.shutdown(wait=True)
+
+    app = FastAPI(
+        title="splitvault",
+        version=VERSION,
+        summary="Open Inference Protocol v2 endpoint of a split, protected model.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

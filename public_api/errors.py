@@ -1,0 +1,65 @@
+"""HTTP side of the one error table: every error is ``{"error": "..."}`` with its status."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from shared.errors import SplitVaultError, mapping_for
+from shared.logs import get_logger
+
+log = get_logger(__name__)
+
+
+def error_response(status: int, message: str, retry_after_s: float | None = None) -> JSONResponse:
+    """A JSON error body, with ``Retry-After`` (whole seconds) when a retry makes sense."""
+    headers = {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _splitvault_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, SplitVaultError)
+    status = mapping_for(error).http_status
+    if status >= 500:
+        log.warning("request_unavailable", error=type(error).__name__, detail=error.message)
+    return error_response(status, error.message, error.retry_after_s)
+
+
+async def _validation_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    first = error.errors()[0] if error.errors() else {}
+    if first.get("type") == "json_invalid":
+        return error_response(400, "malformed JSON body")
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    return error_response(400, f"invalid request: {where or 'body'}: {first.get('msg', 'invalid')}")
+
+
+async def _http_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, HTTPException)
+    return JSONResponse(
+        {"error": str(error.detail)},
+        status_code=error.status_code,
+        headers=getattr(error, "headers", None),
+    )
+
+
+async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
+    log.error("unhandled_error", error=type(error).__name__, detail=str(error)[:300])
+    return error_response(500, "internal error")
+
+
+async def _bad_json(_request: Request, error: Exception) -> JSONResponse:
+    return error_response(400, f"malformed JSON body: {error}")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error through the table above."""
+    app.add_exception_handler(SplitVaultError, _splitvault_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(json.JSONDecodeError, _bad_json)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,76 @@
+"""v2 REST routes: decode, call the service, encode. No logic lives here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Path
+from fastapi.responses import JSONResponse
+
+from public_api.deps import State
+from public_api.v2 import (
+    ErrorBody,
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+    ServerMetadata,
+)
+
+router = APIRouter()
+ModelName = Path(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 404, 413, 429, 500, 503)
+}
+
+
+@router.get("/v2/health/live", tags=["health"])
+async def live() -> dict[str, bool]:
+    """The process is up."""
+    return {"live": True}
+
+
+@router.get("/v2/health/ready", tags=["health"], responses={503: {"model": ErrorBody}})
+async def ready(state: State) -> JSONResponse:
+    """Ready when the front stages are loaded and the private tier reports SERVING."""
+    if state.service.stages and await state.private.serving():
+        return JSONResponse({"ready": True})
+    return JSONResponse(
+        {"ready": False, "error": "private tier not serving"},
+        status_code=503,
+        headers={"Retry-After": str(state.settings.retry_after_s)},
+    )
+
+
+@router.get("/v2", tags=["metadata"])
+async def server_metadata() -> ServerMetadata:
+    """Server name, version and protocol extensions."""
+    return ServerMetadata(name="splitvault", version="0.1.0", extensions=["classification"])
+
+
+@router.get("/v2/models/{model}", tags=["metadata"], responses=_ERRORS)
+async def model_metadata(state: State, model: str = ModelName) -> ModelMetadata:
+    """Inputs, outputs and output policy of a model."""
+    return state.service.metadata(model)
+
+
+@router.get("/v2/models/{model}/ready", tags=["health"], responses=_ERRORS)
+async def model_ready(state: State, model: str = ModelName) -> JSONResponse:
+    """Ready when both stages of the model are loaded."""
+    if await state.service.model_ready(model):
+        return JSONResponse({"name": model, "ready": True})
+    return JSONResponse(
+        {"name": model, "ready": False},
+        status_code=503,
+        headers={"Retry-After": str(state.settings.retry_after_s)},
+    )
+
+
+@router.post(
+    "/v2/models/{model}/infer",
+    tags=["inference"],
+    responses=_ERRORS,
+    response_model_exclude_none=True,
+)
+async def infer(body: InferenceRequest, state: State, model: str = ModelName) -> InferenceResponse:
+    """Run the model; the answer is restricted by the model's output policy."""
+    return await state.service.infer(model, body)

@@ -1,0 +1,166 @@
+"""The public tier's protocol-neutral core: check, run the front, call the private tier, format.
+
+It knows nothing of HTTP: routes decode a v2 request, call ``InferenceService.infer`` and
+return what it returns; errors are ``SplitVaultError`` subclasses mapped by the one table.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from protos import inference_pb2
+from public_api.front import FrontRunner, FrontStage
+from public_api.private_client import PrivateTierClient
+from public_api.v2 import (
+    InferenceRequest,
+    InferenceResponse,
+    MetadataTensor,
+    ModelMetadata,
+    ResponseOutput,
+)
+from shared.errors import InvalidInput, ModelNotFound
+from shared.manifest import DimSpec, ModelConfig, TensorSpec, TopKPolicy
+from shared.tensor_codec import array_from_json, from_proto, to_proto
+from shared.validation import check_tensors
+
+CLASSIFICATION, EMBEDDING = "classification", "embedding"
+
+
+class InferenceService:
+    """Serves the front stages it holds, with the private tier answering the rest."""
+
+    def __init__(
+        self,
+        stages: dict[str, FrontStage],
+        front: FrontRunner,
+        private: PrivateTierClient,
+        *,
+        max_elements: int,
+    ) -> None:
+        self.stages = stages
+        self._front = front
+        self._private = private
+        self._max_elements = max_elements
+
+    def stage(self, model: str) -> FrontStage:
+        """The front stage of ``model`` or ``ModelNotFound``."""
+        try:
+            return self.stages[model]
+        except KeyError:
+            raise ModelNotFound(f"model {model!r} is not deployed") from None
+
+    async def infer(self, model: str, request: InferenceRequest) -> InferenceResponse:
+        """Answer one v2 request with the model's restricted output."""
+        stage = self.stage(model)
+        arrays = self._decode(request)
+        sizes = check_tensors(stage.manifest.inputs, arrays)
+        batch = sizes.get("batch", 0)
+        if batch > stage.config.max_batch_size:
+            raise InvalidInput(
+                f"batch {batch} exceeds this model's limit {stage.config.max_batch_size}"
+            )
+        activations = await self._front.run(stage, arrays)
+        tensors = [to_proto(name, value) for name, value in activations.items()]
+        tensors += [to_proto(name, arrays[name]) for name in stage.manifest.forward_inputs]
+        reply = await self._private.infer(
+            inference_pb2.InferRequest(
+                model=model,
+                inputs=tensors,
+                top_k=_requested_k(request),
+                request_id=request.id or uuid.uuid4().hex,
+            )
+        )
+        outputs = {tensor.name: from_proto(tensor) for tensor in reply.outputs}
+        return InferenceResponse(
+            model_name=model, id=request.id, outputs=[format_output(stage.config, outputs)]
+        )
+
+    def metadata(self, model: str) -> ModelMetadata:
+        """v2 model metadata, from the public manifest (never the private one)."""
+        stage = self.stage(model)
+        config = stage.config
+        return ModelMetadata(
+            name=config.name,
+            versions=["1"],
+            platform="splitvault",
+            inputs=[_metadata_tensor(spec) for spec in stage.manifest.inputs],
+            outputs=[_output_metadata(config)],
+            parameters={
+                "task": config.task,
+                "policy": config.policy.model_dump(),
+                "labels": config.labels,
+                "split": config.split,
+            },
+        )
+
+    async def model_ready(self, model: str) -> bool:
+        """Whether the front is loaded here and the back is loaded in the private tier."""
+        self.stage(model)
+        statuses = await self._private.model_status(model)
+        return statuses.get(model, (False, ""))[0]
+
+    def _decode(self, request: InferenceRequest) -> dict[str, Any]:
+        arrays: dict[str, Any] = {}
+        for item in request.inputs:
+            if item.name in arrays:
+                raise InvalidInput(f"input {item.name!r} appears twice")
+            try:
+                arrays[item.name] = array_from_json(
+                    item.data, item.datatype, item.shape, max_elements=self._max_elements
+                )
+            except InvalidInput as error:
+                raise type(error)(f"input {item.name!r}: {error.message}") from None
+        return arrays
+
+
+def _requested_k(request: InferenceRequest) -> int:
+    values: list[Any] = [(request.parameters or {}).get(CLASSIFICATION)]
+    values += [(out.parameters or {}).get(CLASSIFICATION) for out in request.outputs or []]
+    for value in values:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidInput("parameter 'classification' must be a positive integer")
+        return value
+    return 0
+
+
+def format_output(config: ModelConfig, outputs: dict[str, Any]) -> ResponseOutput:
+    """The v2 output for a restricted answer: classification strings or an embedding."""
+    if config.task == "embedding":
+        values = outputs[EMBEDDING]
+        return ResponseOutput(
+            name=EMBEDDING, shape=list(values.shape), datatype="FP32", data=values.ravel().tolist()
+        )
+    indices = outputs["indices"]
+    scores = outputs.get("scores")
+    labels = config.labels or []
+    strings = [
+        _classification_string(
+            int(index), None if scores is None else float(scores.flat[i]), labels
+        )
+        for i, index in enumerate(indices.ravel())
+    ]
+    return ResponseOutput(
+        name=CLASSIFICATION, shape=list(indices.shape), datatype="BYTES", data=strings
+    )
+
+
+def _classification_string(index: int, score: float | None, labels: list[str]) -> str:
+    """v2 classification extension: ``score:index:label`` (score empty for label-only)."""
+    text = "" if score is None else repr(score)
+    label = labels[index] if 0 <= index < len(labels) else None
+    return f"{text}:{index}" if label is None else f"{text}:{index}:{label}"
+
+
+def _metadata_tensor(spec: TensorSpec) -> MetadataTensor:
+    shape = [-1 if isinstance(dim, DimSpec) else dim for dim in spec.shape]
+    return MetadataTensor(name=spec.name, datatype=spec.datatype, shape=shape)
+
+
+def _output_metadata(config: ModelConfig) -> MetadataTensor:
+    if config.task == "embedding":
+        return MetadataTensor(name=EMBEDDING, datatype="FP32", shape=[-1, -1])
+    k = config.policy.k if isinstance(config.policy, TopKPolicy) else 1
+    return MetadataTensor(name=CLASSIFICATION, datatype="BYTES", shape=[-1, k])

@@ -1,0 +1,44 @@
+"""Public tier settings (``public.toml``, ``SPLITVAULT_PUBLIC_*`` environment, secrets)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from shared.layout import PRIVATE_IDENTITY
+from shared.settings import TierSettings
+
+
+class PublicSettings(TierSettings):
+    """Where the public tier's folder is, how it listens and how it reaches the private tier."""
+
+    model_config = SettingsConfigDict(env_prefix="SPLITVAULT_PUBLIC_", extra="forbid")
+
+    tier_dir: Path
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+    # One or more private-tier replicas ("host:port"), balanced round robin.
+    private_addresses: list[str] = Field(min_length=1)
+    # The name the private tier's certificate is checked against, whatever address is dialled.
+    private_server_name: str = PRIVATE_IDENTITY
+    # Serve plain HTTP: only behind a TLS-terminating proxy, and only when asked for.
+    insecure_http: bool = False
+    request_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_elements: int = Field(default=4 * 1024 * 1024, ge=1)
+    max_message_mb: int = Field(default=64, ge=4, le=2047)
+    torch_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), ge=1)
+    front_workers: int = Field(default=2, ge=1, le=64)
+    retry_after_s: int = Field(default=1, ge=1)
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _addresses_have_ports(self) -> PublicSettings:
+        for address in self.private_addresses:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"private address {address!r} must be host:port")
+        return self

@@ -1,0 +1,40 @@
+"""Python client for splitvault model servers (Open Inference Protocol v2 over REST).
+
+with Client("https://models.example", api_key="...") as client:
+    prediction = client.predict("resnet", images, top_k=5)
+"""
+
+from ._client import AsyncClient, Client
+from ._exceptions import (
+    BadRequest,
+    Forbidden,
+    ModelNotFound,
+    ProtocolError,
+    RateLimited,
+    ServerError,
+    SplitVaultClientError,
+    Unauthorized,
+    Unavailable,
+)
+from ._protocol import __version__
+from ._types import ModelMetadata, Prediction, TensorSpec, Terms, TermsAcceptance
+
+__all__ = [
+    "AsyncClient",
+    "BadRequest",
+    "Client",
+    "Forbidden",
+    "ModelMetadata",
+    "ModelNotFound",
+    "Prediction",
+    "ProtocolError",
+    "RateLimited",
+    "ServerError",
+    "SplitVaultClientError",
+    "TensorSpec",
+    "Terms",
+    "TermsAcceptance",
+    "Unauthorized",
+    "Unavailable",
+    "__version__",
+]

@@ -1,0 +1,268 @@
+"""``Client`` and ``AsyncClient``: thin I/O shells around ``_protocol``, one blocking, one async."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import TracebackType
+from typing import Self
+
+import httpx
+import numpy as np
+
+from . import _protocol as proto
+from ._protocol import Call, Inputs, Outcome, StrPath
+from ._types import ModelMetadata, Prediction, Terms, TermsAcceptance
+
+
+class _Base:
+    """Argument handling and the per-model metadata cache, common to both clients."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        ca: StrPath | None = None,
+        cert: tuple[StrPath, StrPath] | None = None,
+        timeout: float = 30.0,
+        retries: int = 0,
+        backoff: float = 0.2,
+        *,
+        max_backoff: float = 30.0,
+    ) -> None:
+        retry = proto.RetryPolicy(retries, backoff, max_backoff)
+        self._settings = proto.make_settings(
+            url, api_key=api_key, ca=ca, cert=cert, timeout=timeout, retry=retry
+        )
+        self._metadata: dict[str, ModelMetadata] = {}
+
+    def _remember(self, metadata: ModelMetadata, model: str) -> ModelMetadata:
+        self._metadata[model] = metadata
+        return metadata
+
+
+class Client(_Base):
+    """Blocking client for a splitvault server (Open Inference Protocol v2 over REST).
+
+    ``url`` is the server's base URL. ``api_key`` is sent as a bearer token. TLS is verified
+    against ``ca`` (a PEM file) or certifi's bundle; ``cert`` is a ``(cert_file, key_file)`` pair
+    presented for mutual TLS. ``retries`` extra tries are made for GETs that failed and for
+    other calls that got a 503 or could not connect, waiting ``backoff * 2**n`` seconds or the
+    server's Retry-After, at most ``max_backoff``. ``transport`` replaces the network (tests pass
+    an ``httpx.MockTransport``). Errors are ``SplitVaultClientError`` subclasses.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        ca: StrPath | None = None,
+        cert: tuple[StrPath, StrPath] | None = None,
+        timeout: float = 30.0,
+        retries: int = 0,
+        backoff: float = 0.2,
+        *,
+        max_backoff: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(url, api_key, ca, cert, timeout, retries, backoff, max_backoff=max_backoff)
+        s = self._settings
+        self._http = httpx.Client(
+            base_url=s.base_url,
+            headers=s.headers,
+            timeout=s.timeout,
+            verify=s.verify,
+            transport=transport,
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def live(self) -> bool:
+        """Whether the server process is up; raises ``Unavailable`` if it cannot be reached."""
+        return proto.parse_health(self._send(proto.live_call()))
+
+    def ready(self) -> bool:
+        """Whether the server is ready to serve inference."""
+        return proto.parse_health(self._send(proto.ready_call()))
+
+    def model_ready(self, model: str) -> bool:
+        """Whether ``model`` is loaded and ready; raises ``ModelNotFound`` if it is not deployed."""
+        return proto.parse_health(self._send(proto.model_ready_call(model)))
+
+    def model_metadata(self, model: str) -> ModelMetadata:
+        """The model's inputs, outputs, task, policy and labels (fetched, then cached)."""
+        metadata = proto.parse_metadata(self._send(proto.metadata_call(model)))
+        return self._remember(metadata, model)
+
+    def predict(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        top_k: int | None = None,
+        request_id: str | None = None,
+    ) -> Prediction:
+        """Run ``model`` on a NumPy array (single-input models) or a dict of name -> array.
+
+        ``top_k`` asks a classifier for its k best classes.
+        """
+        if isinstance(inputs, np.ndarray):
+            inputs = {proto.single_input_name(self._cached_metadata(model)): inputs}
+        call = proto.infer_call(model, inputs, top_k=top_k, request_id=request_id)
+        return proto.parse_prediction(self._send(call))
+
+    def terms(self) -> Terms:
+        """The server's current terms of use."""
+        return proto.parse_terms(self._send(proto.terms_call()))
+
+    def accept_terms(self, version: str) -> TermsAcceptance:
+        """Accept ``version`` of the terms for this API key."""
+        return proto.parse_acceptance(self._send(proto.accept_terms_call(version)))
+
+    def _cached_metadata(self, model: str) -> ModelMetadata:
+        return self._metadata.get(model) or self.model_metadata(model)
+
+    def _send(self, call: Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            outcome = self._attempt(call)
+            result = proto.settle(call, outcome)
+            if isinstance(result, httpx.Response):
+                return result
+            delay = self._settings.retry.delay(call, attempt, outcome)
+            if delay is None:
+                raise result
+            time.sleep(delay)
+            attempt += 1
+
+    def _attempt(self, call: Call) -> Outcome:
+        try:
+            return self._http.request(
+                call.method, call.path, content=call.body, headers=call.headers
+            )
+        except httpx.RequestError as exc:
+            return exc
+
+
+class AsyncClient(_Base):
+    """Asynchronous twin of ``Client``, with the same arguments; use ``async with``.
+
+    ``transport`` takes an ``httpx.AsyncBaseTransport`` (tests pass an ``httpx.MockTransport``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        ca: StrPath | None = None,
+        cert: tuple[StrPath, StrPath] | None = None,
+        timeout: float = 30.0,
+        retries: int = 0,
+        backoff: float = 0.2,
+        *,
+        max_backoff: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(url, api_key, ca, cert, timeout, retries, backoff, max_backoff=max_backoff)
+        s = self._settings
+        self._http = httpx.AsyncClient(
+            base_url=s.base_url,
+            headers=s.headers,
+            timeout=s.timeout,
+            verify=s.verify,
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def live(self) -> bool:
+        """Whether the server process is up; raises ``Unavailable`` if it cannot be reached."""
+        return proto.parse_health(await self._send(proto.live_call()))
+
+    async def ready(self) -> bool:
+        """Whether the server is ready to serve inference."""
+        return proto.parse_health(await self._send(proto.ready_call()))
+
+    async def model_ready(self, model: str) -> bool:
+        """Whether ``model`` is loaded and ready; raises ``ModelNotFound`` if it is not deployed."""
+        return proto.parse_health(await self._send(proto.model_ready_call(model)))
+
+    async def model_metadata(self, model: str) -> ModelMetadata:
+        """The model's inputs, outputs, task, policy and labels (fetched, then cached)."""
+        metadata = proto.parse_metadata(await self._send(proto.metadata_call(model)))
+        return self._remember(metadata, model)
+
+    async def predict(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        top_k: int | None = None,
+        request_id: str | None = None,
+    ) -> Prediction:
+        """Run ``model`` on a NumPy array (single-input models) or a dict of name -> array.
+
+        ``top_k`` asks a classifier for its k best classes.
+        """
+        if isinstance(inputs, np.ndarray):
+            inputs = {proto.single_input_name(await self._cached_metadata(model)): inputs}
+        call = proto.infer_call(model, inputs, top_k=top_k, request_id=request_id)
+        return proto.parse_prediction(await self._send(call))
+
+    async def terms(self) -> Terms:
+        """The server's current terms of use."""
+        return proto.parse_terms(await self._send(proto.terms_call()))
+
+    async def accept_terms(self, version: str) -> TermsAcceptance:
+        """Accept ``version`` of the terms for this API key."""
+        return proto.parse_acceptance(await self._send(proto.accept_terms_call(version)))
+
+    async def _cached_metadata(self, model: str) -> ModelMetadata:
+        return self._metadata.get(model) or await self.model_metadata(model)
+
+    async def _send(self, call: Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            outcome = await self._attempt(call)
+            result = proto.settle(call, outcome)
+            if isinstance(result, httpx.Response):
+                return result
+            delay = self._settings.retry.delay(call, attempt, outcome)
+            if delay is None:
+                raise result
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _attempt(self, call: Call) -> Outcome:
+        try:
+            return await self._http.request(
+                call.method, call.path, content=call.body, headers=call.headers
+            )
+        except httpx.RequestError as exc:
+            return exc

@@ -1,0 +1,482 @@
+"""Open Inference Protocol v2 over REST, with no I/O: both clients build and read requests here.
+
+A ``Call`` says what to send; ``settle`` turns what came back (a response or an httpx error)
+into either the response or the error to raise; ``RetryPolicy.delay`` says whether and when to
+try again. The ``parse_*`` functions turn successful responses into result objects.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote
+
+import certifi
+import httpx
+import numpy as np
+import numpy.typing as npt
+
+from ._exceptions import ProtocolError, SplitVaultClientError, Unavailable, error_for_status
+from ._types import ModelMetadata, Prediction, Task, TensorSpec, Terms, TermsAcceptance
+
+__version__ = "0.1.0"
+
+StrPath = str | os.PathLike[str]
+Inputs = npt.NDArray[Any] | Mapping[str, npt.NDArray[Any]]
+Outcome = httpx.Response | httpx.RequestError
+T = TypeVar("T")
+
+_OK = frozenset({200})
+_HEALTH = frozenset({200, 503})  # 503 answers "not ready"; it is not a failure of the call
+_RETRY_STATUS_IDEMPOTENT = frozenset({429, 502, 503, 504})
+_RETRY_STATUS_OTHER = frozenset({503})
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_DATATYPE_BY_KIND_SIZE = {
+    ("b", 1): "BOOL",
+    ("u", 1): "UINT8",
+    ("u", 2): "UINT16",
+    ("u", 4): "UINT32",
+    ("u", 8): "UINT64",
+    ("i", 1): "INT8",
+    ("i", 2): "INT16",
+    ("i", 4): "INT32",
+    ("i", 8): "INT64",
+    ("f", 2): "FP16",
+    ("f", 4): "FP32",
+    ("f", 8): "FP64",
+}
+_MAX_ERROR_TEXT = 300
+
+
+# --- connection settings -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to wait before trying a failed call again."""
+
+    retries: int = 0
+    backoff: float = 0.2
+    max_backoff: float = 30.0
+
+    def delay(self, call: Call, attempt: int, outcome: Outcome) -> float | None:
+        """Seconds to wait before try ``attempt + 1`` (0-based), or ``None`` to give up.
+
+        The server's Retry-After hint wins over exponential backoff; both are capped.
+        """
+        if attempt >= self.retries or not retryable(call, outcome):
+            return None
+        hint = None
+        if isinstance(outcome, httpx.Response):
+            hint = parse_retry_after(outcome.headers.get("Retry-After"))
+        wait = self.backoff * 2**attempt if hint is None else hint
+        return min(wait, self.max_backoff)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated constructor arguments shared by ``Client`` and ``AsyncClient``."""
+
+    base_url: str
+    headers: dict[str, str]
+    timeout: float
+    verify: ssl.SSLContext
+    retry: RetryPolicy
+
+
+def make_settings(
+    url: str,
+    *,
+    api_key: str | None,
+    ca: StrPath | None,
+    cert: tuple[StrPath, StrPath] | None,
+    timeout: float,
+    retry: RetryPolicy,
+) -> Settings:
+    """Check the client's arguments and build its headers and TLS context."""
+    if httpx.URL(url).scheme not in ("http", "https"):
+        raise ValueError(f"url must start with http:// or https://, got {url!r}")
+    if not timeout > 0:
+        raise ValueError("timeout must be positive")
+    if retry.retries < 0 or retry.backoff < 0 or retry.max_backoff < 0:
+        raise ValueError("retries, backoff and max_backoff must not be negative")
+    headers = {"Accept": "application/json", "User-Agent": f"splitvault-client/{__version__}"}
+    if api_key is not None:
+        if not api_key.strip():
+            raise ValueError("api_key must not be empty")
+        headers["Authorization"] = f"Bearer {api_key}"
+    return Settings(url, headers, timeout, ssl_context(ca, cert), retry)
+
+
+def ssl_context(ca: StrPath | None, cert: tuple[StrPath, StrPath] | None) -> ssl.SSLContext:
+    """A verifying TLS context trusting ``ca`` (else certifi's bundle), presenting ``cert``."""
+    context = ssl.create_default_context(cafile=certifi.where() if ca is None else os.fspath(ca))
+    if cert is not None:
+        certfile, keyfile = cert
+        context.load_cert_chain(os.fspath(certfile), os.fspath(keyfile))
+    return context
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request; ``accept`` lists the statuses that are answers rather than errors."""
+
+    method: Literal["GET", "POST"]
+    path: str
+    body: bytes | None = None
+    accept: frozenset[int] = field(default=_OK)
+
+    @property
+    def idempotent(self) -> bool:
+        """Whether the call may be repeated after any failure."""
+        return self.method == "GET"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers particular to this call."""
+        return {"Content-Type": "application/json"} if self.body is not None else {}
+
+
+def model_path(model: str) -> str:
+    """The URL path of a model, with its name escaped."""
+    if not isinstance(model, str) or not model:
+        raise ValueError("model must be a non-empty string")
+    return f"/v2/models/{quote(model, safe='')}"
+
+
+def live_call() -> Call:
+    """``GET /v2/health/live``."""
+    return Call("GET", "/v2/health/live", accept=_HEALTH)
+
+
+def ready_call() -> Call:
+    """``GET /v2/health/ready``."""
+    return Call("GET", "/v2/health/ready", accept=_HEALTH)
+
+
+def metadata_call(model: str) -> Call:
+    """``GET /v2/models/{model}``."""
+    return Call("GET", model_path(model))
+
+
+def model_ready_call(model: str) -> Call:
+    """``GET /v2/models/{model}/ready``."""
+    return Call("GET", f"{model_path(model)}/ready", accept=_HEALTH)
+
+
+def terms_call() -> Call:
+    """``GET /v1/terms``."""
+    return Call("GET", "/v1/terms")
+
+
+def accept_terms_call(version: str) -> Call:
+    """``POST /v1/terms/accept`` for one version of the terms."""
+    if not isinstance(version, str) or not version:
+        raise ValueError("version must be a non-empty string")
+    return Call("POST", "/v1/terms/accept", body=_encode({"version": version}))
+
+
+def infer_call(
+    model: str,
+    inputs: Mapping[str, npt.NDArray[Any]],
+    *,
+    top_k: int | None = None,
+    request_id: str | None = None,
+) -> Call:
+    """``POST /v2/models/{model}/infer`` carrying ``inputs`` as flat row-major JSON tensors."""
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise TypeError("inputs must be a NumPy array or a non-empty dict of name -> array")
+    body: dict[str, Any] = {}
+    if request_id is not None:
+        body["id"] = request_id
+    body["inputs"] = [tensor_json(name, array) for name, array in inputs.items()]
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        body["parameters"] = {"classification": top_k}
+    return Call("POST", f"{model_path(model)}/infer", body=_encode(body))
+
+
+def tensor_json(name: str, array: npt.NDArray[Any]) -> dict[str, Any]:
+    """One v2 input tensor: its name, shape, datatype (from the dtype) and flat data."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("input names must be non-empty strings")
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"input {name!r} must be a NumPy array, got {type(array).__name__}")
+    datatype = datatype_of(array.dtype)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"input {name!r} holds NaN or infinity, which JSON cannot carry")
+    return {
+        "name": name,
+        "shape": list(array.shape),
+        "datatype": datatype,
+        "data": array.reshape(-1).tolist(),
+    }
+
+
+def datatype_of(dtype: np.dtype[Any]) -> str:
+    """The v2 datatype name of a NumPy dtype (float32 -> FP32, bool -> BOOL, ...)."""
+    try:
+        return _DATATYPE_BY_KIND_SIZE[(dtype.kind, dtype.itemsize)]
+    except KeyError:
+        raise ValueError(f"no v2 datatype for NumPy dtype {dtype}") from None
+
+
+def single_input_name(metadata: ModelMetadata) -> str:
+    """The name of a model's only input, for calls that pass a bare array."""
+    if len(metadata.inputs) != 1:
+        names = ", ".join(spec.name for spec in metadata.inputs) or "none"
+        raise ValueError(
+            f"model {metadata.name!r} has inputs {names}; pass a dict of name -> array"
+        )
+    return metadata.inputs[0].name
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+# --- outcomes and errors -------------------------------------------------------------------
+
+
+def settle(call: Call, outcome: Outcome) -> httpx.Response | SplitVaultClientError:
+    """The response if ``call`` got an answer, else the error it amounts to."""
+    if isinstance(outcome, httpx.RequestError):
+        return request_error(outcome)
+    if outcome.status_code in call.accept:
+        return outcome
+    return error_from_response(outcome)
+
+
+def retryable(call: Call, outcome: Outcome) -> bool:
+    """Whether trying ``call`` again may help and cannot run it twice against the caller's will.
+
+    GETs are repeated after any transport failure or a 429/502/503/504; other calls only after
+    a 503 or a failure to connect (the request was never sent). A certificate the client refuses
+    will be refused again, so it is never retried.
+    """
+    if isinstance(outcome, httpx.Response):
+        allowed = _RETRY_STATUS_IDEMPOTENT if call.idempotent else _RETRY_STATUS_OTHER
+        return outcome.status_code in allowed
+    if not isinstance(outcome, httpx.TransportError) or _certificate_refused(outcome):
+        return False
+    return call.idempotent or isinstance(outcome, _NOT_SENT)
+
+
+def error_from_response(response: httpx.Response) -> SplitVaultClientError:
+    """The error for a non-success response, with the server's message and Retry-After hint."""
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    return error_for_status(response.status_code, _error_message(response), retry_after=retry_after)
+
+
+def request_error(exc: httpx.RequestError) -> SplitVaultClientError:
+    """The error for a request that got no usable response (``Unavailable`` if unreachable)."""
+    detail = str(exc) or type(exc).__name__
+    error: SplitVaultClientError
+    if _certificate_refused(exc):
+        error = Unavailable(f"TLS certificate verification failed: {detail}")
+    elif isinstance(exc, httpx.TransportError):
+        error = Unavailable(f"cannot reach the server: {detail}")
+    else:
+        error = ProtocolError(f"unreadable response: {detail}")
+    error.__cause__ = exc
+    return error
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date); ``None`` if absent/bad."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        doc = response.json()
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        for key in ("error", "detail"):
+            if isinstance(doc.get(key), str):
+                return str(doc[key])
+    text = response.text.strip()[:_MAX_ERROR_TEXT]
+    return text or response.reason_phrase or "no message"
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+# --- responses -----------------------------------------------------------------------------
+
+
+def parse_health(response: httpx.Response) -> bool:
+    """True for 200, False for 503 (the only statuses a health call accepts)."""
+    return response.status_code == 200
+
+
+def parse_metadata(response: httpx.Response) -> ModelMetadata:
+    """A ``ModelMetadata`` from ``GET /v2/models/{name}``."""
+    doc = _json_object(response)
+    params = _get(doc, "parameters", dict)
+    task = _task(_get(params, "task", str))
+    labels = params.get("labels")
+    policy = params.get("policy") or {}
+    if not isinstance(policy, dict):
+        raise ProtocolError("field 'policy' is not an object")
+    return ModelMetadata(
+        name=_get(doc, "name", str),
+        versions=tuple(_str_list(doc.get("versions", []), "versions")),
+        platform=str(doc.get("platform", "")),
+        inputs=_specs(doc, "inputs"),
+        outputs=_specs(doc, "outputs"),
+        task=task,
+        policy=policy,
+        labels=None if labels is None else tuple(_str_list(labels, "labels")),
+        raw=doc,
+    )
+
+
+def parse_prediction(response: httpx.Response) -> Prediction:
+    """A ``Prediction`` from an infer response holding a classification or embedding output."""
+    doc = _json_object(response)
+    outputs = {out.get("name"): out for out in _get(doc, "outputs", list) if isinstance(out, dict)}
+    model_name = _get(doc, "model_name", str)
+    request_id = doc.get("id")
+    request_id = None if request_id is None else str(request_id)
+    if "classification" in outputs:
+        labels, indices, scores = _classification(outputs["classification"])
+        return Prediction(model_name, request_id, "classification", doc, labels, indices, scores)
+    if "embedding" in outputs:
+        embeddings = _embedding(outputs["embedding"])
+        return Prediction(model_name, request_id, "embedding", doc, embeddings=embeddings)
+    names = ", ".join(repr(name) for name in outputs) or "none"
+    raise ProtocolError(f"no 'classification' or 'embedding' output (got {names})")
+
+
+def parse_terms(response: httpx.Response) -> Terms:
+    """``Terms`` from ``GET /v1/terms``."""
+    doc = _json_object(response)
+    return Terms(_get(doc, "version", str), _get(doc, "text", str), _get(doc, "sha256", str))
+
+
+def parse_acceptance(response: httpx.Response) -> TermsAcceptance:
+    """``TermsAcceptance`` from ``POST /v1/terms/accept``."""
+    doc = _json_object(response)
+    return TermsAcceptance(_get(doc, "accepted", bool), _get(doc, "version", str))
+
+
+def _classification(
+    output: dict[str, Any],
+) -> tuple[list[list[str | None]], npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Split "score:index:label" strings (score may be empty, label absent) into arrays."""
+    batch, k = _matrix_shape(output)
+    data = _get(output, "data", list)
+    if len(data) != batch * k or not all(isinstance(item, str) for item in data):
+        raise ProtocolError(f"classification data must be {batch * k} strings")
+    scores = np.full(batch * k, np.nan, dtype=np.float32)
+    indices = np.zeros(batch * k, dtype=np.int64)
+    flat_labels: list[str | None] = []
+    for i, item in enumerate(data):
+        parts = item.split(":", 2)
+        try:
+            if parts[0]:
+                scores[i] = float(parts[0])
+            indices[i] = int(parts[1])
+        except (ValueError, IndexError):
+            raise ProtocolError(f"bad classification entry {item!r}") from None
+        flat_labels.append(parts[2] if len(parts) == 3 else None)
+    labels = [flat_labels[row * k : (row + 1) * k] for row in range(batch)]
+    return labels, indices.reshape(batch, k), scores.reshape(batch, k)
+
+
+def _embedding(output: dict[str, Any]) -> npt.NDArray[np.float32]:
+    shape = _matrix_shape(output)
+    try:
+        values = np.asarray(_get(output, "data", list))
+    except ValueError:
+        raise ProtocolError("embedding data is not a rectangular array") from None
+    if values.dtype.kind not in "iuf" or values.size != shape[0] * shape[1]:
+        raise ProtocolError(f"embedding data must be {shape[0] * shape[1]} numbers")
+    return values.astype(np.float32).reshape(shape)
+
+
+def _matrix_shape(output: dict[str, Any]) -> tuple[int, int]:
+    shape = _get(output, "shape", list)
+    if len(shape) != 2 or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ProtocolError(f"output shape must be [batch, n], got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def _specs(doc: dict[str, Any], key: str) -> tuple[TensorSpec, ...]:
+    specs = []
+    for item in _get(doc, key, list):
+        if not isinstance(item, dict):
+            raise ProtocolError(f"{key} entries must be objects")
+        shape = _get(item, "shape", list)
+        if not all(_is_int(d) for d in shape):
+            raise ProtocolError(f"{key} shape must be integers, got {shape!r}")
+        specs.append(TensorSpec(_get(item, "name", str), _get(item, "datatype", str), tuple(shape)))
+    return tuple(specs)
+
+
+def _task(value: str) -> Task:
+    if value == "classification":
+        return "classification"
+    if value == "embedding":
+        return "embedding"
+    raise ProtocolError(f"unknown task {value!r}")
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    try:
+        doc = response.json()
+    except ValueError:
+        raise ProtocolError("response is not JSON") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError("response is not a JSON object")
+    return doc
+
+
+def _get(doc: Mapping[str, Any], key: str, kind: type[T]) -> T:
+    value = doc.get(key)
+    if not isinstance(value, kind):
+        raise ProtocolError(f"field {key!r} is missing or not a {kind.__name__}")
+    return value
+
+
+def _str_list(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ProtocolError(f"{what} must be a list of strings")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

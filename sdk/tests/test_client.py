@@ -1,0 +1,427 @@
+"""Both clients against a scripted server (httpx.MockTransport) and a real HTTPS server."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import trustme
+
+import splitvault_client
+from splitvault_client import (
+    AsyncClient,
+    BadRequest,
+    Client,
+    Forbidden,
+    ModelNotFound,
+    RateLimited,
+    ServerError,
+    SplitVaultClientError,
+    Unauthorized,
+    Unavailable,
+)
+
+Answer = httpx.Response | httpx.TransportError | Callable[[httpx.Request], httpx.Response]
+
+METADATA = {
+    "name": "digits",
+    "versions": ["1"],
+    "platform": "splitvault",
+    "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 4]}],
+    "outputs": [{"name": "classification", "datatype": "BYTES", "shape": [-1, 2]}],
+    "parameters": {"task": "classification", "policy": {"top_k": 2}, "labels": None},
+}
+CLASSIFICATION = {
+    "model_name": "digits",
+    "id": "r1",
+    "outputs": [
+        {
+            "name": "classification",
+            "datatype": "BYTES",
+            "shape": [1, 2],
+            "data": ["0.9:3:three", "0.1:8"],
+            "parameters": {},
+        }
+    ],
+}
+EMBEDDING = {
+    "model_name": "enc",
+    "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [1, 2], "data": [0.5, -1]}],
+}
+
+
+def ok(body: Any, status: int = 200, **headers: str) -> httpx.Response:
+    return httpx.Response(status, json=body, headers=headers)
+
+
+def fail(status: int, retry_after: str | None = None) -> httpx.Response:
+    headers = {} if retry_after is None else {"Retry-After": retry_after}
+    return httpx.Response(status, json={"error": f"status {status}"}, headers=headers)
+
+
+class FakeServer:
+    """Answers each path from a script (the last answer repeats) and records every request."""
+
+    def __init__(self, routes: dict[str, list[Answer]]) -> None:
+        self.routes = {path: list(answers) for path, answers in routes.items()}
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answers = self.routes.get(request.url.path)
+        if not answers:
+            return fail(404)
+        answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        if isinstance(answer, httpx.TransportError):
+            raise answer
+        return answer(request) if callable(answer) else answer
+
+    def paths(self) -> list[str]:
+        return [request.url.path for request in self.requests]
+
+    def client(self, **kwargs: Any) -> Client:
+        return Client("http://server/base", transport=httpx.MockTransport(self), **kwargs)
+
+    def async_client(self, **kwargs: Any) -> AsyncClient:
+        return AsyncClient("http://server/base", transport=httpx.MockTransport(self), **kwargs)
+
+
+def test_all_exports_are_the_public_api() -> None:
+    errors = {"SplitVaultClientError", "BadRequest", "Unauthorized", "Forbidden", "ModelNotFound"}
+    errors |= {"RateLimited", "Unavailable", "ServerError", "ProtocolError"}
+    results = {"ModelMetadata", "Prediction", "TensorSpec", "Terms", "TermsAcceptance"}
+    clients = {"AsyncClient", "Client", "__version__"}
+    assert set(splitvault_client.__all__) == errors | results | clients
+    assert len(splitvault_client.__all__) == len(errors | results | clients)
+    for name in splitvault_client.__all__:
+        assert getattr(splitvault_client, name) is not None
+    for cls in (BadRequest, Unauthorized, Forbidden, ModelNotFound, RateLimited, ServerError):
+        assert issubclass(cls, SplitVaultClientError)
+
+
+# --- request building ----------------------------------------------------------------------
+
+
+def test_infer_request_carries_json_body_bearer_and_prefix() -> None:
+    server = FakeServer({"/base/v2/models/digits/infer": [ok(CLASSIFICATION)]})
+    pixels = np.array([[0, 0.5, 1, 0]], dtype=np.float32)
+    with server.client(api_key="secret") as client:
+        prediction = client.predict("digits", {"pixels": pixels}, top_k=2, request_id="r1")
+    (request,) = server.requests
+    assert request.method == "POST"
+    assert request.headers["Authorization"] == "Bearer secret"
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["User-Agent"].startswith("splitvault-client/")
+    assert json.loads(request.content) == {
+        "id": "r1",
+        "inputs": [{"name": "pixels", "shape": [1, 4], "datatype": "FP32", "data": [0, 0.5, 1, 0]}],
+        "parameters": {"classification": 2},
+    }
+    assert prediction.labels == [["three", None]]
+    assert prediction.indices is not None and prediction.indices.tolist() == [[3, 8]]
+    assert prediction.scores is not None
+    assert prediction.scores[0].tolist() == pytest.approx([0.9, 0.1])
+
+
+def test_no_authorization_header_without_api_key() -> None:
+    server = FakeServer({"/base/v2/health/live": [ok({})]})
+    with server.client() as client:
+        assert client.live() is True
+    assert "Authorization" not in server.requests[0].headers
+
+
+def test_bare_array_takes_the_input_name_from_cached_metadata() -> None:
+    server = FakeServer(
+        {
+            "/base/v2/models/digits": [ok(METADATA)],
+            "/base/v2/models/digits/infer": [ok(CLASSIFICATION)],
+        }
+    )
+    with server.client() as client:
+        for _ in range(2):
+            client.predict("digits", np.zeros((1, 4), dtype=np.float32))
+    assert server.paths() == ["/base/v2/models/digits"] + ["/base/v2/models/digits/infer"] * 2
+    assert json.loads(server.requests[1].content)["inputs"][0]["name"] == "pixels"
+
+
+def test_bare_array_for_a_multi_input_model_is_refused_before_inference() -> None:
+    extra = {"name": "mask", "datatype": "BOOL", "shape": [-1, 4]}
+    server = FakeServer(
+        {"/base/v2/models/digits": [ok(METADATA | {"inputs": [*METADATA["inputs"], extra]})]}
+    )
+    with server.client() as client, pytest.raises(ValueError, match="pixels, mask"):
+        client.predict("digits", np.zeros((1, 4), dtype=np.float32))
+    assert server.paths() == ["/base/v2/models/digits"]
+
+
+def test_terms_are_fetched_and_accepted() -> None:
+    server = FakeServer(
+        {
+            "/base/v1/terms": [ok({"version": "2024-1", "text": "terms", "sha256": "00"})],
+            "/base/v1/terms/accept": [ok({"accepted": True, "version": "2024-1"})],
+        }
+    )
+    with server.client(api_key="k") as client:
+        terms = client.terms()
+        acceptance = client.accept_terms(terms.version)
+    assert acceptance.accepted and acceptance.version == "2024-1"
+    accept = server.requests[1]
+    assert accept.method == "POST" and json.loads(accept.content) == {"version": "2024-1"}
+
+
+def test_health_answers_are_booleans_and_503_is_not_retried() -> None:
+    server = FakeServer(
+        {
+            "/base/v2/health/ready": [fail(503)],
+            "/base/v2/models/digits/ready": [ok({})],
+            "/base/v2/models/gone/ready": [fail(404)],
+        }
+    )
+    with server.client(retries=3, backoff=0) as client:
+        assert client.ready() is False
+        assert client.model_ready("digits") is True
+        with pytest.raises(ModelNotFound):
+            client.model_ready("gone")
+    assert server.paths().count("/base/v2/health/ready") == 1
+
+
+def test_closed_client_cannot_send() -> None:
+    server = FakeServer({"/base/v2/health/live": [ok({})]})
+    with server.client() as client:
+        client.live()
+    with pytest.raises(RuntimeError):
+        client.live()
+
+
+# --- errors and retries --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        (400, BadRequest),
+        (413, BadRequest),
+        (401, Unauthorized),
+        (403, Forbidden),
+        (404, ModelNotFound),
+        (429, RateLimited),
+        (503, Unavailable),
+        (500, ServerError),
+        (504, ServerError),
+    ],
+)
+def test_error_statuses_raise_their_class(status: int, cls: type[SplitVaultClientError]) -> None:
+    server = FakeServer({"/base/v2/models/digits/infer": [fail(status, retry_after="3")]})
+    with server.client() as client, pytest.raises(cls) as caught:
+        client.predict("digits", {"pixels": np.zeros((1, 4), dtype=np.float32)})
+    assert type(caught.value) is cls
+    assert caught.value.status == status and caught.value.message == f"status {status}"
+    assert caught.value.retry_after == 3.0
+
+
+def test_get_is_retried_after_503_until_it_succeeds() -> None:
+    server = FakeServer({"/base/v2/models/digits": [fail(503), fail(503), ok(METADATA)]})
+    with server.client(retries=2, backoff=0) as client:
+        assert client.model_metadata("digits").name == "digits"
+    assert len(server.requests) == 3
+
+
+def test_retries_run_out_and_the_last_error_is_raised() -> None:
+    server = FakeServer({"/base/v2/models/digits": [fail(503), fail(502)]})
+    with server.client(retries=1, backoff=0) as client, pytest.raises(ServerError) as caught:
+        client.model_metadata("digits")
+    assert caught.value.status == 502 and len(server.requests) == 2
+
+
+def test_infer_is_retried_after_503_and_after_failing_to_connect() -> None:
+    refused = httpx.ConnectError("refused")
+    infer: list[Answer] = [fail(503), refused, ok(CLASSIFICATION)]
+    server = FakeServer({"/base/v2/models/digits/infer": infer})
+    with server.client(retries=2, backoff=0) as client:
+        client.predict("digits", {"pixels": np.zeros((1, 4), dtype=np.float32)})
+    assert len(server.requests) == 3
+
+
+@pytest.mark.parametrize("answer", [fail(500), fail(429), httpx.ReadTimeout("slow")])
+def test_infer_is_not_retried_once_it_may_have_run(answer: Answer) -> None:
+    server = FakeServer({"/base/v2/models/digits/infer": [answer, ok(CLASSIFICATION)]})
+    with server.client(retries=3, backoff=0) as client, pytest.raises(SplitVaultClientError):
+        client.predict("digits", {"pixels": np.zeros((1, 4), dtype=np.float32)})
+    assert len(server.requests) == 1
+
+
+def test_connection_failure_is_unavailable_with_its_cause() -> None:
+    server = FakeServer({"/base/v2/health/live": [httpx.ConnectError("refused")]})
+    with server.client() as client, pytest.raises(Unavailable) as caught:
+        client.live()
+    assert caught.value.status is None and isinstance(caught.value.__cause__, httpx.ConnectError)
+
+
+def test_retry_waits_for_retry_after_but_not_past_the_cap() -> None:
+    server = FakeServer({"/base/v2/health/live": [fail(429, retry_after="0.3"), ok({})]})
+    with server.client(retries=1, backoff=0) as client:
+        start = time.monotonic()
+        assert client.live()
+        assert time.monotonic() - start >= 0.3
+    server = FakeServer({"/base/v2/models/digits": [fail(503, retry_after="60"), ok(METADATA)]})
+    with server.client(retries=1, backoff=0, max_backoff=0.05) as client:
+        start = time.monotonic()
+        assert client.model_metadata("digits").name == "digits"
+        assert time.monotonic() - start < 5
+
+
+# --- AsyncClient ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_async_predicts_with_cached_metadata_and_bearer() -> None:
+    server = FakeServer(
+        {
+            "/base/v2/models/digits": [ok(METADATA)],
+            "/base/v2/models/digits/infer": [ok(CLASSIFICATION)],
+        }
+    )
+    async with server.async_client(api_key="k") as client:
+        first = await client.predict("digits", np.zeros((1, 4), dtype=np.float32), top_k=2)
+        await client.predict("digits", np.zeros((1, 4), dtype=np.float32))
+    assert first.labels == [["three", None]]
+    assert server.paths().count("/base/v2/models/digits") == 1
+    assert all(r.headers["Authorization"] == "Bearer k" for r in server.requests)
+    assert json.loads(server.requests[1].content)["parameters"] == {"classification": 2}
+
+
+@pytest.mark.asyncio
+async def test_async_embedding_terms_and_health() -> None:
+    server = FakeServer(
+        {
+            "/base/v2/models/enc/infer": [ok(EMBEDDING)],
+            "/base/v2/health/live": [ok({})],
+            "/base/v2/health/ready": [fail(503)],
+            "/base/v1/terms": [ok({"version": "v", "text": "t", "sha256": "s"})],
+            "/base/v1/terms/accept": [fail(403)],
+        }
+    )
+    async with server.async_client() as client:
+        prediction = await client.predict("enc", {"ids": np.array([[1, 2]], dtype=np.int64)})
+        assert await client.live() and not await client.ready()
+        assert (await client.terms()).version == "v"
+        with pytest.raises(Forbidden):
+            await client.accept_terms("v")
+    assert prediction.embeddings is not None and prediction.embeddings.dtype == np.float32
+    assert prediction.embeddings.tolist() == [[0.5, -1.0]]
+    assert json.loads(server.requests[0].content)["inputs"][0]["datatype"] == "INT64"
+
+
+@pytest.mark.asyncio
+async def test_async_retries_and_maps_errors() -> None:
+    server = FakeServer(
+        {
+            "/base/v2/models/digits/infer": [fail(503), ok(CLASSIFICATION)],
+            "/base/v2/models/nope": [fail(404)],
+            "/base/v2/models/busy": [fail(429, retry_after="2")],
+        }
+    )
+    async with server.async_client(retries=1, backoff=0, max_backoff=0.01) as client:
+        await client.predict("digits", {"pixels": np.zeros((1, 4), dtype=np.float32)})
+        with pytest.raises(ModelNotFound):
+            await client.model_metadata("nope")
+        with pytest.raises(RateLimited) as caught:
+            await client.model_metadata("busy")
+    assert caught.value.retry_after == 2.0
+    assert server.paths().count("/base/v2/models/digits/infer") == 2
+    assert server.paths().count("/base/v2/models/nope") == 1
+    assert server.paths().count("/base/v2/models/busy") == 2
+
+
+# --- real TLS ------------------------------------------------------------------------------
+
+
+class _LiveHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        status = 200 if self.path == "/v2/health/live" else 404
+        body = b"{}"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def https_server(ca: trustme.CA, *, require_client_cert: bool = False) -> Iterator[str]:
+    """A real HTTPS server on localhost with a certificate issued by ``ca``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    if require_client_cert:
+        ca.configure_trust(context)
+        context.verify_mode = ssl.CERT_REQUIRED
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _LiveHandler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> tuple[trustme.CA, Path]:
+    authority = trustme.CA()
+    path = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(path))
+    return authority, path
+
+
+def test_tls_server_is_verified_against_the_given_ca(ca: tuple[trustme.CA, Path]) -> None:
+    authority, ca_path = ca
+    with https_server(authority) as url:
+        with Client(url, ca=ca_path) as client:
+            assert client.live() is True
+        with Client(url, retries=2) as client, pytest.raises(Unavailable) as caught:
+            client.live()  # certifi's bundle does not know the test CA
+    assert "certificate" in caught.value.message
+    assert isinstance(caught.value.__cause__, httpx.ConnectError)
+
+
+@pytest.mark.asyncio
+async def test_async_tls_server_is_verified_against_the_given_ca(
+    ca: tuple[trustme.CA, Path],
+) -> None:
+    authority, ca_path = ca
+    with https_server(authority) as url:
+        async with AsyncClient(url, ca=str(ca_path)) as client:
+            assert await client.live() is True
+        async with AsyncClient(url) as client:
+            with pytest.raises(Unavailable, match="certificate"):
+                await client.live()
+
+
+def test_client_certificate_is_presented_for_mutual_tls(
+    ca: tuple[trustme.CA, Path], tmp_path: Path
+) -> None:
+    authority, ca_path = ca
+    leaf = authority.issue_cert("client.example")
+    cert_path, key_path = tmp_path / "client.pem", tmp_path / "client.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert_path))
+    leaf.private_key_pem.write_to_path(str(key_path))
+    with https_server(authority, require_client_cert=True) as url:
+        with Client(url, ca=ca_path, cert=(cert_path, key_path)) as client:
+            assert client.live() is True
+        with Client(url, ca=ca_path) as client, pytest.raises(Unavailable):
+            client.live()

@@ -1,0 +1,1 @@
+"""Code both tiers use: errors, tensor codec, manifests, encryption, key providers, layout."""

@@ -1,0 +1,31 @@
+"""Structured logs: one JSON object per line on stderr, never key material."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def configure_logging(level: str = "INFO", *, tier: str) -> None:
+    """Send structlog and stdlib logs as JSON lines to stderr, tagged with the tier."""
+    logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper(), force=True)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.bind_contextvars(tier=tier)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """A structured logger for ``name``."""
+    return structlog.get_logger(name)  # type: ignore[no-any-return]

@@ -1,0 +1,119 @@
+"""The schema of a packed model: its config (split point, output policy, transport) and the
+manifest of each stage. Written by ``splitvault pack``, read by both tiers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DimSpec(_Strict):
+    """A dynamic dimension with its allowed range, shared by every tensor that has it."""
+
+    name: str
+    min: int = Field(ge=0)
+    max: int = Field(ge=1)
+
+
+class TensorSpec(_Strict):
+    """Name, v2 datatype and shape (ints are fixed, ``DimSpec`` are dynamic) of one tensor."""
+
+    name: str
+    datatype: str
+    shape: list[int | DimSpec]
+    # Back-stage inputs only: "front:<output name>" or "request:<input name>".
+    source: str | None = None
+    # Integer inputs only: the inclusive range of valid values (an embedding's vocabulary).
+    value_range: tuple[int, int] | None = None
+
+
+class TopKPolicy(_Strict):
+    """Classifier answers: the k best classes with probabilities rounded to ``decimals``."""
+
+    kind: Literal["topk"] = "topk"
+    k: int = Field(default=3, ge=1, le=100)
+    decimals: int = Field(default=4, ge=0, le=8)
+
+
+class LabelPolicy(_Strict):
+    """Classifier answers: the best class only, no score."""
+
+    kind: Literal["label"] = "label"
+
+
+class RoundingPolicy(_Strict):
+    """Embedding answers: every value rounded to ``decimals``."""
+
+    kind: Literal["rounding"] = "rounding"
+    decimals: int = Field(default=3, ge=0, le=8)
+
+
+OutputPolicy = Annotated[TopKPolicy | LabelPolicy | RoundingPolicy, Field(discriminator="kind")]
+
+
+class ModelConfig(_Strict):
+    """Per-model settings chosen at pack time; the private tier's copy is authoritative."""
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    split: str
+    task: Literal["classification", "embedding"]
+    policy: OutputPolicy
+    transport_datatype: Literal["FP16", "FP32"] = "FP16"
+    labels: list[str] | None = None
+    max_batch_size: int = Field(default=64, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _policy_fits_task(self) -> ModelConfig:
+        allowed = {"classification": {"topk", "label"}, "embedding": {"rounding"}}[self.task]
+        if self.policy.kind not in allowed:
+            raise ValueError(f"policy {self.policy.kind!r} does not fit task {self.task!r}")
+        return self
+
+
+class TierCount(_Strict):
+    """Parameters held by one tier."""
+
+    parameters: int
+    bytes: int
+
+
+class StageManifest(_Strict):
+    """What one stage file holds and how to check it."""
+
+    model: str
+    stage: Literal["front", "back"]
+    file: str
+    encrypted: bool
+    sha256: str = Field(description="SHA-256 of the serialized program (before encryption)")
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    tiers: dict[Literal["public", "private"], TierCount]
+    torch_version: str
+    # Front stage only: request inputs the public tier passes to the back stage as they came.
+    forward_inputs: list[str] = Field(default_factory=list)
+
+
+def write_json(path: Path, model: BaseModel) -> None:
+    """Write a pydantic model as indented JSON."""
+    path.write_text(model.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    """Read a model folder's ``config.json``."""
+    return ModelConfig.model_validate(json.loads((model_dir / CONFIG_FILE).read_text("utf-8")))
+
+
+def read_manifest(model_dir: Path) -> StageManifest:
+    """Read a model folder's ``manifest.json``."""
+    return StageManifest.model_validate(json.loads((model_dir / MANIFEST_FILE).read_text("utf-8")))

@@ -1,0 +1,5 @@
+"""``python -m splitvault``."""
+
+from splitvault.cli import main
+
+raise SystemExit(main())

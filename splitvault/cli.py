@@ -1,0 +1,185 @@
+"""``splitvault``: the one command-line entry point (init, pack, serve, health, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from shared.layout import DeployLayout
+from shared.logs import configure_logging
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments and run one command; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (FileExistsError, FileNotFoundError, ValueError) as error:
+        print(f"splitvault: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitvault", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    init = commands.add_parser("init", help="create a deployment folder (CA, certificates, KEK)")
+    init.add_argument("deploy", type=Path)
+    init.add_argument("--public-host", action="append", default=[], help="extra public DNS name")
+    init.add_argument("--private-host", action="append", default=[], help="extra private DNS name")
+    init.set_defaults(run=_init)
+    _add_pack(commands)
+    _add_serve(commands)
+    _add_health(commands)
+    demo = commands.add_parser("demo", help="pack and serve the two demo models, compare answers")
+    demo.add_argument("--workdir", type=Path, help="keep the deployment here (default: temp)")
+    demo.add_argument("--skip-minilm", action="store_true", help="only the digits model")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _add_pack(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pack = commands.add_parser("pack", help="split a model; front to public/, back encrypted")
+    pack.add_argument("--name", required=True)
+    pack.add_argument("--split", required=True, help="submodule whose output ends the front")
+    pack.add_argument("--deploy", required=True, type=Path)
+    source = pack.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--factory", help="pkg.module:function returning a ModelSpec or (module, input)"
+    )
+    source.add_argument("--program", type=Path, help="a saved torch.export program (.pt2)")
+    pack.add_argument("--task", choices=["classification", "embedding"])
+    pack.add_argument("--policy", choices=["topk", "label", "rounding"])
+    pack.add_argument("--k", type=int, default=3, help="top-k cap (topk policy)")
+    pack.add_argument("--decimals", type=int, help="rounding of scores or embeddings")
+    pack.add_argument("--labels", type=Path, help="file with one class label per line")
+    pack.add_argument("--transport", choices=["FP16", "FP32"], default="FP16")
+    pack.add_argument("--max-batch", type=int, default=64)
+    pack.add_argument("--quiet", action="store_true", help="no progress bars")
+    pack.set_defaults(run=_pack)
+
+
+def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser("serve", help="run a tier")
+    tiers = serve.add_subparsers(dest="tier", required=True)
+    private = tiers.add_parser("private", help="gRPC over mutual TLS, back stages")
+    private.add_argument("--deploy", required=True, type=Path)
+    private.add_argument("--host")
+    private.add_argument("--port", type=int)
+    private.add_argument("--kek-file", type=Path)
+    private.set_defaults(run=_serve_private)
+    public = tiers.add_parser("public", help="HTTPS v2 REST, front stages")
+    public.add_argument("--deploy", required=True, type=Path)
+    public.add_argument(
+        "--private",
+        action="append",
+        dest="private_addresses",
+        help="private tier HOST:PORT (repeat for replicas)",
+    )
+    public.add_argument("--host")
+    public.add_argument("--port", type=int)
+    public.add_argument(
+        "--insecure-http",
+        action="store_true",
+        default=None,
+        help="plain HTTP, only behind a TLS-terminating proxy",
+    )
+    public.set_defaults(run=_serve_public)
+
+
+def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    health = commands.add_parser("health", help="probe a tier (exit 0 when ready)")
+    tiers = health.add_subparsers(dest="tier", required=True)
+    private = tiers.add_parser("private")
+    private.add_argument("--deploy", required=True, type=Path)
+    private.add_argument("--address", default="127.0.0.1:50051")
+    private.set_defaults(run=_health_private)
+    public = tiers.add_parser("public")
+    public.add_argument("--deploy", required=True, type=Path)
+    public.add_argument("--url", default="https://localhost:8443")
+    public.set_defaults(run=_health_public)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from splitvault.deploy import init_deployment
+
+    layout = init_deployment(
+        args.deploy, public_hosts=args.public_host, private_hosts=args.private_host
+    )
+    print(f"deployment created in {layout.root}")
+    print(f"  CA (keep offline):        {layout.ca}")
+    print(f"  KEK (private tier secret): {layout.kek}")
+    print(f"  public tier folder:        {layout.public.root}")
+    print(f"  private tier folder:       {layout.private.root}")
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from splitvault.commands import pack_command
+
+    return pack_command(args)
+
+
+def _serve_private(args: argparse.Namespace) -> int:
+    from private_core.server import serve
+    from private_core.settings import PrivateSettings
+
+    layout = DeployLayout(args.deploy)
+    kek_file = args.kek_file or (layout.kek if layout.kek.exists() else None)
+    settings = PrivateSettings.load(
+        layout.private_config,
+        secrets_dir=Path("/run/secrets"),
+        tier_dir=layout.private.root,
+        host=args.host,
+        port=args.port,
+        kek_file=kek_file,
+    )
+    configure_logging(settings.log_level, tier="private")
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _serve_public(args: argparse.Namespace) -> int:
+    from public_api.server import serve
+    from public_api.settings import PublicSettings
+
+    layout = DeployLayout(args.deploy)
+    settings = PublicSettings.load(
+        layout.public_config,
+        secrets_dir=Path("/run/secrets"),
+        tier_dir=layout.public.root,
+        host=args.host,
+        port=args.port,
+        private_addresses=args.private_addresses,
+        insecure_http=args.insecure_http,
+    )
+    configure_logging(settings.log_level, tier="public")
+    serve(settings)
+    return 0
+
+
+def _health_private(args: argparse.Namespace) -> int:
+    from splitvault.probes import probe_private
+
+    return 0 if probe_private(DeployLayout(args.deploy), args.address) else 1
+
+
+def _health_public(args: argparse.Namespace) -> int:
+    from splitvault.probes import probe_public
+
+    return 0 if probe_public(DeployLayout(args.deploy), args.url) else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from splitvault.demo.run import run_demo
+
+    return int(run_demo(args.workdir, include_minilm=not args.skip_minilm))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
