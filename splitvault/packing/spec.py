@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,14 +36,18 @@ class ModelSpec:
         return self.dynamic_dims.get(name, {0: "batch"})
 
 
-def spec_from_factory_result(result: object, *, input_name: str = "input") -> ModelSpec:
-    """Accept a ``ModelSpec`` or a ``(module, example_input)`` pair from a factory."""
+def spec_from_factory_result(result: object) -> ModelSpec:
+    """Accept a ``ModelSpec`` or a ``(module, example_input)`` pair from a factory.
+
+    A lone example tensor is bound to the first parameter of the module's ``forward``.
+    """
     if isinstance(result, ModelSpec):
         return result
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module):
         module, example = result
         if isinstance(example, torch.Tensor):
-            return ModelSpec(module=module, example_inputs={input_name: example})
+            first = next(iter(inspect.signature(module.forward).parameters))
+            return ModelSpec(module=module, example_inputs={first: example})
         if isinstance(example, Mapping):
             return ModelSpec(module=module, example_inputs=dict(example))
     raise TypeError("a factory must return a ModelSpec or (nn.Module, example tensor or dict)")

@@ -1,0 +1,145 @@
+"""Run both tiers as local subprocesses (demo, tests, benchmarks), reading their JSON logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TierProcess:
+    """A running tier: its process, the port it bound and every log line so far."""
+
+    process: subprocess.Popen[str]
+    port: int
+    lines: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def events(self) -> list[dict[str, Any]]:
+        """Log lines that are JSON objects."""
+        parsed = []
+        for line in list(self.lines):
+            try:
+                parsed.append(json.loads(line))
+            except ValueError:
+                continue
+        return parsed
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then wait; SIGKILL if it does not exit in time. Returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if self._reader is not None:
+            self._reader.join(5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.process.returncode
+
+
+def start_tier(
+    args: Sequence[str],
+    ready_event: str,
+    *,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+) -> TierProcess:
+    """Run ``python -m splitvault ARGS`` and wait for the JSON log event ``ready_event``.
+
+    The event must carry the bound ``port``; stderr and stdout are merged and kept.
+    """
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "splitvault", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full_env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    lines: list[str] = []
+    found: queue.Queue[int] = queue.Queue()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == ready_event:
+                found.put(int(event["port"]))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            port = found.get(timeout=0.2)
+            return TierProcess(process, port, lines, reader)
+        except queue.Empty:
+            if process.poll() is not None:
+                break
+    process.kill()
+    reader.join(5)
+    raise RuntimeError(f"{args[:2]} did not become ready:\n" + "\n".join(lines[-40:]))
+
+
+def start_private(deploy: Path, *, env: dict[str, str] | None = None) -> TierProcess:
+    """The private tier on a free loopback port."""
+    return start_tier(
+        ["serve", "private", "--deploy", str(deploy), "--port", "0"],
+        "private_tier_listening",
+        env=env,
+    )
+
+
+def start_public(
+    deploy: Path, private_port: int, *, env: dict[str, str] | None = None, extra: Sequence[str] = ()
+) -> TierProcess:
+    """The public tier on a free loopback port, talking to ``127.0.0.1:private_port``."""
+    process = start_tier(
+        [
+            "serve",
+            "public",
+            "--deploy",
+            str(deploy),
+            "--port",
+            "0",
+            "--private",
+            f"127.0.0.1:{private_port}",
+            *extra,
+        ],
+        "public_tier_listening",
+        env=env,
+    )
+    wait_for(
+        lambda: any(e.get("event") == "public_tier_ready" for e in process.events()),
+        what="public tier startup",
+    )
+    return process
+
+
+def wait_for(condition: Any, *, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll ``condition()`` until true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out waiting for {what}")

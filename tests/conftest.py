@@ -1,0 +1,122 @@
+"""Session fixtures: the demo models, a packed deployment and both tiers as real processes."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import pytest
+import torch
+
+from shared.keys import LocalFileKeyProvider
+from shared.layout import DeployLayout
+from shared.manifest import LabelPolicy, RoundingPolicy, TopKPolicy
+from splitvault.demo import digits, minilm
+from splitvault.deploy import init_deployment
+from splitvault.packing.pack import pack_spec
+from splitvault.packing.spec import ModelSpec
+from tests.support.models import nested_spec
+from tests.support.processes import TierProcess, start_private, start_public
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+@dataclass(frozen=True)
+class DigitsFixture:
+    """The trained digits CNN, its data and its pack spec."""
+
+    data: digits.DigitsData
+    spec: ModelSpec
+
+
+@pytest.fixture(scope="session")
+def digits_model() -> DigitsFixture:
+    data = digits.load_data()
+    model = digits.train(data, epochs=8)
+    spec = ModelSpec(module=model, example_inputs={"image": torch.from_numpy(data.test_x[:4])},
+                     labels=digits.LABELS, max_sizes={"batch": 1024})
+    return DigitsFixture(data, spec)
+
+
+@pytest.fixture(scope="session")
+def minilm_spec() -> ModelSpec:
+    return minilm.factory()
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A deployment folder with the test models packed into it."""
+
+    layout: DeployLayout
+    provider: LocalFileKeyProvider
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.layout.public.ca_cert
+
+
+@pytest.fixture(scope="session")
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, digits_model: DigitsFixture, minilm_spec: ModelSpec
+) -> Deployment:
+    """digits (top-3, FP16), digits-label (label only, FP32), nested (top-2, FP32), minilm."""
+    layout = init_deployment(tmp_path_factory.mktemp("deploy") / "d")
+    provider = LocalFileKeyProvider.load(layout.kek)
+    common = {"layout": layout, "provider": provider, "show_progress": False}
+    pack_spec(digits_model.spec, name="digits", split=digits.SPLIT, policy=TopKPolicy(k=3),
+              **common)  # type: ignore[arg-type]
+    pack_spec(digits_model.spec, name="digits-label", split=digits.SPLIT, policy=LabelPolicy(),
+              transport_datatype="FP32", **common)  # type: ignore[arg-type]
+    pack_spec(nested_spec(), name="nested", split="encoder.blocks.1.mlp.0",
+              policy=TopKPolicy(k=2, decimals=6), transport_datatype="FP32",
+              **common)  # type: ignore[arg-type]
+    pack_spec(minilm_spec, name="minilm", split=minilm.SPLIT, policy=RoundingPolicy(decimals=5),
+              **common)  # type: ignore[arg-type]
+    return Deployment(layout, provider)
+
+
+@dataclass
+class Tiers:
+    """Both tiers running as subprocesses."""
+
+    private: TierProcess
+    public: TierProcess
+    deployment: Deployment
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.public.port}"
+
+    @property
+    def private_address(self) -> str:
+        return f"127.0.0.1:{self.private.port}"
+
+    def http(self, **kwargs: Any) -> httpx.Client:
+        """A raw HTTPS client that trusts the deployment's CA."""
+        context = ssl.create_default_context(cafile=str(self.deployment.ca_cert))
+        return httpx.Client(base_url=self.url, verify=context, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiers(deployment: Deployment) -> Iterator[Tiers]:
+    threads = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
+    private = start_private(deployment.root, env=threads)
+    try:
+        public = start_public(deployment.root, private.port, env=threads)
+    except BaseException:
+        private.stop()
+        raise
+    yield Tiers(private, public, deployment)
+    public.stop()
+    private.stop()

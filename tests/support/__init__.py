@@ -1,0 +1,1 @@
+"""Helpers for tests: start the tiers as real processes and wait for them."""
