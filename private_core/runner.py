@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from private_core.metrics import PrivateMetrics
 from private_core.model_store import BackStage, ModelStore
 from private_core.policy import apply_policy
 from protos import inference_pb2
@@ -19,9 +21,12 @@ from shared.validation import check_tensors
 class BackStageRunner:
     """Answers ``InferRequest`` messages with policy-restricted outputs."""
 
-    def __init__(self, store: ModelStore, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, store: ModelStore, executor: ThreadPoolExecutor, metrics: PrivateMetrics
+    ) -> None:
         self._store = store
         self._executor = executor
+        self._metrics = metrics
 
     async def infer(self, request: inference_pb2.InferRequest) -> inference_pb2.InferResponse:
         """Check, run and restrict one request."""
@@ -34,9 +39,12 @@ class BackStageRunner:
                 f"batch {batch} exceeds this model's limit {stage.config.max_batch_size}"
             )
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         outputs = await loop.run_in_executor(
             self._executor, _run_back_stage, stage, arrays, int(request.top_k)
         )
+        self._metrics.observe_back_stage(request.model, time.perf_counter() - started)
+        self._metrics.observe_batch(request.model, batch)
         return inference_pb2.InferResponse(
             model=request.model,
             outputs=[to_proto(name, value) for name, value in outputs.items()],

@@ -17,6 +17,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 
 from private_core.auth import IdentityInterceptor
 from private_core.hardening import protect_process_memory
+from private_core.metrics import PrivateMetrics, start_metrics_server
 from private_core.model_store import ModelStore, load_store
 from private_core.runner import BackStageRunner
 from private_core.servicer import PrivateInferenceServicer
@@ -39,12 +40,15 @@ class PrivateServer:
     health: Any  # grpc_health aio HealthServicer (untyped)
     store: ModelStore
     executor: ThreadPoolExecutor
+    metrics: PrivateMetrics
+    metrics_port: int | None
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace_s``, then stop."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         self.executor.shutdown(wait=True)
+        self.metrics.stop()
 
 
 def key_provider(settings: PrivateSettings) -> KeyProvider:
@@ -75,6 +79,10 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     torch.set_num_threads(settings.torch_threads)
     tier = TierDir(settings.tier_dir)
     store = load_store(tier, key_provider(settings))
+    metrics = PrivateMetrics.create(store.status())
+    for name in store.failed:
+        metrics.model_load_error(name)
+    metrics.set_models_loaded(len(store.loaded))
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="back-stage")
     limit = settings.max_message_mb * 1024 * 1024
     server = grpc.aio.server(
@@ -84,9 +92,9 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
             ("grpc.max_send_message_length", limit),
         ],
     )
-    runner = BackStageRunner(store, executor)
+    runner = BackStageRunner(store, executor, metrics)
     inference_pb2_grpc.add_PrivateInferenceServicer_to_server(
-        PrivateInferenceServicer(store, runner), server
+        PrivateInferenceServicer(store, runner, metrics), server
     )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -95,14 +103,18 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     status = health_pb2.HealthCheckResponse.SERVING
     await health_servicer.set("", status)
     await health_servicer.set(SERVICE_NAME, status)
+    metrics_port = None
+    if settings.metrics_port is not None:
+        metrics_port = start_metrics_server(metrics, settings.metrics_host, settings.metrics_port)
     log.info(
         "private_tier_listening",
         host=settings.host,
         port=port,
+        metrics_port=metrics_port,
         models=sorted(store.loaded),
         failed=sorted(store.failed),
     )
-    return PrivateServer(server, port, health_servicer, store, executor)
+    return PrivateServer(server, port, health_servicer, store, executor, metrics, metrics_port)
 
 
 async def serve(settings: PrivateSettings) -> None:

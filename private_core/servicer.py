@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 
+from private_core.metrics import PrivateMetrics
 from private_core.model_store import ModelStore
 from private_core.runner import BackStageRunner
 from protos import inference_pb2, inference_pb2_grpc
@@ -19,20 +20,27 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
     """Implements ``splitvault.v1.PrivateInference``."""
 
-    def __init__(self, store: ModelStore, runner: BackStageRunner) -> None:
+    def __init__(self, store: ModelStore, runner: BackStageRunner, metrics: PrivateMetrics) -> None:
         self._store = store
         self._runner = runner
+        self._metrics = metrics
 
     async def Infer(
         self, request: inference_pb2.InferRequest, context: Context
     ) -> inference_pb2.InferResponse:
         try:
-            return await self._runner.infer(request)
+            response = await self._runner.infer(request)
         except SplitVaultError as error:
-            await context.abort(mapping_for(error).grpc_code, error.message)
+            code = mapping_for(error).grpc_code
+            self._metrics.observe_request(request.model, code)
+            await context.abort(code, error.message)
         except Exception:
             log.exception("infer_failed", model=request.model, request_id=request.request_id)
+            self._metrics.observe_request(request.model, grpc.StatusCode.INTERNAL)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        else:
+            self._metrics.observe_request(request.model, grpc.StatusCode.OK)
+            return response
         raise AssertionError("unreachable: abort raises")
 
     async def ModelStatus(

@@ -31,6 +31,9 @@ class PrivateSettings(TierSettings):
     max_message_mb: int = Field(default=64, ge=4, le=2047)
     grace_period_s: float = Field(default=10.0, ge=0)
     lock_memory: bool = True
+    # Prometheus metrics on a separate plain-HTTP port (internal network only); None: off.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=9464, ge=0, le=65535)
     log_level: str = "INFO"
 
     @model_validator(mode="after")

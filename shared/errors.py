@@ -5,8 +5,11 @@
     │   └── PayloadTooLarge   413  INVALID_ARGUMENT
     ├── Unauthenticated       401  UNAUTHENTICATED
     ├── PermissionDenied      403  PERMISSION_DENIED
+    │   ├── TermsNotAccepted  403
+    │   └── KeyBlocked        403
     ├── ModelNotFound         404  NOT_FOUND
     ├── RateLimited           429  RESOURCE_EXHAUSTED
+    │   └── QuotaExceeded     429
     ├── Unavailable           503  UNAVAILABLE
     │   ├── ModelNotReady     503  FAILED_PRECONDITION
     │   ├── Overloaded        503  RESOURCE_EXHAUSTED (carries a retry hint)
@@ -28,10 +31,18 @@ import grpc
 class SplitVaultError(Exception):
     """Base of every error splitvault raises on purpose; ``message`` is safe to show a client."""
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
+        # Extra response headers a transport may send (e.g. RateLimit headers on a 429).
+        self.headers = headers or {}
 
 
 class InvalidInput(SplitVaultError):
@@ -50,12 +61,24 @@ class PermissionDenied(SplitVaultError):
     """The caller is known but not allowed to do this."""
 
 
+class TermsNotAccepted(PermissionDenied):
+    """The API key has not accepted the current terms of service."""
+
+
+class KeyBlocked(PermissionDenied):
+    """The API key was blocked (suspected model extraction)."""
+
+
 class ModelNotFound(SplitVaultError):
     """No model of that name is deployed."""
 
 
 class RateLimited(SplitVaultError):
     """The caller exceeded a rate limit or quota."""
+
+
+class QuotaExceeded(RateLimited):
+    """The caller used up its daily query quota."""
 
 
 class Unavailable(SplitVaultError):
@@ -129,9 +152,9 @@ def mapping_for(error: SplitVaultError) -> ErrorMapping:
 
 def error_from_grpc(code: grpc.StatusCode, details: str) -> SplitVaultError:
     """Turn a status received from the private tier into the matching error."""
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return Unavailable("private tier refused this tier's identity", retry_after_s=5.0)
     cls = _FROM_GRPC.get(code, InternalError)
     if cls in (Unavailable, DeadlineExceeded, Overloaded, ModelNotReady):
         return cls(f"private tier: {details}", retry_after_s=1.0)
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        return Unavailable("private tier refused this tier's identity", retry_after_s=5.0)
     return cls(details)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from shared.layout import DeployLayout
 from shared.logs import configure_logging
+from splitvault.admin import add_admin_commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_pack(commands)
     _add_serve(commands)
     _add_health(commands)
+    add_admin_commands(commands)
     demo = commands.add_parser("demo", help="pack and serve the two demo models, compare answers")
     demo.add_argument("--workdir", type=Path, help="keep the deployment here (default: temp)")
     demo.add_argument("--skip-minilm", action="store_true", help="only the digits model")

@@ -16,6 +16,23 @@ _PUBLIC_TOML = """\
 # private_addresses = ["private:50051"]
 # request_timeout_s = 5.0
 # max_body_bytes = 16777216
+#
+# [protection]
+# terms_version = "1"            # bump when terms.md changes: keys must accept again
+# rate_limit_backend = "memory"  # or "redis" with redis_url, for several public replicas
+# redis_url = "redis://redis:6379/0"
+# monitor_action = "block"       # record | alert | throttle | block
+# [protection.key_limits]
+# rate_per_s = 20.0
+# burst = 40
+# daily_quota = 20000
+"""
+_TERMS = """\
+# Terms of service (placeholder: replace with your own, then bump protection.terms_version)
+
+1. You may use this API only to obtain predictions for your own use.
+2. You must not use the answers to train, distil or otherwise reproduce the model.
+3. Every query is recorded, with your API key and address, as evidence of use.
 """
 _PRIVATE_TOML = """\
 # Private tier settings; SPLITVAULT_PRIVATE_* environment variables override them.
@@ -43,6 +60,7 @@ def init_deployment(
     for tier in (layout.public, layout.private):
         tier.models.mkdir(parents=True, exist_ok=True)
     layout.public_config.write_text(_PUBLIC_TOML, encoding="utf-8")
+    (layout.public.root / "terms.md").write_text(_TERMS, encoding="utf-8")
     layout.private_config.write_text(_PRIVATE_TOML, encoding="utf-8")
     return layout
 

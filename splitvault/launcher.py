@@ -102,10 +102,11 @@ def start_tier(
 
 def start_private(deploy: Path, *, env: dict[str, str] | None = None) -> TierProcess:
     """The private tier on a free loopback port."""
+    # A free metrics port too: several private tiers may run on one host (tests, demo).
     return start_tier(
         ["serve", "private", "--deploy", str(deploy), "--port", "0"],
         "private_tier_listening",
-        env=env,
+        env={"SPLITVAULT_PRIVATE_METRICS_PORT": "0", **(env or {})},
     )
 
 

@@ -114,7 +114,11 @@ def test_public_tier_publishes_only_https(
 def test_each_tier_mounts_only_its_own_folder_read_only(
     services: dict[str, dict[str, Any]], tier: str
 ) -> None:
-    assert _volumes(services[tier]) == [(f"deploy/{tier}", f"/deploy/{tier}", "ro")]
+    mounts = _volumes(services[tier])
+    assert mounts[0] == (f"deploy/{tier}", f"/deploy/{tier}", "ro")
+    # Besides its folder, only the public tier gets one writable named volume for its state.
+    expected_rest = [("public-state", "/deploy/public/state", "rw")] if tier == "public" else []
+    assert mounts[1:] == expected_rest
 
 
 def test_kek_is_a_secret_for_the_private_tier_only(

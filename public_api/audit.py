@@ -1,0 +1,432 @@
+"""A hash-chained audit trail of every request, in SQLite, written off the request path.
+
+Each row holds ``seq`` (1, 2, 3, ... with no gaps), the request's fields, ``prev_hash`` (the
+previous row's hash; 64 zeros for the first) and ``hash``, the SHA-256 of the canonical JSON of
+``seq``, the fields and ``prev_hash``. ``verify_chain`` finds an edited, removed, inserted or
+reordered row and says where.
+
+A plain chain has one limit: someone who can write the file may truncate its tail, or edit a row
+and recompute every later hash, and the chain still verifies. Anchoring the head elsewhere
+closes that: log ``head()`` (the last seq and hash) to a place the attacker cannot rewrite, and
+compare it later; a rewritten or truncated trail no longer reaches the anchored head.
+
+``AuditTrail.append`` only puts the record in a bounded queue (about a microsecond); a writer
+thread wakes every ``flush_interval_s``, or as soon as a batch is ready, and inserts the queued
+records in one transaction. When the queue is full, or the last write failed, ``append`` raises
+``Unavailable``: a request is refused rather than served unaudited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import operator
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from shared.errors import Unavailable
+from shared.logs import get_logger
+
+AUDIT_DB = "audit.sqlite3"
+GENESIS_HASH = "0" * 64
+DECISIONS = frozenset(
+    {
+        "served",
+        "unauthenticated",
+        "forbidden",
+        "terms_required",
+        "rate_limited",
+        "quota_exceeded",
+        "blocked",
+        "bad_request",
+        "unavailable",
+        "error",
+    }
+)
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One request as the trail keeps it; ``answer`` is the compact JSON returned, if any."""
+
+    time: float
+    key_id: str | None
+    client: str
+    model: str | None
+    input_sha256: str | None
+    answer: str | None
+    decision: str
+    status: int
+    monitor_score: float | None = None
+    request_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.decision not in DECISIONS:
+            raise ValueError(f"unknown audit decision {self.decision!r}")
+        if not math.isfinite(self.time):
+            raise ValueError("audit time must be finite")
+        if self.monitor_score is not None and not math.isfinite(self.monitor_score):
+            raise ValueError("monitor score must be finite or None")
+        # Store exactly what SQLite gives back, so the hash is recomputed byte for byte.
+        object.__setattr__(self, "time", float(self.time))
+        object.__setattr__(self, "status", int(self.status))
+        if self.monitor_score is not None:
+            object.__setattr__(self, "monitor_score", float(self.monitor_score))
+
+
+_FIELDS = tuple(field.name for field in fields(AuditRecord))
+_values_of = operator.attrgetter(*_FIELDS)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    key_id TEXT,
+    client TEXT NOT NULL,
+    model TEXT,
+    input_sha256 TEXT,
+    answer TEXT,
+    decision TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    monitor_score REAL,
+    request_id TEXT,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_key ON audit (key_id, seq);
+"""
+_INSERT = (
+    "INSERT INTO audit (seq, time, key_id, client, model, input_sha256, answer, decision, status, "
+    "monitor_score, request_id, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_ALL = (
+    "SELECT seq, time, key_id, client, model, input_sha256, answer, decision, status, "
+    "monitor_score, request_id, prev_hash, hash FROM audit ORDER BY seq"
+)
+_SELECT_KEY = (
+    "SELECT seq, time, key_id, client, model, input_sha256, answer, decision, status, "
+    "monitor_score, request_id, prev_hash, hash FROM audit WHERE key_id = ? ORDER BY seq"
+)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of ``verify_chain``: ``records`` rows in all, the first bad one and why."""
+
+    ok: bool
+    records: int
+    first_bad_seq: int | None = None
+    problem: str | None = None
+
+
+def record_hash(seq: int, values: dict[str, Any], prev_hash: str) -> str:
+    """SHA-256 (hex) of the canonical JSON of ``seq``, the record's fields and ``prev_hash``."""
+    payload = {**values, "seq": seq, "prev_hash": prev_hash}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class AuditTrail:
+    """Appends records without blocking; one writer thread chains and commits them in batches."""
+
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        *,
+        batch_size: int,
+        flush_interval_s: float,
+        max_pending: int,
+        retry_interval_s: float,
+    ) -> None:
+        self._db = db
+        self._batch_size = batch_size
+        self._flush_interval_s = flush_interval_s
+        self._retry_interval_s = retry_interval_s
+        self._max_pending = max_pending
+        self._queue: deque[AuditRecord] = deque()
+        self._lock = threading.Lock()
+        self._progress = threading.Condition()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._appended = 0
+        self._written = 0
+        self._unwritten = 0
+        self._failure: str | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        batch_size: int = 256,
+        flush_interval_s: float = 0.05,
+        max_pending: int = 100_000,
+        retry_interval_s: float = 1.0,
+        busy_timeout_s: float = 5.0,
+    ) -> AuditTrail:
+        """Open (or create) the trail at ``path`` and start its writer; chains on from the last row.
+
+        The writer commits every ``flush_interval_s``, or at once when ``batch_size`` records
+        wait; ``max_pending`` bounds the queue (beyond it ``append`` refuses records).
+        """
+        if batch_size < 1 or max_pending < 1:
+            raise ValueError("batch_size and max_pending must be at least 1")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+        except sqlite3.Error:
+            db.close()
+            raise
+        trail = cls(
+            db,
+            batch_size=batch_size,
+            flush_interval_s=flush_interval_s,
+            max_pending=max_pending,
+            retry_interval_s=retry_interval_s,
+        )
+        trail._thread.start()
+        return trail
+
+    @property
+    def pending(self) -> int:
+        """Records appended but not yet written."""
+        return self._appended - self._written
+
+    @property
+    def written(self) -> int:
+        """Records this object has committed since it was opened."""
+        return self._written
+
+    @property
+    def failure(self) -> str | None:
+        """Why the last write failed, or ``None`` while writes succeed."""
+        return self._failure
+
+    def append(self, record: AuditRecord) -> None:
+        """Queue ``record`` for writing; ``Unavailable`` if the trail cannot take it now."""
+        failure = self._failure
+        if failure is not None:
+            raise Unavailable(f"audit trail cannot write: {failure}", retry_after_s=1.0)
+        with self._lock:
+            if self._closed:
+                raise Unavailable("audit trail is closed")
+            if len(self._queue) >= self._max_pending:
+                raise Unavailable("audit trail is not keeping up", retry_after_s=1.0)
+            self._queue.append(record)
+            self._appended += 1
+            if len(self._queue) == self._batch_size:
+                self._wake.set()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every record appended so far is written.
+
+        ``Unavailable`` if the writer is failing, ``TimeoutError`` after ``timeout`` seconds.
+        """
+        target = self._appended
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        with self._progress:
+            while self._written < target:
+                if self._failure is not None:
+                    raise Unavailable(f"audit trail cannot write: {self._failure}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = target - self._written
+                    raise TimeoutError(f"audit trail: {missing} records unwritten after {timeout}s")
+                self._progress.wait(remaining)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, stop the writer and close the database.
+
+        ``Unavailable`` if records were left unwritten (they are also logged as an error).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise Unavailable(f"audit writer still busy after {timeout}s ({self.pending} pending)")
+        self._db.close()
+        if self._unwritten:
+            raise Unavailable(
+                f"audit trail closed with {self._unwritten} records unwritten: {self._failure}"
+            )
+
+    def __enter__(self) -> AuditTrail:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        batch: list[AuditRecord] = []
+        while True:
+            if not batch:
+                batch = self._take()
+                if not batch:
+                    if self._stop.is_set():
+                        return
+                    self._wake.wait(self._flush_interval_s)
+                    self._wake.clear()
+                    continue
+            if self._write(batch):
+                batch = []
+            elif self._stop.is_set():
+                self._unwritten = len(batch) + len(self._queue)
+                log.error("audit_records_unwritten", count=self._unwritten, reason=self._failure)
+                return
+            else:
+                self._stop.wait(self._retry_interval_s)
+
+    def _take(self) -> list[AuditRecord]:
+        with self._lock:
+            count = min(self._batch_size, len(self._queue))
+            return [self._queue.popleft() for _ in range(count)]
+
+    def _write(self, batch: list[AuditRecord]) -> bool:
+        """Chain and commit ``batch`` in one transaction; on failure, record why and keep it."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            # Read the head inside the write lock: another process may share this file.
+            seq, prev_hash = _head(self._db)
+            rows = []
+            for record in batch:
+                seq += 1
+                values = dict(zip(_FIELDS, _values_of(record), strict=True))
+                digest = record_hash(seq, values, prev_hash)
+                rows.append((seq, *values.values(), prev_hash, digest))
+                prev_hash = digest
+            self._db.executemany(_INSERT, rows)
+            self._db.execute("COMMIT")
+        except Exception as error:
+            self._fail(f"{type(error).__name__}: {error}")
+            return False
+        with self._progress:
+            self._written += len(batch)
+            self._failure = None
+            self._progress.notify_all()
+        return True
+
+    def _fail(self, reason: str) -> None:
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error as error:
+            reason = f"{reason}; rollback failed: {error}"
+        if reason != self._failure:
+            log.error("audit_write_failed", reason=reason, pending=self.pending)
+        with self._progress:
+            self._failure = reason
+            self._progress.notify_all()
+
+
+def _head(db: sqlite3.Connection) -> tuple[int, str]:
+    row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection; ``FileNotFoundError`` instead of creating a missing file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no audit trail at {path}")
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+
+
+def head(path: Path) -> tuple[int, str]:
+    """The last record's seq and hash (``(0, GENESIS_HASH)`` when empty): the value to anchor."""
+    with closing(_read_only(path)) as db:
+        return _head(db)
+
+
+def verify_chain(path: Path) -> VerifyResult:
+    """Check seq numbering, every ``prev_hash`` link and every hash; stop at the first problem."""
+    with closing(_read_only(path)) as db:
+        try:
+            total = int(db.execute("SELECT count(*) FROM audit").fetchone()[0])
+        except sqlite3.OperationalError as error:
+            return VerifyResult(False, 0, None, f"the audit table cannot be read: {error}")
+        expected, prev_hash = 1, GENESIS_HASH
+        rows = db.execute(_SELECT_ALL)
+        for seq, *values, stored_prev, stored_hash in rows:
+            problem = _row_problem(seq, values, stored_prev, stored_hash, expected, prev_hash)
+            if problem is not None:
+                bad = expected if seq != expected else seq
+                return VerifyResult(False, total, bad, problem)
+            expected, prev_hash = seq + 1, stored_hash
+    return VerifyResult(True, total)
+
+
+def _row_problem(
+    seq: int, values: list[Any], stored_prev: str, stored_hash: str, expected: int, prev: str
+) -> str | None:
+    if seq != expected:
+        if expected == 1:
+            return f"record 1 missing (the trail starts at record {seq})"
+        missing = f"record {expected}" if seq == expected + 1 else f"records {expected}-{seq - 1}"
+        return f"{missing} missing (gap after {expected - 1})"
+    if stored_prev != prev:
+        before = "the genesis hash" if seq == 1 else f"the hash of record {seq - 1}"
+        return (
+            f"record {seq}: prev_hash does not match {before} "
+            "(a record was altered, inserted, removed or reordered)"
+        )
+    try:
+        computed = record_hash(seq, dict(zip(_FIELDS, values, strict=True)), stored_prev)
+    except (TypeError, ValueError):  # a BLOB or other value the writer never stores
+        return f"record {seq}: a field holds a value the trail never writes"
+    if computed != stored_hash:
+        return f"record {seq}: hash does not match its contents"
+    return None
+
+
+def export_records(path: Path, key_id: str) -> Iterator[dict[str, Any]]:
+    """Every record of ``key_id`` in seq order, as JSON-serialisable dicts with their hashes."""
+    names = ("seq", *_FIELDS, "prev_hash", "hash")
+    with closing(_read_only(path)) as db:
+        for row in db.execute(_SELECT_KEY, (key_id,)):
+            yield dict(zip(names, row, strict=True))
+
+
+def input_digest(arrays: dict[str, np.ndarray[Any, Any]]) -> str:
+    """SHA-256 (hex) over the inputs: sorted names, each with dtype, shape and raw bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.asarray(arrays[name])
+        if array.dtype.hasobject:
+            raise ValueError(f"input {name!r} has an object dtype; it has no canonical bytes")
+        header = json.dumps(
+            {"name": name, "dtype": array.dtype.str, "shape": list(array.shape)},
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode("utf-8")
+        digest.update(len(header).to_bytes(8, "big") + header)
+        digest.update(array.nbytes.to_bytes(8, "big"))
+        contiguous = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+        digest.update(contiguous.data)
+    return digest.hexdigest()

@@ -1,0 +1,181 @@
+"""Operator commands: ``splitvault keys create|list|revoke`` and ``splitvault audit verify|export``.
+
+Both work on the public tier's state folder, ``DEPLOY/public/state/``, and can run while the
+tier serves: a key revoked here is refused by a running tier within its key cache lifetime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Sequence
+from contextlib import closing
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from shared.layout import DeployLayout
+
+if TYPE_CHECKING:  # the stores are imported when a command runs, keeping the CLI quick to start
+    from public_api.keys import ApiKey, SqliteKeyStore
+
+
+def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``keys`` and ``audit`` command groups to the ``splitvault`` parser."""
+    _add_keys(commands)
+    _add_audit(commands)
+
+
+def _add_keys(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="issue a key (its secret is printed once)")
+    create.add_argument("--deploy", required=True, type=Path)
+    create.add_argument("--name", required=True)
+    create.add_argument("--rate", type=float, help="requests per second (overrides the model's)")
+    create.add_argument("--burst", type=int, help="burst size (overrides the model's)")
+    create.add_argument("--quota", type=int, help="queries per day (overrides the model's)")
+    create.set_defaults(run=_keys_create)
+    listing = actions.add_parser("list", help="every key, its limits and accepted terms")
+    listing.add_argument("--deploy", required=True, type=Path)
+    listing.set_defaults(run=_keys_list)
+    revoke = actions.add_parser("revoke", help="revoke a key by id or name")
+    revoke.add_argument("--deploy", required=True, type=Path)
+    revoke.add_argument("key", metavar="KEY_ID_OR_NAME")
+    revoke.set_defaults(run=_keys_revoke)
+
+
+def _add_audit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = commands.add_parser("audit", help="verify and export the audit trail")
+    actions = audit.add_subparsers(dest="action", required=True)
+    verify = actions.add_parser("verify", help="check the hash chain (exit 1 if tampered)")
+    verify.add_argument("--deploy", required=True, type=Path)
+    verify.set_defaults(run=_audit_verify)
+    export = actions.add_parser("export", help="one key's records as JSON lines")
+    export.add_argument("--deploy", required=True, type=Path)
+    export.add_argument("--key", required=True, metavar="KEY_ID")
+    export.add_argument("--out", type=Path, help="write to this file (default: stdout)")
+    export.set_defaults(run=_audit_export)
+
+
+def state_dir(deploy: Path) -> Path:
+    """``DEPLOY/public/state``; ``FileNotFoundError`` if ``DEPLOY/public`` does not exist."""
+    from public_api.keys import STATE_DIR
+
+    public = DeployLayout(deploy).public.root
+    if not public.is_dir():
+        raise FileNotFoundError(f"{public} does not exist: is {deploy} a deployment folder?")
+    return public / STATE_DIR
+
+
+def _key_store(deploy: Path) -> SqliteKeyStore:
+    from public_api.keys import KEYS_DB, SqliteKeyStore
+
+    return SqliteKeyStore(state_dir(deploy) / KEYS_DB)
+
+
+def _audit_path(deploy: Path) -> Path:
+    from public_api.audit import AUDIT_DB
+
+    return state_dir(deploy) / AUDIT_DB
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    with closing(_key_store(args.deploy)) as store:
+        key, secret = store.create(
+            args.name, rate_per_s=args.rate, burst=args.burst, daily_quota=args.quota
+        )
+    print(f"created API key {key.key_id} (name {key.name!r}, limits: {_limits(key)})")
+    print("secret, shown this once only (it is not stored and cannot be shown again):")
+    print(f"  {secret}")
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    with closing(_key_store(args.deploy)) as store:
+        rows = [
+            (
+                key.key_id,
+                key.name,
+                _when(key.created_at),
+                _when(key.revoked_at),
+                _limits(key),
+                store.accepted_version(key.key_id) or "-",
+            )
+            for key in store.list()
+        ]
+    if not rows:
+        print("no API keys")
+        return 0
+    _print_table(("ID", "NAME", "CREATED", "REVOKED", "LIMITS", "TERMS"), rows)
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    with closing(_key_store(args.deploy)) as store:
+        try:
+            key = store.revoke(args.key)
+        except KeyError:
+            print(f"splitvault: error: no API key with id or name {args.key!r}", file=sys.stderr)
+            return 1
+    print(f"revoked API key {key.key_id} (name {key.name!r}) at {_when(key.revoked_at)}")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from public_api.audit import head, verify_chain
+
+    path = _audit_path(args.deploy)
+    result = verify_chain(path)
+    if not result.ok:
+        print(f"audit trail {path} FAILED verification: {result.problem}")
+        return 1
+    seq, digest = head(path)
+    print(f"audit trail {path} OK: {result.records} records, chain intact")
+    print(f"head: record {seq}, hash {digest} (compare with an anchored copy)")
+    return 0
+
+
+def _audit_export(args: argparse.Namespace) -> int:
+    path = _audit_path(args.deploy)
+    if args.out is None:
+        _write_lines(path, args.key, sys.stdout)
+        return 0
+    with args.out.open("w", encoding="utf-8") as out:
+        count = _write_lines(path, args.key, out)
+    print(f"wrote {count} records of {args.key} to {args.out}")
+    return 0
+
+
+def _write_lines(path: Path, key_id: str, out: TextIO) -> int:
+    from public_api.audit import export_records
+
+    count = 0
+    for record in export_records(path, key_id):
+        out.write(json.dumps(record, separators=(",", ":")) + "\n")
+        count += 1
+    return count
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _limits(key: ApiKey) -> str:
+    parts = [
+        f"rate={key.rate_per_s:g}/s" if key.rate_per_s is not None else "",
+        f"burst={key.burst}" if key.burst is not None else "",
+        f"quota={key.daily_quota}/day" if key.daily_quota is not None else "",
+    ]
+    return " ".join(part for part in parts if part) or "model defaults"
+
+
+def _print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )

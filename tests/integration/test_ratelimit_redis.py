@@ -1,0 +1,242 @@
+"""The Redis rate limiter against a real redis-server: semantics, exactness across processes,
+failing closed (or open) while Redis is down, and recovery when it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio
+from structlog.testing import capture_logs
+
+from public_api.ratelimit import LimitPolicy, RedisRateLimiter, ratelimit_headers
+from shared.errors import Unavailable
+from tests.support.redis_server import RedisServer, redis_server_fixture
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+redis_server = redis_server_fixture(scope="module")
+own_redis = redis_server_fixture(scope="function", name="own_redis")
+
+
+@pytest.fixture
+async def limiter(redis_server: RedisServer) -> AsyncIterator[RedisRateLimiter]:
+    limiter = RedisRateLimiter(redis_server.url)
+    yield limiter
+    await limiter.close()
+
+
+@pytest.fixture
+def subject() -> str:
+    return f"key:{uuid.uuid4().hex[:8]}:model:digits"
+
+
+async def _admitted(limiter: RedisRateLimiter, subject: str, policy: LimitPolicy, n: int) -> int:
+    return sum([(await limiter.check(subject, policy)).allowed for _ in range(n)])
+
+
+async def test_burst_then_refusal_then_refill(limiter: RedisRateLimiter, subject: str) -> None:
+    policy = LimitPolicy(rate_per_s=10.0, burst=3)
+    decisions = [await limiter.check(subject, policy) for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert [d.remaining for d in decisions] == [2, 1, 0, 0]
+    refused = decisions[3]
+    assert refused.limit_name == "burst"
+    assert 0.0 < refused.retry_after_s <= 0.1
+    assert 0.2 < refused.reset_s <= 0.3
+    assert ratelimit_headers(refused, policy)["Retry-After"] == "1"
+    await asyncio.sleep(refused.retry_after_s + 0.01)
+    assert await _admitted(limiter, subject, policy, 3) == 1  # one interval refilled one unit
+
+
+async def test_daily_quota_and_its_key(
+    limiter: RedisRateLimiter, subject: str, redis_server: RedisServer
+) -> None:
+    policy = LimitPolicy(rate_per_s=100.0, burst=100, daily_quota=3)
+    decisions = [await limiter.check(subject, policy) for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    refused = decisions[3]
+    assert refused.limit_name == "daily" and refused.remaining == 0
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        seconds, _ = await client.time()
+        day, to_midnight = divmod(seconds, 86_400)
+        key = f"splitvault:rl:quota:{subject}:{day}"
+        assert await client.get(key) == b"3"  # the refused request was not counted
+        assert 2 * 86_400 - 5 <= await client.ttl(key) <= 2 * 86_400
+        assert 0 < await client.pttl(f"splitvault:rl:gcra:{subject}") <= 40  # 4 x 10 ms at most
+    finally:
+        await client.aclose()
+    assert refused.retry_after_s == pytest.approx(86_400 - to_midnight, abs=2)
+
+
+async def test_refusals_consume_neither_limit(limiter: RedisRateLimiter, subject: str) -> None:
+    rate_only = LimitPolicy(rate_per_s=0.001, burst=3)
+    with_quota = LimitPolicy(rate_per_s=0.001, burst=3, daily_quota=1)
+    assert await _admitted(limiter, subject, with_quota, 5) == 1
+    assert await _admitted(limiter, subject, rate_only, 5) == 2
+    other = subject + ":2"
+    tight = LimitPolicy(rate_per_s=0.001, burst=1, daily_quota=5)
+    loose = LimitPolicy(rate_per_s=0.001, burst=1000, daily_quota=5)
+    assert await _admitted(limiter, other, tight, 10) == 1
+    assert await _admitted(limiter, other, loose, 10) == 4
+
+
+async def test_check_many_is_all_or_nothing(limiter: RedisRateLimiter, subject: str) -> None:
+    key, ip = LimitPolicy(0.001, burst=5), LimitPolicy(0.001, burst=2)
+    checks = [(subject, key), (f"ip:{subject}", ip)]
+    verdicts = [[d.allowed for d in await limiter.check_many(checks)] for _ in range(4)]
+    assert verdicts == [[True, True], [True, True], [True, False], [True, False]]
+    assert await _admitted(limiter, subject, key, 10) == 3
+
+
+async def test_fractional_rates_survive_the_round_trip(
+    limiter: RedisRateLimiter, subject: str
+) -> None:
+    policy = LimitPolicy(rate_per_s=3.0, burst=7)  # T = 1/3 s is not exact in decimal
+    decisions = [await limiter.check(subject, policy) for _ in range(8)]
+    assert [d.remaining for d in decisions[:7]] == [6, 5, 4, 3, 2, 1, 0]
+    assert not decisions[7].allowed
+
+
+_WORKER = """
+import asyncio, json, random, sys, time
+from public_api.ratelimit import LimitPolicy, RedisRateLimiter
+
+async def check(limiter, subject, policy):
+    await asyncio.sleep(random.uniform(0, 0.1))  # spread over 100 ms, so both processes mix
+    return await limiter.check(subject, policy)
+
+async def main(url, subject, rate, burst, quota, n):
+    limiter = RedisRateLimiter(url, timeout_s=10.0)
+    policy = LimitPolicy(rate_per_s=rate, burst=burst, daily_quota=quota)
+    assert all(await asyncio.gather(*(limiter.ping() for _ in range(64))))  # open the pool
+    print("ready", flush=True)
+    start_at = float(await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline))
+    await asyncio.sleep(start_at - time.time())  # both processes start at the same instant
+    decisions = await asyncio.gather(*(check(limiter, subject, policy) for _ in range(n)))
+    await limiter.close()
+    print(json.dumps(sum(d.allowed for d in decisions)), flush=True)
+
+url, subject, rate, burst, quota, n = sys.argv[1:]
+asyncio.run(main(url, subject, float(rate), int(burst), None if quota == "-" else int(quota), int(n)))
+"""
+
+
+def _two_processes(url: str, subject: str, policy: LimitPolicy, each: int) -> list[int]:
+    """Start two workers, release them together, and return what each admitted."""
+    quota = "-" if policy.daily_quota is None else str(policy.daily_quota)
+    argv = [url, subject, repr(policy.rate_per_s), str(policy.burst), quota, str(each)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=REPO_ROOT,
+            env=env,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for worker in workers:
+            assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
+        start_at = time.time() + 0.2
+        for worker in workers:
+            assert worker.stdin is not None
+            worker.stdin.write(f"{start_at!r}\n")
+            worker.stdin.flush()
+        outputs = [worker.communicate(timeout=60)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    assert all(worker.returncode == 0 for worker in workers)
+    return [json.loads(output) for output in outputs]
+
+
+@pytest.mark.parametrize(
+    ("policy", "limit"),
+    [
+        (LimitPolicy(rate_per_s=0.001, burst=50), 50),
+        (LimitPolicy(rate_per_s=0.001, burst=100_000, daily_quota=30), 30),
+    ],
+    ids=["burst-50", "quota-30"],
+)
+def test_two_processes_together_admit_exactly_the_limit(
+    redis_server: RedisServer, subject: str, policy: LimitPolicy, limit: int
+) -> None:
+    splits = []
+    for attempt in range(3):  # again (fresh subject) if one process took everything
+        admitted = _two_processes(redis_server.url, f"{subject}:{attempt}", policy, each=400)
+        assert sum(admitted) == limit, admitted
+        splits.append(admitted)
+        if all(count > 0 for count in admitted):
+            break
+    assert all(count > 0 for count in splits[-1]), splits  # both really raced for the limit
+
+
+async def test_fails_closed_while_redis_is_down_then_recovers(
+    own_redis: RedisServer, subject: str
+) -> None:
+    limiter = RedisRateLimiter(own_redis.url, timeout_s=0.5)
+    policy = LimitPolicy(rate_per_s=0.001, burst=3)
+    try:
+        assert (await limiter.check(subject, policy)).allowed and await limiter.ping()
+        own_redis.stop()
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="rate limit store unavailable") as caught:
+            await limiter.check(subject, policy)
+        assert caught.value.retry_after_s == 1
+        assert time.monotonic() - started < 2.0
+        assert not await limiter.ping()
+        own_redis.start()  # same port, empty: the state was not persisted
+        assert await limiter.ping()
+        assert await _admitted(limiter, subject, policy, 5) == 3  # the script is loaded again
+    finally:
+        await limiter.close()
+
+
+async def test_fail_open_admits_while_redis_is_down(own_redis: RedisServer, subject: str) -> None:
+    limiter = RedisRateLimiter(own_redis.url, fail_open=True, timeout_s=0.5)
+    policy = LimitPolicy(rate_per_s=0.001, burst=1)
+    try:
+        assert (await limiter.check(subject, policy)).allowed
+        assert not (await limiter.check(subject, policy)).allowed  # limited while Redis is up
+        own_redis.stop()
+        with capture_logs() as logs:
+            assert await _admitted(limiter, subject, policy, 3) == 3  # unlimited, with a warning
+            own_redis.start()
+            assert await _admitted(limiter, subject, policy, 3) == 1  # limited again
+        events = [(entry["event"], entry["log_level"]) for entry in logs]
+        # One warning for the outage (not one per request), one note when it ends.
+        assert events == [
+            ("ratelimit_store_unavailable", "warning"),
+            ("ratelimit_store_recovered", "info"),
+        ]
+        assert logs[0]["fail_open"] is True
+    finally:
+        await limiter.close()
+
+
+async def test_unreachable_redis_times_out_quickly() -> None:
+    # 192.0.2.0/24 (TEST-NET-1) is never routed: the connect hangs until the timeout.
+    limiter = RedisRateLimiter("redis://192.0.2.1:6379/0", timeout_s=0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(Unavailable):
+            await limiter.check("s", LimitPolicy(1.0, 1))
+    finally:
+        await limiter.close()
+    assert time.monotonic() - started < 1.5

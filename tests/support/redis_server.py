@@ -1,0 +1,116 @@
+"""A real, throwaway ``redis-server`` for tests: a free loopback port, a temp dir, no persistence.
+
+In a test module::
+
+    redis_server = redis_server_fixture(scope="module")
+
+    async def test_something(redis_server: RedisServer) -> None:
+        limiter = RedisRateLimiter(redis_server.url)
+
+Tests using it skip (with the reason) when ``redis-server`` is not installed;
+``scripts/test.sh`` installs it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+START_TIMEOUT_S = 10.0
+MISSING = "redis-server is not installed (apt-get install redis-server; scripts/test.sh does it)"
+
+Scope = Literal["session", "package", "module", "class", "function"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _ping(port: int) -> bool:
+    """A bare RESP PING, so the helper does not depend on the client library under test."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One ``redis-server`` process; ``stop`` and ``start`` again keep the same port."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            raise FileNotFoundError(MISSING)
+        self.executable = executable
+        self.directory = directory
+        self.port = port or _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        """Start the server and wait until it answers PING."""
+        if self.process is not None:
+            return self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        command = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        log = (self.directory / "redis.log").open("ab")
+        with log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _ping(self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server did not start on port {self.port}:\n{tail}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and wait for it to exit."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def redis_server_fixture(
+    scope: Scope = "module", name: str = "redis_server"
+) -> Callable[..., Iterator[RedisServer]]:
+    """A pytest fixture called ``name`` giving a started ``RedisServer``, stopped after ``scope``."""
+
+    @pytest.fixture(scope=scope, name=name)
+    def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+        if shutil.which("redis-server") is None:
+            pytest.skip(MISSING)
+        with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+            yield server
+
+    return redis_server
