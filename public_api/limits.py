@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from shared.errors import PayloadTooLarge
 
 
 class BodySizeLimit:
-    """413 for a declared body over ``max_bytes``; a streamed one raises ``PayloadTooLarge``."""
+    """413 for a declared body over ``max_bytes``; a streamed one raises a 413 ``HTTPException``.
+
+    (FastAPI turns any other exception raised while reading the body into a 400.)
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -32,7 +34,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes")
+                    raise HTTPException(413, f"request body exceeds {self.max_bytes} bytes")
             return message
 
         await self.app(scope, limited_receive, send)

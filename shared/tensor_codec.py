@@ -85,7 +85,8 @@ def array_from_json(data: Any, datatype: str, shape: Sequence[int], *, max_eleme
         and (raw.min() < np.iinfo(dtype).min or raw.max() > np.iinfo(dtype).max)
     ):
         raise InvalidInput(f"a value is outside the range of {datatype}")
-    array = raw.astype(dtype, copy=False).reshape(tuple(shape))
+    with np.errstate(over="ignore"):  # a float too large for FP16 becomes inf, refused below
+        array = raw.astype(dtype, copy=False).reshape(tuple(shape))
     if dtype.kind == "f" and not np.isfinite(array).all():
         raise InvalidInput("data holds NaN or infinite values")
     return array
@@ -95,7 +96,8 @@ def to_proto(name: str, array: Any) -> inference_pb2.Tensor:
     """Encode an array as a raw-bytes tensor (little-endian, row-major)."""
     arr = np.asarray(array)
     datatype = datatype_of(arr.dtype)
-    contiguous = np.ascontiguousarray(arr, dtype=_NUMPY_BY_DATATYPE[datatype])
+    # ``asarray`` (not ``ascontiguousarray``, which makes a scalar 1-D) keeps the shape.
+    contiguous = np.asarray(arr, dtype=_NUMPY_BY_DATATYPE[datatype], order="C")
     return inference_pb2.Tensor(
         name=name, datatype=datatype, shape=list(contiguous.shape), data=contiguous.tobytes()
     )
