@@ -12,11 +12,16 @@ from fastapi import FastAPI
 
 from public_api.errors import install_error_handlers
 from public_api.front import FrontRunner, load_front_stages
-from public_api.limits import BodySizeLimit
+from public_api.limits import BodySizeLimit, LinkHeader
+from public_api.metrics import PublicMetrics
 from public_api.private_client import PrivateTierClient
+from public_api.protection import Protection
+from public_api.protection_factory import build_protection
+from public_api.request_metrics import RequestMetrics
 from public_api.routes import router
 from public_api.service import InferenceService
 from public_api.settings import PublicSettings
+from public_api.terms import link_header
 from shared.layout import TierDir
 from shared.logs import get_logger
 
@@ -31,6 +36,8 @@ class PublicState:
     settings: PublicSettings
     service: InferenceService
     private: PrivateTierClient
+    protection: Protection
+    metrics: PublicMetrics
 
 
 def create_app(settings: PublicSettings) -> FastAPI:
@@ -45,11 +52,13 @@ def create_app(settings: PublicSettings) -> FastAPI:
         service = InferenceService(
             stages, FrontRunner(executor), private, max_elements=settings.max_elements
         )
-        app.state.splitvault = PublicState(settings, service, private)
+        protection = build_protection(settings, stages, metrics)
+        app.state.splitvault = PublicState(settings, service, private, protection, metrics)
         log.info("public_tier_ready", models=sorted(stages))
         try:
             yield
         finally:
+            await protection.close()
             await private.close()
             executor.shutdown(wait=True)
 
@@ -59,7 +68,12 @@ def create_app(settings: PublicSettings) -> FastAPI:
         summary="Open Inference Protocol v2 endpoint of a split, protected model.",
         lifespan=lifespan,
     )
+    tier = TierDir(settings.tier_dir)
+    models = [p.name for p in tier.models.iterdir() if p.is_dir()] if tier.models.is_dir() else []
+    metrics = PublicMetrics.create(models)
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(LinkHeader, value=link_header())
+    app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -3,39 +3,61 @@
 from __future__ import annotations
 
 import json
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from shared.errors import SplitVaultError, mapping_for
+from shared.errors import InvalidInput, SplitVaultError, mapping_for
 from shared.logs import get_logger
 
 log = get_logger(__name__)
 
 
-def error_response(status: int, message: str, retry_after_s: float | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    retry_after_s: float | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     """A JSON error body, with ``Retry-After`` (whole seconds) when a retry makes sense."""
-    headers = {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    all_headers = dict(headers or {})
+    if retry_after_s:
+        all_headers.setdefault("Retry-After", str(max(1, math.ceil(retry_after_s))))
+    return JSONResponse({"error": message}, status_code=status, headers=all_headers or None)
 
 
-async def _splitvault_error(_request: Request, error: Exception) -> JSONResponse:
+def _audit_refusal(request: Request, error: SplitVaultError) -> None:
+    """Audit an error raised after the gate admitted the caller (bad input, 503, ...)."""
+    caller = getattr(request.state, "caller", None)
+    if caller is None or getattr(request.state, "audited", False):
+        return
+    request.state.audited = True
+    protection = request.app.state.splitvault.protection
+    protection.record_rejection(caller, caller.client, request.state.audit_model, error)
+
+
+async def _splitvault_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, SplitVaultError)
+    _audit_refusal(request, error)
     status = mapping_for(error).http_status
     if status >= 500:
         log.warning("request_unavailable", error=type(error).__name__, detail=error.message)
-    return error_response(status, error.message, error.retry_after_s)
+    return error_response(status, error.message, error.retry_after_s, error.headers)
 
 
-async def _validation_error(_request: Request, error: Exception) -> JSONResponse:
+async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     first = error.errors()[0] if error.errors() else {}
     if first.get("type") == "json_invalid":
-        return error_response(400, "malformed JSON body")
-    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-    return error_response(400, f"invalid request: {where or 'body'}: {first.get('msg', 'invalid')}")
+        message = "malformed JSON body"
+    else:
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        message = f"invalid request: {where or 'body'}: {first.get('msg', 'invalid')}"
+    _audit_refusal(request, InvalidInput(message))
+    return error_response(400, message)
 
 
 async def _http_error(_request: Request, error: Exception) -> JSONResponse:

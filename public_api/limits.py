@@ -1,4 +1,4 @@
-"""A pure ASGI middleware that refuses bodies over the limit before they are buffered."""
+"""Pure ASGI middlewares: a body size limit enforced while streaming, and a fixed Link header."""
 
 from __future__ import annotations
 
@@ -45,3 +45,24 @@ async def _refuse(send: Send, max_bytes: int) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class LinkHeader:
+    """Adds one fixed header (the terms-of-service ``Link``) to every HTTP response."""
+
+    def __init__(self, app: ASGIApp, value: str) -> None:
+        self.app = app
+        self.value = value.encode("latin-1")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_link(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (b"link", self.value)]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_link)

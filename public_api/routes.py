@@ -4,22 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Response
 from fastapi.responses import JSONResponse
 
-from public_api.deps import State
+from public_api.deps import Admitted, Authenticated, State
 from public_api.v2 import (
+    AcceptTerms,
+    AcceptTermsResponse,
     ErrorBody,
     InferenceRequest,
     InferenceResponse,
     ModelMetadata,
     ServerMetadata,
+    TermsBody,
 )
 
 router = APIRouter()
 ModelName = Path(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 404, 413, 429, 500, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 429, 500, 503)
 }
 
 
@@ -32,7 +35,9 @@ async def live() -> dict[str, bool]:
 @router.get("/v2/health/ready", tags=["health"], responses={503: {"model": ErrorBody}})
 async def ready(state: State) -> JSONResponse:
     """Ready when the front stages are loaded and the private tier reports SERVING."""
-    if state.service.stages and await state.private.serving():
+    serving = bool(state.service.stages) and await state.private.serving()
+    state.metrics.set_private_ready(serving)
+    if serving:
         return JSONResponse({"ready": True})
     return JSONResponse(
         {"ready": False, "error": "private tier not serving"},
@@ -48,13 +53,15 @@ async def server_metadata() -> ServerMetadata:
 
 
 @router.get("/v2/models/{model}", tags=["metadata"], responses=_ERRORS)
-async def model_metadata(state: State, model: str = ModelName) -> ModelMetadata:
+async def model_metadata(
+    state: State, _caller: Authenticated, model: str = ModelName
+) -> ModelMetadata:
     """Inputs, outputs and output policy of a model."""
     return state.service.metadata(model)
 
 
 @router.get("/v2/models/{model}/ready", tags=["health"], responses=_ERRORS)
-async def model_ready(state: State, model: str = ModelName) -> JSONResponse:
+async def model_ready(state: State, _caller: Authenticated, model: str = ModelName) -> JSONResponse:
     """Ready when both stages of the model are loaded."""
     if await state.service.model_ready(model):
         return JSONResponse({"name": model, "ready": True})
@@ -71,6 +78,39 @@ async def model_ready(state: State, model: str = ModelName) -> JSONResponse:
     responses=_ERRORS,
     response_model_exclude_none=True,
 )
-async def infer(body: InferenceRequest, state: State, model: str = ModelName) -> InferenceResponse:
+async def infer(
+    body: InferenceRequest,
+    state: State,
+    caller: Admitted,
+    response: Response,
+    model: str = ModelName,
+) -> InferenceResponse:
     """Run the model; the answer is restricted by the model's output policy."""
-    return await state.service.infer(model, body)
+    outcome = await state.service.infer(model, body)
+    specs = state.service.stage(model).manifest.outputs
+    await state.protection.record_served(caller, model, outcome, specs)
+    response.headers.update(caller.headers)
+    return outcome.response
+
+
+@router.get("/v1/terms", tags=["terms"])
+async def terms(state: State) -> TermsBody:
+    """The current terms of service; inference needs a key that accepted this version."""
+    current = state.protection.terms
+    return TermsBody(version=current.version, text=current.text, sha256=current.sha256)
+
+
+@router.post("/v1/terms/accept", tags=["terms"], responses=_ERRORS)
+async def accept_terms(
+    body: AcceptTerms, state: State, caller: Authenticated
+) -> AcceptTermsResponse:
+    """Accept the current terms with this API key (recorded with time and client address)."""
+    await state.protection.accept_terms(caller, body.version)
+    return AcceptTermsResponse(accepted=True, version=body.version)
+
+
+@router.get("/metrics", tags=["metrics"], include_in_schema=False)
+async def metrics(state: State) -> Response:
+    """Prometheus metrics of this tier."""
+    body, content_type = state.metrics.render()
+    return Response(body, media_type=content_type)

@@ -6,7 +6,9 @@ return what it returns; errors are ``SplitVaultError`` subclasses mapped by the 
 
 from __future__ import annotations
 
+import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from protos import inference_pb2
@@ -25,6 +27,18 @@ from shared.tensor_codec import array_from_json, from_proto, to_proto
 from shared.validation import check_tensors
 
 CLASSIFICATION, EMBEDDING = "classification", "embedding"
+
+
+@dataclass(frozen=True)
+class InferenceOutcome:
+    """An answer and what the protections need to know about how it was made."""
+
+    response: InferenceResponse
+    inputs: dict[str, Any]
+    activations: dict[str, Any]
+    predicted: Any  # top-1 class per sample (classifiers), else None
+    front_seconds: float
+    private_seconds: float
 
 
 class InferenceService:
@@ -50,8 +64,9 @@ class InferenceService:
         except KeyError:
             raise ModelNotFound(f"model {model!r} is not deployed") from None
 
-    async def infer(self, model: str, request: InferenceRequest) -> InferenceResponse:
+    async def infer(self, model: str, request: InferenceRequest) -> InferenceOutcome:
         """Answer one v2 request with the model's restricted output."""
+        started = time.perf_counter()
         stage = self.stage(model)
         arrays = self._decode(request)
         sizes = check_tensors(stage.manifest.inputs, arrays)
@@ -61,6 +76,7 @@ class InferenceService:
                 f"batch {batch} exceeds this model's limit {stage.config.max_batch_size}"
             )
         activations = await self._front.run(stage, arrays)
+        front_done = time.perf_counter()
         tensors = [to_proto(name, value) for name, value in activations.items()]
         tensors += [to_proto(name, arrays[name]) for name in stage.manifest.forward_inputs]
         reply = await self._private.infer(
@@ -72,8 +88,17 @@ class InferenceService:
             )
         )
         outputs = {tensor.name: from_proto(tensor) for tensor in reply.outputs}
-        return InferenceResponse(
+        response = InferenceResponse(
             model_name=model, id=request.id, outputs=[format_output(stage.config, outputs)]
+        )
+        indices = outputs.get("indices")
+        return InferenceOutcome(
+            response=response,
+            inputs=arrays,
+            activations=activations,
+            predicted=None if indices is None else indices[:, 0],
+            front_seconds=front_done - started,
+            private_seconds=time.perf_counter() - front_done,
         )
 
     def metadata(self, model: str) -> ModelMetadata:

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from public_api.protection_settings import ProtectionSettings
 from shared.layout import PRIVATE_IDENTITY
 from shared.settings import TierSettings
 
@@ -15,7 +16,9 @@ from shared.settings import TierSettings
 class PublicSettings(TierSettings):
     """Where the public tier's folder is, how it listens and how it reaches the private tier."""
 
-    model_config = SettingsConfigDict(env_prefix="SPLITVAULT_PUBLIC_", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="SPLITVAULT_PUBLIC_", env_nested_delimiter="__", extra="forbid"
+    )
 
     tier_dir: Path
     host: str = "127.0.0.1"
@@ -34,6 +37,17 @@ class PublicSettings(TierSettings):
     front_workers: int = Field(default=2, ge=1, le=64)
     retry_after_s: int = Field(default=1, ge=1)
     log_level: str = "INFO"
+    protection: ProtectionSettings = ProtectionSettings()
+
+    @property
+    def state_dir(self) -> Path:
+        """Writable state: API keys, terms acceptances, audit trail, monitor log."""
+        return self.tier_dir / "state"
+
+    @property
+    def terms_file(self) -> Path:
+        """The terms of service text the operator publishes."""
+        return self.tier_dir / "terms.md"
 
     @model_validator(mode="after")
     def _addresses_have_ports(self) -> PublicSettings:

@@ -88,3 +88,24 @@ class ErrorBody(BaseModel):
     """Every error: ``{"error": "..."}``."""
 
     error: str
+
+
+class TermsBody(BaseModel):
+    """``GET /v1/terms``."""
+
+    version: str
+    text: str
+    sha256: str
+
+
+class AcceptTerms(BaseModel):
+    """``POST /v1/terms/accept`` body: the version the client read."""
+
+    version: str = Field(min_length=1, max_length=64)
+
+
+class AcceptTermsResponse(BaseModel):
+    """Acceptance recorded."""
+
+    accepted: bool
+    version: str

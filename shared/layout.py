@@ -15,6 +15,7 @@ PUBLIC_IDENTITY = "splitvault-public"
 PRIVATE_IDENTITY = "splitvault-private"
 FRONT_FILE = "front.pt2"
 BACK_FILE = "back.pt2.enc"
+REFERENCE_FILE = "reference.npz"  # natural-data profile of front activations (public tier)
 
 
 @dataclass(frozen=True)

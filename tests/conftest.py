@@ -12,7 +12,10 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from splitvault_client import Client
 
+from public_api.keys import KEYS_DB, STATE_DIR, SqliteKeyStore
+from public_api.terms import load_terms
 from shared.keys import LocalFileKeyProvider
 from shared.layout import DeployLayout
 from shared.manifest import LabelPolicy, RoundingPolicy, TopKPolicy
@@ -39,8 +42,7 @@ class DigitsFixture:
 def digits_model() -> DigitsFixture:
     data = digits.load_data()
     model = digits.train(data, epochs=8)
-    spec = ModelSpec(module=model, example_inputs={"image": torch.from_numpy(data.test_x[:4])},
-                     labels=digits.LABELS, max_sizes={"batch": 1024})
+    spec = digits.spec_for(model, data)
     return DigitsFixture(data, spec)
 
 
@@ -51,10 +53,15 @@ def minilm_spec() -> ModelSpec:
 
 @dataclass(frozen=True)
 class Deployment:
-    """A deployment folder with the test models packed into it."""
+    """A deployment folder with the test models packed into it, and an API key for tests."""
 
     layout: DeployLayout
     provider: LocalFileKeyProvider
+    api_key: str
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
     @property
     def root(self) -> Path:
@@ -73,16 +80,53 @@ def deployment(
     layout = init_deployment(tmp_path_factory.mktemp("deploy") / "d")
     provider = LocalFileKeyProvider.load(layout.kek)
     common = {"layout": layout, "provider": provider, "show_progress": False}
-    pack_spec(digits_model.spec, name="digits", split=digits.SPLIT, policy=TopKPolicy(k=3),
-              **common)  # type: ignore[arg-type]
-    pack_spec(digits_model.spec, name="digits-label", split=digits.SPLIT, policy=LabelPolicy(),
-              transport_datatype="FP32", **common)  # type: ignore[arg-type]
-    pack_spec(nested_spec(), name="nested", split="encoder.blocks.1.mlp.0",
-              policy=TopKPolicy(k=2, decimals=6), transport_datatype="FP32",
-              **common)  # type: ignore[arg-type]
-    pack_spec(minilm_spec, name="minilm", split=minilm.SPLIT, policy=RoundingPolicy(decimals=5),
-              **common)  # type: ignore[arg-type]
-    return Deployment(layout, provider)
+    pack_spec(
+        digits_model.spec, name="digits", split=digits.SPLIT, policy=TopKPolicy(k=3), **common
+    )  # type: ignore[arg-type]
+    pack_spec(
+        digits_model.spec,
+        name="digits-label",
+        split=digits.SPLIT,
+        policy=LabelPolicy(),
+        transport_datatype="FP32",
+        **common,
+    )  # type: ignore[arg-type]
+    pack_spec(
+        nested_spec(),
+        name="nested",
+        split="encoder.blocks.1.mlp.0",
+        policy=TopKPolicy(k=2, decimals=6),
+        transport_datatype="FP32",
+        **common,
+    )  # type: ignore[arg-type]
+    pack_spec(
+        minilm_spec, name="minilm", split=minilm.SPLIT, policy=RoundingPolicy(decimals=5), **common
+    )  # type: ignore[arg-type]
+    return Deployment(layout, provider, issue_key(layout, "tests"))
+
+
+def issue_key(layout: DeployLayout, name: str, *, accept_terms: bool = True, **limits: Any) -> str:
+    """A new API key in the deployment's key store, having accepted the default terms."""
+    store = SqliteKeyStore(layout.public.root / STATE_DIR / KEYS_DB)
+    try:
+        key, secret = store.create(name, **limits)
+        if accept_terms:
+            terms = load_terms(layout.public.root / "terms.md", "1")
+            store.record_acceptance(key.key_id, terms.version, terms.sha256, "127.0.0.1", 0.0)
+    finally:
+        store.close()
+    return secret
+
+
+# Session tiers: generous limits and a monitor that records only, so that the many test
+# requests of one key are neither throttled nor blocked (protection tests start their own).
+SESSION_PUBLIC_ENV = {
+    "SPLITVAULT_PUBLIC_PROTECTION__KEY_LIMITS__RATE_PER_S": "100000",
+    "SPLITVAULT_PUBLIC_PROTECTION__KEY_LIMITS__BURST": "100000",
+    "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__RATE_PER_S": "100000",
+    "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__BURST": "100000",
+    "SPLITVAULT_PUBLIC_PROTECTION__MONITOR_ACTION": "record",
+}
 
 
 @dataclass
@@ -101,10 +145,15 @@ class Tiers:
     def private_address(self) -> str:
         return f"127.0.0.1:{self.private.port}"
 
-    def http(self, **kwargs: Any) -> httpx.Client:
-        """A raw HTTPS client that trusts the deployment's CA."""
+    def http(self, *, authenticated: bool = True, **kwargs: Any) -> httpx.Client:
+        """A raw HTTPS client that trusts the deployment's CA (and sends the test key)."""
         context = ssl.create_default_context(cafile=str(self.deployment.ca_cert))
-        return httpx.Client(base_url=self.url, verify=context, **kwargs)
+        headers = self.deployment.auth_headers if authenticated else {}
+        return httpx.Client(base_url=self.url, verify=context, headers=headers, **kwargs)
+
+    def client(self) -> Client:
+        """The SDK client with the test key."""
+        return Client(self.url, api_key=self.deployment.api_key, ca=self.deployment.ca_cert)
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +161,7 @@ def tiers(deployment: Deployment) -> Iterator[Tiers]:
     threads = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
     private = start_private(deployment.root, env=threads)
     try:
-        public = start_public(deployment.root, private.port, env=threads)
+        public = start_public(deployment.root, private.port, env={**threads, **SESSION_PUBLIC_ENV})
     except BaseException:
         private.stop()
         raise

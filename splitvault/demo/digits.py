@@ -80,14 +80,19 @@ def accuracy(model: nn.Module, data: DigitsData) -> float:
     return float((predicted == data.test_y).mean())
 
 
-def factory() -> ModelSpec:
-    """``splitvault pack --factory splitvault.demo.digits:factory``: train, then pack."""
-    data = load_data()
-    model = train(data)
+def spec_for(model: nn.Module, data: DigitsData) -> ModelSpec:
+    """The pack spec of a trained digits CNN; the training images are the reference profile."""
     return ModelSpec(
         module=model,
         example_inputs={"image": torch.from_numpy(data.test_x[:4])},
         task="classification",
         labels=LABELS,
         max_sizes={"batch": 1024},
+        reference_inputs={"image": torch.from_numpy(data.train_x)},
     )
+
+
+def factory() -> ModelSpec:
+    """``splitvault pack --factory splitvault.demo.digits:factory``: train, then pack."""
+    data = load_data()
+    return spec_for(train(data), data)

@@ -39,13 +39,15 @@ def run_demo(workdir: Path | None, *, include_minilm: bool = True) -> int:
         print_result(pack_spec(digits_spec, name="digits", split=digits.SPLIT, layout=layout,
                                provider=provider, policy=TopKPolicy(k=3)))  # fmt: skip
         minilm_spec = _pack_minilm(layout, provider) if include_minilm else None
+        api_key = _create_key(layout)
         print("== 3. splitvault serve private / serve public (mutual TLS between them)")
         with _running_tiers(layout) as url:
             print(f"   public endpoint {url} (Open Inference Protocol v2)")
+            _accept_terms(url, layout, api_key)
             print("== 4. answers of the two-tier system next to the unsplit model")
-            ok = _compare_digits(url, layout, digits_spec, data)
+            ok = _compare_digits(url, layout, api_key, digits_spec, data)
             if minilm_spec is not None:
-                ok = _compare_minilm(url, layout, minilm_spec) and ok
+                ok = _compare_minilm(url, layout, api_key, minilm_spec) and ok
     print("demo finished:", "all answers match" if ok else "MISMATCH (see above)")
     return 0 if ok else 1
 
@@ -65,8 +67,7 @@ def _deploy_root(workdir: Path | None) -> Iterator[Path]:
 def _train_digits(data: digits.DigitsData) -> ModelSpec:
     model = digits.train(data)
     print(f"   digits CNN trained: test accuracy {digits.accuracy(model, data):.3f}")
-    return ModelSpec(module=model, example_inputs={"image": torch.from_numpy(data.test_x[:4])},
-                     labels=digits.LABELS, max_sizes={"batch": 1024})  # fmt: skip
+    return digits.spec_for(model, data)
 
 
 def _pack_minilm(layout: DeployLayout, provider: LocalFileKeyProvider) -> ModelSpec | None:
@@ -95,17 +96,38 @@ def _running_tiers(layout: DeployLayout) -> Iterator[str]:
                 tier.stop()
 
 
-def _client(url: str, layout: DeployLayout) -> Any:
+def _create_key(layout: DeployLayout) -> str:
+    from public_api.keys import KEYS_DB, STATE_DIR, SqliteKeyStore
+
+    store = SqliteKeyStore(layout.public.root / STATE_DIR / KEYS_DB)
+    try:
+        key, secret = store.create("demo-client")
+    finally:
+        store.close()
+    print(f"   splitvault keys create --name demo-client -> {key.key_id} (secret shown once)")
+    return secret
+
+
+def _client(url: str, layout: DeployLayout, api_key: str) -> Any:
     from splitvault_client import Client
 
-    return Client(url, ca=layout.public.ca_cert)
+    return Client(url, api_key=api_key, ca=layout.public.ca_cert)
 
 
-def _compare_digits(url: str, layout: DeployLayout, spec: ModelSpec, data: Any) -> bool:
+def _accept_terms(url: str, layout: DeployLayout, api_key: str) -> None:
+    with _client(url, layout, api_key) as client:
+        terms = client.terms()
+        client.accept_terms(terms.version)
+    print(f"   the client read the terms of service (version {terms.version}) and accepted them")
+
+
+def _compare_digits(
+    url: str, layout: DeployLayout, api_key: str, spec: ModelSpec, data: Any
+) -> bool:
     images, truth = data.test_x[:8], data.test_y[:8]
     with torch.inference_mode():
         probabilities = torch.softmax(spec.module(torch.from_numpy(images)).double(), dim=-1)
-    with _client(url, layout) as client:
+    with _client(url, layout, api_key) as client:
         prediction = client.predict("digits", images)
     print("\n   digits (policy: top-3, 4 decimals)")
     print(f"   {'true':>5} | {'unsplit top-1':>15} | {'two-tier top-3 (score:label)':<48}")
@@ -121,13 +143,13 @@ def _compare_digits(url: str, layout: DeployLayout, spec: ModelSpec, data: Any) 
     return agree
 
 
-def _compare_minilm(url: str, layout: DeployLayout, spec: ModelSpec) -> bool:
+def _compare_minilm(url: str, layout: DeployLayout, api_key: str, spec: ModelSpec) -> bool:
     from splitvault.demo import minilm
 
     inputs = minilm.tokenize(minilm.SENTENCES)
     with torch.inference_mode():
         expected = spec.module(**inputs).numpy()
-    with _client(url, layout) as client:
+    with _client(url, layout, api_key) as client:
         prediction = client.predict("minilm", {k: v.numpy() for k, v in inputs.items()})
     got = prediction.embeddings
     print("\n   all-MiniLM-L6-v2 sentence embeddings (policy: rounded to 5 decimals)")

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+import numpy as np
 import torch
 from torch.export import ExportedProgram
 from tqdm import tqdm
 
 from shared.crypto import encrypt_stream
 from shared.keys import KeyProvider
-from shared.layout import BACK_FILE, FRONT_FILE, DeployLayout
+from shared.layout import BACK_FILE, FRONT_FILE, REFERENCE_FILE, DeployLayout
 from shared.manifest import (
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -77,6 +78,7 @@ def pack_spec(
             max_batch_size,
             spec.labels,
             spec.value_ranges,
+            spec.reference_inputs,
         )
         return _split_and_write(program, options, spec.dynamic_dims, layout, provider, steps)
 
@@ -109,6 +111,7 @@ class PackOptions:
     max_batch_size: int = 64
     labels: list[str] | None = None
     value_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    reference_inputs: dict[str, torch.Tensor] | None = None
 
 
 def _split_and_write(
@@ -133,7 +136,28 @@ def _split_and_write(
             "max_batch_size": options.max_batch_size,
         }
     )
-    return _write_stages(pair, config, options.value_ranges, layout, provider, steps)
+    result = _write_stages(pair, config, options.value_ranges, layout, provider, steps)
+    if options.reference_inputs is not None:
+        _write_reference_profile(pair, options.reference_inputs, result.front_path.parent)
+    return result
+
+
+def _write_reference_profile(
+    pair: StagePair, inputs: dict[str, torch.Tensor], front_dir: Path
+) -> None:
+    """Profile natural data in front-activation space, for the extraction monitor."""
+    from public_api.monitor import build_profile, features_of, save_profile
+
+    module = pair.front.module()
+    count = len(next(iter(inputs.values())))
+    features = []
+    with torch.inference_mode():
+        for start in range(0, count, 256):
+            args = [inputs[name][start : start + 256] for name in pair.request_inputs]
+            outputs = module(*args)
+            activations = {n: t.numpy() for n, t in zip(pair.front_outputs, outputs, strict=True)}
+            features.append(features_of(activations, _tensor_specs(pair.front, "outputs", pair)))
+    save_profile(build_profile(np.concatenate(features)), front_dir / REFERENCE_FILE)
 
 
 def _write_stages(

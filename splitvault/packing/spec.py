@@ -30,6 +30,9 @@ class ModelSpec:
     max_sizes: dict[str, int] = field(default_factory=dict)
     task: Task = "classification"
     labels: list[str] | None = None
+    # Natural data the model serves (a few hundred samples or more): its front-stage activations
+    # become the reference profile the extraction monitor compares queries against.
+    reference_inputs: dict[str, torch.Tensor] | None = None
 
     def dims_for(self, name: str) -> dict[int, str]:
         """Dynamic dimensions of one input (batch on dimension 0 unless told otherwise)."""

@@ -7,7 +7,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from splitvault_client import Client
 
 from splitvault.demo import minilm
 from splitvault.packing.spec import ModelSpec
@@ -25,21 +24,35 @@ def _unsplit_top_k(spec: ModelSpec, x: np.ndarray, k: int) -> tuple[np.ndarray, 
 
 
 @pytest.mark.parametrize("batch", [1, 7, 64])
-def test_sdk_top_k_matches_unsplit_digits(tiers: Tiers, digits_model: DigitsFixture, batch: int) -> None:
+def test_sdk_top_k_matches_unsplit_digits(
+    tiers: Tiers, digits_model: DigitsFixture, batch: int
+) -> None:
     x = digits_model.data.test_x[:batch]
     expected_idx, expected_scores = _unsplit_top_k(digits_model.spec, x, 3)
-    with Client(tiers.url, ca=tiers.deployment.ca_cert) as client:
+    with tiers.client() as client:
         prediction = client.predict("digits", x)
     np.testing.assert_array_equal(prediction.indices, expected_idx)
     # FP16 activations and 4-decimal rounding: scores agree to the rounding step.
     np.testing.assert_allclose(prediction.scores, expected_scores, atol=2e-3)
-    assert prediction.labels[0][0] == f"{['zero','one','two','three','four','five','six','seven','eight','nine'][expected_idx[0][0]]}"
+    assert (
+        prediction.labels[0][0]
+        == f"{['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine'][expected_idx[0][0]]}"
+    )
 
 
 def test_raw_http_matches_sdk(tiers: Tiers, digits_model: DigitsFixture) -> None:
     x = digits_model.data.test_x[10:15]
-    body = {"id": "req-1", "inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32",
-                                       "data": x.ravel().tolist()}]}
+    body = {
+        "id": "req-1",
+        "inputs": [
+            {
+                "name": "image",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ],
+    }
     with tiers.http() as http:
         reply = http.post("/v2/models/digits/infer", json=body)
     assert reply.status_code == 200, reply.text
@@ -50,16 +63,18 @@ def test_raw_http_matches_sdk(tiers: Tiers, digits_model: DigitsFixture) -> None
     assert output["name"] == "classification"
     assert output["datatype"] == "BYTES"
     assert output["shape"] == [5, 3]
-    with Client(tiers.url, ca=tiers.deployment.ca_cert) as client:
+    with tiers.client() as client:
         prediction = client.predict("digits", x)
     parsed = [s.split(":") for s in output["data"]]
     assert [int(p[1]) for p in parsed] == prediction.indices.ravel().tolist()
     assert all(len(p[0].split(".")[-1]) <= 4 for p in parsed)  # rounded to the policy's 4 decimals
 
 
-def test_client_asks_for_fewer_classes_but_never_more(tiers: Tiers, digits_model: DigitsFixture) -> None:
+def test_client_asks_for_fewer_classes_but_never_more(
+    tiers: Tiers, digits_model: DigitsFixture
+) -> None:
     x = digits_model.data.test_x[:2]
-    with Client(tiers.url, ca=tiers.deployment.ca_cert) as client:
+    with tiers.client() as client:
         assert client.predict("digits", x, top_k=1).indices.shape == (2, 1)
         assert client.predict("digits", x, top_k=9).indices.shape == (2, 3)
 
@@ -67,7 +82,7 @@ def test_client_asks_for_fewer_classes_but_never_more(tiers: Tiers, digits_model
 def test_label_only_policy_returns_no_score(tiers: Tiers, digits_model: DigitsFixture) -> None:
     x = digits_model.data.test_x[:20]
     expected, _ = _unsplit_top_k(digits_model.spec, x, 1)
-    with Client(tiers.url, ca=tiers.deployment.ca_cert) as client:
+    with tiers.client() as client:
         prediction = client.predict("digits-label", x)
     np.testing.assert_array_equal(prediction.indices, expected)
     assert np.isnan(prediction.scores).all()
@@ -75,7 +90,7 @@ def test_label_only_policy_returns_no_score(tiers: Tiers, digits_model: DigitsFi
 
 def test_nested_split_serves_varied_token_counts(tiers: Tiers) -> None:
     spec = nested_spec()
-    with Client(tiers.url, ca=tiers.deployment.ca_cert) as client:
+    with tiers.client() as client:
         for batch, tokens in ((1, 1), (4, 9), (3, 32)):
             x = np.random.default_rng(batch).standard_normal((batch, tokens, 12)).astype(np.float32)
             expected_idx, expected_scores = _unsplit_top_k(spec, x, 2)
@@ -89,7 +104,7 @@ def test_minilm_embeddings_match_unsplit(tiers: Tiers, minilm_spec: ModelSpec) -
     with torch.inference_mode():
         expected = minilm_spec.module(**inputs).numpy()
     arrays: dict[str, Any] = {name: tensor.numpy() for name, tensor in inputs.items()}
-    with Client(tiers.url, ca=tiers.deployment.ca_cert) as client:
+    with tiers.client() as client:
         prediction = client.predict("minilm", arrays)
     assert prediction.embeddings.shape == expected.shape
     # FP16 activations (~4e-5) plus 5-decimal rounding (5e-6).
@@ -99,7 +114,7 @@ def test_minilm_embeddings_match_unsplit(tiers: Tiers, minilm_spec: ModelSpec) -
 
 
 def test_metadata_and_readiness(tiers: Tiers) -> None:
-    with Client(tiers.url, ca=tiers.deployment.ca_cert) as client:
+    with tiers.client() as client:
         assert client.live()
         assert client.ready()
         assert client.model_ready("minilm")

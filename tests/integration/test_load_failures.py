@@ -175,17 +175,19 @@ class CorruptTiers:
     private: TierProcess
     public: TierProcess
     layout: DeployLayout
+    auth_headers: dict[str, str]
 
 
 @pytest.fixture(scope="module")
-def corrupt_tiers(corrupt: CorruptDeployment) -> Iterator[CorruptTiers]:
+def corrupt_tiers(corrupt: CorruptDeployment, deployment: Deployment) -> Iterator[CorruptTiers]:
     private = start_private(corrupt.layout.root, env=THREADS)
     try:
         public = start_public(corrupt.layout.root, private.port, env=THREADS)
     except BaseException:
         private.stop()
         raise
-    yield CorruptTiers(private, public, corrupt.layout)
+    # The copy carries the key store, so the session's test key works here too.
+    yield CorruptTiers(private, public, corrupt.layout, deployment.auth_headers)
     public.stop()
     private.stop()
 
@@ -193,7 +195,10 @@ def corrupt_tiers(corrupt: CorruptDeployment) -> Iterator[CorruptTiers]:
 def _https(tiers: CorruptTiers) -> httpx.Client:
     context = ssl.create_default_context(cafile=str(tiers.layout.public.ca_cert))
     return httpx.Client(
-        base_url=f"https://localhost:{tiers.public.port}", verify=context, timeout=TIMEOUT
+        base_url=f"https://localhost:{tiers.public.port}",
+        verify=context,
+        timeout=TIMEOUT,
+        headers=tiers.auth_headers,
     )
 
 

@@ -47,7 +47,10 @@ def public(deployment: Deployment, private_port: int) -> Iterator[TierProcess]:
 def http(deployment: Deployment, public: TierProcess) -> Iterator[httpx.Client]:
     context = ssl.create_default_context(cafile=str(deployment.ca_cert))
     with httpx.Client(
-        base_url=f"https://localhost:{public.port}", verify=context, timeout=30.0
+        base_url=f"https://localhost:{public.port}",
+        verify=context,
+        timeout=30.0,
+        headers=deployment.auth_headers,
     ) as client:
         yield client
 

@@ -1,0 +1,328 @@
+"""``ExtractionMonitor``: per-key risk of model extraction, from the queries a key sends.
+
+Each answered request goes through ``observe``: the key's state is read from the store, updated
+with the request's inputs, front activations and predicted classes (in a worker thread: about a
+millisecond for a batch of 64), scored and written back. ``current`` reads the verdict already
+reached without computing anything. See ``signals`` for the signals and ``MonitorConfig`` for
+the weights, thresholds and actions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from public_api.monitor import signals
+from public_api.monitor.config import MonitorConfig
+from public_api.monitor.profile import ReferenceProfile, features_of
+from public_api.monitor.signals import Signal
+from public_api.monitor.state import KeyState, ModelState, key_state_from_bytes, read_meta
+from public_api.monitor.store import (
+    LEVELS,
+    Assessment,
+    Level,
+    MonitorStore,
+    SqliteAssessmentLog,
+)
+from shared.logs import get_logger
+from shared.manifest import TensorSpec
+
+__all__ = ["Assessment", "ExtractionMonitor", "MonitorConfig"]
+
+log = get_logger(__name__)
+LOCK_STRIPES = 64
+_OVER_BLOCK: dict[str, Level] = {"block": "blocked", "throttle": "throttled"}
+
+
+class ExtractionMonitor:
+    """Scores each API key's queries and keeps its verdict in ``store``.
+
+    ``profiles`` maps model names to the reference profile saved at pack time (models without
+    one get PRADA, label and volume signals only). ``log`` receives each key's latest
+    assessment for ``splitvault monitor show`` and carries the operator's clear requests.
+    ``clock`` gives the time (the benchmark simulates days of traffic with it).
+    """
+
+    def __init__(
+        self,
+        config: MonitorConfig,
+        profiles: Mapping[str, ReferenceProfile],
+        store: MonitorStore,
+        log: SqliteAssessmentLog | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._profiles = dict(profiles)
+        self._store = store
+        self._log = log
+        self._clock = clock
+        self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
+        self._next_clear_poll = -math.inf
+
+    async def current(self, key_id: str) -> Assessment:
+        """The verdict already reached for ``key_id`` (blocked stays blocked until cleared)."""
+        await self._apply_clear_requests()
+        data = await self._store.get(key_id)
+        if data is None:
+            return Assessment(key_id, 0.0, "ok", (), 0, 0.0)
+        try:
+            return _from_meta(key_id, read_meta(data))
+        except (ValueError, KeyError) as error:
+            log.error("monitor_state_unreadable", key_id=key_id, error=str(error)[:200])
+            return Assessment(key_id, 0.0, "ok", (), 0, 0.0)
+
+    async def observe(
+        self,
+        key_id: str,
+        model: str,
+        request_inputs: Mapping[str, np.ndarray],
+        activations: Mapping[str, np.ndarray],
+        predicted: np.ndarray | None,
+        specs: Sequence[TensorSpec],
+    ) -> Assessment:
+        """Account for one answered request (a batch counts as that many queries)."""
+        await self._apply_clear_requests()
+        request = _Request(model, request_inputs, activations, predicted, specs, self._clock())
+        async with self._locks[zlib.crc32(key_id.encode()) % LOCK_STRIPES]:
+            data = await self._store.get(key_id)
+            update = await asyncio.to_thread(self._update, key_id, data, request)
+            await self._store.put(key_id, update.data)
+        self._announce(update.previous, update.assessment, model)
+        if self._log is not None and update.log_due:
+            await self._log.record(update.assessment)
+        return update.assessment
+
+    async def clear(self, key_id: str) -> None:
+        """Forget everything about ``key_id``: its statistics and any block or throttle."""
+        now = self._clock()
+        async with self._locks[zlib.crc32(key_id.encode()) % LOCK_STRIPES]:
+            await self._store.put(key_id, KeyState(updated_at=now, logged_at=now).to_bytes())
+        log.info("extraction_cleared", key_id=key_id)
+        if self._log is not None:
+            await self._log.record(Assessment(key_id, 0.0, "ok", (), 0, now))
+
+    async def _apply_clear_requests(self) -> None:
+        if self._log is None or time.monotonic() < self._next_clear_poll:
+            return
+        self._next_clear_poll = time.monotonic() + self.config.clear_poll_s
+        for key_id in await self._log.take_clear_requests():
+            await self.clear(key_id)
+
+    def _update(self, key_id: str, data: bytes | None, request: _Request) -> _Update:
+        state = _load(key_id, data)
+        previous = _level(state.level)
+        model_state = state.models.setdefault(request.model, ModelState())
+        self._record(key_id, model_state, request)
+        found = self._signals(model_state, request)
+        model_state.score = min(1.0, sum(self._weight(s) * s.value for s in found))
+        ranked = sorted(found, key=lambda s: self._weight(s) * s.value, reverse=True)
+        model_state.reasons = [s.reason for s in ranked if s.value > 0]
+        top = max(state.models.values(), key=lambda m: m.score)
+        state.score, state.reasons = top.score, list(top.reasons)
+        state.level = self._level_for(state, previous)
+        state.updated_at = request.now
+        log_due = (
+            state.level != state.logged_level
+            or request.now - state.logged_at >= self.config.log_interval_s
+        )
+        if log_due:
+            state.logged_at, state.logged_level = request.now, state.level
+        assessment = Assessment(
+            key_id,
+            state.score,
+            _level(state.level),
+            tuple(state.reasons),
+            state.queries,
+            state.updated_at,
+        )
+        return _Update(state.to_bytes(), assessment, previous, log_due)
+
+    def _record(self, key_id: str, state: ModelState, request: _Request) -> None:
+        config, profile = self.config, self._profiles.get(request.model)
+        count = request.batch
+        signals.record_hours(state, request.now, count)
+        fresh = signals.record_repeats(state, _hashes(request.inputs, count), config.repeat_window)
+        state.queries += count
+        labels = request.labels()
+        if labels is not None:
+            signals.record_labels(state, labels, config.label_buckets)
+        picked = _pick(np.flatnonzero(fresh), config.samples_per_call)
+        if len(picked) == 0:
+            return
+        features = None
+        if profile is not None:
+            sliced = {
+                name: np.asarray(value)[picked] for name, value in request.activations.items()
+            }
+            features = features_of(sliced, request.specs)
+            if features.shape[1] == profile.dim:
+                signals.record_ood(state, profile.ood_distances(features), profile.ood_threshold)
+                signals.record_cells(state, profile.cell_of(features), profile.cells)
+            else:
+                features = None
+        vectors, space = self._prada_vectors(request, picked, features, profile)
+        if vectors is None or (state.space and state.space != space):
+            return
+        state.space = space
+        buckets = np.zeros(len(picked), np.int64) if labels is None else labels[picked]
+        rng = np.random.default_rng([state.queries, zlib.crc32(key_id.encode())])
+        signals.record_prada(state, vectors, np.mod(buckets, config.class_buckets), config, rng)
+
+    def _prada_vectors(
+        self,
+        request: _Request,
+        picked: npt.NDArray[np.int64],
+        features: npt.NDArray[np.float32] | None,
+        profile: ReferenceProfile | None,
+    ) -> tuple[npt.NDArray[np.float32] | None, str]:
+        """The request itself when small and floating, else the features' PCA coordinates."""
+        flat = _flat_inputs(request.inputs, request.batch)
+        if flat is not None and flat.shape[1] <= self.config.max_input_dim:
+            return flat[picked], "input"
+        if features is not None and profile is not None:
+            return ((features - profile.mean) @ profile.components.T).astype(np.float32), "pca"
+        return None, ""
+
+    def _signals(self, state: ModelState, request: _Request) -> list[Signal]:
+        config, profile = self.config, self._profiles.get(request.model)
+        found = [
+            signals.prada_signal(state, config),
+            signals.label_signal(state, config),
+            signals.volume_signal(state, request.now, config),
+        ]
+        if profile is not None:
+            found += [
+                signals.ood_signal(state, profile, config),
+                signals.cell_signal(state, profile, config),
+            ]
+        return [signal for signal in found if signal is not None]
+
+    def _weight(self, signal: Signal) -> float:
+        return float(getattr(self.config, f"w_{signal.name}"))
+
+    def _level_for(self, state: KeyState, previous: Level) -> str:
+        config = self.config
+        level: Level = "ok"
+        if state.queries >= config.min_queries and state.score >= config.block_threshold:
+            level = _OVER_BLOCK.get(config.action, "flagged")
+        elif state.queries >= config.min_queries and state.score >= config.flag_threshold:
+            level = "flagged"
+        if previous in ("throttled", "blocked") and LEVELS.index(previous) > LEVELS.index(level):
+            return previous
+        return level
+
+    def _announce(self, previous: Level, assessment: Assessment, model: str) -> None:
+        """Log the events of a level change the configured action asks for."""
+        if self.config.action == "record" or previous == assessment.level:
+            return
+        rank = LEVELS.index
+        fields: dict[str, Any] = {
+            "key_id": assessment.key_id,
+            "model": model,
+            "score": round(assessment.score, 3),
+            "queries": assessment.queries,
+            "reasons": list(assessment.reasons),
+        }
+        if rank(previous) < rank("flagged") <= rank(assessment.level):
+            log.warning("extraction_alert", level=assessment.level, **fields)
+        if assessment.level in ("throttled", "blocked"):
+            log.warning(f"extraction_{assessment.level}", **fields)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One observed request, as the worker thread needs it."""
+
+    model: str
+    inputs: Mapping[str, np.ndarray]
+    activations: Mapping[str, np.ndarray]
+    predicted: np.ndarray | None
+    specs: Sequence[TensorSpec]
+    now: float
+
+    @property
+    def batch(self) -> int:
+        """Samples in the request (the leading dimension of its inputs)."""
+        first = next(iter(self.inputs.values()), None)
+        return int(first.shape[0]) if first is not None and first.ndim else 1
+
+    def labels(self) -> npt.NDArray[np.int64] | None:
+        """Top-1 class per sample (the first column of a top-k answer)."""
+        if self.predicted is None:
+            return None
+        return np.asarray(self.predicted).reshape(self.batch, -1)[:, 0].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _Update:
+    """What a state update produced."""
+
+    data: bytes
+    assessment: Assessment
+    previous: Level
+    log_due: bool
+
+
+def _load(key_id: str, data: bytes | None) -> KeyState:
+    if data is None:
+        return KeyState()
+    try:
+        return key_state_from_bytes(data)
+    except (ValueError, KeyError, OSError) as error:
+        log.error("monitor_state_unreadable", key_id=key_id, error=str(error)[:200])
+        return KeyState()
+
+
+def _from_meta(key_id: str, meta: Mapping[str, Any]) -> Assessment:
+    return Assessment(
+        key_id,
+        float(meta["score"]),
+        _level(str(meta["level"])),
+        tuple(meta["reasons"]),
+        int(meta["queries"]),
+        float(meta["updated_at"]),
+    )
+
+
+def _level(value: str) -> Level:
+    for level in LEVELS:
+        if level == value:
+            return level
+    return "ok"
+
+
+def _pick(indices: npt.NDArray[np.int64], limit: int) -> npt.NDArray[np.int64]:
+    """At most ``limit`` of ``indices``, evenly spread."""
+    if len(indices) <= limit:
+        return indices
+    return indices[np.linspace(0, len(indices) - 1, limit).round().astype(np.int64)]
+
+
+def _hashes(inputs: Mapping[str, np.ndarray], batch: int) -> npt.NDArray[np.uint64]:
+    """A 64-bit digest of each sample (all its inputs), for spotting exact repeats."""
+    arrays = [np.ascontiguousarray(inputs[name]) for name in sorted(inputs)]
+    digests = np.empty(batch, np.uint64)
+    for i in range(batch):
+        h = hashlib.blake2b(digest_size=8)
+        for array in arrays:
+            h.update(array[i].tobytes())
+        digests[i] = int.from_bytes(h.digest(), "little")
+    return digests
+
+
+def _flat_inputs(inputs: Mapping[str, np.ndarray], batch: int) -> npt.NDArray[np.float32] | None:
+    """The request as one float32 row per sample, if every input is floating."""
+    arrays = [np.asarray(inputs[name]) for name in sorted(inputs)]
+    if not arrays or any(array.dtype.kind != "f" for array in arrays):
+        return None
+    return np.concatenate([a.reshape(batch, -1).astype(np.float32) for a in arrays], axis=1)

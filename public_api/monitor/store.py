@@ -1,0 +1,229 @@
+"""Where monitor state lives: in memory, in Redis beside the rate limits, and the SQLite log.
+
+``MonitorStore`` holds each key's serialized state (bytes from ``KeyState.to_bytes``).
+``SqliteAssessmentLog`` keeps each key's latest ``Assessment`` in a file another process can
+read (``splitvault monitor show``), plus the operator's pending ``monitor clear`` requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import redis.exceptions
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from shared.errors import Unavailable
+
+Level = Literal["ok", "flagged", "throttled", "blocked"]
+LEVELS: tuple[Level, ...] = ("ok", "flagged", "throttled", "blocked")
+
+# Errors that mean "Redis cannot answer now".
+_REDIS_DOWN: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    TimeoutError,
+    OSError,
+)
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """The monitor's verdict on one key."""
+
+    key_id: str
+    score: float
+    level: Level
+    reasons: tuple[str, ...]
+    queries: int
+    updated_at: float
+
+
+class MonitorStore(Protocol):
+    """Serialized per-key state, by key id."""
+
+    async def get(self, key_id: str) -> bytes | None:
+        """The key's state, or None if it has none."""
+
+    async def put(self, key_id: str, data: bytes) -> None:
+        """Replace the key's state."""
+
+    async def keys(self) -> list[str]:
+        """Every key id that has state."""
+
+
+class MemoryMonitorStore:
+    """State in this process's memory (the embedded default, one replica)."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, bytes] = {}
+
+    async def get(self, key_id: str) -> bytes | None:
+        """The key's state, or None."""
+        return self._data.get(key_id)
+
+    async def put(self, key_id: str, data: bytes) -> None:
+        """Replace the key's state."""
+        self._data[key_id] = data
+
+    async def keys(self) -> list[str]:
+        """Every key id that has state."""
+        return sorted(self._data)
+
+
+class RedisMonitorStore:
+    """State in Redis, shared by the public replicas; unreachable Redis raises ``Unavailable``.
+
+    Replicas update a key by read-modify-write without a transaction: two replicas serving the
+    same key at the same instant can lose one update's statistics, which only delays a verdict.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "splitvault:mon:",
+        *,
+        timeout_s: float = 0.5,
+        max_connections: int = 64,
+    ) -> None:
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+        )
+        self._redis: Redis = Redis.from_pool(pool)
+        self._prefix = prefix
+
+    async def get(self, key_id: str) -> bytes | None:
+        """The key's state, or None."""
+        try:
+            value = await self._redis.get(self._prefix + key_id)
+        except _REDIS_DOWN as error:
+            raise Unavailable(
+                "the monitor store (Redis) is unreachable", retry_after_s=1
+            ) from error
+        return value.encode() if isinstance(value, str) else value
+
+    async def put(self, key_id: str, data: bytes) -> None:
+        """Replace the key's state."""
+        try:
+            await self._redis.set(self._prefix + key_id, data)
+        except _REDIS_DOWN as error:
+            raise Unavailable(
+                "the monitor store (Redis) is unreachable", retry_after_s=1
+            ) from error
+
+    async def keys(self) -> list[str]:
+        """Every key id that has state."""
+        try:
+            found = [key async for key in self._redis.scan_iter(match=self._prefix + "*")]
+        except _REDIS_DOWN as error:
+            raise Unavailable(
+                "the monitor store (Redis) is unreachable", retry_after_s=1
+            ) from error
+        return sorted(key.decode()[len(self._prefix) :] for key in found)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS assessments (
+    key_id TEXT PRIMARY KEY, score REAL NOT NULL, level TEXT NOT NULL, reasons TEXT NOT NULL,
+    queries INTEGER NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS clear_requests (
+    key_id TEXT PRIMARY KEY, requested_at REAL NOT NULL);
+"""
+
+
+@contextmanager
+def _connect(path: Path) -> Iterator[sqlite3.Connection]:
+    with closing(sqlite3.connect(path, timeout=5.0)) as connection, connection:
+        connection.execute("PRAGMA synchronous=NORMAL")
+        yield connection
+
+
+class SqliteAssessmentLog:
+    """Each key's latest assessment in ``path`` (a SQLite file; WAL, so readers never wait).
+
+    The async methods run SQLite in a thread; the sync ones are for the CLI.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _connect(self.path) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.executescript(_SCHEMA)
+
+    async def record(self, assessment: Assessment) -> None:
+        """Store ``assessment`` as its key's latest."""
+        await asyncio.to_thread(self.write, assessment)
+
+    def write(self, assessment: Assessment) -> None:
+        """Store ``assessment`` as its key's latest (blocking)."""
+        with _connect(self.path) as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO assessments VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    assessment.key_id,
+                    assessment.score,
+                    assessment.level,
+                    json.dumps(list(assessment.reasons)),
+                    assessment.queries,
+                    assessment.updated_at,
+                ),
+            )
+
+    def request_clear(self, key_id: str) -> None:
+        """Ask the serving tier to clear ``key_id`` (it polls for requests every few seconds)."""
+        with _connect(self.path) as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO clear_requests VALUES (?, ?)", (key_id, time.time())
+            )
+
+    async def take_clear_requests(self) -> list[str]:
+        """Pending clear requests, removed from the file as they are returned."""
+        return await asyncio.to_thread(self._take_clear_requests)
+
+    def _take_clear_requests(self) -> list[str]:
+        with _connect(self.path) as connection:
+            rows = connection.execute("SELECT key_id FROM clear_requests").fetchall()
+            connection.executemany("DELETE FROM clear_requests WHERE key_id = ?", rows)
+        return [str(row[0]) for row in rows]
+
+
+def read_assessments(path: Path, key_id: str | None = None) -> list[Assessment]:
+    """The latest assessment of every key (or of ``key_id``) in a log file, highest score first."""
+    if not Path(path).is_file():
+        return []
+    query = "SELECT key_id, score, level, reasons, queries, updated_at FROM assessments"
+    arguments: tuple[str, ...] = ()
+    if key_id is not None:
+        query, arguments = query + " WHERE key_id = ?", (key_id,)
+    with _connect(Path(path)) as connection:
+        rows = connection.execute(query + " ORDER BY score DESC, key_id", arguments).fetchall()
+    return [
+        Assessment(
+            str(key), float(score), _level(level), tuple(json.loads(reasons)), int(n), float(at)
+        )
+        for key, score, level, reasons, n, at in rows
+    ]
+
+
+def _level(value: str) -> Level:
+    for level in LEVELS:
+        if value == level:
+            return level
+    raise ValueError(f"unknown level {value!r} in the assessment log")

@@ -1,0 +1,88 @@
+"""Build the protection gate from settings: the embedded defaults or Redis-backed stores."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from public_api.audit import AUDIT_DB, AuditTrail
+from public_api.front import FrontStage
+from public_api.keys import KEYS_DB, SqliteKeyStore
+from public_api.metrics import PublicMetrics
+from public_api.monitor import (
+    ExtractionMonitor,
+    MemoryMonitorStore,
+    MonitorConfig,
+    MonitorStore,
+    RedisMonitorStore,
+    ReferenceProfile,
+    SqliteAssessmentLog,
+    load_profile,
+)
+from public_api.monitor.cli import MONITOR_DB
+from public_api.protection import Protection
+from public_api.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from public_api.settings import PublicSettings
+from public_api.terms import Terms, load_terms
+from shared.layout import REFERENCE_FILE, TierDir
+
+
+def build_protection(
+    settings: PublicSettings, stages: Mapping[str, FrontStage], metrics: PublicMetrics
+) -> Protection:
+    """The gate for this tier, with every store in ``settings.state_dir`` or Redis."""
+    config = settings.protection
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    keys = SqliteKeyStore(settings.state_dir / KEYS_DB) if config.require_api_key else None
+    return Protection(
+        config,
+        keys=keys,
+        terms=_terms(settings),
+        limiter=_limiter(settings),
+        monitor=_monitor(settings, stages),
+        audit=AuditTrail.open(settings.state_dir / AUDIT_DB) if config.audit_enabled else None,
+        metrics=metrics,
+    )
+
+
+def _terms(settings: PublicSettings) -> Terms:
+    if not settings.terms_file.is_file():
+        raise ValueError(
+            f"no terms of service at {settings.terms_file}: write them there "
+            "(splitvault init creates a placeholder) and set protection.terms_version"
+        )
+    return load_terms(settings.terms_file, settings.protection.terms_version)
+
+
+def _redis_url(settings: PublicSettings) -> str:
+    if not settings.protection.redis_url:
+        raise ValueError(
+            "protection.rate_limit_backend is 'redis' but protection.redis_url is unset"
+        )
+    return settings.protection.redis_url
+
+
+def _limiter(settings: PublicSettings) -> RateLimiter:
+    if settings.protection.rate_limit_backend == "redis":
+        return RedisRateLimiter(_redis_url(settings), fail_open=settings.protection.redis_fail_open)
+    return MemoryRateLimiter()
+
+
+def _monitor(
+    settings: PublicSettings, stages: Mapping[str, FrontStage]
+) -> ExtractionMonitor | None:
+    config = settings.protection
+    if not config.monitor_enabled or not config.require_api_key:
+        return None
+    profiles: dict[str, ReferenceProfile] = {}
+    tier = TierDir(settings.tier_dir)
+    for name in stages:
+        path = tier.model(name) / REFERENCE_FILE
+        if path.is_file():
+            profiles[name] = load_profile(path)
+    store: MonitorStore = (
+        RedisMonitorStore(_redis_url(settings))
+        if config.rate_limit_backend == "redis"
+        else MemoryMonitorStore()
+    )
+    log = SqliteAssessmentLog(settings.state_dir / MONITOR_DB)
+    return ExtractionMonitor(MonitorConfig(action=config.monitor_action), profiles, store, log)

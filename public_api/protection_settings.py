@@ -1,0 +1,38 @@
+"""Settings of the public tier's abuse protection: keys, terms, limits, monitor, audit."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LimitSettings(BaseModel):
+    """A burst-tolerant rate (GCRA: rate plus burst) and a daily quota."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate_per_s: float = Field(default=20.0, gt=0)
+    burst: int = Field(default=40, ge=1)
+    daily_quota: int | None = Field(default=20_000, ge=1)
+
+
+class ProtectionSettings(BaseModel):
+    """``[protection]`` in public.toml, or ``SPLITVAULT_PUBLIC_PROTECTION__*`` variables."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    require_api_key: bool = True
+    terms_version: str = Field(default="1", min_length=1, max_length=64)
+    rate_limit_backend: Literal["memory", "redis"] = "memory"
+    redis_url: str | None = None
+    # Redis unreachable: refuse with 503 (default) or, if true, serve without limits and log.
+    redis_fail_open: bool = False
+    key_limits: LimitSettings = LimitSettings()
+    ip_limits: LimitSettings = LimitSettings(rate_per_s=50.0, burst=100, daily_quota=None)
+    # Per-model overrides of the per-key limits; a key's own overrides win over both.
+    model_limits: dict[str, LimitSettings] = Field(default_factory=dict)
+    monitor_enabled: bool = True
+    monitor_action: Literal["record", "alert", "throttle", "block"] = "block"
+    throttle_factor: float = Field(default=0.1, gt=0, le=1)
+    audit_enabled: bool = True

@@ -1,0 +1,174 @@
+"""Two public tiers sharing one real redis-server: one limit for both, and failing closed.
+
+A module-scoped copy of the session deployment (without MiniLM) runs one private tier and two
+public tiers with ``rate_limit_backend = "redis"``; the same API key is used through both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from public_api.keys import STATE_DIR
+from shared.layout import DeployLayout
+from tests.conftest import Deployment, DigitsFixture, issue_key
+from tests.support.processes import TierProcess, start_private, start_public
+from tests.support.redis_server import RedisServer, redis_server_fixture
+
+pytestmark = pytest.mark.slow
+
+THREADS = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
+PROTECTION = "SPLITVAULT_PUBLIC_PROTECTION__"
+BURST = 5
+RATE_PER_S = 0.1  # one unit per 10 s: nothing refills while a test fires its requests
+INFER = "/v2/models/digits/infer"
+LINK = '</v1/terms>; rel="terms-of-service"'
+
+redis_server = redis_server_fixture(scope="module")
+
+
+def _skip_copied(directory: str, names: list[str]) -> set[str]:
+    """MiniLM in both tiers (CPU), and the session's public state (its keys and trail)."""
+    folder = Path(directory)
+    if folder.name == "models":
+        return {"minilm"} & set(names)
+    if folder.name == "public":
+        return {STATE_DIR} & set(names)
+    return set()
+
+
+@dataclass
+class RedisStack:
+    """The copy's tiers: one private, two public replicas sharing Redis; and the API keys."""
+
+    layout: DeployLayout
+    private: TierProcess
+    replicas: list[TierProcess]
+    keys: dict[str, str]
+
+    def client(self, replica: TierProcess, key: str) -> httpx.AsyncClient:
+        context = ssl.create_default_context(cafile=str(self.layout.public.ca_cert))
+        return httpx.AsyncClient(
+            base_url=f"https://localhost:{replica.port}",
+            verify=context,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+
+
+@pytest.fixture(scope="module")
+def stack(
+    deployment: Deployment, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisStack]:
+    root = tmp_path_factory.mktemp("protection-redis") / "d"
+    shutil.copytree(deployment.root, root, ignore=_skip_copied)
+    layout = DeployLayout(root)
+    keys = {name: issue_key(layout, name) for name in ("shared", "outage")}
+    env = {
+        **THREADS,
+        f"{PROTECTION}RATE_LIMIT_BACKEND": "redis",
+        f"{PROTECTION}REDIS_URL": redis_server.url,
+        f"{PROTECTION}KEY_LIMITS__RATE_PER_S": str(RATE_PER_S),
+        f"{PROTECTION}KEY_LIMITS__BURST": str(BURST),
+        f"{PROTECTION}IP_LIMITS__RATE_PER_S": "100000",
+        f"{PROTECTION}IP_LIMITS__BURST": "100000",
+        f"{PROTECTION}MONITOR_ACTION": "record",
+    }
+    private = start_private(root, env=THREADS)
+    replicas: list[TierProcess] = []
+    try:
+        for _ in range(2):
+            replicas.append(start_public(root, private.port, env=env))
+        yield RedisStack(layout, private, replicas, keys)
+    finally:
+        for replica in replicas:
+            replica.stop()
+        private.stop()
+
+
+def _body(digits: DigitsFixture, n: int = 1) -> dict[str, Any]:
+    x = np.ascontiguousarray(digits.data.test_x[:n], dtype=np.float32)
+    return {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
+
+
+async def test_two_replicas_admit_the_burst_once_together(
+    stack: RedisStack, digits_model: DigitsFixture
+) -> None:
+    """Each replica alone would admit the burst; sharing Redis, both together admit it once."""
+    body, per_replica = _body(digits_model), 3 * BURST
+    clients = [stack.client(replica, stack.keys["shared"]) for replica in stack.replicas]
+    try:
+        started = time.monotonic()
+        replies = await asyncio.gather(
+            *(client.post(INFER, json=body) for client in clients for _ in range(per_replica))
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        for client in clients:
+            await client.aclose()
+    statuses = [reply.status_code for reply in replies]
+    assert set(statuses) <= {200, 429}, [r.text for r in replies if r.status_code not in (200, 429)]
+    admitted = statuses.count(200)
+    assert admitted <= BURST, f"{admitted} admitted by two replicas sharing a burst of {BURST}"
+    if elapsed < 1 / RATE_PER_S:  # no unit refilled: the whole burst, exactly
+        assert admitted == BURST, statuses
+    for replica_statuses in (statuses[:per_replica], statuses[per_replica:]):
+        assert 429 in replica_statuses  # both replicas refused some
+    refused = next(r for r in replies if r.status_code == 429)
+    assert int(refused.headers["retry-after"]) >= 1
+    assert f'"burst";q={BURST}' in refused.headers["ratelimit-policy"]
+
+
+async def test_redis_down_fails_closed_then_recovers(
+    stack: RedisStack, redis_server: RedisServer, digits_model: DigitsFixture
+) -> None:
+    body = _body(digits_model)
+    clients = [stack.client(replica, stack.keys["outage"]) for replica in stack.replicas]
+    try:
+        assert [(await c.post(INFER, json=body)).status_code for c in clients] == [200, 200]
+        redis_server.stop()
+        try:
+            for client in clients:
+                started = time.monotonic()
+                reply = await client.post(INFER, json=body)
+                assert time.monotonic() - started < 3.0
+                assert reply.status_code == 503, reply.text
+                assert list(reply.json()) == ["error"]
+                assert (
+                    "unavailable" in reply.json()["error"] or "unreachable" in reply.json()["error"]
+                )
+                assert int(reply.headers["retry-after"]) >= 1
+                assert reply.headers["link"] == LINK
+        finally:
+            redis_server.start()  # same port
+        for client in clients:
+            statuses = []
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                statuses.append((await client.post(INFER, json=body)).status_code)
+                if statuses[-1] == 200:
+                    break
+                await asyncio.sleep(0.2)
+            assert statuses[-1] == 200, statuses
+    finally:
+        for client in clients:
+            await client.aclose()
