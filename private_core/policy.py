@@ -7,14 +7,29 @@ so their decimal form stays short and exact on the way to JSON.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from shared.manifest import LabelPolicy, ModelConfig, RoundingPolicy, TopKPolicy
 
+if TYPE_CHECKING:
+    from private_core.model_store import BackStage
+
 INDICES, SCORES, EMBEDDING = "indices", "scores", "embedding"
+
+
+def restrict(
+    stage: BackStage, output: torch.Tensor, inputs: Mapping[str, Any], requested_k: int = 0
+) -> dict[str, Any]:
+    """Everything applied to one request's raw back-stage output before it may leave.
+
+    ``inputs`` are the request's back-stage inputs (one row per sample), for per-query
+    decisions made in this tier.
+    """
+    return apply_policy(stage.config, output, requested_k)
 
 
 def apply_policy(config: ModelConfig, output: torch.Tensor, requested_k: int = 0) -> dict[str, Any]:

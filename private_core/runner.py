@@ -11,7 +11,7 @@ import torch
 
 from private_core.metrics import PrivateMetrics
 from private_core.model_store import BackStage, ModelStore
-from private_core.policy import apply_policy
+from private_core.policy import restrict
 from protos import inference_pb2
 from shared.errors import InvalidInput
 from shared.tensor_codec import from_proto, numpy_dtype, to_proto
@@ -70,4 +70,4 @@ def _run_back_stage(stage: BackStage, arrays: dict[str, Any], top_k: int) -> dic
         args.append(torch.from_numpy(array))
     with torch.inference_mode():
         output = stage.module(*args)
-    return apply_policy(stage.config, output, top_k)
+    return restrict(stage, output, arrays, top_k)
