@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import redis.exceptions
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
+from public_api.redis_client import redis_client
 from shared.errors import Unavailable
 
 Level = Literal["ok", "flagged", "throttled", "blocked"]
@@ -94,14 +95,7 @@ class RedisMonitorStore:
         timeout_s: float = 0.5,
         max_connections: int = 64,
     ) -> None:
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-        )
-        self._redis: Redis = Redis.from_pool(pool)
+        self._redis: Redis = redis_client(url, timeout_s=timeout_s, max_connections=max_connections)
         self._prefix = prefix
 
     async def get(self, key_id: str) -> bytes | None:

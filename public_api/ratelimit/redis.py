@@ -20,9 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.exceptions
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
 
 from public_api.ratelimit._gcra import (
     EPSILON_S,
@@ -33,6 +31,7 @@ from public_api.ratelimit._gcra import (
     check_cost,
     decide,
 )
+from public_api.redis_client import redis_client
 from shared.errors import Unavailable
 from shared.logs import get_logger
 
@@ -117,15 +116,7 @@ class RedisRateLimiter:
         timeout_s: float = 0.5,
         max_connections: int = 64,
     ) -> None:
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),  # one immediate retry: a pooled socket Redis closed
-        )
-        self._redis: Redis = Redis.from_pool(pool)
+        self._redis: Redis = redis_client(url, timeout_s=timeout_s, max_connections=max_connections)
         self._script = self._redis.register_script(_SCRIPT)
         self._prefix = prefix
         self._fail_open = fail_open
