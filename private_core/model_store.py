@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from private_core.watermark.engine import ModelWatermark
+from private_core.watermark.keys import WATERMARK_KEY_FILE, WatermarkKeyError, load_key
+from private_core.watermark.triggers import TRIGGER_DIR
 from shared.crypto import DecryptionError, decrypt_bytes
 from shared.errors import ModelNotFound, ModelNotReady
 from shared.keys import KeyProvider
@@ -27,11 +30,12 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True)
 class BackStage:
-    """A loaded back stage: its config, manifest and callable module."""
+    """A loaded back stage: its config, manifest, callable module and watermark (if on)."""
 
     config: ModelConfig
     manifest: StageManifest
     module: torch.nn.Module
+    watermark: ModelWatermark | None = None
 
 
 @dataclass
@@ -54,13 +58,18 @@ class ModelStore:
         return {**dict.fromkeys(self.loaded), **self.failed}
 
 
-def load_store(tier: TierDir, provider: KeyProvider) -> ModelStore:
-    """Load every model folder under ``tier.models``."""
+def load_store(tier: TierDir, provider: KeyProvider, trigger_dir: Path | None = None) -> ModelStore:
+    """Load every model folder under ``tier.models``.
+
+    Watermarked models keep their trigger sets under ``trigger_dir`` (default
+    ``private/state/triggers``).
+    """
     store = ModelStore()
+    triggers = trigger_dir if trigger_dir is not None else tier.root / TRIGGER_DIR
     folders = sorted(p for p in tier.models.iterdir() if p.is_dir()) if tier.models.is_dir() else []
     for folder in folders:
         try:
-            stage = load_back_stage(folder, provider)
+            stage = load_back_stage(folder, provider, triggers)
         except ModelLoadFailure as failure:
             store.failed[folder.name] = failure.reason
             log.error("model_load_failed", model=folder.name, reason=failure.reason)
@@ -70,6 +79,7 @@ def load_store(tier: TierDir, provider: KeyProvider) -> ModelStore:
             "model_loaded",
             model=stage.config.name,
             parameters=stage.manifest.tiers["private"].parameters,
+            watermark=None if stage.watermark is None else stage.watermark.scheme,
         )
     return store
 
@@ -82,8 +92,10 @@ class ModelLoadFailure(Exception):
         self.reason = reason
 
 
-def load_back_stage(folder: Path, provider: KeyProvider) -> BackStage:
-    """Decrypt, authenticate and deserialize one back stage, all in memory."""
+def load_back_stage(
+    folder: Path, provider: KeyProvider, trigger_dir: Path | None = None
+) -> BackStage:
+    """Decrypt, authenticate and deserialize one back stage (and its watermark key), in memory."""
     name = folder.name
     try:
         config, manifest = read_config(folder), read_manifest(folder)
@@ -111,4 +123,20 @@ def load_back_stage(folder: Path, provider: KeyProvider) -> BackStage:
         ) from None
     finally:
         del plaintext
-    return BackStage(config=config, manifest=manifest, module=program.module())
+    watermark = _load_watermark(folder, config, provider, trigger_dir)
+    return BackStage(config=config, manifest=manifest, module=program.module(), watermark=watermark)
+
+
+def _load_watermark(
+    folder: Path, config: ModelConfig, provider: KeyProvider, trigger_dir: Path | None
+) -> ModelWatermark | None:
+    """The watermark of an enabled model; its key missing or unreadable fails the model."""
+    if config.watermark is None or not config.watermark.enabled:
+        return None
+    try:
+        key = load_key(folder / WATERMARK_KEY_FILE, provider)
+    except (OSError, WatermarkKeyError) as error:
+        raise ModelLoadFailure(f"model {config.name!r}: watermark key: {error}") from None
+    except DecryptionError as error:
+        raise ModelLoadFailure(f"model {config.name!r}: watermark key: {error.message}") from None
+    return ModelWatermark(config, key, trigger_dir)

@@ -3,6 +3,12 @@
 Raw logits never leave: a classifier answers with top-k probabilities rounded to N decimals or
 the label alone; an embedding model answers with rounded values. Rounded values travel as FP64
 so their decimal form stays short and exact on the way to JSON.
+
+A model with a watermark (``config.watermark``) is marked here, before rounding: the label
+watermark answers a keyed share of the queries the model is unsure of with a keyed other class
+(first in the top-k, the model's sorted scores kept), the signal watermark moves a little probability from the top-1
+class to a keyed other class in every answer, never changing the top-1 class. See
+``private_core.watermark``.
 """
 
 from __future__ import annotations
@@ -11,8 +17,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
+from private_core.watermark.answers import relabel_top_k, shift_to_class
+from private_core.watermark.engine import Marking, QueryContext
+from private_core.watermark.marks import watermark_labels
 from shared.manifest import LabelPolicy, ModelConfig, RoundingPolicy, TopKPolicy
 
 if TYPE_CHECKING:
@@ -22,33 +32,69 @@ INDICES, SCORES, EMBEDDING = "indices", "scores", "embedding"
 
 
 def restrict(
-    stage: BackStage, output: torch.Tensor, inputs: Mapping[str, Any], requested_k: int = 0
+    stage: BackStage,
+    output: torch.Tensor,
+    inputs: Mapping[str, Any],
+    requested_k: int = 0,
+    *,
+    context: QueryContext | None = None,
 ) -> dict[str, Any]:
     """Everything applied to one request's raw back-stage output before it may leave.
 
     ``inputs`` are the request's back-stage inputs (one row per sample), for per-query
-    decisions made in this tier.
+    decisions made in this tier; ``context`` (``QueryContext.of(request)``) names who asked, for
+    the trigger log.
     """
-    return apply_policy(stage.config, output, requested_k)
+    watermark = stage.watermark
+    if watermark is None or stage.config.task != "classification":
+        return apply_policy(stage.config, output, requested_k)
+    probabilities = torch.softmax(output.to(torch.float64), dim=-1).numpy()
+    marking = watermark.marking(inputs, probabilities)
+    restricted = apply_policy(stage.config, output, requested_k, marking)
+    if marking.scheme == "label" and marking.marks.selected.any():
+        top1 = probabilities.argmax(axis=1)
+        watermark.record(marking, inputs, top1, restricted[INDICES][:, 0], context)
+    return restricted
 
 
-def apply_policy(config: ModelConfig, output: torch.Tensor, requested_k: int = 0) -> dict[str, Any]:
+def apply_policy(
+    config: ModelConfig,
+    output: torch.Tensor,
+    requested_k: int = 0,
+    marking: Marking | None = None,
+) -> dict[str, Any]:
     """Restrict a back stage's raw output to what the model's policy allows to leave."""
     policy = config.policy
     if isinstance(policy, TopKPolicy):
-        return _top_k(output, policy, requested_k)
+        return _top_k(output, policy, requested_k, marking)
     if isinstance(policy, LabelPolicy):
-        return {INDICES: output.argmax(dim=-1, keepdim=True).to(torch.int64).numpy()}
+        top1 = output.argmax(dim=-1).to(torch.int64).numpy()
+        if marking is not None and marking.scheme == "label":
+            top1 = _relabel(top1, marking, output.shape[-1])
+        return {INDICES: top1[:, None]}
     if isinstance(policy, RoundingPolicy):
         return {EMBEDDING: np.round(output.to(torch.float64).numpy(), policy.decimals)}
     raise TypeError(f"unknown policy {policy!r}")
 
 
-def _top_k(logits: torch.Tensor, policy: TopKPolicy, requested_k: int) -> dict[str, Any]:
+def _top_k(
+    logits: torch.Tensor, policy: TopKPolicy, requested_k: int, marking: Marking | None
+) -> dict[str, Any]:
     k = min(requested_k or policy.k, policy.k, logits.shape[-1])
     probabilities = torch.softmax(logits.to(torch.float64), dim=-1)
-    scores, indices = torch.topk(probabilities, k, dim=-1)
-    return {
-        INDICES: indices.to(torch.int64).numpy(),
-        SCORES: np.round(scores.numpy(), policy.decimals),
-    }
+    if marking is not None and marking.scheme == "signal":
+        p = probabilities.numpy()
+        targets = watermark_labels(p.argmax(axis=1), marking.marks.signal_offsets, p.shape[-1])
+        probabilities = torch.from_numpy(shift_to_class(p, targets, marking.amplitude))
+    scores_t, indices_t = torch.topk(probabilities, k, dim=-1)
+    indices, scores = indices_t.to(torch.int64).numpy(), scores_t.numpy()
+    if marking is not None and marking.scheme == "label" and marking.marks.selected.any():
+        p = probabilities.numpy()
+        labels = watermark_labels(p.argmax(axis=1), marking.marks.offsets, p.shape[-1])
+        indices, scores = relabel_top_k(indices, scores, p, marking.marks.selected, labels)
+    return {INDICES: indices, SCORES: np.round(scores, policy.decimals)}
+
+
+def _relabel(top1: npt.NDArray[np.int64], marking: Marking, classes: int) -> npt.NDArray[np.int64]:
+    labels = watermark_labels(top1, marking.marks.offsets, classes)
+    return np.where(marking.marks.selected, labels, top1)

@@ -1,50 +1,112 @@
-"""Run back stages: decode and check the activations, compute off the event loop, restrict."""
+"""Run back stages: decode and check the activations, batch them, compute off the event loop,
+split the batch back and restrict each request's rows.
+
+Requests share a batch when their non-batch shapes are equal, or when they differ only along
+dimensions that *pad exactly*: at startup a probe runs one sample alone and zero-padded next to
+a longer one, and pads that dimension (to the longest in the batch) only if the answers agree.
+MiniLM's sequence dimension passes (the padded positions are masked out of attention and of
+the mean pooling); a model that would change its answer is batched by identical shapes instead.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Hashable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 
+from private_core.batcher import BatchSettings, DynamicBatcher
 from private_core.metrics import PrivateMetrics
 from private_core.model_store import BackStage, ModelStore
 from private_core.policy import restrict
+from private_core.settings import PrivateSettings
+from private_core.watermark.engine import QueryContext
 from protos import inference_pb2
 from shared.errors import InvalidInput
+from shared.logs import get_logger
+from shared.manifest import DimSpec, StageManifest, TensorSpec
 from shared.tensor_codec import from_proto, numpy_dtype, to_proto
 from shared.validation import check_tensors
 
+log = get_logger(__name__)
+BATCH_DIM = "batch"
+MESSAGE_OVERHEAD_BYTES = 64 * 1024  # names, shapes and framing around the tensor bytes
+
+
+@dataclass(frozen=True)
+class BackRequest:
+    """One request's decoded back-stage inputs, their named dim sizes, the k it asked for and
+    who asked (for the watermark's trigger log)."""
+
+    arrays: Mapping[str, Any]
+    sizes: Mapping[str, int]
+    rows: int
+    top_k: int
+    context: QueryContext | None = None
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a model's requests share batches."""
+
+    batchable: bool  # every input and output leads with the ``batch`` dim
+    padded: frozenset[str] = frozenset()  # dims padded to the longest in a batch
+
+    def key(self, specs: Sequence[TensorSpec], arrays: Mapping[str, Any]) -> Hashable | None:
+        """Requests with equal keys may share a batch; None: this request runs alone."""
+        if not self.batchable:
+            return None
+        return tuple(
+            tuple(
+                -1 if isinstance(dim, DimSpec) and dim.name in self.padded else size
+                for dim, size in zip(spec.shape[1:], arrays[spec.name].shape[1:], strict=True)
+            )
+            for spec in specs
+        )
+
+
+Batcher = DynamicBatcher[BackRequest, dict[str, Any]]
+
 
 class BackStageRunner:
-    """Answers ``InferRequest`` messages with policy-restricted outputs."""
+    """Answers ``InferRequest`` messages with policy-restricted outputs, batching concurrent ones."""
 
-    def __init__(
-        self, store: ModelStore, executor: ThreadPoolExecutor, metrics: PrivateMetrics
-    ) -> None:
+    def __init__(self, store: ModelStore, batcher: Batcher, *, pad: bool = True) -> None:
         self._store = store
-        self._executor = executor
-        self._metrics = metrics
+        self._batcher = batcher
+        self._plans: dict[str, BatchPlan] = {}
+        for name, stage in store.loaded.items():
+            plan = plan_batching(stage, pad=pad)
+            self._plans[name] = plan
+            rows = batcher.register(
+                name, partial(run_batch, stage, plan), stage.config.max_batch_size
+            )
+            log.info(
+                "batching_planned",
+                model=name,
+                max_rows=rows if plan.batchable else 1,
+                padded=sorted(plan.padded),
+            )
 
     async def infer(self, request: inference_pb2.InferRequest) -> inference_pb2.InferResponse:
-        """Check, run and restrict one request."""
+        """Check one request, run it in a batch and restrict its answer."""
         stage = self._store.get(request.model)
         arrays = _decode(request)
         sizes = check_tensors(stage.manifest.inputs, arrays, float_transport=True)
-        batch = sizes.get("batch", 0)
+        batch = sizes.get(BATCH_DIM, 0)
         if batch > stage.config.max_batch_size:
             raise InvalidInput(
                 f"batch {batch} exceeds this model's limit {stage.config.max_batch_size}"
             )
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        outputs = await loop.run_in_executor(
-            self._executor, _run_back_stage, stage, arrays, int(request.top_k)
+        plan = self._plans[request.model]
+        job = BackRequest(arrays, sizes, batch, int(request.top_k), QueryContext.of(request))
+        outputs = await self._batcher.submit(
+            request.model, job, key=plan.key(stage.manifest.inputs, arrays), rows=max(batch, 1)
         )
-        self._metrics.observe_back_stage(request.model, time.perf_counter() - started)
-        self._metrics.observe_batch(request.model, batch)
         return inference_pb2.InferResponse(
             model=request.model,
             outputs=[to_proto(name, value) for name, value in outputs.items()],
@@ -57,17 +119,211 @@ def _decode(request: inference_pb2.InferRequest) -> dict[str, Any]:
     for tensor in request.inputs:
         if tensor.name in arrays:
             raise InvalidInput(f"input {tensor.name!r} was sent twice")
-        arrays[tensor.name] = from_proto(tensor)
+        arrays[tensor.name] = from_proto(tensor)  # a read-only view of the request bytes
     return arrays
 
 
-def _run_back_stage(stage: BackStage, arrays: dict[str, Any], top_k: int) -> dict[str, Any]:
-    args = []
-    for spec in stage.manifest.inputs:
-        array = arrays[spec.name].astype(numpy_dtype(spec.datatype), copy=False)
-        if not array.flags.writeable:  # a view of the request bytes; torch wants its own
-            array = array.copy()
-        args.append(torch.from_numpy(array))
+def run_batch(
+    stage: BackStage, plan: BatchPlan, requests: list[BackRequest]
+) -> list[dict[str, Any] | Exception]:
+    """One forward for all ``requests`` (in a worker thread), then each one's restricted rows.
+
+    When a batch of several fails, each request runs alone so one bad request fails alone.
+    """
+    try:
+        output = forward(stage, assemble(stage.manifest, requests))
+    except Exception:
+        if len(requests) == 1:
+            raise
+        return [_alone(stage, plan, request) for request in requests]
+    results: list[dict[str, Any] | Exception] = []
+    start = 0
+    for request in requests:
+        rows = output if len(requests) == 1 else output[start : start + request.rows]
+        rows = unpad(rows, stage.manifest, plan, request.sizes)
+        start += request.rows
+        try:
+            results.append(
+                restrict(stage, rows, request.arrays, request.top_k, context=request.context)
+            )
+        except Exception as error:
+            results.append(error)
+    return results
+
+
+def _alone(stage: BackStage, plan: BatchPlan, request: BackRequest) -> dict[str, Any] | Exception:
+    try:
+        return run_batch(stage, plan, [request])[0]
+    except Exception as error:
+        return error
+
+
+def forward(stage: BackStage, args: list[torch.Tensor]) -> torch.Tensor:
+    """The back stage's raw output for assembled inputs."""
     with torch.inference_mode():
-        output = stage.module(*args)
-    return restrict(stage, output, arrays, top_k)
+        output: torch.Tensor = stage.module(*args)
+    return output
+
+
+def assemble(manifest: StageManifest, requests: Sequence[BackRequest]) -> list[torch.Tensor]:
+    """Each input of all ``requests`` in one buffer of the stage's dtype: the only copy made.
+
+    Rows follow request order; along padded dims shorter requests are zero-filled.
+    """
+    args = []
+    for spec in manifest.inputs:
+        parts = [request.arrays[spec.name] for request in requests]
+        dtype = numpy_dtype(spec.datatype)
+        if len(parts) == 1:  # cast or copy once: torch needs a writable array of its dtype
+            args.append(torch.from_numpy(np.array(parts[0], dtype=dtype)))
+            continue
+        tail = tuple(max(part.shape[axis] for part in parts) for axis in range(1, parts[0].ndim))
+        ragged = any(part.shape[1:] != tail for part in parts)
+        buffer = (np.zeros if ragged else np.empty)((sum(map(len, parts)), *tail), dtype=dtype)
+        start = 0
+        for part in parts:
+            buffer[(slice(start, start + len(part)), *map(slice, part.shape[1:]))] = part
+            start += len(part)
+        args.append(torch.from_numpy(buffer))
+    return args
+
+
+def unpad(
+    rows: torch.Tensor, manifest: StageManifest, plan: BatchPlan, sizes: Mapping[str, int]
+) -> torch.Tensor:
+    """Cut one request's output rows back to its own sizes along padded dims."""
+    if not plan.padded:
+        return rows
+    index = tuple(
+        slice(sizes[dim.name])
+        if isinstance(dim, DimSpec) and dim.name in plan.padded
+        else slice(None)
+        for dim in manifest.outputs[0].shape
+    )
+    return rows[index]
+
+
+def plan_batching(stage: BackStage, *, pad: bool) -> BatchPlan:
+    """Whether ``stage`` batches, and along which dims its requests may be zero-padded."""
+    manifest = stage.manifest
+    specs = [*manifest.inputs, *manifest.outputs]
+    if len(manifest.outputs) != 1 or not all(
+        spec.shape and isinstance(spec.shape[0], DimSpec) and spec.shape[0].name == BATCH_DIM
+        for spec in specs
+    ):
+        return BatchPlan(batchable=False)
+    dims = {
+        dim.name: dim
+        for spec in manifest.inputs
+        for dim in spec.shape[1:]
+        if isinstance(dim, DimSpec) and dim.max > dim.min
+    }
+    if not pad or not dims or not _zero_allowed(manifest.inputs):
+        return BatchPlan(batchable=True)
+    if _padding_is_exact(stage, dims):
+        return BatchPlan(batchable=True, padded=frozenset(dims))
+    log.info("batch_padding_refused", model=stage.config.name, dims=sorted(dims))
+    return BatchPlan(batchable=True)
+
+
+def _zero_allowed(specs: Sequence[TensorSpec]) -> bool:
+    return all(spec.value_range is None or spec.value_range[0] <= 0 for spec in specs)
+
+
+def _padding_is_exact(stage: BackStage, dims: Mapping[str, DimSpec]) -> bool:
+    """Run a sample alone and zero-padded in a batch with a longer one; compare its answers."""
+    short = {name: min(max(dim.min, 4), dim.max - 1) for name, dim in dims.items()}
+    long = {name: min(dims[name].max, size + 3) for name, size in short.items()}
+    rng = np.random.default_rng(0)
+    sample, longer = _probe(stage, short, rng), _probe(stage, long, rng)
+    plan = BatchPlan(batchable=True, padded=frozenset(dims))
+    try:
+        alone = forward(stage, assemble(stage.manifest, [sample]))
+        together = forward(stage, assemble(stage.manifest, [sample, longer]))
+    except Exception as error:  # a model that cannot take the padded shape is not padded
+        log.info("batch_padding_probe_failed", model=stage.config.name, error=type(error).__name__)
+        return False
+    padded = unpad(together[:1], stage.manifest, plan, sample.sizes)
+    return alone.shape == padded.shape and bool(
+        torch.allclose(alone.double(), padded.double(), rtol=1e-4, atol=1e-5)
+    )
+
+
+def _probe(stage: BackStage, sizes: Mapping[str, int], rng: np.random.Generator) -> BackRequest:
+    """One row of inputs: random floats, integers at the top of their range (a mask of ones)."""
+    arrays = {}
+    for spec in stage.manifest.inputs:
+        shape = (1, *(sizes[d.name] if isinstance(d, DimSpec) else d for d in spec.shape[1:]))
+        dtype = numpy_dtype(spec.datatype)
+        if dtype.kind == "f":
+            arrays[spec.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            high = spec.value_range[1] if spec.value_range is not None else 1
+            arrays[spec.name] = np.full(shape, high, dtype=dtype)
+    return BackRequest(arrays, {**sizes, BATCH_DIM: 1}, rows=1, top_k=0)
+
+
+def request_bytes_limit(stages: Mapping[str, BackStage]) -> tuple[int, str]:
+    """The largest request any model may be sent, in bytes, and that model's name.
+
+    Its ``max_batch_size`` rows at the largest size of every dim, floats at FP32 or the
+    transport datatype if wider, plus framing.
+    """
+    largest, which = MESSAGE_OVERHEAD_BYTES, ""
+    for name, stage in stages.items():
+        transport = numpy_dtype(stage.config.transport_datatype).itemsize
+        per_row = 0
+        for spec in stage.manifest.inputs:
+            dtype = numpy_dtype(spec.datatype)
+            size = max(dtype.itemsize, transport) if dtype.kind == "f" else dtype.itemsize
+            for dim in spec.shape[1:]:
+                size *= dim.max if isinstance(dim, DimSpec) else dim
+            per_row += size
+        total = stage.config.max_batch_size * per_row + MESSAGE_OVERHEAD_BYTES
+        if total > largest:
+            largest, which = total, name
+    return largest, which
+
+
+def configure_torch_threads(intra_op: int, inter_op: int) -> None:
+    """Set torch's thread pools once per process (see the README on oversubscription)."""
+    torch.set_num_threads(intra_op)
+    if torch.get_num_interop_threads() == inter_op:
+        return
+    try:
+        torch.set_num_interop_threads(inter_op)
+    except RuntimeError:  # only settable before any inter-op work; keep what is set
+        log.info("interop_threads_unchanged", wanted=inter_op, kept=torch.get_num_interop_threads())
+
+
+def message_limit(configured_bytes: int, stages: Mapping[str, BackStage]) -> int:
+    """The gRPC message limit: the configured one, raised to fit the largest allowed request."""
+    needed, model = request_bytes_limit(stages)
+    limit = max(configured_bytes, needed)
+    log.info(
+        "grpc_message_limit",
+        configured_bytes=configured_bytes,
+        needed_bytes=needed,
+        largest_model=model,
+        limit_bytes=limit,
+    )
+    return limit
+
+
+def build_runner(
+    store: ModelStore, executor: Executor, metrics: PrivateMetrics, settings: PrivateSettings
+) -> tuple[BackStageRunner, Batcher]:
+    """The runner and its batcher, configured from the tier's settings."""
+
+    def observe(model: str, rows: int, seconds: float) -> None:
+        metrics.observe_batch(model, rows)
+        metrics.observe_back_stage(model, seconds)
+
+    batch_settings = BatchSettings(
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_s=settings.max_queue_delay_us / 1e6,
+        max_queue_size=settings.max_queue_size,
+        concurrent_batches=settings.concurrent_batches,
+    )
+    batcher: Batcher = DynamicBatcher(executor, batch_settings, observe)
+    return BackStageRunner(store, batcher, pad=settings.pad_batches), batcher

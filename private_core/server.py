@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
@@ -19,10 +18,11 @@ from private_core.auth import IdentityInterceptor
 from private_core.hardening import protect_process_memory
 from private_core.metrics import PrivateMetrics, start_metrics_server
 from private_core.model_store import ModelStore, load_store
-from private_core.runner import BackStageRunner
+from private_core.runner import Batcher, build_runner, configure_torch_threads, message_limit
 from private_core.servicer import PrivateInferenceServicer
 from private_core.settings import PrivateSettings
 from protos import inference_pb2_grpc
+from shared.cert_expiry import watch_certificates
 from shared.keys import KeyProvider, LocalFileKeyProvider
 from shared.layout import TierDir
 from shared.logs import get_logger
@@ -42,11 +42,14 @@ class PrivateServer:
     executor: ThreadPoolExecutor
     metrics: PrivateMetrics
     metrics_port: int | None
+    batcher: Batcher | None = None
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace_s``, then stop."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self.batcher is not None:
+            await self.batcher.close()
         self.executor.shutdown(wait=True)
         self.metrics.stop()
 
@@ -76,7 +79,7 @@ def server_credentials(tier: TierDir) -> grpc.ServerCredentials:
 
 async def build_server(settings: PrivateSettings) -> PrivateServer:
     """Load the models, then bind and start the server (port 0 binds a free port)."""
-    torch.set_num_threads(settings.torch_threads)
+    configure_torch_threads(settings.torch_threads, settings.torch_interop_threads)
     tier = TierDir(settings.tier_dir)
     store = load_store(tier, key_provider(settings))
     metrics = PrivateMetrics.create(store.status())
@@ -84,7 +87,7 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
         metrics.model_load_error(name)
     metrics.set_models_loaded(len(store.loaded))
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="back-stage")
-    limit = settings.max_message_mb * 1024 * 1024
+    limit = message_limit(settings.max_message_mb * 1024 * 1024, store.loaded)
     server = grpc.aio.server(
         interceptors=[IdentityInterceptor(settings.allowed_identities, settings.health_identities)],
         options=[
@@ -92,7 +95,7 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
             ("grpc.max_send_message_length", limit),
         ],
     )
-    runner = BackStageRunner(store, executor, metrics)
+    runner, batcher = build_runner(store, executor, metrics, settings)
     inference_pb2_grpc.add_PrivateInferenceServicer_to_server(
         PrivateInferenceServicer(store, runner, metrics), server
     )
@@ -114,13 +117,19 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
         models=sorted(store.loaded),
         failed=sorted(store.failed),
     )
-    return PrivateServer(server, port, health_servicer, store, executor, metrics, metrics_port)
+    return PrivateServer(
+        server, port, health_servicer, store, executor, metrics, metrics_port, batcher
+    )
 
 
 async def serve(settings: PrivateSettings) -> None:
     """Run until SIGTERM or SIGINT, then drain gracefully."""
     protect_process_memory(settings.lock_memory)
     running = await build_server(settings)
+    tier = TierDir(settings.tier_dir)
+    stop_watch = watch_certificates(
+        [tier.tls / "server.crt", tier.ca_cert], settings.cert_warning_days
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -128,3 +137,4 @@ async def serve(settings: PrivateSettings) -> None:
     await stop.wait()
     log.info("private_tier_stopping", grace_s=settings.grace_period_s)
     await running.stop(settings.grace_period_s)
+    stop_watch.set()

@@ -28,6 +28,22 @@ class PrivateSettings(TierSettings):
         default_factory=lambda: [PUBLIC_IDENTITY, PRIVATE_IDENTITY]
     )
     torch_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), ge=1)
+    # Keep torch_threads x concurrent_batches within the cores this tier may use: OpenMP
+    # threads spin-wait on each other, so oversubscribed cores (another tier, other batches)
+    # were measured to slow MiniLM about 30 times. The inter-op pool (torch.jit.fork; unused
+    # by exported stages) is set once at startup and kept small.
+    torch_interop_threads: int = Field(default=1, ge=1)
+    # Dynamic batching (Triton's dynamic batcher): rows per back-stage call (None: each model's
+    # own max_batch_size, which always caps it), how long the oldest queued request may wait for
+    # its batch to fill, rows allowed to wait per model before requests are refused as
+    # overloaded (503), batches of one model running at once, and zero-padding of dims that
+    # pad exactly (checked per model at startup). max_batch_size=1 with no delay: no batching.
+    max_batch_size: int | None = Field(default=None, ge=1, le=4096)
+    max_queue_delay_us: int = Field(default=2000, ge=0, le=1_000_000)
+    max_queue_size: int = Field(default=512, ge=1)
+    concurrent_batches: int = Field(default=2, ge=1, le=64)
+    pad_batches: bool = True
+    # Raised at startup to fit the largest request a model allows (grpc_message_limit log).
     max_message_mb: int = Field(default=64, ge=4, le=2047)
     grace_period_s: float = Field(default=10.0, ge=0)
     lock_memory: bool = True
@@ -35,6 +51,8 @@ class PrivateSettings(TierSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=9464, ge=0, le=65535)
     log_level: str = "INFO"
+    # Log certificate_expiring when a certificate this tier loaded expires within this many days.
+    cert_warning_days: float = Field(default=30.0, ge=0)
 
     @model_validator(mode="after")
     def _needs_a_kek(self) -> PrivateSettings:

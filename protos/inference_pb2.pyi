@@ -63,12 +63,17 @@ class InferRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     top_k: _builtins.int
     """For classifiers: how many classes the caller wants; the private tier caps it by the
     model's policy. 0 means the policy's value.
     """
     request_id: _builtins.str
+    key_id: _builtins.str
+    """The API key id the public tier admitted the request with (empty without keys); the
+    private tier keeps it with watermarked answers (the trigger set).
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
     def __init__(
@@ -78,10 +83,11 @@ class InferRequest(_message.Message):
         inputs: _abc.Iterable[Global___Tensor] | None = ...,
         top_k: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "request_id", b"request_id", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "key_id", b"key_id", "model", b"model", "request_id", b"request_id", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,6 +14,7 @@ from public_api.errors import install_error_handlers
 from public_api.front import FrontRunner, load_front_stages
 from public_api.limits import BodySizeLimit, LinkHeader
 from public_api.metrics import PublicMetrics
+from public_api.openapi import install_openapi
 from public_api.private_client import PrivateTierClient
 from public_api.protection import Protection
 from public_api.protection_factory import build_protection
@@ -73,6 +74,7 @@ def create_app(settings: PublicSettings) -> FastAPI:
     metrics = PublicMetrics.create(models)
     install_error_handlers(app)
     app.include_router(router)
+    install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(LinkHeader, value=link_header())
     app.add_middleware(RequestMetrics, metrics=metrics)

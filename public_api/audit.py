@@ -14,6 +14,12 @@ compare it later; a rewritten or truncated trail no longer reaches the anchored 
 thread wakes every ``flush_interval_s``, or as soon as a batch is ready, and inserts the queued
 records in one transaction. When the queue is full, or the last write failed, ``append`` raises
 ``Unavailable``: a request is refused rather than served unaudited.
+
+What "the last write failed" means is a policy (``on_failure``): ``"refuse"`` refuses every new
+record until a write succeeds again; ``"buffer"`` keeps accepting records while fewer than
+``buffer_max`` wait unwritten, so a short storage outage does not stop service, then refuses.
+Either way the writer retries every ``retry_interval_s`` and, once storage recovers, writes every
+record it accepted, in order: nothing accepted is dropped.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from contextlib import closing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -56,6 +62,7 @@ DECISIONS = frozenset(
 )
 
 log = get_logger(__name__)
+FailurePolicy = Literal["refuse", "buffer"]
 
 
 @dataclass(frozen=True)
@@ -149,12 +156,16 @@ class AuditTrail:
         flush_interval_s: float,
         max_pending: int,
         retry_interval_s: float,
+        on_failure: FailurePolicy = "refuse",
+        buffer_max: int = 10_000,
     ) -> None:
         self._db = db
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
         self._retry_interval_s = retry_interval_s
         self._max_pending = max_pending
+        self._on_failure = on_failure
+        self._buffer_max = buffer_max
         self._queue: deque[AuditRecord] = deque()
         self._lock = threading.Lock()
         self._progress = threading.Condition()
@@ -177,14 +188,19 @@ class AuditTrail:
         max_pending: int = 100_000,
         retry_interval_s: float = 1.0,
         busy_timeout_s: float = 5.0,
+        on_failure: FailurePolicy = "refuse",
+        buffer_max: int = 10_000,
     ) -> AuditTrail:
         """Open (or create) the trail at ``path`` and start its writer; chains on from the last row.
 
         The writer commits every ``flush_interval_s``, or at once when ``batch_size`` records
-        wait; ``max_pending`` bounds the queue (beyond it ``append`` refuses records).
+        wait; ``max_pending`` bounds the queue (beyond it ``append`` refuses records);
+        ``on_failure`` and ``buffer_max`` say what happens while writes fail (see the module).
         """
-        if batch_size < 1 or max_pending < 1:
-            raise ValueError("batch_size and max_pending must be at least 1")
+        if batch_size < 1 or max_pending < 1 or buffer_max < 1:
+            raise ValueError("batch_size, max_pending and buffer_max must be at least 1")
+        if on_failure not in ("refuse", "buffer"):
+            raise ValueError(f"unknown audit failure policy {on_failure!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
@@ -201,6 +217,8 @@ class AuditTrail:
             flush_interval_s=flush_interval_s,
             max_pending=max_pending,
             retry_interval_s=retry_interval_s,
+            on_failure=on_failure,
+            buffer_max=buffer_max,
         )
         trail._thread.start()
         return trail
@@ -220,16 +238,19 @@ class AuditTrail:
         """Why the last write failed, or ``None`` while writes succeed."""
         return self._failure
 
+    def check_accepting(self) -> None:
+        """``Unavailable`` if ``append`` would refuse a record now (so refuse before any work)."""
+        with self._lock:
+            refusal = self._refusal()
+        if refusal is not None:
+            raise refusal
+
     def append(self, record: AuditRecord) -> None:
         """Queue ``record`` for writing; ``Unavailable`` if the trail cannot take it now."""
-        failure = self._failure
-        if failure is not None:
-            raise Unavailable(f"audit trail cannot write: {failure}", retry_after_s=1.0)
         with self._lock:
-            if self._closed:
-                raise Unavailable("audit trail is closed")
-            if len(self._queue) >= self._max_pending:
-                raise Unavailable("audit trail is not keeping up", retry_after_s=1.0)
+            refusal = self._refusal()
+            if refusal is not None:
+                raise refusal
             self._queue.append(record)
             self._appended += 1
             if len(self._queue) == self._batch_size:
@@ -284,6 +305,23 @@ class AuditTrail:
     ) -> None:
         self.close()
 
+    def _refusal(self) -> Unavailable | None:
+        """Why a record would be refused now, or ``None``; called with ``_lock`` held."""
+        failure = self._failure
+        if failure is not None and self._on_failure == "refuse":
+            return Unavailable(f"audit trail cannot write: {failure}", retry_after_s=1.0)
+        if failure is not None and self.pending >= self._buffer_max:
+            return Unavailable(
+                f"audit trail cannot write and its buffer of {self._buffer_max} records is "
+                f"full: {failure}",
+                retry_after_s=1.0,
+            )
+        if self._closed:
+            return Unavailable("audit trail is closed")
+        if len(self._queue) >= self._max_pending:
+            return Unavailable("audit trail is not keeping up", retry_after_s=1.0)
+        return None
+
     def _run(self) -> None:
         batch: list[AuditRecord] = []
         while True:
@@ -329,8 +367,10 @@ class AuditTrail:
             return False
         with self._progress:
             self._written += len(batch)
-            self._failure = None
+            recovered, self._failure = self._failure, None
             self._progress.notify_all()
+        if recovered is not None:
+            log.warning("audit_write_recovered", after=recovered, pending=self.pending)
         return True
 
     def _fail(self, reason: str) -> None:
@@ -340,7 +380,9 @@ class AuditTrail:
         except sqlite3.Error as error:
             reason = f"{reason}; rollback failed: {error}"
         if reason != self._failure:
-            log.error("audit_write_failed", reason=reason, pending=self.pending)
+            log.error(
+                "audit_write_failed", reason=reason, pending=self.pending, policy=self._on_failure
+            )
         with self._progress:
             self._failure = reason
             self._progress.notify_all()

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from shared.errors import SplitVaultError
 
 if TYPE_CHECKING:
     from public_api.app import PublicState
     from public_api.protection import Caller
+
+
+# Declares the API key in the OpenAPI document as a bearer security scheme. The gate reads the
+# raw header itself (its 401 messages say what was wrong), so this never refuses on its own.
+_bearer = HTTPBearer(
+    auto_error=False, scheme_name="ApiKey", description="An API key: `Authorization: Bearer sv_...`"
+)
+ApiKeyCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 
 
 def get_state(request: Request) -> PublicState:
@@ -26,24 +35,25 @@ def client_address(request: Request) -> str:
 
 async def authenticated_caller(
     request: Request,
-    authorization: Annotated[str | None, Header()] = None,
+    _credentials: ApiKeyCredentials,
 ) -> Caller:
     """The caller behind the API key (401 when missing or wrong); no other check."""
     state = get_state(request)
+    authorization = request.headers.get("authorization")
     return await state.protection.authenticate(authorization, client_address(request))
 
 
 async def admitted_caller(
     request: Request,
     model: str,
-    authorization: Annotated[str | None, Header()] = None,
+    _credentials: ApiKeyCredentials,
 ) -> Caller:
     """Key, terms, monitor and limits for an inference on ``model``; audited when refused."""
     state = get_state(request)
     client = client_address(request)
     request.state.audit_model = model
     try:
-        caller = await state.protection.admit(authorization, client, model)
+        caller = await state.protection.admit(request.headers.get("authorization"), client, model)
     except SplitVaultError:
         request.state.audited = True  # ``admit`` audited the refusal, under the key if known
         raise

@@ -36,7 +36,10 @@ def _audit_refusal(request: Request, error: SplitVaultError) -> None:
         return
     request.state.audited = True
     protection = request.app.state.splitvault.protection
-    protection.record_rejection(caller, caller.client, request.state.audit_model, error)
+    request_id = getattr(request.state, "request_id", None)
+    protection.record_rejection(
+        caller, caller.client, request.state.audit_model, error, request_id=request_id
+    )
 
 
 async def _splitvault_error(request: Request, error: Exception) -> JSONResponse:

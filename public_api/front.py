@@ -67,5 +67,8 @@ def _run_front(stage: FrontStage, inputs: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for spec, tensor in zip(stage.manifest.outputs, outputs, strict=True):
         array = tensor.numpy()
-        result[spec.name] = array.astype(transport) if array.dtype.kind == "f" else array
+        # One cast (none when the transport is the stage dtype), then bytes for the wire.
+        result[spec.name] = (
+            array.astype(transport, copy=False) if array.dtype.kind == "f" else array
+        )
     return result

@@ -1,9 +1,10 @@
 """The gate between a request and the model: API key, terms, monitor, limits, audit, metrics.
 
 Order for an inference request: authenticate (401) -> current terms accepted (403) -> key not
-blocked by the extraction monitor (403) -> per-key and per-address limits and quotas (429) ->
-inference -> the monitor observes the answer -> one audit record. A rejected request is
-audited too and computes nothing.
+blocked by the extraction monitor (403) -> the audit trail can take a record (503) -> per-key
+and per-address limits and quotas (429) -> inference -> the monitor observes the answer -> one
+audit record. A rejected request is audited too and computes nothing. An answer whose record the
+trail refuses is not sent (503); a refusal the trail cannot take is logged instead.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from shared.errors import (
     SplitVaultError,
     TermsNotAccepted,
     Unauthenticated,
+    Unavailable,
     mapping_for,
 )
 from shared.logs import get_logger
@@ -106,6 +108,8 @@ class Protection:
                 await self._require_terms(caller.key)
                 caller.assessment = await self._assessment(caller.key)
                 self._refuse_if_blocked(caller.key, caller.assessment)
+            if self.audit is not None:
+                self.audit.check_accepting()
             throttled = caller.assessment is not None and caller.assessment.level == "throttled"
             caller.headers = await self._limit(caller, model, throttled)
         except SplitVaultError as error:
@@ -150,19 +154,49 @@ class Protection:
             self.metrics.set_risk(caller.key.key_id, assessment.score)
         self.metrics.observe_front(model, outcome.front_seconds)
         self.metrics.observe_private_call(model, outcome.private_seconds)
-        self._audit(caller, model, "served", 200, outcome.inputs, _answer(outcome), score)
+        self._audit(
+            caller,
+            model,
+            "served",
+            200,
+            outcome.inputs,
+            _answer(outcome),
+            score,
+            request_id=outcome.response.id,
+        )
 
     def record_rejection(
-        self, caller: Caller | None, client: str, model: str | None, error: SplitVaultError
+        self,
+        caller: Caller | None,
+        client: str,
+        model: str | None,
+        error: SplitVaultError,
+        request_id: str | None = None,
     ) -> None:
-        """Audit a refused request (the gate's refusals and errors after admission)."""
+        """Audit a refused request (the gate's refusals and errors after admission).
+
+        If the trail cannot take the record (it is failing), the refusal is logged instead:
+        nothing was served, and the client already gets an error.
+        """
         status = mapping_for(error).http_status
         decision = _decision(error)
         if isinstance(error, KeyBlocked) and model is not None:
             self.metrics.blocked(model)
         caller = caller or Caller(client=client)
         score = None if caller.assessment is None else caller.assessment.score
-        self._audit(caller, model, decision, status, None, None, score)
+        try:
+            self._audit(caller, model, decision, status, None, None, score, request_id=request_id)
+        except Unavailable as failure:
+            log.warning(
+                "audit_record_dropped",
+                key_id=caller.key_id,
+                client=caller.client,
+                model=model,
+                decision=decision,
+                status=status,
+                request_id=request_id,
+                reason=failure.message,
+            )
 
     async def close(self) -> None:
         """Flush the audit trail and close the stores."""
@@ -244,6 +278,8 @@ class Protection:
         inputs: dict[str, Any] | None,
         answer: str | None,
         score: float | None,
+        *,
+        request_id: str | None = None,
     ) -> None:
         if self.audit is None:
             return
@@ -258,7 +294,7 @@ class Protection:
                 decision=decision,
                 status=status,
                 monitor_score=score,
-                request_id=None,
+                request_id=request_id,
             )
         )
         self.metrics.set_audit_pending(self.audit.pending)

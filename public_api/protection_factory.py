@@ -39,8 +39,16 @@ def build_protection(
         terms=_terms(settings),
         limiter=_limiter(settings),
         monitor=_monitor(settings, stages),
-        audit=AuditTrail.open(settings.state_dir / AUDIT_DB) if config.audit_enabled else None,
+        audit=_audit(settings) if config.audit_enabled else None,
         metrics=metrics,
+    )
+
+
+def _audit(settings: PublicSettings) -> AuditTrail:
+    return AuditTrail.open(
+        settings.state_dir / AUDIT_DB,
+        on_failure=settings.protection.audit_on_failure,
+        buffer_max=settings.protection.audit_buffer_max,
     )
 
 

@@ -36,3 +36,9 @@ class ProtectionSettings(BaseModel):
     monitor_action: Literal["record", "alert", "throttle", "block"] = "block"
     throttle_factor: float = Field(default=0.1, gt=0, le=1)
     audit_enabled: bool = True
+    # When the audit trail cannot write (disk full, read-only, locked): "refuse" answers 503 at
+    # once; "buffer" keeps serving while at most ``audit_buffer_max`` records wait in memory,
+    # writes them when storage recovers, and answers 503 once the buffer is full. Either way
+    # no served request goes unrecorded.
+    audit_on_failure: Literal["refuse", "buffer"] = "refuse"
+    audit_buffer_max: int = Field(default=10_000, ge=1, le=1_000_000)

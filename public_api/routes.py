@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from public_api.deps import Admitted, Authenticated, State
@@ -66,7 +66,7 @@ async def model_ready(state: State, _caller: Authenticated, model: str = ModelNa
     if await state.service.model_ready(model):
         return JSONResponse({"name": model, "ready": True})
     return JSONResponse(
-        {"name": model, "ready": False},
+        {"name": model, "ready": False, "error": f"model {model!r} is not ready"},
         status_code=503,
         headers={"Retry-After": str(state.settings.retry_after_s)},
     )
@@ -82,11 +82,13 @@ async def infer(
     body: InferenceRequest,
     state: State,
     caller: Admitted,
+    request: Request,
     response: Response,
     model: str = ModelName,
 ) -> InferenceResponse:
     """Run the model; the answer is restricted by the model's output policy."""
-    outcome = await state.service.infer(model, body)
+    request.state.request_id = body.id  # audited with the answer, or with a refusal
+    outcome = await state.service.infer(model, body, key_id=caller.key_id)
     specs = state.service.stage(model).manifest.outputs
     await state.protection.record_served(caller, model, outcome, specs)
     response.headers.update(caller.headers)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+from types import FrameType
 
 import uvicorn
 
 from public_api.app import create_app
+from public_api.connection import bounded_protocol
 from public_api.settings import PublicSettings
+from shared.cert_expiry import watch_certificates
 from shared.layout import TierDir
 from shared.logs import get_logger
 
@@ -38,8 +42,12 @@ def serve(settings: PublicSettings) -> None:
         create_app(settings),
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=10,
-        timeout_keep_alive=5,
+        # Bounded connections (see PublicSettings): h11 with header-size and read deadlines.
+        http=bounded_protocol(settings.header_timeout_s, settings.body_timeout_s),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        limit_concurrency=settings.max_connections,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+        timeout_keep_alive=settings.keep_alive_s,
         server_header=False,
         **tls,  # type: ignore[arg-type]
     )
@@ -49,4 +57,17 @@ def serve(settings: PublicSettings) -> None:
         port=sock.getsockname()[1],
         scheme="http" if settings.insecure_http else "https",
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    own = [tier.tls / "client.crt", tier.ca_cert]
+    own += [] if settings.insecure_http else [tier.tls / "server.crt"]
+    stop_watch = watch_certificates(own, settings.cert_warning_days)
+    # uvicorn drains, then re-raises the SIGTERM it caught; with this handler that ends in a
+    # clean exit (status 0) instead of death by signal.
+    signal.signal(signal.SIGTERM, _exit_after_drain)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        stop_watch.set()
+
+
+def _exit_after_drain(_signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)

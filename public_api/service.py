@@ -64,8 +64,10 @@ class InferenceService:
         except KeyError:
             raise ModelNotFound(f"model {model!r} is not deployed") from None
 
-    async def infer(self, model: str, request: InferenceRequest) -> InferenceOutcome:
-        """Answer one v2 request with the model's restricted output."""
+    async def infer(
+        self, model: str, request: InferenceRequest, *, key_id: str | None = None
+    ) -> InferenceOutcome:
+        """Answer one v2 request with the model's restricted output (``key_id``: who asked)."""
         started = time.perf_counter()
         stage = self.stage(model)
         arrays = self._decode(request)
@@ -85,6 +87,7 @@ class InferenceService:
                 inputs=tensors,
                 top_k=_requested_k(request),
                 request_id=request.id or uuid.uuid4().hex,
+                key_id=key_id or "",
             )
         )
         outputs = {tensor.name: from_proto(tensor) for tensor in reply.outputs}

@@ -35,8 +35,21 @@ class PublicSettings(TierSettings):
     max_message_mb: int = Field(default=64, ge=4, le=2047)
     torch_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), ge=1)
     front_workers: int = Field(default=2, ge=1, le=64)
+    # Slow and idle HTTP clients (public_api/connection.py): a request's headers must arrive
+    # within header_timeout_s of the connection (or the request's first byte), its body within
+    # body_timeout_s of the headers; an idle keep-alive connection closes after keep_alive_s.
+    # Request line plus headers are capped at max_header_bytes; beyond max_connections open
+    # connections (or running requests) new requests get 503. shutdown_grace_s: drain on SIGTERM.
+    header_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    keep_alive_s: int = Field(default=5, ge=1, le=300)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    max_connections: int = Field(default=1000, ge=1)
+    shutdown_grace_s: int = Field(default=10, ge=0, le=600)
     retry_after_s: int = Field(default=1, ge=1)
     log_level: str = "INFO"
+    # Log certificate_expiring when a certificate this tier loaded expires within this many days.
+    cert_warning_days: float = Field(default=30.0, ge=0)
     protection: ProtectionSettings = ProtectionSettings()
 
     @property

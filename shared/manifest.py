@@ -62,6 +62,27 @@ class RoundingPolicy(_Strict):
 OutputPolicy = Annotated[TopKPolicy | LabelPolicy | RoundingPolicy, Field(discriminator="kind")]
 
 
+class WatermarkConfig(_Strict):
+    """Ownership watermark of a classifier's answers, applied in the private tier.
+
+    ``label``: a keyed share ``fraction`` of the queries whose top-1 probability is below
+    ``max_confidence`` is answered with a keyed other class (top-k and label policies);
+    ``max_confidence = 1`` makes every query eligible (plain DAWN). ``signal``: every answer
+    moves ``amplitude`` of probability (capped) from its top-1 class to a keyed other class,
+    never changing the top-1 class (top-k policy only). ``auto`` picks ``label``. Queries
+    answered with a watermark label are kept encrypted in the private tier, at most
+    ``trigger_max_records`` / ``trigger_max_bytes`` (oldest dropped).
+    """
+
+    enabled: bool = False
+    scheme: Literal["label", "signal", "auto"] = "auto"
+    fraction: float = Field(default=0.05, gt=0.0, le=0.5)
+    max_confidence: float = Field(default=0.9, gt=0.0, le=1.0)
+    amplitude: float = Field(default=0.1, gt=0.0, le=0.5)
+    trigger_max_records: int = Field(default=1_000_000, ge=1)
+    trigger_max_bytes: int = Field(default=1 << 30, ge=4096)
+
+
 class ModelConfig(_Strict):
     """Per-model settings chosen at pack time; the private tier's copy is authoritative."""
 
@@ -72,12 +93,25 @@ class ModelConfig(_Strict):
     transport_datatype: Literal["FP16", "FP32"] = "FP16"
     labels: list[str] | None = None
     max_batch_size: int = Field(default=64, ge=1, le=4096)
+    # Private tier's copy only: the public tier's config never says how answers are marked.
+    watermark: WatermarkConfig | None = None
 
     @model_validator(mode="after")
     def _policy_fits_task(self) -> ModelConfig:
         allowed = {"classification": {"topk", "label"}, "embedding": {"rounding"}}[self.task]
         if self.policy.kind not in allowed:
             raise ValueError(f"policy {self.policy.kind!r} does not fit task {self.task!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _watermark_fits_policy(self) -> ModelConfig:
+        mark = self.watermark
+        if mark is None or not mark.enabled:
+            return self
+        if self.task != "classification":
+            raise ValueError("a watermark needs a classifier (embeddings are not watermarked)")
+        if mark.scheme == "signal" and self.policy.kind != "topk":
+            raise ValueError("the signal watermark needs the topk policy (it marks scores)")
         return self
 
 

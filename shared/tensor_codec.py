@@ -32,6 +32,8 @@ _NUMPY_BY_DATATYPE: dict[str, np.dtype[Any]] = {
 }
 _DATATYPE_BY_KIND_SIZE = {(dt.kind, dt.itemsize): name for name, dt in _NUMPY_BY_DATATYPE.items()}
 NUMERIC_DATATYPES = frozenset(_NUMPY_BY_DATATYPE)
+# More dimensions than any model input has; NumPy itself stops at 64 (with a ValueError).
+MAX_RANK = 32
 
 
 def numpy_dtype(datatype: str) -> np.dtype[Any]:
@@ -69,10 +71,14 @@ def array_from_json(data: Any, datatype: str, shape: Sequence[int], *, max_eleme
     expected = element_count(shape)
     if expected > max_elements:
         raise PayloadTooLarge(f"shape {list(shape)} has {expected} elements; limit {max_elements}")
+    if isinstance(data, list) and len(data) > max_elements:  # refused before NumPy copies it
+        raise PayloadTooLarge(f"data has {len(data)} values; limit {max_elements}")
     try:
         raw = np.asarray(data)
     except (ValueError, TypeError):
         raise InvalidInput("data is not a rectangular array of numbers") from None
+    if raw.size > max_elements:
+        raise PayloadTooLarge(f"data has {raw.size} elements; limit {max_elements}")
     if raw.dtype.kind not in "biuf":
         raise InvalidInput(f"data must be numbers for datatype {datatype}")
     if raw.size != expected:
@@ -107,6 +113,10 @@ def from_proto(tensor: inference_pb2.Tensor) -> Any:
     """Decode a raw-bytes tensor without copying, checking its length against shape and dtype."""
     dtype = numpy_dtype(tensor.datatype)
     shape = tuple(tensor.shape)
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(
+            f"tensor {tensor.name!r}: {len(shape)} dimensions; at most {MAX_RANK} are allowed"
+        )
     if any(d < 0 for d in shape):
         raise InvalidInput(f"tensor {tensor.name!r}: negative dimension in shape {list(shape)}")
     expected = element_count(shape) * dtype.itemsize

@@ -26,7 +26,6 @@ from statistics import NormalDist
 
 import numpy as np
 import numpy.typing as npt
-from scipy import stats
 
 from public_api.monitor.config import MonitorConfig
 from public_api.monitor.profile import ReferenceProfile
@@ -182,7 +181,9 @@ def prada_signal(state: ModelState, config: MonitorConfig) -> Signal | None:
     if len(window) < config.prada_min_distances or float(np.ptp(window)) == 0.0:
         return None
     if state.prada_w is None or state.distance_count - state.prada_w_at >= PRADA_EVERY:
-        state.prada_w = float(stats.shapiro(window.astype(np.float64)).statistic)
+        from scipy.stats import shapiro  # heavy: imported on first use, not by the CLI
+
+        state.prada_w = float(shapiro(window.astype(np.float64)).statistic)
         state.prada_w_at = state.distance_count
     w = state.prada_w
     value = ramp(config.prada_threshold - w, 0.0, config.prada_threshold - config.prada_floor)

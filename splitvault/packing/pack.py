@@ -20,7 +20,14 @@ import torch
 from torch.export import ExportedProgram
 from tqdm import tqdm
 
-from shared.crypto import encrypt_stream
+from private_core.watermark.keys import (
+    WATERMARK_KEY_FILE,
+    WatermarkKey,
+    WatermarkKeyError,
+    load_key,
+    save_key,
+)
+from shared.crypto import DecryptionError, encrypt_stream
 from shared.keys import KeyProvider
 from shared.layout import BACK_FILE, FRONT_FILE, REFERENCE_FILE, DeployLayout
 from shared.manifest import (
@@ -32,6 +39,7 @@ from shared.manifest import (
     StageManifest,
     TensorSpec,
     TierCount,
+    WatermarkConfig,
     write_json,
 )
 from shared.tensor_codec import datatype_of
@@ -61,6 +69,7 @@ def pack_spec(
     transport_datatype: str = "FP16",
     max_batch_size: int = 64,
     show_progress: bool = True,
+    watermark: WatermarkConfig | None = None,
 ) -> PackResult:
     """Trace ``spec``, cut it after ``split`` and write both stages (front plain, back encrypted)."""
     if split not in dict(spec.module.named_modules()):
@@ -79,6 +88,7 @@ def pack_spec(
             spec.labels,
             spec.value_ranges,
             spec.reference_inputs,
+            watermark,
         )
         return _split_and_write(program, options, spec.dynamic_dims, layout, provider, steps)
 
@@ -112,6 +122,7 @@ class PackOptions:
     labels: list[str] | None = None
     value_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
     reference_inputs: dict[str, torch.Tensor] | None = None
+    watermark: WatermarkConfig | None = None
 
 
 def _split_and_write(
@@ -134,6 +145,7 @@ def _split_and_write(
             "transport_datatype": options.transport_datatype,
             "labels": options.labels,
             "max_batch_size": options.max_batch_size,
+            "watermark": options.watermark,
         }
     )
     result = _write_stages(pair, config, options.value_ranges, layout, provider, steps)
@@ -189,7 +201,8 @@ def _write_stages(
         torch_version=torch.__version__,
         forward_inputs=[b.name for b in pair.back_inputs if b.source.startswith("request:")],
     )
-    _write_model_files(front_dir, config, front_manifest)
+    # The public tier is not told how answers are watermarked.
+    _write_model_files(front_dir, config.model_copy(update={"watermark": None}), front_manifest)
     steps.update()
     steps.set_postfix_str("encrypting back")
     back_bytes = _serialize(pair.back)
@@ -216,9 +229,29 @@ def _write_stages(
         torch_version=torch.__version__,
     )
     del back_bytes
+    if config.task == "classification":
+        ensure_watermark_key(back_dir, provider)
     _write_model_files(back_dir, config, back_manifest)
     steps.update()
     return PackResult(config, public, private, front_path, back_path)
+
+
+def ensure_watermark_key(back_dir: Path, provider: KeyProvider) -> WatermarkKey:
+    """The model's watermark key, created (encrypted under the KEK) only if there is none.
+
+    A repack keeps the key, so copies made from earlier answers stay provable.
+    """
+    path = back_dir / WATERMARK_KEY_FILE
+    if path.exists():
+        try:
+            return load_key(path, provider)
+        except (WatermarkKeyError, DecryptionError):
+            raise ValueError(
+                f"{path} exists but does not decrypt under this KEK; move it away to make a new key"
+            ) from None
+    key = WatermarkKey.generate()
+    save_key(key, path, provider)
+    return key
 
 
 def _serialize(program: ExportedProgram) -> bytes:

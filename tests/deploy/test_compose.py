@@ -116,9 +116,8 @@ def test_each_tier_mounts_only_its_own_folder_read_only(
 ) -> None:
     mounts = _volumes(services[tier])
     assert mounts[0] == (f"deploy/{tier}", f"/deploy/{tier}", "ro")
-    # Besides its folder, only the public tier gets one writable named volume for its state.
-    expected_rest = [("public-state", "/deploy/public/state", "rw")] if tier == "public" else []
-    assert mounts[1:] == expected_rest
+    # Besides its read-only folder, each tier gets one writable named volume for its state.
+    assert mounts[1:] == [(f"{tier}-state", f"/deploy/{tier}/state", "rw")]
 
 
 def test_kek_is_a_secret_for_the_private_tier_only(

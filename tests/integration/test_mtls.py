@@ -20,6 +20,7 @@ from shared.layout import PRIVATE_IDENTITY, PUBLIC_IDENTITY
 from splitvault.deploy import load_ca
 from splitvault.pki import CertKeyPair, create_ca, issue_certificate
 from tests.conftest import DigitsFixture, Tiers
+from tests.support.processes import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -145,8 +146,15 @@ def test_other_identity_from_the_deployment_ca_is_denied(
     assert _code(_infer, channel) == denied
     assert _code(_status, channel) == denied
     assert _code(_health, channel) == denied
-    refusals = [e for e in tiers.private.events() if e.get("event") == "caller_refused"]
-    assert any(e.get("identities") == ["intruder"] for e in refusals)
+
+    def refused() -> bool:
+        events = tiers.private.events()
+        return any(
+            e.get("event") == "caller_refused" and e.get("identities") == ["intruder"]
+            for e in events
+        )
+
+    wait_for(refused, timeout=10, what="the private tier to log the refusal")
 
 
 def test_private_identity_may_only_check_health(tiers: Tiers, connect: Connect) -> None:

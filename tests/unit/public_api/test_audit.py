@@ -378,6 +378,54 @@ def test_a_failing_write_refuses_records_until_it_recovers(
     assert verify_chain(path) == VerifyResult(True, 2)
 
 
+def test_the_buffer_policy_accepts_up_to_its_bound_while_failing_then_writes_all(
+    path: Path, locked: sqlite3.Connection
+) -> None:
+    trail = AuditTrail.open(
+        path, busy_timeout_s=0.05, retry_interval_s=0.05, on_failure="buffer", buffer_max=5
+    )
+    trail.append(_record(0))
+    _wait_for(lambda: trail.failure is not None)
+    trail.check_accepting()  # failing, but the buffer has room
+    for i in range(1, 5):
+        trail.append(_record(i))
+    assert trail.pending == 5
+    with pytest.raises(Unavailable, match=r"buffer of 5 records is full: .*database is locked"):
+        trail.check_accepting()
+    with pytest.raises(Unavailable, match="buffer of 5 records is full"):
+        trail.append(_record(5))
+    locked.execute("COMMIT")
+    _wait_for(lambda: trail.failure is None and trail.pending == 0)
+    trail.append(_record(6))
+    trail.close()
+    assert trail.written == 6
+    assert verify_chain(path) == VerifyResult(True, 6)
+    assert [r["request_id"] for r in export_records(path, "k_0000000a")] == [
+        f"req-{i}" for i in (0, 1, 2, 3, 4, 6)
+    ]
+
+
+def test_the_refuse_policy_refuses_before_any_work_while_failing(
+    path: Path, locked: sqlite3.Connection
+) -> None:
+    trail = AuditTrail.open(path, busy_timeout_s=0.05, retry_interval_s=0.05)
+    trail.check_accepting()
+    trail.append(_record(0))
+    _wait_for(lambda: trail.failure is not None)
+    with pytest.raises(Unavailable, match="audit trail cannot write"):
+        trail.check_accepting()
+    locked.execute("COMMIT")
+    _wait_for(lambda: trail.failure is None)
+    trail.check_accepting()
+    trail.close()
+    assert verify_chain(path) == VerifyResult(True, 1)
+
+
+def test_an_unknown_failure_policy_is_refused(path: Path) -> None:
+    with pytest.raises(ValueError, match="failure policy"):
+        AuditTrail.open(path, on_failure="drop")  # type: ignore[arg-type]
+
+
 def test_a_permanent_failure_is_reported_and_close_says_what_was_lost(path: Path) -> None:
     trail = AuditTrail.open(path, retry_interval_s=0.05)
     trail.append(_record(0))

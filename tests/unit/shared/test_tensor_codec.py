@@ -10,6 +10,7 @@ import pytest
 from protos import inference_pb2
 from shared.errors import InvalidInput, PayloadTooLarge
 from shared.tensor_codec import (
+    MAX_RANK,
     NUMERIC_DATATYPES,
     array_from_json,
     datatype_of,
@@ -205,6 +206,20 @@ def test_max_elements_is_payload_too_large() -> None:
 def test_a_huge_declared_shape_is_refused_before_reading_data() -> None:
     with pytest.raises(PayloadTooLarge):
         array_from_json([], "FP32", [10**9, 10**9], max_elements=BIG)
+
+
+def test_more_data_than_allowed_is_too_large_whatever_the_shape() -> None:
+    with pytest.raises(PayloadTooLarge, match="13 values; limit 12"):
+        array_from_json([0.0] * 13, "FP32", [2], max_elements=12)
+    with pytest.raises(PayloadTooLarge, match="16 elements; limit 12"):
+        array_from_json([[0.0] * 8, [0.0] * 8], "FP32", [2], max_elements=12)
+
+
+@pytest.mark.parametrize("shape", [[1] * (MAX_RANK + 1), [0] * 70, [1] * 100])
+def test_from_proto_refuses_more_dimensions_than_any_model_has(shape: list[int]) -> None:
+    tensor = inference_pb2.Tensor(name="x", datatype="FP16", shape=shape, data=b"\0\0")
+    with pytest.raises(InvalidInput, match=f"at most {MAX_RANK}"):
+        from_proto(tensor)
 
 
 def test_negative_dims_in_json_shape() -> None:

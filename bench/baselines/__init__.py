@@ -1,0 +1,1 @@
+"""Servers a user would deploy instead of splitvault, for ``bench/serving_comparison.py``."""

@@ -1,0 +1,1 @@
+"""Output watermarking in the private tier: keys, per-query decisions, trigger set."""

@@ -1,0 +1,122 @@
+"""A loaded model's watermark: its settings, key, per-query decisions and trigger log."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from private_core.watermark.keys import WatermarkKey
+from private_core.watermark.marks import QueryMarker, QueryMarks
+from private_core.watermark.triggers import TriggerLog, TriggerRecord, encode_inputs
+from shared.manifest import ModelConfig, WatermarkConfig
+
+Scheme = Literal["label", "signal"]
+
+
+def eligible(
+    probabilities: npt.NDArray[np.float64], max_confidence: float
+) -> npt.NDArray[np.bool_]:
+    """Queries the label watermark may select: top-1 probability below ``max_confidence``.
+
+    Where the model is unsure, a wrong label costs less accuracy (the model is often wrong
+    there anyway) and a copy learns it more readily (its boundary moves only a little).
+    """
+    if max_confidence >= 1.0:
+        return np.ones(len(probabilities), dtype=bool)
+    return np.asarray(probabilities.max(axis=1) < max_confidence, dtype=bool)
+
+
+def resolve_scheme(config: WatermarkConfig) -> Scheme:
+    """``auto`` means the label watermark (it marks every classifier policy)."""
+    return "signal" if config.scheme == "signal" else "label"
+
+
+@dataclass(frozen=True)
+class QueryContext:
+    """Who asked: the request id and API key id the public tier sent (empty if none)."""
+
+    request_id: str = ""
+    key_id: str = ""
+
+    @classmethod
+    def of(cls, request: Any) -> QueryContext:
+        """From an ``InferRequest`` (``key_id`` only where the proto carries it)."""
+        return cls(
+            str(getattr(request, "request_id", "") or ""), str(getattr(request, "key_id", "") or "")
+        )
+
+
+@dataclass(frozen=True)
+class Marking:
+    """What the output policy needs to watermark one request's answer."""
+
+    scheme: Scheme
+    marks: QueryMarks
+    amplitude: float
+
+
+class ModelWatermark:
+    """Marks a model's answers and keeps its trigger set."""
+
+    def __init__(
+        self, config: ModelConfig, key: WatermarkKey, trigger_dir: Path | None = None
+    ) -> None:
+        if config.watermark is None:
+            raise ValueError(f"model {config.name!r} has no watermark settings")
+        self.model, self.settings, self.key = config.name, config.watermark, key
+        self.scheme = resolve_scheme(self.settings)
+        self.marker = QueryMarker(key, self.settings.fraction)
+        self.triggers = (
+            None
+            if trigger_dir is None
+            else TriggerLog(
+                trigger_dir / config.name,
+                config.name,
+                key,
+                self.settings.trigger_max_records,
+                self.settings.trigger_max_bytes,
+            )
+        )
+
+    def marking(self, inputs: Mapping[str, Any], probabilities: npt.NDArray[np.float64]) -> Marking:
+        """The decisions for one request's samples; ``probabilities`` are the model's own."""
+        marks = self.marker.marks(inputs)
+        if self.scheme == "label":
+            uncertain = eligible(probabilities, self.settings.max_confidence)
+            marks = replace(marks, selected=marks.selected & uncertain)
+        return Marking(self.scheme, marks, self.settings.amplitude)
+
+    def record(
+        self,
+        marking: Marking,
+        inputs: Mapping[str, Any],
+        top1: npt.NDArray[np.int64],
+        answered: npt.NDArray[np.int64],
+        context: QueryContext | None,
+    ) -> int:
+        """Keep the label-watermarked samples of one request; returns how many."""
+        if self.triggers is None or marking.scheme != "label":
+            return 0
+        context = context or QueryContext()
+        now = time.time()
+        records = [
+            TriggerRecord(
+                time=now,
+                model=self.model,
+                query_id=marking.marks.ids[row].hex(),
+                label=int(top1[row]),
+                answer=int(answered[row]),
+                request_id=context.request_id,
+                key_id=context.key_id,
+                inputs=encode_inputs({n: np.asarray(a)[row] for n, a in inputs.items()}),
+            )
+            for row in np.flatnonzero(marking.marks.selected)
+        ]
+        self.triggers.append(records)
+        return len(records)

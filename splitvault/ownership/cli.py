@@ -1,0 +1,235 @@
+"""Commands: ``verify-ownership``, ``evidence`` and ``watermark show|enable|disable|triggers``.
+
+Heavy imports (torch, the stores) happen when a command runs, so the CLI stays quick to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from splitvault.ownership.owner import OwnerModel
+    from splitvault.ownership.verify import Verification
+
+
+def add_ownership_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``verify-ownership``, ``evidence`` and ``watermark`` to the ``splitvault`` parser."""
+    verify = commands.add_parser(
+        "verify-ownership", help="test whether a suspect model was trained on our answers"
+    )
+    _model_args(verify)
+    _suspect_args(verify, required=True)
+    verify.add_argument("--json", type=Path, help="also write the result as JSON here")
+    verify.set_defaults(run=_verify)
+    evidence = commands.add_parser("evidence", help="an API key's evidence report (HTML + JSON)")
+    _model_args(evidence)
+    evidence.add_argument("--key", required=True, help="API key id or name")
+    evidence.add_argument("--out", required=True, type=Path, help="folder for the report")
+    evidence.add_argument(
+        "--flag-threshold", type=float, default=0.5, help="monitor score shown as flagged"
+    )
+    _suspect_args(evidence, required=False)
+    evidence.set_defaults(run=_evidence)
+    _add_watermark(commands)
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="the deployed model's name")
+    parser.add_argument("--deploy", required=True, type=Path, help="the deployment folder")
+    parser.add_argument("--kek-file", type=Path, help="KEK (default DEPLOY/secrets/kek)")
+
+
+def _suspect_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--suspect", required=required, help="v2 REST URL, or a .pt2 / TorchScript model file"
+    )
+    parser.add_argument(
+        "--inputs",
+        type=Path,
+        required=required,
+        help="candidate inputs (.npy, or .npz by input name), fixed before querying the suspect",
+    )
+    parser.add_argument("--suspect-model", help="the model's name at the suspect's endpoint")
+    parser.add_argument("--api-key", help="API key for the suspect's endpoint")
+    parser.add_argument("--ca", type=Path, help="CA certificate of the suspect's endpoint")
+    parser.add_argument(
+        "--scheme", choices=["auto", "label", "signal", "all"], default="auto", help="tests to run"
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=2.0**-64, help="claim below this p-value (default 2^-64)"
+    )
+    parser.add_argument("--fraction", type=float, help="label fraction in force when answered")
+    parser.add_argument(
+        "--max-confidence", type=float, help="label max_confidence in force when answered"
+    )
+
+
+def _add_watermark(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    watermark = commands.add_parser("watermark", help="a model's watermark settings and triggers")
+    actions = watermark.add_subparsers(dest="action", required=True)
+    show = actions.add_parser("show", help="settings, key id and trigger log size")
+    _model_args(show)
+    show.set_defaults(run=_watermark_show)
+    enable = actions.add_parser("enable", help="turn on (restart the private tier after)")
+    _model_args(enable)
+    enable.add_argument("--scheme", choices=["auto", "label", "signal"], default=None)
+    enable.add_argument("--fraction", type=float, help="label: share of eligible queries (0.05)")
+    enable.add_argument(
+        "--max-confidence", type=float, help="label: eligible below this top-1 probability (0.9)"
+    )
+    enable.add_argument("--amplitude", type=float, help="signal: probability moved (0.1)")
+    enable.add_argument("--max-records", type=int, help="trigger log retention, records")
+    enable.add_argument("--max-bytes", type=int, help="trigger log retention, bytes")
+    enable.set_defaults(run=_watermark_enable)
+    disable = actions.add_parser("disable", help="turn off (restart the private tier after)")
+    _model_args(disable)
+    disable.set_defaults(run=_watermark_disable)
+    triggers = actions.add_parser("triggers", help="trigger records as JSON lines")
+    _model_args(triggers)
+    triggers.add_argument("--key", help="only this API key id")
+    triggers.add_argument("--with-inputs", action="store_true", help="include the activations")
+    triggers.set_defaults(run=_watermark_triggers)
+
+
+def _owner(args: argparse.Namespace) -> OwnerModel:
+    from splitvault.ownership.owner import OwnerModel
+
+    return OwnerModel(args.deploy, args.model, args.kek_file)
+
+
+def _run_verification(args: argparse.Namespace, owner: OwnerModel) -> Verification:
+    from splitvault.ownership.suspect import RestSuspect, open_suspect
+    from splitvault.ownership.verify import verify_ownership
+
+    inputs = owner.read_inputs(args.inputs)
+    suspect = open_suspect(
+        args.suspect,
+        model=args.suspect_model or args.model,
+        input_names=[spec.name for spec in owner.front_manifest.inputs],
+        api_key=args.api_key,
+        ca=args.ca,
+        top_k=owner.classes,
+    )
+    try:
+        return verify_ownership(
+            owner,
+            suspect,
+            inputs,
+            schemes=args.scheme,
+            alpha=args.alpha,
+            fraction=args.fraction,
+            max_confidence=args.max_confidence,
+        )
+    finally:
+        if isinstance(suspect, RestSuspect):
+            suspect.close()
+
+
+def _verify(args: argparse.Namespace) -> int:
+    result = _run_verification(args, _owner(args))
+    print(result.text())
+    if args.json is not None:
+        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n", "utf-8")
+    return 0 if result.claimed else 1
+
+
+def _evidence(args: argparse.Namespace) -> int:
+    from splitvault.ownership.evidence import build_evidence, write_evidence
+
+    if (args.suspect is None) != (args.inputs is None):
+        raise ValueError("--suspect and --inputs go together")
+    owner = _owner(args)
+    verification = None if args.suspect is None else _run_verification(args, owner)
+    evidence = build_evidence(args.deploy, args.key, owner, verification, args.flag_threshold)
+    json_path, html_path = write_evidence(evidence, args.out)
+    print(
+        f"audit trail: {evidence['audit']['status']}; trigger log: {evidence['triggers']['status']}"
+    )
+    if verification is not None:
+        print(verification.text())
+    print(f"wrote {html_path} and {json_path}")
+    return 0
+
+
+def _private_config(args: argparse.Namespace) -> Path:
+    from shared.layout import DeployLayout
+    from shared.manifest import CONFIG_FILE
+
+    path = DeployLayout(args.deploy).private.model(args.model) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no model {args.model!r} in {args.deploy}/private")
+    return path
+
+
+def _watermark_show(args: argparse.Namespace) -> int:
+    from shared.manifest import read_config
+
+    config = read_config(_private_config(args).parent)
+    owner = _owner(args)
+    count = sum(1 for _ in _triggers(owner))
+    settings = config.watermark.model_dump() if config.watermark else {"enabled": False}
+    print(f"model {args.model!r} watermark: {json.dumps(settings)}")
+    print(f"watermark key id {owner.key.key_id}; trigger log {owner.trigger_dir}: {count} records")
+    return 0
+
+
+def _watermark_enable(args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = {"enabled": True}
+    for name, value in (
+        ("scheme", args.scheme),
+        ("fraction", args.fraction),
+        ("max_confidence", args.max_confidence),
+        ("amplitude", args.amplitude),
+        ("trigger_max_records", args.max_records),
+        ("trigger_max_bytes", args.max_bytes),
+    ):
+        if value is not None:
+            changes[name] = value
+    return _update_watermark(args, changes)
+
+
+def _watermark_disable(args: argparse.Namespace) -> int:
+    return _update_watermark(args, {"enabled": False})
+
+
+def _update_watermark(args: argparse.Namespace, changes: dict[str, Any]) -> int:
+    """Change the private config's watermark settings; make the key if there is none."""
+    from shared.keys import LocalFileKeyProvider
+    from shared.layout import DeployLayout
+    from shared.manifest import ModelConfig, WatermarkConfig, read_config, write_json
+    from splitvault.packing.pack import ensure_watermark_key
+
+    path = _private_config(args)
+    config = read_config(path.parent)
+    current = config.watermark.model_dump() if config.watermark else {}
+    watermark = WatermarkConfig.model_validate({**current, **changes})
+    updated = ModelConfig.model_validate({**config.model_dump(), "watermark": watermark})
+    provider = LocalFileKeyProvider.load(args.kek_file or DeployLayout(args.deploy).kek)
+    key = ensure_watermark_key(path.parent, provider)
+    write_json(path, updated)
+    print(f"model {args.model!r} watermark: {watermark.model_dump_json()} (key id {key.key_id})")
+    print("restart the private tier to apply it")
+    return 0
+
+
+def _triggers(owner: OwnerModel) -> Any:
+    from private_core.watermark.triggers import read_triggers
+
+    return read_triggers(owner.trigger_dir, owner.name, owner.key)
+
+
+def _watermark_triggers(args: argparse.Namespace) -> int:
+    owner = _owner(args)
+    for record in _triggers(owner):
+        if args.key is not None and record.key_id != args.key:
+            continue
+        item = asdict(record)
+        if not args.with_inputs:
+            del item["inputs"]
+        sys.stdout.write(json.dumps(item, separators=(",", ":")) + "\n")
+    return 0

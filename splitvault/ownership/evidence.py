@@ -1,0 +1,167 @@
+"""``splitvault evidence``: one API key's record, for legal use, as JSON and offline HTML.
+
+Sections: the key and its terms-of-service acceptances; its query timeline from the audit
+trail with the extraction monitor's scores and flags; the audit chain's verification (a
+tampered trail makes that section say FAILED, and the timeline is marked untrusted); the
+watermark trigger records the private tier kept for the key; and, when a suspect is given,
+the ownership verification against it. The HTML has no external assets and carries the
+SHA-256 of the JSON it was made with.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections import Counter
+from contextlib import closing
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from private_core.watermark.triggers import TriggerLogError, read_triggers
+from shared.layout import DeployLayout
+from splitvault.ownership.owner import OwnerModel
+from splitvault.ownership.report_html import render_html
+from splitvault.ownership.verify import Verification
+
+JSON_FILE, HTML_FILE = "evidence.json", "evidence.html"
+
+
+def _state(deploy: Path) -> Path:
+    state = DeployLayout(deploy).public.root / "state"
+    if not state.is_dir():
+        raise FileNotFoundError(f"{state} does not exist: no public-tier state in {deploy}")
+    return state
+
+
+def key_section(deploy: Path, key: str) -> dict[str, Any]:
+    """The key (by id or name) and every terms acceptance it made."""
+    from public_api.keys import KEYS_DB, SqliteKeyStore
+
+    path = _state(deploy) / KEYS_DB
+    if not path.is_file():
+        raise FileNotFoundError(f"no key store at {path}")
+    with closing(SqliteKeyStore(path)) as store:
+        found = store.get(key) or next((k for k in store.list() if k.name == key), None)
+        if found is None:
+            raise ValueError(f"no API key with id or name {key!r}")
+        return {"key": asdict(found), "terms_acceptances": store.acceptances(found.key_id)}
+
+
+def audit_section(deploy: Path, key_id: str, flag_threshold: float) -> dict[str, Any]:
+    """Chain verification, the key's records, and an hourly timeline with monitor flags."""
+    from public_api.audit import AUDIT_DB, export_records, head, verify_chain
+
+    path = _state(deploy) / AUDIT_DB
+    if not path.is_file():
+        return {"status": "FAILED", "problem": f"no audit trail at {path}", "records": []}
+    result = verify_chain(path)
+    records = list(export_records(path, key_id))
+    seq, digest = head(path)
+    flagged = [r for r in records if (r["monitor_score"] or 0.0) >= flag_threshold]
+    blocked = [r for r in records if r["decision"] == "blocked"]
+    return {
+        "status": "OK" if result.ok else "FAILED",
+        "problem": result.problem,
+        "first_bad_seq": result.first_bad_seq,
+        "trail_records": result.records,
+        "head": {"seq": seq, "hash": digest},
+        "flag_threshold": flag_threshold,
+        "first_flagged": flagged[0]["time"] if flagged else None,
+        "first_blocked": blocked[0]["time"] if blocked else None,
+        "timeline": _hourly(records, flag_threshold),
+        "records": records,
+    }
+
+
+def _hourly(records: list[dict[str, Any]], flag_threshold: float) -> list[dict[str, Any]]:
+    buckets: dict[int, dict[str, Any]] = {}
+    for record in records:
+        hour = int(record["time"] // 3600) * 3600
+        bucket = buckets.setdefault(
+            hour,
+            {"hour": hour, "requests": 0, "samples": 0, "decisions": Counter(), "max_score": 0.0},
+        )
+        bucket["requests"] += 1
+        bucket["samples"] += _samples(record["answer"])
+        bucket["decisions"][record["decision"]] += 1
+        bucket["max_score"] = max(bucket["max_score"], record["monitor_score"] or 0.0)
+    for bucket in buckets.values():
+        bucket["decisions"] = dict(bucket["decisions"])
+        bucket["flagged"] = bucket["max_score"] >= flag_threshold
+    return [buckets[hour] for hour in sorted(buckets)]
+
+
+def _samples(answer: str | None) -> int:
+    if not answer:
+        return 0
+    try:
+        parsed = json.loads(answer)
+    except ValueError:
+        return 1
+    return len(parsed) if isinstance(parsed, list) else int(parsed.get("shape", [1])[0])
+
+
+def monitor_section(deploy: Path, key_id: str) -> dict[str, Any]:
+    """The extraction monitor's latest assessment of the key."""
+    from public_api.monitor import read_assessments
+    from public_api.monitor.cli import MONITOR_DB
+
+    found = read_assessments(_state(deploy) / MONITOR_DB, key_id)
+    return {"assessment": asdict(found[0]) if found else None}
+
+
+def trigger_section(owner: OwnerModel, key_id: str, request_ids: set[str]) -> dict[str, Any]:
+    """The watermark labels the private tier recorded as answered to this key: records with its
+    key id, or without a key id but with the request id of one of its audited requests."""
+    kept: list[dict[str, Any]] = []
+    try:
+        for record in read_triggers(owner.trigger_dir, owner.name, owner.key):
+            if record.key_id == key_id:
+                linked = "key id"
+            elif not record.key_id and record.request_id in request_ids:
+                linked = "request id"
+            else:
+                continue
+            item = asdict(record)
+            del item["inputs"]
+            kept.append({**item, "linked_by": linked})
+    except (TriggerLogError, OSError) as error:
+        return {"status": "FAILED", "problem": str(error), "records": kept}
+    return {"status": "OK", "problem": None, "records": kept}
+
+
+def build_evidence(
+    deploy: Path,
+    key: str,
+    owner: OwnerModel,
+    verification: Verification | None,
+    flag_threshold: float,
+) -> dict[str, Any]:
+    """Everything the report shows, as JSON-serialisable data."""
+    keys = key_section(deploy, key)
+    key_id = keys["key"]["key_id"]
+    audit = audit_section(deploy, key_id, flag_threshold)
+    request_ids = {r["request_id"] for r in audit["records"] if r.get("request_id")}
+    return {
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "model": owner.name,
+        "watermark_key_id": owner.key.key_id,
+        "api_key": keys,
+        "audit": audit,
+        "monitor": monitor_section(deploy, key_id),
+        "triggers": trigger_section(owner, key_id, request_ids),
+        "verification": None if verification is None else verification.to_json(),
+        "verification_text": None if verification is None else verification.text(),
+    }
+
+
+def write_evidence(evidence: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """Write ``evidence.json`` and ``evidence.html`` (which names the JSON's SHA-256)."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(evidence, indent=2, sort_keys=True).encode("utf-8")
+    json_path, html_path = out / JSON_FILE, out / HTML_FILE
+    json_path.write_bytes(data)
+    html_path.write_text(render_html(evidence, hashlib.sha256(data).hexdigest()), "utf-8")
+    return json_path, html_path

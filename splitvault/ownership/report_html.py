@@ -1,0 +1,168 @@
+"""The evidence report as one self-contained HTML page (inline CSS, no scripts, no links out)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+from collections.abc import Sequence
+from typing import Any
+
+_CSS = """
+body{font-family:Georgia,serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#111}
+h1{font-size:1.5rem}h2{font-size:1.15rem;border-bottom:1px solid #999;margin-top:2rem}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}
+td,th{border:1px solid #bbb;padding:.2rem .5rem;text-align:left;vertical-align:top}
+.ok{color:#064;font-weight:bold}.failed{color:#a00;font-weight:bold}
+code,pre{font-family:monospace;font-size:.85rem}pre{white-space:pre-wrap}
+"""
+TIMELINE_ROWS = 500
+
+
+def _e(value: Any) -> str:
+    return html.escape("-" if value is None else str(value))
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _status(status: str) -> str:
+    css = "ok" if status == "OK" else "failed"
+    return f'<span class="{css}">{_e(status)}</span>'
+
+
+def _key(section: dict[str, Any]) -> str:
+    key = section["key"]
+    rows = [
+        ("key id", key["key_id"]),
+        ("name", key["name"]),
+        ("created", _when(key["created_at"])),
+        ("revoked", _when(key["revoked_at"])),
+    ]
+    accepted = [
+        (a["version"], a["terms_sha256"], a["client_address"], _when(a["accepted_at"]))
+        for a in section["terms_acceptances"]
+    ]
+    terms = (
+        _table(("terms version", "terms SHA-256", "client address", "accepted at"), accepted)
+        if accepted
+        else "<p>This key never accepted the terms of service.</p>"
+    )
+    return "<h2>1. API key and terms of service</h2>" + _table(("", ""), rows) + terms
+
+
+def _audit(section: dict[str, Any]) -> str:
+    parts = [f"<h2>2. Audit trail verification: {_status(section['status'])}</h2>"]
+    if section["status"] != "OK":
+        parts.append(
+            f"<p class='failed'>The hash chain FAILED verification: {_e(section['problem'])}. "
+            "The timeline below comes from a trail that was altered and is not evidence.</p>"
+        )
+    else:
+        head = section["head"]
+        parts.append(
+            f"<p>{_e(section['trail_records'])} records, chain intact. Head: record "
+            f"{_e(head['seq'])}, hash <code>{_e(head['hash'])}</code> (compare with an anchored "
+            "copy).</p>"
+        )
+    return "".join(parts)
+
+
+def _timeline(section: dict[str, Any], monitor: dict[str, Any]) -> str:
+    records = section.get("records", [])
+    rows = [
+        (
+            _when(b["hour"]),
+            b["requests"],
+            b["samples"],
+            ", ".join(f"{k}: {v}" for k, v in sorted(b["decisions"].items())),
+            f"{b['max_score']:.2f}",
+            "FLAGGED" if b["flagged"] else "",
+        )
+        for b in section.get("timeline", [])[:TIMELINE_ROWS]
+    ]
+    assessment = monitor.get("assessment")
+    latest = (
+        "<p>No monitor assessment for this key.</p>"
+        if assessment is None
+        else f"<p>Latest monitor assessment: level <b>{_e(assessment['level'])}</b>, score "
+        f"{assessment['score']:.2f} after {_e(assessment['queries'])} queries "
+        f"({_when(assessment['updated_at'])}); reasons: {_e('; '.join(assessment['reasons']))}.</p>"
+    )
+    first = records[0]["time"] if records else None
+    last = records[-1]["time"] if records else None
+    return (
+        "<h2>3. Query timeline and extraction monitor</h2>"
+        f"<p>{len(records)} requests from {_when(first)} to {_when(last)}; first flagged "
+        f"(score &ge; {section.get('flag_threshold', '-')}) {_when(section.get('first_flagged'))}, "
+        f"first blocked {_when(section.get('first_blocked'))}. Hourly:</p>"
+        + _table(("hour", "requests", "samples", "decisions", "max score", "flag"), rows)
+        + latest
+    )
+
+
+def _triggers(section: dict[str, Any]) -> str:
+    records = section["records"]
+    rows = [
+        (
+            _when(r["time"]),
+            r["request_id"],
+            r["linked_by"],
+            r["query_id"][:16],
+            r["label"],
+            r["answer"],
+        )
+        for r in records[:TIMELINE_ROWS]
+    ]
+    status = "" if section["status"] == "OK" else f" {_status(section['status'])}"
+    problem = f"<p class='failed'>{_e(section['problem'])}</p>" if section["problem"] else ""
+    return (
+        f"<h2>4. Watermarked answers served to this key{status}</h2>{problem}"
+        f"<p>{len(records)} answers carried a watermark label (kept encrypted in the private "
+        "tier).</p>"
+        + _table(
+            ("time", "request id", "linked by", "query id", "model's class", "class answered"), rows
+        )
+    )
+
+
+def _verification(evidence: dict[str, Any]) -> str:
+    text = evidence.get("verification_text")
+    if text is None:
+        return "<h2>5. Ownership verification</h2><p>No suspect was given.</p>"
+    verdict = "CLAIMED" if evidence["verification"]["claimed"] else "NOT CLAIMED"
+    css = "ok" if verdict == "CLAIMED" else "failed"
+    return (
+        f'<h2>5. Ownership verification: <span class="{css}">{verdict}</span></h2>'
+        f"<pre>{_e(text)}</pre>"
+    )
+
+
+def render_html(evidence: dict[str, Any], json_sha256: str) -> str:
+    """The whole report."""
+    title = f"Evidence: API key {evidence['api_key']['key']['key_id']}, model {evidence['model']}"
+    body = "".join(
+        (
+            f"<h1>{_e(title)}</h1>",
+            f"<p>Generated {_e(evidence['generated_at'])}. Watermark key id "
+            f"<code>{_e(evidence['watermark_key_id'])}</code>. Data: <code>evidence.json</code>, "
+            f"SHA-256 <code>{_e(json_sha256)}</code>.</p>",
+            _key(evidence["api_key"]),
+            _audit(evidence["audit"]),
+            _timeline(evidence["audit"], evidence["monitor"]),
+            _triggers(evidence["triggers"]),
+            _verification(evidence),
+        )
+    )
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+        f"<style>{_CSS}</style></head><body>{body}</body></html>\n"
+    )

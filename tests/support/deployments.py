@@ -1,0 +1,22 @@
+"""Copies of the session deployment that a test may change (keys, certificates, KEK)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Collection
+from pathlib import Path
+
+from shared.layout import DeployLayout
+
+
+def copy_deployment(
+    source: DeployLayout, target: Path, *, skip_models: Collection[str] = ("minilm",)
+) -> DeployLayout:
+    """Copy ``source`` to ``target`` without the models named in ``skip_models`` (both tiers)."""
+    models = {source.public.models, source.private.models}
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        return [name for name in names if Path(folder) in models and name in skip_models]
+
+    shutil.copytree(source.root, target, ignore=ignore)
+    return DeployLayout(target)

@@ -1,0 +1,89 @@
+"""Helpers for tests that run their own tiers on a copy of the session deployment."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from public_api.keys import STATE_DIR
+from shared.layout import DeployLayout
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+THREADS = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
+PROTECTION = "SPLITVAULT_PUBLIC_PROTECTION__"
+# Limits out of the way and a monitor that only records: these tests are about faults.
+NO_LIMITS = {
+    f"{PROTECTION}KEY_LIMITS__RATE_PER_S": "100000",
+    f"{PROTECTION}KEY_LIMITS__BURST": "100000",
+    f"{PROTECTION}KEY_LIMITS__DAILY_QUOTA": "10000000",
+    f"{PROTECTION}IP_LIMITS__RATE_PER_S": "100000",
+    f"{PROTECTION}IP_LIMITS__BURST": "100000",
+    f"{PROTECTION}MONITOR_ACTION": "record",
+}
+
+
+def copy_deployment(source: Path, destination: Path, skip_models: set[str]) -> DeployLayout:
+    """A copy of ``source`` without ``skip_models`` and without the public tier's state."""
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        folder = Path(directory)
+        if folder.name == "models":
+            return skip_models & set(names)
+        if folder.name == "public":
+            return {STATE_DIR} & set(names)
+        return set()
+
+    shutil.copytree(source, destination, ignore=ignore)
+    return DeployLayout(destination)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def https(layout: DeployLayout, port: int, key: str | None = None, **kwargs: Any) -> httpx.Client:
+    """An HTTPS client for a public tier of ``layout`` on ``port``, sending ``key``."""
+    context = ssl.create_default_context(cafile=str(layout.public.ca_cert))
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    kwargs.setdefault("timeout", 30.0)
+    return httpx.Client(
+        base_url=f"https://localhost:{port}", verify=context, headers=headers, **kwargs
+    )
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process, from /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def cli(*args: str, deploy: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m splitvault ARGS --deploy DEPLOY``."""
+    command = [sys.executable, "-m", "splitvault", *args, "--deploy", str(deploy)]
+    return subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def poll(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> float:
+    """Wait until ``condition()``; returns the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - started
