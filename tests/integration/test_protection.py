@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import re
-import shutil
 import sqlite3
 import ssl
 import subprocess
@@ -36,6 +35,7 @@ from public_api.monitor import read_assessments
 from public_api.monitor.cli import add_monitor_commands, monitor_log_path
 from shared.layout import DeployLayout
 from tests.conftest import Deployment, DigitsFixture, issue_key
+from tests.support.deployments import copy_deployment
 from tests.support.processes import TierProcess, start_private, start_public, wait_for
 
 pytestmark = pytest.mark.slow
@@ -88,22 +88,6 @@ KEYS: dict[str, dict[str, Any]] = {
 }
 
 
-def _skip_copied(directory: str, names: list[str]) -> set[str]:
-    """MiniLM in both tiers (CPU), and the session's public state (its keys and trail)."""
-    folder = Path(directory)
-    if folder.name == "models":
-        return {"minilm"} & set(names)
-    if folder.name == "public":
-        return {STATE_DIR} & set(names)
-    return set()
-
-
-def copy_deployment(deployment: Deployment, destination: Path) -> DeployLayout:
-    """A private copy of the session deployment, without MiniLM and without public state."""
-    shutil.copytree(deployment.root, destination, ignore=_skip_copied)
-    return DeployLayout(destination)
-
-
 @dataclass
 class Stack:
     """The module's deployment copy, its tiers and the keys issued in it."""
@@ -145,7 +129,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    layout = copy_deployment(deployment, tmp_path_factory.mktemp("protection") / "d")
+    destination = tmp_path_factory.mktemp("protection") / "d"
+    layout = copy_deployment(deployment.layout, destination, keep_public_state=False)
     keys = {name: issue_key(layout, name, **options) for name, options in KEYS.items()}
     private = start_private(layout.root, env=THREADS)
     try:

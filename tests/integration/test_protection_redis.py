@@ -7,21 +7,19 @@ public tiers with ``rate_limit_backend = "redis"``; the same API key is used thr
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
-from public_api.keys import STATE_DIR
 from shared.layout import DeployLayout
 from tests.conftest import Deployment, DigitsFixture, issue_key
+from tests.support.deployments import copy_deployment
 from tests.support.processes import TierProcess, start_private, start_public
 from tests.support.redis_server import RedisServer, redis_server_fixture
 
@@ -35,16 +33,6 @@ INFER = "/v2/models/digits/infer"
 LINK = '</v1/terms>; rel="terms-of-service"'
 
 redis_server = redis_server_fixture(scope="module")
-
-
-def _skip_copied(directory: str, names: list[str]) -> set[str]:
-    """MiniLM in both tiers (CPU), and the session's public state (its keys and trail)."""
-    folder = Path(directory)
-    if folder.name == "models":
-        return {"minilm"} & set(names)
-    if folder.name == "public":
-        return {STATE_DIR} & set(names)
-    return set()
 
 
 @dataclass
@@ -71,7 +59,7 @@ def stack(
     deployment: Deployment, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RedisStack]:
     root = tmp_path_factory.mktemp("protection-redis") / "d"
-    shutil.copytree(deployment.root, root, ignore=_skip_copied)
+    copy_deployment(deployment.layout, root, keep_public_state=False)
     layout = DeployLayout(root)
     keys = {name: issue_key(layout, name) for name in ("shared", "outage")}
     env = {

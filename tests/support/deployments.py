@@ -10,12 +10,21 @@ from shared.layout import DeployLayout
 
 
 def copy_deployment(
-    source: DeployLayout, target: Path, *, skip_models: Collection[str] = ("minilm",)
+    source: DeployLayout,
+    target: Path,
+    *,
+    skip_models: Collection[str] = ("minilm",),
+    keep_public_state: bool = True,
 ) -> DeployLayout:
-    """Copy ``source`` to ``target`` without the models named in ``skip_models`` (both tiers)."""
+    """Copy ``source`` to ``target`` without the models named in ``skip_models`` (both tiers).
+
+    Without ``keep_public_state`` the copy starts with no keys, acceptances or audit trail.
+    """
     models = {source.public.models, source.private.models}
 
     def ignore(folder: str, names: list[str]) -> list[str]:
+        if Path(folder) == source.public.root and not keep_public_state:
+            return [name for name in names if name == "state"]
         return [name for name in names if Path(folder) in models and name in skip_models]
 
     shutil.copytree(source.root, target, ignore=ignore)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
 import subprocess
@@ -14,8 +13,8 @@ from typing import Any
 
 import httpx
 
-from public_api.keys import STATE_DIR
 from shared.layout import DeployLayout
+from tests.support import deployments
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 THREADS = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
@@ -33,17 +32,9 @@ NO_LIMITS = {
 
 def copy_deployment(source: Path, destination: Path, skip_models: set[str]) -> DeployLayout:
     """A copy of ``source`` without ``skip_models`` and without the public tier's state."""
-
-    def ignore(directory: str, names: list[str]) -> set[str]:
-        folder = Path(directory)
-        if folder.name == "models":
-            return skip_models & set(names)
-        if folder.name == "public":
-            return {STATE_DIR} & set(names)
-        return set()
-
-    shutil.copytree(source, destination, ignore=ignore)
-    return DeployLayout(destination)
+    return deployments.copy_deployment(
+        DeployLayout(source), destination, skip_models=skip_models, keep_public_state=False
+    )
 
 
 def free_port() -> int:
