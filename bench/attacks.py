@@ -25,7 +25,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from splitvault.demo.digits import DigitsCNN
+from splitvault.demo.digits import fit
 
 Images = npt.NDArray[np.float32]  # (n, 1, 8, 8) in [0, 1]
 Labels = npt.NDArray[np.int64]
@@ -92,18 +92,9 @@ def train_copy(
     At least ``epochs`` passes and ``min_updates`` optimiser steps (small sets need many).
     """
     images, targets = transcript.soft_targets()
-    torch.manual_seed(seed)
-    model = DigitsCNN()
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, y = torch.from_numpy(images), torch.from_numpy(targets)
     steps = max(epochs, math.ceil(min_updates / max(1, math.ceil(len(x) / 64))))
-    for _ in range(steps):
-        for batch in torch.randperm(len(x)).split(64):  # type: ignore[no-untyped-call]
-            optimiser.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimiser.step()
-    return model.eval()
+    return fit(x, y, steps, seed)
 
 
 def agreement(copy: nn.Module, oracle_labels: Labels, images: Images) -> float:
