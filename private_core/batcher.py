@@ -2,8 +2,9 @@
 
 Each model has a bounded FIFO queue and one scheduler task. The scheduler takes the oldest
 request and the queued requests that may share its batch (the same *group key*) up to the
-model's row limit, waiting at most ``max_queue_delay`` from the oldest request's arrival for the
-batch to fill. The batch runs in the thread pool as one call that returns one result (or
+model's row limit. While another batch of the model runs, it waits at most ``max_queue_delay``
+from the oldest request's arrival for the batch to fill; when none runs, it starts at once
+(waiting on an idle model only adds latency: nothing else would be computing meanwhile). The batch runs in the thread pool as one call that returns one result (or
 exception) per request, and each caller gets its own.
 
 Memory stays bounded: a model's queue holds at most ``max_queue_size`` rows (a single request
@@ -66,6 +67,7 @@ class _Lane(Generic[P, R]):
         self.slots = asyncio.Semaphore(slots)
         self.scheduler: asyncio.Task[None] | None = None
         self.running: set[asyncio.Task[None]] = set()
+        self.active = 0  # batches started and not yet finished
 
     def add(self, job: _Job[P, R]) -> None:
         self.jobs.append(job)
@@ -159,12 +161,14 @@ class DynamicBatcher(Generic[P, R]):
             except BaseException:
                 lane.slots.release()
                 raise
+            lane.active += 1
             task = asyncio.create_task(self._run(lane, jobs))
             lane.running.add(task)
             task.add_done_callback(lane.running.discard)
 
     async def _gather(self, lane: _Lane[P, R]) -> list[_Job[P, R]]:
-        """Wait until the oldest job's batch is full or it has waited the maximum delay."""
+        """The oldest job's batch, once full, or once it waited the maximum delay, or at once
+        if no batch of the model is running."""
         loop = asyncio.get_running_loop()
         while True:
             if not lane.jobs:
@@ -173,7 +177,7 @@ class DynamicBatcher(Generic[P, R]):
                 continue
             jobs, full = lane.select()
             wait = lane.jobs[0].arrived + self._settings.max_queue_delay_s - loop.time()
-            if full or wait <= 0:
+            if full or wait <= 0 or lane.active == 0:
                 lane.take(jobs)
                 return jobs
             lane.changed.clear()
@@ -192,6 +196,7 @@ class DynamicBatcher(Generic[P, R]):
                 for job, result in zip(live, results, strict=True):
                     _resolve(job, result)
         finally:
+            lane.active -= 1
             lane.slots.release()
             for job in live:  # only when the batch itself was interrupted
                 _resolve(job, Unavailable("the private tier is shutting down"))

@@ -91,6 +91,31 @@ async def test_a_full_batch_does_not_wait_for_the_delay(pool: ThreadPoolExecutor
     await batcher.close()
 
 
+async def test_an_idle_model_starts_at_once(pool: ThreadPoolExecutor) -> None:
+    run = Recorder()
+    batcher = _batcher(pool, run, max_queue_delay_s=30.0)
+    async with asyncio.timeout(5):  # waiting out the 30 s delay would fail this
+        assert await batcher.submit("m", 1, key="k", rows=1) == 10
+        assert await batcher.submit("m", 2, key="k", rows=1) == 20
+    assert run.batches == [[1], [2]]
+    await batcher.close()
+
+
+async def test_requests_gather_while_a_batch_runs(pool: ThreadPoolExecutor) -> None:
+    gate = threading.Event()
+    run = Recorder(gate)
+    batcher = _batcher(pool, run, max_queue_delay_s=0.3, concurrent_batches=2)
+    first = asyncio.ensure_future(batcher.submit("m", 0, key="k", rows=1))
+    assert await asyncio.to_thread(run.started.acquire, timeout=5)  # runs alone, at once
+    later = [asyncio.ensure_future(batcher.submit("m", i, key="k", rows=1)) for i in (1, 2)]
+    await asyncio.sleep(0.05)
+    later.append(asyncio.ensure_future(batcher.submit("m", 3, key="k", rows=1)))
+    gate.set()
+    assert await asyncio.gather(first, *later) == [0, 10, 20, 30]
+    assert run.batches == [[0], [1, 2, 3]]  # the free slot waited for the batch to fill
+    await batcher.close()
+
+
 async def test_rows_are_capped_by_the_model_limit(pool: ThreadPoolExecutor) -> None:
     batcher = _batcher(pool, Recorder(), model_rows=8, max_batch_size=64)
     assert batcher.register("other", Recorder(), 8) == 8
