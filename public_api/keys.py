@@ -16,7 +16,6 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -32,7 +31,6 @@ _TOKEN = re.compile(r"sv_(k_[0-9a-f]{8})_([A-Za-z0-9_-]{43})")
 _INVALID = "missing or invalid API key"
 # Compared against when the key id is unknown, so a miss costs what a hit costs.
 _DUMMY_HASH = hashlib.sha256(b"splitvault: no such key").hexdigest()
-_CACHE_SIZE = 4096
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -138,23 +136,19 @@ def parse_key_id(token: str) -> str | None:
 class SqliteKeyStore:
     """``KeyStore`` in one SQLite file (WAL mode), safe to share between threads.
 
-    Successful authentications are cached for ``cache_ttl_s``; a revocation made through this
-    object clears the cache at once, one made by another process (``splitvault keys revoke``)
-    takes effect within ``cache_ttl_s``.
+    Every call reads the database: the public tier caches recent callers in front of it
+    (``public_api.key_cache``).
     """
 
     def __init__(
         self,
         path: Path,
         *,
-        cache_ttl_s: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._clock = clock
-        self._cache_ttl_s = cache_ttl_s
-        self._cache: OrderedDict[str, tuple[ApiKey, float]] = OrderedDict()
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -199,12 +193,7 @@ class SqliteKeyStore:
     def authenticate(self, token: str) -> ApiKey:
         """The key ``token`` belongs to; ``Unauthenticated`` if unknown, malformed or revoked."""
         digest = hash_token(token)
-        now = self._clock()
         with self._lock:
-            cached = self._cache.get(digest)
-            if cached is not None and cached[1] > now:
-                self._cache.move_to_end(digest)
-                return cached[0]
             key_id = parse_key_id(token)
             row = None
             if key_id is not None:
@@ -219,9 +208,6 @@ class SqliteKeyStore:
             key = ApiKey(*row[:-1])
             if key.revoked:
                 raise Unauthenticated(f"API key {key.key_id} was revoked")
-            self._cache[digest] = (key, now + self._cache_ttl_s)
-            if len(self._cache) > _CACHE_SIZE:
-                self._cache.popitem(last=False)
             return key
 
     def list(self) -> builtins.list[ApiKey]:
@@ -250,7 +236,6 @@ class SqliteKeyStore:
                 db.execute(
                     "UPDATE keys SET revoked_at = ? WHERE key_id = ?", (key.revoked_at, key.key_id)
                 )
-            self._cache.clear()
         return key
 
     def get(self, key_id: str) -> ApiKey | None:
@@ -301,7 +286,6 @@ class SqliteKeyStore:
     def close(self) -> None:
         """Close the database connection."""
         with self._lock:
-            self._cache.clear()
             self._db.close()
 
 

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from public_api.audit import AuditRecord, AuditTrail, input_digest
-from public_api.keys import ApiKey, KeyStore
+from public_api.key_cache import KeyCache, KnownCaller
+from public_api.keys import ApiKey, KeyStore, hash_token
 from public_api.metrics import PublicMetrics
 from public_api.monitor import Assessment, ExtractionMonitor
 from public_api.protection_settings import LimitSettings, ProtectionSettings
@@ -50,6 +51,7 @@ class Caller:
 
     client: str
     key: ApiKey | None = None
+    accepted_terms: str | None = None  # terms version the key accepted most recently
     assessment: Assessment | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -71,9 +73,11 @@ class Protection:
         monitor: ExtractionMonitor | None,
         audit: AuditTrail | None,
         metrics: PublicMetrics,
+        key_cache: KeyCache | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
+        self.key_cache = key_cache or KeyCache()
         self.terms = terms
         self.limiter = limiter
         self.monitor = monitor
@@ -88,12 +92,22 @@ class Protection:
         if scheme.lower() != "bearer" or not token.strip():
             self.metrics.unauthenticated()
             raise Unauthenticated("missing API key: send 'Authorization: Bearer KEY'")
-        try:
-            key = await asyncio.to_thread(self.keys.authenticate, token.strip())
-        except Unauthenticated:
-            self.metrics.unauthenticated()
-            raise
-        return Caller(client=client, key=key)
+        token = token.strip()
+        digest = hash_token(token)
+        known = self.key_cache.get(digest)
+        if known is None:  # one thread hop for both reads; recent callers need none
+            try:
+                known = await asyncio.to_thread(self._look_up, token)
+            except Unauthenticated:
+                self.metrics.unauthenticated()
+                raise
+            self.key_cache.put(digest, known)
+        return Caller(client=client, key=known.key, accepted_terms=known.accepted_version)
+
+    def _look_up(self, token: str) -> KnownCaller:
+        assert self.keys is not None
+        key = self.keys.authenticate(token)
+        return KnownCaller(key, self.keys.accepted_version(key.key_id))
 
     async def admit(self, authorization: str | None, client: str, model: str) -> Caller:
         """All checks that come before any compute; audits and raises the first that fails.
@@ -105,7 +119,7 @@ class Protection:
         try:
             caller = await self.authenticate(authorization, client)
             if caller.key is not None:
-                await self._require_terms(caller.key)
+                self._require_terms(caller)
                 caller.assessment = await self._assessment(caller.key)
                 self._refuse_if_blocked(caller.key, caller.assessment)
             if self.audit is not None:
@@ -134,6 +148,7 @@ class Protection:
             caller.client,
             time.time(),
         )
+        self.key_cache.forget(caller.key.key_id)
         log.info("terms_accepted", key_id=caller.key.key_id, version=version, client=caller.client)
 
     async def record_served(
@@ -204,13 +219,10 @@ class Protection:
         if self.audit is not None:
             await asyncio.to_thread(self.audit.close)
 
-    async def _require_terms(self, key: ApiKey) -> None:
-        if self.keys is None:
-            return
-        accepted = await asyncio.to_thread(self.keys.accepted_version, key.key_id)
-        if accepted != self.terms.version:
+    def _require_terms(self, caller: Caller) -> None:
+        if caller.accepted_terms != self.terms.version:
             raise TermsNotAccepted(
-                f"API key {key.key_id} has not accepted the current terms of service "
+                f"API key {caller.key_id} has not accepted the current terms of service "
                 f"(version {self.terms.version}): read GET /v1/terms, then POST /v1/terms/accept"
             )
 

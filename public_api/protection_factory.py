@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from public_api.audit import AUDIT_DB, AuditTrail
 from public_api.front import FrontStage
+from public_api.key_cache import KeyCache
 from public_api.keys import KEYS_DB, SqliteKeyStore
 from public_api.metrics import PublicMetrics
 from public_api.monitor import (
@@ -41,6 +42,7 @@ def build_protection(
         monitor=_monitor(settings, stages),
         audit=_audit(settings) if config.audit_enabled else None,
         metrics=metrics,
+        key_cache=KeyCache(ttl_s=config.key_cache_s),
     )
 
 

@@ -23,6 +23,9 @@ class ProtectionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     require_api_key: bool = True
+    # How long a key's authentication and accepted terms are remembered: a revocation or
+    # acceptance made elsewhere (CLI, another replica) takes effect within this time; 0: never.
+    key_cache_s: float = Field(default=5.0, ge=0, le=300)
     terms_version: str = Field(default="1", min_length=1, max_length=64)
     rate_limit_backend: Literal["memory", "redis"] = "memory"
     redis_url: str | None = None
