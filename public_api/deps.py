@@ -22,10 +22,15 @@ _bearer = HTTPBearer(
 ApiKeyCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 
 
-def get_state(request: Request) -> PublicState:
+def tier_state(request: Request) -> PublicState:
     """The tier's state, built by the app's lifespan."""
     state: PublicState = request.app.state.splitvault
     return state
+
+
+async def get_state(request: Request) -> PublicState:
+    """``tier_state`` as a dependency (async: FastAPI runs a plain ``def`` in a worker thread)."""
+    return tier_state(request)
 
 
 def client_address(request: Request) -> str:
@@ -38,7 +43,7 @@ async def authenticated_caller(
     _credentials: ApiKeyCredentials,
 ) -> Caller:
     """The caller behind the API key (401 when missing or wrong); no other check."""
-    state = get_state(request)
+    state = tier_state(request)
     authorization = request.headers.get("authorization")
     return await state.protection.authenticate(authorization, client_address(request))
 
@@ -49,7 +54,7 @@ async def admitted_caller(
     _credentials: ApiKeyCredentials,
 ) -> Caller:
     """Key, terms, monitor and limits for an inference on ``model``; audited when refused."""
-    state = get_state(request)
+    state = tier_state(request)
     client = client_address(request)
     request.state.audit_model = model
     try:
