@@ -4,6 +4,7 @@ state stays bounded, and the stores (memory, Redis, the SQLite log) round-trip."
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,62 @@ async def test_state_stays_bounded(world: World) -> None:
     assert sizes[10_000] < 64 * 1024
     state = key_state_from_bytes(await store.get("k_big") or b"")
     assert state.queries == 10_000  # batches count as their number of queries
+
+
+class CountingStore(MemoryMonitorStore):
+    """The memory store, counting writes; the writes numbered in ``failing`` fail."""
+
+    def __init__(self, failing: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.puts = 0
+        self.failing = failing
+
+    async def put(self, key_id: str, data: bytes) -> None:
+        self.puts += 1
+        if self.puts in self.failing:
+            raise Unavailable("the monitor store is down")
+        await super().put(key_id, data)
+
+
+async def _observe_many(monitor: ExtractionMonitor, world: World, count: int) -> list[object]:
+    images = world.digits.data.test_x[:count]
+    answer = world.answer(images)
+    return await asyncio.gather(
+        *(
+            monitor.observe(
+                "k_busy",
+                MODEL,
+                {"image": images[i : i + 1]},
+                world.activations(images[i : i + 1]),
+                answer.indices[i : i + 1],
+                FRONT_SPECS,
+            )
+            for i in range(count)
+        ),
+        return_exceptions=True,
+    )
+
+
+async def test_concurrent_requests_of_one_key_share_updates(world: World) -> None:
+    store = CountingStore()
+    monitor, _ = make_monitor(world, store=store)
+    results = await _observe_many(monitor, world, 40)
+    assert all(isinstance(result, Assessment) for result in results)
+    state = key_state_from_bytes(await store.get("k_busy") or b"")
+    assert state.queries == 40  # every request counted once
+    assert store.puts < 40  # ...in fewer updates than requests
+    assert max(r.queries for r in results if isinstance(r, Assessment)) == 40
+
+
+async def test_a_failed_update_fails_one_request_and_the_others_retry(world: World) -> None:
+    store = CountingStore(failing=frozenset({2}))  # the first update runs alone, the second
+    monitor, _ = make_monitor(world, store=store)  # carries every request that waited for it
+    results = await _observe_many(monitor, world, 10)
+    failed = [result for result in results if isinstance(result, Unavailable)]
+    assert len(failed) == 1  # only the caller whose update failed
+    state = key_state_from_bytes(await store.get("k_busy") or b"")
+    assert state.queries == 9  # its request is not counted; the others were, in a later update
+    assert store.puts == 3
 
 
 async def test_actions(world: World) -> None:
