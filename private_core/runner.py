@@ -28,13 +28,18 @@ from private_core.watermark.engine import QueryContext
 from protos import inference_pb2
 from shared.errors import InvalidInput
 from shared.logs import get_logger
-from shared.manifest import DimSpec, StageManifest, TensorSpec
+from shared.manifest import (
+    BATCH_DIM,
+    MESSAGE_OVERHEAD_BYTES,
+    DimSpec,
+    StageManifest,
+    TensorSpec,
+    max_message_bytes,
+)
 from shared.tensor_codec import from_proto, numpy_dtype, to_proto
 from shared.validation import check_tensors
 
 log = get_logger(__name__)
-BATCH_DIM = "batch"
-MESSAGE_OVERHEAD_BYTES = 64 * 1024  # names, shapes and framing around the tensor bytes
 
 
 @dataclass(frozen=True)
@@ -264,22 +269,10 @@ def _probe(stage: BackStage, sizes: Mapping[str, int], rng: np.random.Generator)
 
 
 def request_bytes_limit(stages: Mapping[str, BackStage]) -> tuple[int, str]:
-    """The largest request any model may be sent, in bytes, and that model's name.
-
-    Its ``max_batch_size`` rows at the largest size of every dim, floats at FP32 or the
-    transport datatype if wider, plus framing.
-    """
+    """The largest request any model may be sent, in bytes, and that model's name."""
     largest, which = MESSAGE_OVERHEAD_BYTES, ""
     for name, stage in stages.items():
-        transport = numpy_dtype(stage.config.transport_datatype).itemsize
-        per_row = 0
-        for spec in stage.manifest.inputs:
-            dtype = numpy_dtype(spec.datatype)
-            size = max(dtype.itemsize, transport) if dtype.kind == "f" else dtype.itemsize
-            for dim in spec.shape[1:]:
-                size *= dim.max if isinstance(dim, DimSpec) else dim
-            per_row += size
-        total = stage.config.max_batch_size * per_row + MESSAGE_OVERHEAD_BYTES
+        total = max_message_bytes(stage.manifest.inputs, stage.config)
         if total > largest:
             largest, which = total, name
     return largest, which

@@ -11,7 +11,7 @@ import torch
 from fastapi import FastAPI
 
 from public_api.errors import install_error_handlers
-from public_api.front import FrontRunner, load_front_stages
+from public_api.front import FrontRunner, load_front_stages, message_limit
 from public_api.limits import BodySizeLimit, LinkHeader
 from public_api.metrics import PublicMetrics
 from public_api.openapi import install_openapi
@@ -48,11 +48,12 @@ def create_app(settings: PublicSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(settings.torch_threads)
         executor = ThreadPoolExecutor(settings.front_workers, thread_name_prefix="front-stage")
-        private = PrivateTierClient(settings)
         stages = load_front_stages(TierDir(settings.tier_dir))
-        service = InferenceService(
-            stages, FrontRunner(executor), private, max_elements=settings.max_elements
-        )
+        private = PrivateTierClient(settings, message_limit(settings, stages))
+        front = FrontRunner(executor, settings.front_inline_below_ms / 1000)
+        for stage in stages.values():
+            front.calibrate(stage)
+        service = InferenceService(stages, front, private, max_elements=settings.max_elements)
         protection = build_protection(settings, stages, metrics)
         app.state.splitvault = PublicState(settings, service, private, protection, metrics)
         log.info("public_tier_ready", models=sorted(stages))

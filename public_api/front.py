@@ -1,17 +1,37 @@
-"""Front stages: load the plaintext programs and run them off the event loop."""
+"""Front stages: load the plaintext programs and run them, off the event loop unless tiny.
+
+Handing a call to a worker thread costs two thread wake-ups and the GIL changing hands, more
+than a small convolutional front stage itself. ``FrontRunner.calibrate`` therefore times each
+stage once at startup, on one row with every other dynamic dimension at its maximum (the
+costliest row a request may carry); a call expected to take less than ``inline_below_s`` (rows
+times that cost) runs directly on the event loop, anything else in the pool, so a heavy stage
+never blocks the loop. A stage that was not calibrated always runs in the pool.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from public_api.settings import PublicSettings
 from shared.layout import TierDir
 from shared.logs import get_logger
-from shared.manifest import ModelConfig, StageManifest, read_config, read_manifest
+from shared.manifest import (
+    BATCH_DIM,
+    ModelConfig,
+    StageManifest,
+    max_message_bytes,
+    read_config,
+    read_manifest,
+)
 from shared.tensor_codec import numpy_dtype
 
 log = get_logger(__name__)
@@ -48,15 +68,70 @@ def load_front_stages(tier: TierDir) -> dict[str, FrontStage]:
 
 
 class FrontRunner:
-    """Runs front stages in a thread pool and casts activations to the transport datatype."""
+    """Runs front stages and casts activations to the transport datatype."""
 
-    def __init__(self, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, executor: ThreadPoolExecutor, inline_below_s: float = 0.0) -> None:
         self._executor = executor
+        self._inline_below_s = inline_below_s
+        self._seconds_per_row: dict[str, float] = {}
 
-    async def run(self, stage: FrontStage, inputs: dict[str, Any]) -> dict[str, Any]:
+    def calibrate(self, stage: FrontStage, repeats: int = 5) -> float:
+        """Time ``stage`` on its costliest single row (best of ``repeats``); returns seconds."""
+        inputs = probe_inputs(stage.manifest)
+        _run_front(stage, inputs)  # warm-up: first calls build caches
+        best = math.inf
+        for _ in range(repeats):
+            started = time.perf_counter()
+            _run_front(stage, inputs)
+            best = min(best, time.perf_counter() - started)
+        self._seconds_per_row[stage.config.name] = best
+        log.info(
+            "front_stage_timed",
+            model=stage.config.name,
+            ms_per_row=round(best * 1000, 3),
+            inline=best < self._inline_below_s,
+        )
+        return best
+
+    async def run(self, stage: FrontStage, inputs: dict[str, Any], rows: int) -> dict[str, Any]:
         """Front-stage activations by output name, as NumPy arrays ready to send."""
+        per_row = self._seconds_per_row.get(stage.config.name)
+        if per_row is not None and per_row * max(rows, 1) < self._inline_below_s:
+            return _run_front(stage, inputs)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, _run_front, stage, inputs)
+
+    def seconds_per_row(self, model: str) -> float | None:
+        """``model``'s calibrated seconds per row (``None``: not calibrated)."""
+        return self._seconds_per_row.get(model)
+
+
+def probe_inputs(manifest: StageManifest) -> dict[str, Any]:
+    """One row of valid inputs with every other dynamic dimension at its maximum."""
+    inputs: dict[str, Any] = {}
+    for spec in manifest.inputs:
+        shape = [
+            dim if isinstance(dim, int) else 1 if dim.name == BATCH_DIM else dim.max
+            for dim in spec.shape
+        ]
+        dtype = numpy_dtype(spec.datatype)
+        if dtype.kind == "f":
+            inputs[spec.name] = np.zeros(shape, dtype)
+        else:
+            low, high = spec.value_range or (1, 1)
+            inputs[spec.name] = np.full(shape, min(max(1, low), high), dtype)
+    return inputs
+
+
+def message_limit(settings: PublicSettings, stages: Mapping[str, FrontStage]) -> int:
+    """The gRPC send limit: the configured one, raised to fit the largest request a stage allows."""
+    limit = settings.max_message_mb * 1024 * 1024
+    for stage in stages.values():
+        by_name = {spec.name: spec for spec in stage.manifest.inputs}
+        specs = [*stage.manifest.outputs, *(by_name[n] for n in stage.manifest.forward_inputs)]
+        limit = max(limit, max_message_bytes(specs, stage.config))
+    log.info("grpc_message_limit", limit_bytes=limit)
+    return limit
 
 
 def _run_front(stage: FrontStage, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -35,14 +35,15 @@ def channel_target(addresses: list[str]) -> str:
 class PrivateTierClient:
     """Calls ``splitvault.v1.PrivateInference`` over mutual TLS with the public identity."""
 
-    def __init__(self, settings: PublicSettings) -> None:
+    def __init__(self, settings: PublicSettings, max_message_bytes: int | None = None) -> None:
+        """``max_message_bytes``: the largest request it may send (default: the setting)."""
         tier = TierDir(settings.tier_dir)
         credentials = grpc.ssl_channel_credentials(
             root_certificates=tier.ca_cert.read_bytes(),
             private_key=(tier.tls / "client.key").read_bytes(),
             certificate_chain=(tier.tls / "client.crt").read_bytes(),
         )
-        limit = settings.max_message_mb * 1024 * 1024
+        limit = max_message_bytes or settings.max_message_mb * 1024 * 1024
         self._channel = grpc.aio.secure_channel(
             channel_target(settings.private_addresses),
             credentials,

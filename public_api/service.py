@@ -22,7 +22,7 @@ from public_api.v2 import (
     ResponseOutput,
 )
 from shared.errors import InvalidInput, ModelNotFound
-from shared.manifest import DimSpec, ModelConfig, TensorSpec, TopKPolicy
+from shared.manifest import BATCH_DIM, DimSpec, ModelConfig, TensorSpec, TopKPolicy
 from shared.tensor_codec import array_from_json, from_proto, to_proto
 from shared.validation import check_tensors
 
@@ -72,12 +72,12 @@ class InferenceService:
         stage = self.stage(model)
         arrays = self._decode(request)
         sizes = check_tensors(stage.manifest.inputs, arrays)
-        batch = sizes.get("batch", 0)
+        batch = sizes.get(BATCH_DIM, 0)
         if batch > stage.config.max_batch_size:
             raise InvalidInput(
                 f"batch {batch} exceeds this model's limit {stage.config.max_batch_size}"
             )
-        activations = await self._front.run(stage, arrays)
+        activations = await self._front.run(stage, arrays, batch)
         front_done = time.perf_counter()
         tensors = [to_proto(name, value) for name, value in activations.items()]
         tensors += [to_proto(name, arrays[name]) for name in stage.manifest.forward_inputs]

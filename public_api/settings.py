@@ -35,6 +35,9 @@ class PublicSettings(TierSettings):
     max_message_mb: int = Field(default=64, ge=4, le=2047)
     torch_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), ge=1)
     front_workers: int = Field(default=2, ge=1, le=64)
+    # A front-stage call expected (rows x the stage's cost per row, timed at startup) to take
+    # less than this runs on the event loop instead of a worker thread; 0: always in a thread.
+    front_inline_below_ms: float = Field(default=0.5, ge=0, le=10)
     # Slow and idle HTTP clients (public_api/connection.py): a request's headers must arrive
     # within header_timeout_s of the connection (or the request's first byte), its body within
     # body_timeout_s of the headers; an idle keep-alive connection closes after keep_alive_s.

@@ -4,14 +4,19 @@ manifest of each stage. Written by ``splitvault pack``, read by both tiers."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.tensor_codec import numpy_dtype
+
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
+BATCH_DIM = "batch"  # the dynamic dimension that counts the samples of a request
+MESSAGE_OVERHEAD_BYTES = 64 * 1024  # names, shapes and framing around the tensor bytes
 
 
 class _Strict(BaseModel):
@@ -151,3 +156,21 @@ def read_config(model_dir: Path) -> ModelConfig:
 def read_manifest(model_dir: Path) -> StageManifest:
     """Read a model folder's ``manifest.json``."""
     return StageManifest.model_validate(json.loads((model_dir / MANIFEST_FILE).read_text("utf-8")))
+
+
+def max_message_bytes(specs: Sequence[TensorSpec], config: ModelConfig) -> int:
+    """The largest gRPC message carrying ``specs`` for a model, in bytes.
+
+    ``config.max_batch_size`` rows at the largest size of every dim, floats at their datatype
+    or the transport datatype if wider, plus framing. Both tiers size their limits with it:
+    the public tier for the activations it sends, the private tier for what it accepts.
+    """
+    transport = numpy_dtype(config.transport_datatype).itemsize
+    per_row = 0
+    for spec in specs:
+        dtype = numpy_dtype(spec.datatype)
+        size = max(dtype.itemsize, transport) if dtype.kind == "f" else dtype.itemsize
+        for dim in spec.shape[1:]:
+            size *= dim.max if isinstance(dim, DimSpec) else dim
+        per_row += size
+    return config.max_batch_size * per_row + MESSAGE_OVERHEAD_BYTES

@@ -10,6 +10,8 @@ from typing import Literal
 
 import torch
 
+from shared.manifest import BATCH_DIM
+
 Task = Literal["classification", "embedding"]
 
 
@@ -36,7 +38,7 @@ class ModelSpec:
 
     def dims_for(self, name: str) -> dict[int, str]:
         """Dynamic dimensions of one input (batch on dimension 0 unless told otherwise)."""
-        return self.dynamic_dims.get(name, {0: "batch"})
+        return self.dynamic_dims.get(name, {0: BATCH_DIM})
 
 
 def spec_from_factory_result(result: object) -> ModelSpec:

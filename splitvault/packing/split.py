@@ -23,6 +23,7 @@ import torch
 from torch import fx
 from torch.export import Dim, ExportedProgram
 
+from shared.manifest import BATCH_DIM
 from splitvault.packing.spec import ModelSpec
 
 _SYM_SIZE = torch.ops.aten.sym_size.int
@@ -295,7 +296,7 @@ def _symbol_table(
     table: dict[str, tuple[str, int, int]] = {}
     ranges = {str(sym): rng for sym, rng in ep.range_constraints.items()}
     for node in placeholders:
-        names = (dim_names or {}).get(node.name, {0: "batch"})
+        names = (dim_names or {}).get(node.name, {0: BATCH_DIM})
         for index, dim in enumerate(node.meta["val"].shape):
             if isinstance(dim, torch.SymInt):
                 key = str(dim)
