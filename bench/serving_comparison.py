@@ -408,8 +408,9 @@ def profile_splitvault(
     return [
         f"## Profile: splitvault (protected), {workload.model}, c={c}",
         "",
-        f"py-spy at 100 Hz (non-blocking, idle threads left out) on each tier for "
-        f"{args.duration:g} s after {args.warmup:g} s of warm-up; {result.throughput:.1f} req/s, "
+        "py-spy at 100 Hz (non-blocking, `--gil`: only the thread holding the GIL is sampled, "
+        "so shares are of Python CPU time, not of waiting; torch kernels show as the op that "
+        f"called them) on each tier for {args.duration:g} s after {args.warmup:g} s of warm-up; {result.throughput:.1f} req/s, "
         f"p50 {result.percentile(50):.1f} ms while profiled. 'inclusive': share of samples "
         "with the frame on the stack; 'self': share with the frame on top. CPU per request "
         "is approximate (the CPU window includes the drain).",

@@ -49,7 +49,7 @@ async def profile_load(
     for name, pid in processes.items():
         spies[name] = await asyncio.create_subprocess_exec(
             executable, "record", "--pid", str(pid), "--duration", str(max(1, int(spec.duration_s))),
-            "--rate", "100", "--format", "raw", "--nonblocking", "--output",
+            "--rate", "100", "--format", "raw", "--nonblocking", "--gil", "--output",
             str(folder / f"{name}.txt"),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
