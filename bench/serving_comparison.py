@@ -20,6 +20,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -47,6 +48,7 @@ from bench.serving_systems import (
     environment_pairs,
     mapping_note,
     running,
+    suspended,
     systems,
     tree_cpu_seconds,
 )
@@ -100,8 +102,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--models", type=_csv(str), default=list(ALL_MODELS), help="digits,minilm")
     add("--systems", type=_csv(str), default=list(ALL_SYSTEMS), help=",".join(ALL_SYSTEMS))
     add("--concurrency", type=_csv(int), default=[1, 8, 32, 64], help="client counts")
-    add("--duration", type=float, default=None, help="measured seconds per point (12)")
+    add("--duration", type=float, default=None, help="measured seconds per point (8)")
     add("--warmup", type=float, default=None, help="warm-up seconds per point (3)")
+    add("--rounds", type=int, default=None, help="rounds per point, median reported (2)")
     add("--raw-batches", type=_csv(int), default=[1, 8, 32, 64], help="raw model batch sizes")
     add("--raw-seconds", type=float, default=None, help="seconds per raw batch size (3)")
     add("--batch", type=int, default=1, help="samples per request")
@@ -128,7 +131,8 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     quick = args.quick
     results = REPO_ROOT / "bench" / "results"
     defaults = {
-        "duration": 2.0 if quick else 12.0,
+        "duration": 2.0 if quick else 8.0,
+        "rounds": 1 if quick else 2,
         "warmup": 1.0 if quick else 3.0,
         "raw_seconds": 1.0 if quick else 3.0,
         "out": results / "BENCHMARKS.quick.md" if quick else REPO_ROOT / "BENCHMARKS.md",
@@ -145,6 +149,7 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if unknown:
         parser.error(f"unknown model or system: {', '.join(sorted(unknown))}")
     numbers = [args.batch, args.threads, args.private_threads, args.public_threads, args.seq]
+    numbers.append(args.rounds)
     if min(numbers + args.concurrency + args.raw_batches) < 1 or args.duration <= 0:
         parser.error("counts, sizes and durations must be positive")
     try:
@@ -376,34 +381,95 @@ def server_config(prepared: Prepared, workdir: Path, args: argparse.Namespace) -
     )
 
 
-def measure_systems(
-    config: ServerConfig, workloads: list[Workload], prepared: Prepared, args: argparse.Namespace
-) -> tuple[list[Point], list[Fidelity]]:
-    """Start each system in turn and run every model at every concurrency against it."""
-    points: list[Point] = []
+def start_systems(
+    config: ServerConfig, prepared: Prepared, args: argparse.Namespace, stack: ExitStack
+) -> tuple[dict[str, Endpoint], list[Fidelity]]:
+    """Start every system at once (each stops when ``stack`` closes); terms, FP16 fidelity."""
+    endpoints: dict[str, Endpoint] = {}
     fidelity: list[Fidelity] = []
     for system in args.systems:
         _progress(f"starting {system}")
-        with running(system, config) as endpoint:
-            if system == "splitvault":
-                accept_terms(endpoint)
-                fidelity = check_fidelity(endpoint, prepared, args.seq)
-            for workload in workloads:
-                for c in args.concurrency:
-                    points.append(measure_point(system, endpoint, workload, c, args))
-    return points, fidelity
+        endpoints[system] = stack.enter_context(running(system, config))
+        if system == "splitvault":
+            accept_terms(endpoints[system])
+            fidelity = check_fidelity(endpoints[system], prepared, args.seq)
+    return endpoints, fidelity
+
+
+def idle_cpu_shares(endpoints: dict[str, Endpoint], seconds: float = 3.0) -> dict[str, float]:
+    """CPU share (1.0 = one core) each started system uses while none is loaded."""
+    before = {name: tree_cpu_seconds(endpoint.pids) for name, endpoint in endpoints.items()}
+    time.sleep(seconds)
+    return {
+        name: (tree_cpu_seconds(endpoint.pids) - before[name]) / seconds
+        for name, endpoint in endpoints.items()
+    }
+
+
+def measure_rounds(
+    endpoints: dict[str, Endpoint], workloads: list[Workload], args: argparse.Namespace
+) -> list[Point]:
+    """Every point ``args.rounds`` times, the systems interleaved (their order rotating each
+    round), so that a slow spell of a shared host falls on all of them; each point reported is
+    the median of its rounds."""
+    systems_order = list(endpoints)
+    runs: dict[tuple[str, str, int], list[Point]] = {}
+    for round_index in range(args.rounds):
+        _progress(f"round {round_index + 1} of {args.rounds}")
+        shift = round_index % len(systems_order)
+        order = systems_order[shift:] + systems_order[:shift]
+        for workload in workloads:
+            for c in args.concurrency:
+                for system in order:
+                    with suspended(_other_pids(endpoints, system)):
+                        point = measure_point(system, endpoints[system], workload, c, args)
+                    runs.setdefault((system, workload.model, c), []).append(point)
+    return [
+        median_point(runs[(system, workload.model, c)])
+        for system in systems_order
+        for workload in workloads
+        for c in args.concurrency
+    ]
+
+
+def _other_pids(endpoints: dict[str, Endpoint], system: str) -> list[int]:
+    return [pid for name, endpoint in endpoints.items() if name != system for pid in endpoint.pids]
+
+
+def median_point(rounds: list[Point]) -> Point:
+    """One point from several rounds: the median of each figure, the errors of all rounds."""
+    errors: dict[str, int] = {}
+    for point in rounds:
+        for name, count in point.errors.items():
+            errors[name] = errors.get(name, 0) + count
+
+    def median(values: list[float]) -> float:
+        return float(np.median(values))
+
+    return dataclasses.replace(
+        rounds[0],
+        throughput_rps=median([p.throughput_rps for p in rounds]),
+        p50_ms=median([p.p50_ms for p in rounds]),
+        p99_ms=median([p.p99_ms for p in rounds]),
+        errors=errors,
+        server_cpu_ms=median([p.server_cpu_ms for p in rounds]),
+        client_cpu_ms=median([p.client_cpu_ms for p in rounds]),
+    )
 
 
 def profile_splitvault(
-    config: ServerConfig, workload: Workload, folder: Path, args: argparse.Namespace
+    endpoint: Endpoint,
+    others: list[int],
+    workload: Workload,
+    folder: Path,
+    args: argparse.Namespace,
 ) -> list[str]:
     """py-spy both tiers while splitvault (protected) serves ``workload`` at c=32."""
     c = 32
     _progress(f"profiling splitvault with py-spy: {workload.model} c={c}")
-    with running("splitvault", config) as endpoint:
-        accept_terms(endpoint)
-        spec = load_spec(endpoint, workload, c, args)
-        processes = {"public tier": endpoint.pids[0], "private tier": endpoint.pids[1]}
+    spec = load_spec(endpoint, workload, c, args)
+    processes = {"public tier": endpoint.pids[0], "private tier": endpoint.pids[1]}
+    with suspended(others):
         result, profiles = asyncio.run(serving_profile.profile_load(spec, processes, folder))
     return [
         f"## Profile: splitvault (protected), {workload.model}, c={c}",
@@ -432,7 +498,8 @@ def conditions(args: argparse.Namespace, workloads: list[Workload]) -> list[str]
         f"LitServe {litserve.__version__}",
         f"torch thread budget per system: {args.threads} (splitvault: private "
         f"{args.private_threads} + public {args.public_threads})",
-        f"each point: {args.warmup:g} s warm-up, then {args.duration:g} s measured; closed-loop "
+        f"each point: {args.warmup:g} s warm-up, then {args.duration:g} s measured, "
+        f"{args.rounds} round(s) with the systems interleaved, the median reported; closed-loop "
         f"clients (bench/loadgen.py, httpx HTTP/1.1 keep-alive, one connection per client) on "
         f"the same host, sharing its CPUs",
         f"{args.batch} sample(s) per request, MiniLM padded to {args.seq} tokens; JSON body "
@@ -444,7 +511,7 @@ def conditions(args: argparse.Namespace, workloads: list[Workload]) -> list[str]
 
 
 def run(args: argparse.Namespace) -> Report:
-    """Pack, measure the raw ceilings, then each system in turn; all undone on exit."""
+    """Pack, measure the raw ceilings, start every system, measure in rounds; undone on exit."""
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-serving-")))
         _progress("training digits and packing the models")
@@ -460,10 +527,12 @@ def run(args: argparse.Namespace) -> Report:
             w.model: measure_raw(w, counts, args.raw_batches, args.raw_seconds) for w in workloads
         }
         config = server_config(prepared, workdir, args)
-        points, fidelity = measure_systems(config, workloads, prepared, args)
+        endpoints, fidelity = start_systems(config, prepared, args, stack)
+        idle = idle_cpu_shares(endpoints)
+        points = measure_rounds(endpoints, workloads, args)
         known = systems(config)
         report = Report(
-            conditions=conditions(args, workloads),
+            conditions=[*conditions(args, workloads), _idle_note(idle)],
             systems={s: (known[s].label, known[s].note) for s in args.systems},
             points=points,
             raw=raw,
@@ -473,8 +542,22 @@ def run(args: argparse.Namespace) -> Report:
         if _should_profile(report, args):
             folder = REPO_ROOT / "bench" / "results" / "profiles"  # ignored by git
             profiled = next(w for w in workloads if w.model == args.profile_model)
-            report.profile = profile_splitvault(config, profiled, folder, args)
+            report.profile = profile_splitvault(
+                endpoints["splitvault"],
+                _other_pids(endpoints, "splitvault"),
+                profiled,
+                folder,
+                args,
+            )
         return report
+
+
+def _idle_note(shares: dict[str, float]) -> str:
+    each = ", ".join(f"{name} {share * 100:.1f} %" for name, share in shares.items())
+    return (
+        "all systems run at once, each loaded in turn while the others are stopped (SIGSTOP: "
+        f"idle, they still used CPU, 100 % = one core: {each})"
+    )
 
 
 def _should_profile(report: Report, args: argparse.Namespace) -> bool:

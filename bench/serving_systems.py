@@ -236,18 +236,45 @@ def free_port() -> int:
 def tree_cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds of ``pids`` and all their descendants (Linux ``/proc``)."""
     stats = _proc_stats()
+    return sum(stats[pid][1] for pid in _tree(pids, stats))
+
+
+def _tree(pids: list[int], stats: dict[int, tuple[int, float]]) -> list[int]:
+    """``pids`` and all their descendants that are still alive."""
     children: dict[int, list[int]] = {}
     for pid, (parent, _) in stats.items():
         children.setdefault(parent, []).append(pid)
-    total, stack, seen = 0.0, list(pids), set[int]()
+    found, stack, seen = [], list(pids), set[int]()
     while stack:
         pid = stack.pop()
         if pid in seen or pid not in stats:
             continue
         seen.add(pid)
-        total += stats[pid][1]
+        found.append(pid)
         stack.extend(children.get(pid, []))
-    return total
+    return found
+
+
+@contextmanager
+def suspended(pids: list[int]) -> Iterator[None]:
+    """Stop ``pids`` and their descendants (SIGSTOP) for the block, then continue them.
+
+    Idle servers are not all idle: LitServe's worker processes poll their queues. Stopping the
+    systems that are not being measured keeps them from taking CPU from the one that is.
+    """
+    tree = _tree(pids, _proc_stats())
+    for pid in tree:
+        _signal(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in tree:
+            _signal(pid, signal.SIGCONT)
+
+
+def _signal(pid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
+        os.kill(pid, signum)
 
 
 def _proc_stats() -> dict[int, tuple[int, float]]:
