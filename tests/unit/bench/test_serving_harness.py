@@ -1,0 +1,52 @@
+"""The serving comparison's own machinery: stopping the systems not being measured, and
+folding rounds into one reported point."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.serving_comparison import median_point
+from bench.serving_report import Point
+from bench.serving_systems import suspended, tree_cpu_seconds
+
+SPIN = "import time\nwhile True: sum(range(1000))"
+
+
+def _state(pid: int) -> str:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2]
+
+
+def test_suspended_stops_a_process_tree_and_continues_it() -> None:
+    child = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {SPIN!r}]); {SPIN}"
+    parent = subprocess.Popen([sys.executable, "-c", child])
+    try:
+        time.sleep(0.5)
+        with suspended([parent.pid]):
+            time.sleep(0.2)  # let the stop take effect
+            stopped = tree_cpu_seconds([parent.pid])
+            time.sleep(0.5)
+            assert tree_cpu_seconds([parent.pid]) - stopped < 0.02  # neither process ran
+            assert _state(parent.pid) == "T"
+        time.sleep(0.5)
+        assert _state(parent.pid) in "RS"
+        assert tree_cpu_seconds([parent.pid]) - stopped > 0.2  # both spin again
+    finally:
+        subprocess.run(["pkill", "-KILL", "-P", str(parent.pid)], check=False)
+        parent.kill()
+        parent.wait()
+
+
+def _point(rps: float, p50: float, errors: dict[str, int]) -> Point:
+    return Point("s", "m", 8, 1, rps, p50, p50 * 2, errors, 1.0 + rps / 100, 0.5)
+
+
+def test_a_reported_point_is_the_median_of_its_rounds_with_every_error() -> None:
+    point = median_point([_point(10, 5, {"503": 1}), _point(30, 9, {}), _point(20, 7, {"503": 2})])
+    assert (point.throughput_rps, point.p50_ms, point.p99_ms) == (20, 7, 14)
+    assert point.server_cpu_ms == 1.2 and point.errors == {"503": 3}
+    two = median_point([_point(10, 5, {}), _point(30, 9, {})])
+    assert (two.throughput_rps, two.p50_ms) == (20, 7)
