@@ -23,6 +23,7 @@ from private_core.servicer import PrivateInferenceServicer
 from private_core.settings import PrivateSettings
 from protos import inference_pb2_grpc
 from shared.cert_expiry import watch_certificates
+from shared.heap import freeze_startup_objects
 from shared.keys import KeyProvider, LocalFileKeyProvider
 from shared.layout import TierDir
 from shared.logs import get_logger
@@ -102,6 +103,7 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_secure_port(f"{settings.host}:{settings.port}", server_credentials(tier))
+    freeze_startup_objects()  # before serving: the models stay out of the collector's passes
     await server.start()
     status = health_pb2.HealthCheckResponse.SERVING
     await health_servicer.set("", status)

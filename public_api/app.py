@@ -23,6 +23,7 @@ from public_api.routes import router
 from public_api.service import InferenceService
 from public_api.settings import PublicSettings
 from public_api.terms import link_header
+from shared.heap import freeze_startup_objects
 from shared.layout import TierDir
 from shared.logs import get_logger
 
@@ -56,6 +57,7 @@ def create_app(settings: PublicSettings) -> FastAPI:
         service = InferenceService(stages, front, private, max_elements=settings.max_elements)
         protection = build_protection(settings, stages, metrics)
         app.state.splitvault = PublicState(settings, service, private, protection, metrics)
+        freeze_startup_objects()  # the front stages stay out of the collector's passes
         log.info("public_tier_ready", models=sorted(stages))
         try:
             yield

@@ -60,6 +60,10 @@ def _on_loop(recorder: ThreadRecorder) -> bool:
     return recorder.threads[-1] == threading.current_thread().name
 
 
+def _in_pool(recorder: ThreadRecorder) -> bool:
+    return recorder.threads[-1].startswith("front-stage")
+
+
 async def test_a_cheap_stage_runs_on_the_loop_with_the_same_answers(
     pool: ThreadPoolExecutor, front_stages: dict[str, FrontStage], digits_model: DigitsFixture
 ) -> None:
@@ -67,7 +71,7 @@ async def test_a_cheap_stage_runs_on_the_loop_with_the_same_answers(
     images = {"image": digits_model.data.test_x[:4]}
     uncalibrated = FrontRunner(pool, inline_below_s=1.0)
     in_pool = await uncalibrated.run(stage, images, rows=4)
-    assert recorder.threads[-1].startswith("front-stage")  # not calibrated: always the pool
+    assert _in_pool(recorder)  # not calibrated: always the pool
     runner = FrontRunner(pool, inline_below_s=1.0)
     seconds = runner.calibrate(stage)
     assert 0 < seconds < 1.0 and runner.seconds_per_row("digits") == seconds
@@ -85,13 +89,13 @@ async def test_calls_expected_over_the_threshold_stay_off_the_loop(
     never = FrontRunner(pool, inline_below_s=0.0)
     never.calibrate(stage)
     await never.run(stage, image, rows=1)
-    assert recorder.threads[-1].startswith("front-stage")
+    assert _in_pool(recorder)
     runner = FrontRunner(pool, inline_below_s=1.0)
     per_row = runner.calibrate(stage)
     await runner.run(stage, image, rows=1)
     assert _on_loop(recorder)
     await runner.run(stage, image, rows=int(1.0 / per_row) + 1)  # rows x cost over 1 s
-    assert recorder.threads[-1].startswith("front-stage")
+    assert _in_pool(recorder)
 
 
 def test_probe_inputs_are_valid_and_as_large_as_allowed(
