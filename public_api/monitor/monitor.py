@@ -98,10 +98,17 @@ class ExtractionMonitor:
         request = _Request(model, request_inputs, activations, predicted, specs, self._clock())
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Assessment] = loop.create_future()
-        self._waiting.setdefault(key_id, []).append((request, done))
-        async with self._locks[zlib.crc32(key_id.encode()) % LOCK_STRIPES]:
-            if not done.done():  # not folded into an update that ran while this one waited
-                await self._update_with_waiting(key_id, done)
+        entry = (request, done)
+        self._waiting.setdefault(key_id, []).append(entry)
+        try:
+            async with self._locks[zlib.crc32(key_id.encode()) % LOCK_STRIPES]:
+                if not done.done():  # not folded into an update that ran while this one waited
+                    await self._update_with_waiting(key_id, done)
+        except asyncio.CancelledError:  # the caller went away: its request is not counted
+            waiting = self._waiting.get(key_id, [])
+            if entry in waiting:
+                waiting.remove(entry)
+            raise
         return done.result()
 
     async def _update_with_waiting(self, key_id: str, own: asyncio.Future[Assessment]) -> None:

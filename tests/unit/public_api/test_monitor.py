@@ -278,6 +278,50 @@ async def test_a_failed_update_fails_one_request_and_the_others_retry(world: Wor
     assert store.puts == 3
 
 
+class GatedStore(MemoryMonitorStore):
+    """The memory store; reads wait for ``gate`` (so an update can be held open)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def get(self, key_id: str) -> bytes | None:
+        await self.gate.wait()
+        return await super().get(key_id)
+
+
+async def test_a_caller_that_leaves_while_waiting_is_not_counted(world: World) -> None:
+    store = GatedStore()
+    monitor, _ = make_monitor(world, store=store)
+    images = world.digits.data.test_x[:2]
+    answer = world.answer(images)
+
+    def observe(i: int) -> asyncio.Task[Assessment]:
+        one = images[i : i + 1]
+        return asyncio.ensure_future(
+            monitor.observe(
+                "k_gone",
+                MODEL,
+                {"image": one},
+                world.activations(one),
+                answer.indices[i : i + 1],
+                FRONT_SPECS,
+            )
+        )
+
+    first = observe(0)
+    await asyncio.sleep(0.05)  # the first update is open, waiting on the store
+    leaving = observe(1)
+    await asyncio.sleep(0.05)
+    leaving.cancel()
+    store.gate.set()
+    assert (await first).queries == 1
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    later = await observe(0)
+    assert later.queries == 2  # the request whose caller left was never counted
+
+
 async def test_actions(world: World) -> None:
     low = {"flag_threshold": 0.3, "block_threshold": 0.5}
     expected = {
