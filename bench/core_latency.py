@@ -35,7 +35,7 @@ from shared.layout import DeployLayout
 from shared.manifest import RoundingPolicy, TopKPolicy
 from splitvault.demo import digits, minilm
 from splitvault.deploy import init_deployment
-from splitvault.launcher import TierProcess, start_private, start_public
+from splitvault.launcher import TierProcess, start_both
 from splitvault.packing.pack import pack_spec
 from splitvault.packing.spec import ModelSpec
 
@@ -135,11 +135,7 @@ def start_tiers(stack: ExitStack, layout: DeployLayout, args: argparse.Namespace
         "SPLITVAULT_PRIVATE_TORCH_THREADS": str(args.private_threads),
         "SPLITVAULT_PUBLIC_TORCH_THREADS": str(args.public_threads),
     }
-    private = start_private(layout.root, env=env)
-    stack.callback(private.stop)
-    public = start_public(layout.root, private.port, env=env)
-    stack.callback(public.stop)
-    return public
+    return start_both(layout.root, stack, env=env)[0]
 
 
 def digits_workload(spec: ModelSpec, client: Client) -> Workload:

@@ -74,7 +74,7 @@ from shared.logs import configure_logging
 from shared.manifest import StageManifest, TopKPolicy, read_manifest
 from splitvault.demo import digits
 from splitvault.deploy import init_deployment
-from splitvault.launcher import start_private, start_public
+from splitvault.launcher import start_both
 from splitvault.packing.pack import pack_spec
 
 MODEL = "digits"
@@ -382,10 +382,7 @@ def start_tiers(deploy: Path, stack: ExitStack) -> str:
         "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__RATE_PER_S": "100000",
         "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__BURST": "100000",
     }
-    private = start_private(deploy, env=env)
-    stack.callback(private.stop)
-    public = start_public(deploy, private.port, env=env)
-    stack.callback(public.stop)
+    public, _ = start_both(deploy, stack, env=env)
     return f"https://localhost:{public.port}"
 
 

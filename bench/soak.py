@@ -55,7 +55,7 @@ from shared.layout import DeployLayout
 from shared.manifest import TopKPolicy
 from splitvault.demo import digits
 from splitvault.deploy import init_deployment
-from splitvault.launcher import TierProcess, start_private, start_public
+from splitvault.launcher import TierProcess, start_both
 from splitvault.packing.pack import pack_spec
 
 MODEL = "digits"
@@ -132,11 +132,7 @@ def start_tiers(layout: DeployLayout, threads: int, stack: ExitStack) -> list[Ti
         "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__RATE_PER_S": "100000",
         "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__BURST": "100000",
     }
-    private = start_private(layout.root, env=env)
-    stack.callback(private.stop)
-    public = start_public(layout.root, private.port, env=env)
-    stack.callback(public.stop)
-    return [public, private]
+    return list(start_both(layout.root, stack, env=env))
 
 
 def bodies(data: digits.DigitsData) -> list[bytes]:

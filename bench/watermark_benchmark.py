@@ -51,7 +51,7 @@ from shared.logs import configure_logging
 from shared.manifest import LabelPolicy, TopKPolicy, WatermarkConfig
 from splitvault.demo import digits
 from splitvault.deploy import init_deployment
-from splitvault.launcher import start_private, start_public
+from splitvault.launcher import start_both
 from splitvault.ownership.owner import OwnerModel
 from splitvault.ownership.stats import DEFAULT_ALPHA
 from splitvault.ownership.verify import Verification, verify_candidates
@@ -184,10 +184,7 @@ def deploy(
         "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__RATE_PER_S": "100000",
         "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__BURST": "100000",
     }
-    private = start_private(layout.root, env=env)
-    stack.callback(private.stop)
-    public = start_public(layout.root, private.port, env=env)
-    stack.callback(public.stop)
+    public, _ = start_both(layout.root, stack, env=env)
     keys = SqliteKeyStore(layout.public.root / "state" / "keys.sqlite3")
     stack.callback(keys.close)
     owner = OwnerModel(layout.root, MODEL)

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,3 +145,15 @@ def wait_for(condition: Any, *, timeout: float = 60.0, what: str = "condition") 
             return
         time.sleep(0.1)
     raise TimeoutError(f"timed out waiting for {what}")
+
+
+def start_both(
+    deploy: Path, stack: ExitStack, *, env: dict[str, str] | None = None
+) -> tuple[TierProcess, TierProcess]:
+    """The private, then the public tier on free loopback ports, both with ``env``; each is
+    stopped when ``stack`` closes. Returns (public, private)."""
+    private = start_private(deploy, env=env)
+    stack.callback(private.stop)
+    public = start_public(deploy, private.port, env=env)
+    stack.callback(public.stop)
+    return public, private
