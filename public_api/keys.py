@@ -22,7 +22,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from shared.errors import Unauthenticated
+from shared.errors import Unauthenticated, Unavailable
+from shared.logs import get_logger
+
+log = get_logger(__name__)
 
 STATE_DIR = "state"
 KEYS_DB = "keys.sqlite3"
@@ -122,6 +125,19 @@ class KeyStore(Protocol):
         ...
 
 
+@contextmanager
+def _unavailable_on_storage_error() -> Iterator[None]:
+    """A store that cannot be read now (disk failing or full, lock held) answers 503 + Retry-After
+    on the hot path, not a 500; the cause is logged, not sent to the client."""
+    try:
+        yield
+    except sqlite3.DatabaseError as error:
+        log.error("key_store_unavailable", reason=str(error))
+        raise Unavailable(
+            "the API key store cannot be read now; retry later", retry_after_s=1.0
+        ) from error
+
+
 def hash_token(token: str) -> str:
     """SHA-256 (hex) of a whole API key token: the only form the store keeps."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
@@ -193,7 +209,7 @@ class SqliteKeyStore:
     def authenticate(self, token: str) -> ApiKey:
         """The key ``token`` belongs to; ``Unauthenticated`` if unknown, malformed or revoked."""
         digest = hash_token(token)
-        with self._lock:
+        with self._lock, _unavailable_on_storage_error():
             key_id = parse_key_id(token)
             row = None
             if key_id is not None:
@@ -264,7 +280,7 @@ class SqliteKeyStore:
 
     def accepted_version(self, key_id: str) -> str | None:
         """The terms version this key accepted most recently, or ``None``."""
-        with self._lock:
+        with self._lock, _unavailable_on_storage_error():
             row = self._db.execute(
                 "SELECT version FROM terms_acceptances WHERE key_id = ? "
                 "ORDER BY accepted_at DESC, id DESC LIMIT 1",

@@ -22,6 +22,9 @@ from redis.asyncio import Redis
 
 from public_api.redis_client import redis_client
 from shared.errors import Unavailable
+from shared.logs import get_logger
+
+log = get_logger(__name__)
 
 Level = Literal["ok", "flagged", "throttled", "blocked"]
 LEVELS: tuple[Level, ...] = ("ok", "flagged", "throttled", "blocked")
@@ -162,8 +165,13 @@ class SqliteAssessmentLog:
             connection.executescript(_SCHEMA)
 
     async def record(self, assessment: Assessment) -> None:
-        """Store ``assessment`` as its key's latest."""
-        await asyncio.to_thread(self.write, assessment)
+        """Store ``assessment`` as its key's latest. The log is the operators' view, not the
+        monitor's state (that is in the store): a write that fails (disk full, lock held) is
+        logged and left to the key's next due update, and never fails the request."""
+        try:
+            await asyncio.to_thread(self.write, assessment)
+        except sqlite3.Error as error:
+            log.error("monitor_log_write_failed", key_id=assessment.key_id, reason=str(error))
 
     def write(self, assessment: Assessment) -> None:
         """Store ``assessment`` as its key's latest (blocking)."""
@@ -188,8 +196,13 @@ class SqliteAssessmentLog:
             )
 
     async def take_clear_requests(self) -> list[str]:
-        """Pending clear requests, removed from the file as they are returned."""
-        return await asyncio.to_thread(self._take_clear_requests)
+        """Pending clear requests, removed from the file as they are returned (none while the
+        file cannot be read or written: they wait for the next poll)."""
+        try:
+            return await asyncio.to_thread(self._take_clear_requests)
+        except sqlite3.Error as error:
+            log.error("monitor_log_read_failed", reason=str(error))
+            return []
 
     def _take_clear_requests(self) -> list[str]:
         with _connect(self.path) as connection:

@@ -8,11 +8,13 @@ import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import structlog
 import torch
+from structlog.testing import capture_logs
 
 from bench.attacks import (
     Answer,
@@ -70,7 +72,7 @@ class World:
 
     def activations(self, images: np.ndarray) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            out = self.net.features[:2](torch.from_numpy(images))  # type: ignore[index]
+            out = _front(self.net)(torch.from_numpy(images))
         return {"relu": out.numpy().astype(np.float16)}  # as the tier sends them (FP16)
 
     def answer(self, images: np.ndarray) -> Answer:
@@ -79,10 +81,17 @@ class World:
         return Answer(indices[:, 0].numpy(), indices.numpy(), scores.numpy())
 
 
+def _front(net: torch.nn.Module) -> torch.nn.Sequential:
+    """The digits CNN's layers up to the split (features.1)."""
+    front = net.features[:2]  # type: ignore[index]
+    assert isinstance(front, torch.nn.Sequential)
+    return front
+
+
 @pytest.fixture(scope="module")
 def world(digits_model: DigitsFixture) -> World:
     with torch.inference_mode():
-        out = digits_model.spec.module.features[:2](torch.from_numpy(digits_model.data.train_x))
+        out = _front(digits_model.spec.module)(torch.from_numpy(digits_model.data.train_x))
     features = features_of({"relu": out.numpy().astype(np.float16)}, FRONT_SPECS)
     return World(digits_model, build_profile(features))
 
@@ -239,7 +248,8 @@ class CountingStore(MemoryMonitorStore):
 
 async def _observe_many(monitor: ExtractionMonitor, world: World, count: int) -> list[object]:
     images = world.digits.data.test_x[:count]
-    answer = world.answer(images)
+    indices = world.answer(images).indices
+    assert indices is not None
     return await asyncio.gather(
         *(
             monitor.observe(
@@ -247,7 +257,7 @@ async def _observe_many(monitor: ExtractionMonitor, world: World, count: int) ->
                 MODEL,
                 {"image": images[i : i + 1]},
                 world.activations(images[i : i + 1]),
-                answer.indices[i : i + 1],
+                indices[i : i + 1],
                 FRONT_SPECS,
             )
             for i in range(count)
@@ -294,7 +304,8 @@ async def test_a_caller_that_leaves_while_waiting_is_not_counted(world: World) -
     store = GatedStore()
     monitor, _ = make_monitor(world, store=store)
     images = world.digits.data.test_x[:2]
-    answer = world.answer(images)
+    indices = world.answer(images).indices
+    assert indices is not None
 
     def observe(i: int) -> asyncio.Task[Assessment]:
         one = images[i : i + 1]
@@ -304,7 +315,7 @@ async def test_a_caller_that_leaves_while_waiting_is_not_counted(world: World) -
                 MODEL,
                 {"image": one},
                 world.activations(one),
-                answer.indices[i : i + 1],
+                indices[i : i + 1],
                 FRONT_SPECS,
             )
         )
@@ -415,10 +426,13 @@ def test_profile_round_trips_without_pickle(world: World, tmp_path: Path) -> Non
     for name, value in vars(world.profile).items():
         np.testing.assert_array_equal(np.asarray(getattr(loaded, name)), np.asarray(value))
     # An archive holding an object array (which would need pickle) is refused.
-    arrays = {name: np.asarray(value) for name, value in vars(world.profile).items()}
+    arrays: dict[str, Any] = {
+        name: np.asarray(value) for name, value in vars(world.profile).items()
+    }
     arrays["mean"] = np.array([{"x": 1}], dtype=object)
+    arrays["version"] = np.asarray(1)
     with path.open("wb") as out:
-        np.savez(out, version=np.asarray(1), **arrays)
+        np.savez(out, **arrays)
     with pytest.raises(ValueError, match="allow_pickle"):
         load_profile(path)
 
@@ -472,3 +486,17 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+async def test_an_unwritable_assessment_log_never_fails_the_request(tmp_path: Path) -> None:
+    """The log is the operators' view: a failing file (here: replaced by a folder) is logged."""
+    path = tmp_path / "monitor.sqlite3"
+    assessments = SqliteAssessmentLog(path)
+    for leftover in tmp_path.iterdir():
+        leftover.unlink()
+    path.mkdir()
+    with capture_logs() as logs:
+        await assessments.record(Assessment("k_00000001", 0.5, "flagged", ("burst",), 3, 1.0))
+        assert await assessments.take_clear_requests() == []
+    events = [e["event"] for e in logs]
+    assert events == ["monitor_log_write_failed", "monitor_log_read_failed"]
