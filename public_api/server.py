@@ -18,11 +18,13 @@ from shared.logs import get_logger
 log = get_logger(__name__)
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """Bind the listening socket ourselves so port 0 gives a known free port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
@@ -37,7 +39,7 @@ def serve(settings: PublicSettings) -> None:
             "ssl_certfile": str(tier.tls / "server.crt"),
             "ssl_keyfile": str(tier.tls / "server.key"),
         }
-    sock = bind_socket(settings.host, settings.port)
+    sock = bind_socket(settings.host, settings.port, reuse_port=settings.reuse_port)
     config = uvicorn.Config(
         create_app(settings),
         log_config=None,

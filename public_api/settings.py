@@ -23,6 +23,9 @@ class PublicSettings(TierSettings):
     tier_dir: Path
     host: str = "127.0.0.1"
     port: int = Field(default=8443, ge=0, le=65535)
+    # SO_REUSEPORT on the listening socket, as gRPC sets by default: a new process of the same
+    # user can bind the port while the old one drains (a restart on one host without refusals).
+    reuse_port: bool = False
     # One or more private-tier replicas ("host:port"), balanced round robin.
     private_addresses: list[str] = Field(min_length=1)
     # The name the private tier's certificate is checked against, whatever address is dialled.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -11,32 +10,29 @@ import httpx
 import pytest
 
 from tests.conftest import Deployment
+from tests.support.ports import ReservedPort
 from tests.support.processes import TierProcess, start_public, start_tier
+from tests.support.stack import tier_env
 
 pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 2.0
-THREADS = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
 INFER = "/v2/models/digits/infer"
 BODY = {
     "inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]
 }
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def private_port() -> int:
-    return _free_port()
+def private_port() -> Iterator[int]:
+    """The private tier's address, held by the test while no private tier runs there."""
+    with ReservedPort() as reserved:
+        yield reserved.port
 
 
 @pytest.fixture(scope="module")
 def public(deployment: Deployment, private_port: int) -> Iterator[TierProcess]:
-    env = {**THREADS, "SPLITVAULT_PUBLIC_REQUEST_TIMEOUT_S": str(TIMEOUT_S)}
+    env = {**tier_env(), "SPLITVAULT_PUBLIC_REQUEST_TIMEOUT_S": str(TIMEOUT_S)}
     tier = start_public(deployment.root, private_port, env=env)
     yield tier
     tier.stop()
@@ -99,7 +95,7 @@ def test_public_tier_recovers_when_private_starts_and_fails_fast_when_it_stops(
     private = start_tier(
         ["serve", "private", "--deploy", str(deployment.root), "--port", str(private_port)],
         "private_tier_listening",
-        env=THREADS,
+        env=tier_env(),
     )
     try:
         assert private.port == private_port

@@ -30,13 +30,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.layout import PRIVATE_IDENTITY, DeployLayout
 from splitvault.cli import main
-from tests.conftest import SESSION_PUBLIC_ENV, Deployment, DigitsFixture
+from tests.conftest import Deployment, DigitsFixture
 from tests.support.deployments import copy_deployment
+from tests.support.ports import ReservedPort
 from tests.support.processes import TierProcess, start_public, start_tier, wait_for
+from tests.support.stack import tier_env
 
 pytestmark = pytest.mark.slow
 
-THREADS = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
 MODELS = ["digits", "digits-label", "nested"]
 
 
@@ -59,8 +60,8 @@ def _private(
 ) -> TierProcess:
     args = ["serve", "private", "--deploy", str(layout.root), "--port", str(port)]
     args += ["--kek-file", str(kek)] if kek else []
-    env = {"SPLITVAULT_PRIVATE_METRICS_PORT": "0", "SPLITVAULT_PRIVATE_GRACE_PERIOD_S": "2"}
-    env.update(THREADS)
+    env = {**tier_env(), "SPLITVAULT_PRIVATE_METRICS_PORT": "0"}
+    env["SPLITVAULT_PRIVATE_GRACE_PERIOD_S"] = "2"
     started.append(start_tier(args, "private_tier_listening", env=env))
     return started[-1]
 
@@ -170,14 +171,22 @@ def _restart_private(
     return _private(layout, started, port=old.port)
 
 
+@pytest.fixture
+def replica_ports() -> Iterator[tuple[int, int]]:
+    """Two private addresses, held by the test: a replica restarts on its own."""
+    with ReservedPort() as first, ReservedPort() as second:
+        yield first.port, second.port
+
+
 def test_rolling_certificate_rotation_keeps_serving(
     layout: DeployLayout,
     deployment: Deployment,
     digits_model: DigitsFixture,
     started: list[TierProcess],
+    replica_ports: tuple[int, int],
 ) -> None:
-    a, b = _private(layout, started), _private(layout, started)
-    env = {**THREADS, **SESSION_PUBLIC_ENV}
+    a, b = (_private(layout, started, port=port) for port in replica_ports)
+    env = tier_env()
     extra = ["--private", f"127.0.0.1:{b.port}"]
     public = start_public(layout.root, a.port, env=env, extra=extra)
     started.append(public)

@@ -1,4 +1,8 @@
-"""A real, throwaway ``redis-server`` for tests: a free loopback port, a temp dir, no persistence.
+"""A real, throwaway ``redis-server`` for tests: a Unix socket in a temp dir, no persistence.
+
+redis-server has no way to report an ephemeral TCP port, so it listens on no TCP port at all
+(``--port 0``) and only on ``DIR/redis.sock``: no port is picked and bound later, and a
+restart keeps the same address.
 
 In a test module::
 
@@ -29,17 +33,12 @@ MISSING = "redis-server is not installed (apt-get install redis-server; scripts/
 Scope = Literal["session", "package", "module", "class", "function"]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _ping(port: int) -> bool:
+def _ping(path: Path) -> bool:
     """A bare RESP PING, so the helper does not depend on the client library under test."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            sock.connect(str(path))
             sock.sendall(b"*1\r\n$4\r\nPING\r\n")
             return sock.recv(64).startswith(b"+PONG")
     except OSError:
@@ -47,38 +46,39 @@ def _ping(port: int) -> bool:
 
 
 class RedisServer:
-    """One ``redis-server`` process; ``stop`` and ``start`` again keep the same port."""
+    """One ``redis-server`` process; ``stop`` and ``start`` again keep the same socket."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path) -> None:
         executable = shutil.which("redis-server")
         if executable is None:
             raise FileNotFoundError(MISSING)
         self.executable = executable
         self.directory = directory
-        self.port = port or _free_port()
+        self.socket = directory / "redis.sock"
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``unix://DIR/redis.sock?db=0``."""
+        return f"unix://{self.socket}?db=0"
 
     def start(self) -> RedisServer:
         """Start the server and wait until it answers PING."""
         if self.process is not None:
             return self
         self.directory.mkdir(parents=True, exist_ok=True)
-        command = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        command = [self.executable, "--port", "0", "--unixsocket", str(self.socket)]
+        command += ["--unixsocketperm", "700", "--save", "", "--appendonly", "no"]
+        command += ["--dir", str(self.directory)]
         log = (self.directory / "redis.log").open("ab")
         with log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _ping(self.port):
+        while not _ping(self.socket):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 tail = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"redis-server did not start on port {self.port}:\n{tail}")
+                raise RuntimeError(f"redis-server did not start on {self.socket}:\n{tail}")
             time.sleep(0.02)
         return self
 
