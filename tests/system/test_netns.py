@@ -32,8 +32,10 @@ from shared.layout import PUBLIC_IDENTITY, DeployLayout
 from splitvault.deploy import load_ca
 from splitvault.launcher import TierProcess
 from splitvault.pki import issue_certificate
-from tests.conftest import SESSION_PUBLIC_ENV, Deployment, DigitsFixture
+from tests.conftest import Deployment, DigitsFixture
 from tests.support.deployments import copy_deployment
+from tests.support.netguard.sitecustomize import ALLOW_ENV
+from tests.support.stack import tier_env
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +44,11 @@ PUBLIC_BACK, PRIVATE_BACK = "10.213.1.1", "10.213.1.2"
 CLIENT_FRONT, PUBLIC_FRONT = "10.213.2.1", "10.213.2.2"
 PRIVATE_PORT, PUBLIC_PORT = 50051, 8443
 ENV = {
-    "SPLITVAULT_PRIVATE_TORCH_THREADS": "1",
-    "SPLITVAULT_PUBLIC_TORCH_THREADS": "1",
+    **tier_env(),
     "SPLITVAULT_PRIVATE_METRICS_PORT": "0",
     "PYTHONUNBUFFERED": "1",
+    # The connect guard lets the processes in these namespaces reach the namespaces' addresses.
+    ALLOW_ENV: "10.213.0.0/16",
 }
 
 
@@ -151,6 +154,7 @@ def _python_in(ns: str, script: str, *args: str) -> dict[str, object]:
         text=True,
         timeout=60,
         cwd=REPO,
+        env={**os.environ, ALLOW_ENV: ENV[ALLOW_ENV]},
         check=False,
     )
     assert result.returncode == 0, result.stderr
@@ -225,9 +229,7 @@ def test_client_reaches_only_the_public_tier(
         public_args = ["serve", "public", "--deploy", root, "--host", PUBLIC_FRONT]
         public_args += ["--private", f"{PRIVATE_BACK}:{PRIVATE_PORT}"]
         tiers.append(
-            _start_in(
-                namespaces.public, public_args, PUBLIC_PORT, "public_tier_ready", SESSION_PUBLIC_ENV
-            )
+            _start_in(namespaces.public, public_args, PUBLIC_PORT, "public_tier_ready", {})
         )
         body = json.dumps(_image_request(digits_model.data.test_x[:2]))
         client = _python_in(
