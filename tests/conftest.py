@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import ssl
 from collections.abc import Iterator
@@ -23,11 +24,47 @@ from splitvault.demo import digits, minilm
 from splitvault.deploy import init_deployment
 from splitvault.packing.pack import pack_spec
 from splitvault.packing.spec import ModelSpec
+from tests.support.isolation import isolation, isolation_problem
 from tests.support.models import nested_spec
+from tests.support.netguard import NETGUARD_DIR
+from tests.support.netguard import sitecustomize as netguard
 from tests.support.processes import TierProcess, start_private, start_public
+from tests.support.stack import tier_env
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
+
+# Every Python process the tests start imports the loopback-only connect guard at start-up
+# (scripts/test.sh sets PYTHONPATH already; this covers a bare ``pytest``).
+if str(NETGUARD_DIR) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(NETGUARD_DIR), os.environ.get("PYTHONPATH")])
+    )
+netguard.install()
+
+
+def pytest_report_header() -> list[str]:
+    return [f"network isolation: {isolation()}"]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    problem = isolation_problem()
+    if problem is not None:
+        raise pytest.UsageError(problem)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The time spent in slow-marked tests and in the rest (setup and teardown included)."""
+    totals = {"slow": [0, 0.0], "other": [0, 0.0]}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if not isinstance(report, pytest.TestReport):
+                continue
+            bucket = totals["slow" if "slow" in report.keywords else "other"]
+            bucket[0] += report.when == "call"
+            bucket[1] += report.duration
+    parts = [f"{name}: {int(n)} tests, {seconds:.0f} s" for name, (n, seconds) in totals.items()]
+    terminalreporter.write_line("test time by mark: " + "; ".join(parts))
 
 
 @dataclass(frozen=True)
@@ -79,29 +116,23 @@ def deployment(
     """digits (top-3, FP16), digits-label (label only, FP32), nested (top-2, FP32), minilm."""
     layout = init_deployment(tmp_path_factory.mktemp("deploy") / "d")
     provider = LocalFileKeyProvider.load(layout.kek)
-    common = {"layout": layout, "provider": provider, "show_progress": False}
-    pack_spec(
-        digits_model.spec, name="digits", split=digits.SPLIT, policy=TopKPolicy(k=3), **common
-    )  # type: ignore[arg-type]
-    pack_spec(
+    pack = functools.partial(pack_spec, layout=layout, provider=provider, show_progress=False)
+    pack(digits_model.spec, name="digits", split=digits.SPLIT, policy=TopKPolicy(k=3))
+    pack(
         digits_model.spec,
         name="digits-label",
         split=digits.SPLIT,
         policy=LabelPolicy(),
         transport_datatype="FP32",
-        **common,
-    )  # type: ignore[arg-type]
-    pack_spec(
+    )
+    pack(
         nested_spec(),
         name="nested",
         split="encoder.blocks.1.mlp.0",
         policy=TopKPolicy(k=2, decimals=6),
         transport_datatype="FP32",
-        **common,
-    )  # type: ignore[arg-type]
-    pack_spec(
-        minilm_spec, name="minilm", split=minilm.SPLIT, policy=RoundingPolicy(decimals=5), **common
-    )  # type: ignore[arg-type]
+    )
+    pack(minilm_spec, name="minilm", split=minilm.SPLIT, policy=RoundingPolicy(decimals=5))
     return Deployment(layout, provider, issue_key(layout, "tests"))
 
 
@@ -116,17 +147,6 @@ def issue_key(layout: DeployLayout, name: str, *, accept_terms: bool = True, **l
     finally:
         store.close()
     return secret
-
-
-# Session tiers: generous limits and a monitor that records only, so that the many test
-# requests of one key are neither throttled nor blocked (protection tests start their own).
-SESSION_PUBLIC_ENV = {
-    "SPLITVAULT_PUBLIC_PROTECTION__KEY_LIMITS__RATE_PER_S": "100000",
-    "SPLITVAULT_PUBLIC_PROTECTION__KEY_LIMITS__BURST": "100000",
-    "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__RATE_PER_S": "100000",
-    "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__BURST": "100000",
-    "SPLITVAULT_PUBLIC_PROTECTION__MONITOR_ACTION": "record",
-}
 
 
 @dataclass
@@ -158,10 +178,11 @@ class Tiers:
 
 @pytest.fixture(scope="session")
 def tiers(deployment: Deployment) -> Iterator[Tiers]:
-    threads = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
-    private = start_private(deployment.root, env=threads)
+    # Generous limits and a monitor that records only (tier_env), so that the many test requests
+    # of one key are neither throttled nor blocked; protection tests start their own tiers.
+    private = start_private(deployment.root, env=tier_env())
     try:
-        public = start_public(deployment.root, private.port, env={**threads, **SESSION_PUBLIC_ENV})
+        public = start_public(deployment.root, private.port, env=tier_env())
     except BaseException:
         private.stop()
         raise

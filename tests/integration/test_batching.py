@@ -17,13 +17,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from splitvault.demo import minilm
 from splitvault.packing.spec import ModelSpec
-from tests.conftest import SESSION_PUBLIC_ENV, Deployment, DigitsFixture, Tiers
+from tests.conftest import Deployment, DigitsFixture, Tiers
 from tests.support.processes import TierProcess, start_private, start_public
+from tests.support.stack import tier_env
 
 pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
-THREADS = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
 DIGITS_SIZES = [1 + (i * 5) % 9 for i in range(32)]  # 1..9 rows, 32 requests
 WORDS = " ".join(minilm.SENTENCES).split(" ")
 
@@ -117,13 +117,13 @@ def test_concurrent_minilm_lengths_equal_unbatched(tiers: Tiers, minilm_spec: Mo
 def crowded(deployment: Deployment) -> Iterator[tuple[TierProcess, TierProcess]]:
     """A private tier whose queue holds 2 rows and waits up to 1 s to fill a batch."""
     env = {
-        **THREADS,
+        **tier_env(),
         "SPLITVAULT_PRIVATE_MAX_QUEUE_SIZE": "2",
         "SPLITVAULT_PRIVATE_MAX_QUEUE_DELAY_US": "1000000",
     }
     private = start_private(deployment.root, env=env)
     try:
-        public = start_public(deployment.root, private.port, env={**THREADS, **SESSION_PUBLIC_ENV})
+        public = start_public(deployment.root, private.port, env=tier_env())
     except BaseException:
         private.stop()
         raise

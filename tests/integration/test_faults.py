@@ -24,6 +24,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,22 +45,19 @@ from shared.manifest import TopKPolicy
 from splitvault.packing.pack import pack_spec
 from splitvault.packing.spec import ModelSpec
 from tests.conftest import Deployment, issue_key
+from tests.support.ports import PUBLIC_REUSE_PORT, ReservedPort
 from tests.support.processes import TierProcess, start_public, start_tier
-from tests.support.stack import (
-    NO_LIMITS,
-    PROTECTION,
-    THREADS,
-    cli,
-    copy_deployment,
-    free_port,
-    https,
-    poll,
-)
+from tests.support.stack import PROTECTION, cli, copy_deployment, https, poll, tier_env
 
 pytestmark = pytest.mark.slow
 
 DEADLINE_S = 2.0  # the public tier's deadline for each private-tier call
-PUBLIC_ENV = {**THREADS, **NO_LIMITS, "SPLITVAULT_PUBLIC_REQUEST_TIMEOUT_S": str(DEADLINE_S)}
+# A key stays cached for the longest time allowed: a storage fault tests the audit trail's
+# policy, not a key-store read (which answers 503 too, with its own message).
+PUBLIC_ENV = {
+    **tier_env(key_cache_s=300),
+    "SPLITVAULT_PUBLIC_REQUEST_TIMEOUT_S": str(DEADLINE_S),
+}
 DIGITS = "/v2/models/digits/infer"
 SLOW = "/v2/models/slow/infer"
 IMAGE = [0.5] * 64
@@ -93,7 +91,8 @@ class SlowNet(nn.Module):
         self.head = nn.Linear(WIDTH, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.spin(self.embed(x)))
+        logits: torch.Tensor = self.head(self.spin(self.embed(x)))
+        return logits
 
 
 def _slow_spec() -> ModelSpec:
@@ -197,12 +196,12 @@ class Faults:
 
 def _start_private(layout: DeployLayout, port: int) -> TierProcess:
     args = ["serve", "private", "--deploy", str(layout.root), "--port", str(port)]
-    env = {**THREADS, "SPLITVAULT_PRIVATE_METRICS_PORT": "0"}
+    env = {**tier_env(), "SPLITVAULT_PRIVATE_METRICS_PORT": "0"}
     return start_tier(args, "private_tier_listening", env=env)
 
 
 def _start_public(layout: DeployLayout, private_ports: tuple[int, int], port: int) -> TierProcess:
-    env = {**PUBLIC_ENV, **_audit_env("refuse")}
+    env = {**PUBLIC_ENV, **PUBLIC_REUSE_PORT, **_audit_env("refuse")}
     first, second = private_ports
     extra = ["--port", str(port), "--private", f"127.0.0.1:{second}"]
     return start_public(layout.root, first, env=env, extra=extra)
@@ -222,9 +221,12 @@ def faults(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> 
         show_progress=False,
     )
     storage = StorageFault(layout.public.root / STATE_DIR)  # for the "refuse" policy test
+    stack_ports = ExitStack()
     try:
         key = issue_key(layout, "faults")
-        private_port, replica_port, public_port = free_port(), free_port(), free_port()
+        # The tests restart tiers on the same addresses: the module holds them meanwhile.
+        reserved = [stack_ports.enter_context(ReservedPort()) for _ in range(3)]
+        private_port, replica_port, public_port = (port.port for port in reserved)
         private = _start_private(layout, private_port)
         try:
             public = _start_public(layout, (private_port, replica_port), public_port)
@@ -240,6 +242,7 @@ def faults(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> 
             stack.public.stop()
             stack.private.stop()
     finally:
+        stack_ports.close()
         storage.close()
 
 

@@ -30,15 +30,14 @@ from shared.manifest import DimSpec, read_manifest
 from shared.tensor_codec import MAX_RANK
 from tests.conftest import Tiers, issue_key
 from tests.support.processes import TierProcess, start_public
-from tests.support.stack import NO_LIMITS, THREADS, copy_deployment, https, poll, rss_mib
+from tests.support.stack import copy_deployment, https, poll, rss_mib, tier_env
 
 pytestmark = pytest.mark.slow
 
 HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 2.0, 3.0
 MAX_CONNECTIONS, MAX_ELEMENTS, MAX_HEADER_BYTES = 64, 65_536, 8192
 ENV = {
-    **THREADS,
-    **NO_LIMITS,
+    **tier_env(),
     "SPLITVAULT_PUBLIC_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
     "SPLITVAULT_PUBLIC_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
     "SPLITVAULT_PUBLIC_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
@@ -183,7 +182,7 @@ def test_non_utf8_bodies_are_400(hostile: Hostile, content: bytes) -> None:
 def test_non_utf8_in_path_and_headers_is_refused(hostile: Hostile) -> None:
     with hostile.http() as http:
         _assert_error(http.post("/v2/models/%ff%fe/infer", json=_digits()), 400)
-        bad_key = {"authorization": b"Bearer sv_\xff\xfe"}  # bytes: httpx sends them as is
+        bad_key = {b"authorization": b"Bearer sv_\xff\xfe"}  # bytes: httpx sends them as is
         _assert_error(http.post(DIGITS, json=_digits(), headers=bad_key), 401)
         _assert_serving(http)
 

@@ -31,6 +31,7 @@ from shared.layout import BACK_FILE, PRIVATE_IDENTITY, DeployLayout, TierDir
 from shared.manifest import CONFIG_FILE, MANIFEST_FILE
 from tests.conftest import Deployment, DigitsFixture
 from tests.support.processes import TierProcess, start_private, start_public
+from tests.support.stack import tier_env
 
 # Corrupted model -> a word its failure reason must contain.
 CORRUPTED = {
@@ -41,7 +42,6 @@ CORRUPTED = {
 }
 INTACT = ("digits", "digits-label", "nested", "rechunked")
 SMALL_CHUNK = 4096
-THREADS = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
 TIMEOUT = 5
 
 
@@ -180,9 +180,9 @@ class CorruptTiers:
 
 @pytest.fixture(scope="module")
 def corrupt_tiers(corrupt: CorruptDeployment, deployment: Deployment) -> Iterator[CorruptTiers]:
-    private = start_private(corrupt.layout.root, env=THREADS)
+    private = start_private(corrupt.layout.root, env=tier_env())
     try:
-        public = start_public(corrupt.layout.root, private.port, env=THREADS)
+        public = start_public(corrupt.layout.root, private.port, env=tier_env())
     except BaseException:
         private.stop()
         raise

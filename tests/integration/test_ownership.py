@@ -27,11 +27,11 @@ from splitvault.demo import digits
 from splitvault.deploy import init_deployment
 from splitvault.ownership.owner import OwnerModel
 from splitvault.packing.pack import pack_spec
-from tests.conftest import SESSION_PUBLIC_ENV, Deployment, DigitsFixture, issue_key
+from tests.conftest import Deployment, DigitsFixture, issue_key
 from tests.support.processes import start_private, start_public
+from tests.support.stack import tier_env
 
 pytestmark = pytest.mark.slow
-THREADS = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,10 @@ def _train(images: np.ndarray, labels: np.ndarray, epochs: int, seed: int) -> nn
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
     for _ in range(epochs):
-        for batch in torch.randperm(len(x)).split(32):
+        for batch in torch.split(torch.randperm(len(x)), 32):
             optimiser.zero_grad()
-            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            loss: torch.Tensor = nn.functional.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
     return model.eval()
 
@@ -70,7 +71,8 @@ def _suspects(folder: Path, images: np.ndarray, answers: np.ndarray) -> Path:
     torch.export.save(program, folder / "copy.pt2")
     other = digits.load_data(seed=7)
     independent = _train(other.train_x, other.train_y, epochs=10, seed=2)
-    torch.jit.trace(independent, example).save(str(folder / "independent.pt"))
+    traced = torch.jit.trace(independent, example)  # type: ignore[no-untyped-call]
+    traced.save(str(folder / "independent.pt"))
     return folder
 
 
@@ -91,9 +93,9 @@ def owned(tmp_path_factory: pytest.TempPathFactory, digits_model: DigitsFixture)
     )
     secret = issue_key(layout, "suspect-maker")
     images = digits_model.data.test_x
-    private = start_private(layout.root, env=THREADS)
+    private = start_private(layout.root, env=tier_env())
     try:
-        public = start_public(layout.root, private.port, env={**THREADS, **SESSION_PUBLIC_ENV})
+        public = start_public(layout.root, private.port, env=tier_env())
         try:
             url = f"https://localhost:{public.port}"
             with Client(url, api_key=secret, ca=layout.public.ca_cert) as client:
@@ -108,6 +110,7 @@ def owned(tmp_path_factory: pytest.TempPathFactory, digits_model: DigitsFixture)
     finally:
         private.stop()
     labels = np.concatenate([a[:, 0] for a in answers if a is not None])
+    assert again is not None
     np.testing.assert_array_equal(again[:, 0], labels[:64])  # same query, same answer
     key_id = parse_key_id(secret)
     assert key_id is not None

@@ -37,37 +37,20 @@ from shared.layout import DeployLayout
 from tests.conftest import Deployment, DigitsFixture, issue_key
 from tests.support.deployments import copy_deployment
 from tests.support.processes import TierProcess, start_private, start_public, wait_for
+from tests.support.stack import tier_env
 
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-THREADS = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
-PROTECTION = "SPLITVAULT_PUBLIC_PROTECTION__"
-GENEROUS_IP = {
-    f"{PROTECTION}IP_LIMITS__RATE_PER_S": "100000",
-    f"{PROTECTION}IP_LIMITS__BURST": "100000",
-}
-PUBLIC_ENV = {
-    **THREADS,
-    **GENEROUS_IP,
-    f"{PROTECTION}KEY_LIMITS__RATE_PER_S": "2",
-    f"{PROTECTION}KEY_LIMITS__BURST": "5",
-    f"{PROTECTION}KEY_LIMITS__DAILY_QUOTA": "1000",
-    # digits-label's own defaults (a key's overrides still win over them).
-    f"{PROTECTION}MODEL_LIMITS": json.dumps(
-        {"digits-label": {"rate_per_s": 0.5, "burst": 2, "daily_quota": 500}}
-    ),
-    f"{PROTECTION}MONITOR_ACTION": "record",
-}
+# Tight key limits (digits-label has its own defaults; a key's overrides still win over them).
+PUBLIC_ENV = tier_env(
+    key_limits__rate_per_s=2,
+    key_limits__burst=5,
+    key_limits__daily_quota=1000,
+    model_limits={"digits-label": {"rate_per_s": 0.5, "burst": 2, "daily_quota": 500}},
+)
 # The "restarted" tier: terms version 2, a monitor that blocks, limits out of the way.
-PUBLIC_V2_ENV = {
-    **THREADS,
-    **GENEROUS_IP,
-    f"{PROTECTION}KEY_LIMITS__RATE_PER_S": "100000",
-    f"{PROTECTION}KEY_LIMITS__BURST": "100000",
-    f"{PROTECTION}TERMS_VERSION": "2",
-    f"{PROTECTION}MONITOR_ACTION": "block",
-}
+PUBLIC_V2_ENV = tier_env(terms_version=2, monitor_action="block")
 LINK = '</v1/terms>; rel="terms-of-service"'
 INFER = "/v2/models/{}/infer"
 # Keys issued before the tiers start: name -> limit overrides.
@@ -132,7 +115,7 @@ def stack(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> I
     destination = tmp_path_factory.mktemp("protection") / "d"
     layout = copy_deployment(deployment.layout, destination, keep_public_state=False)
     keys = {name: issue_key(layout, name, **options) for name, options in KEYS.items()}
-    private = start_private(layout.root, env=THREADS)
+    private = start_private(layout.root, env=tier_env())
     try:
         public = start_public(layout.root, private.port, env=PUBLIC_ENV)
         try:

@@ -22,11 +22,10 @@ from tests.conftest import Deployment, DigitsFixture, issue_key
 from tests.support.deployments import copy_deployment
 from tests.support.processes import TierProcess, start_private, start_public
 from tests.support.redis_server import RedisServer, redis_server_fixture
+from tests.support.stack import tier_env
 
 pytestmark = pytest.mark.slow
 
-THREADS = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
-PROTECTION = "SPLITVAULT_PUBLIC_PROTECTION__"
 BURST = 5
 RATE_PER_S = 0.1  # one unit per 10 s: nothing refills while a test fires its requests
 INFER = "/v2/models/digits/infer"
@@ -62,17 +61,13 @@ def stack(
     copy_deployment(deployment.layout, root, keep_public_state=False)
     layout = DeployLayout(root)
     keys = {name: issue_key(layout, name) for name in ("shared", "outage")}
-    env = {
-        **THREADS,
-        f"{PROTECTION}RATE_LIMIT_BACKEND": "redis",
-        f"{PROTECTION}REDIS_URL": redis_server.url,
-        f"{PROTECTION}KEY_LIMITS__RATE_PER_S": str(RATE_PER_S),
-        f"{PROTECTION}KEY_LIMITS__BURST": str(BURST),
-        f"{PROTECTION}IP_LIMITS__RATE_PER_S": "100000",
-        f"{PROTECTION}IP_LIMITS__BURST": "100000",
-        f"{PROTECTION}MONITOR_ACTION": "record",
-    }
-    private = start_private(root, env=THREADS)
+    env = tier_env(
+        rate_limit_backend="redis",
+        redis_url=redis_server.url,
+        key_limits__rate_per_s=RATE_PER_S,
+        key_limits__burst=BURST,
+    )
+    private = start_private(root, env=tier_env())
     replicas: list[TierProcess] = []
     try:
         for _ in range(2):

@@ -15,6 +15,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -32,19 +33,19 @@ from splitvault.demo import digits
 from splitvault.packing.pack import pack_spec
 from tests.conftest import Deployment, DigitsFixture, issue_key
 from tests.support.processes import TierProcess, start_public, start_tier
-from tests.support.stack import NO_LIMITS, REPO_ROOT, THREADS, copy_deployment, https
+from tests.support.stack import REPO_ROOT, copy_deployment, https, tier_env
 
 pytestmark = pytest.mark.slow
 
 LOUD = {
-    **THREADS,
+    **tier_env(),
     "SPLITVAULT_PRIVATE_LOG_LEVEL": "DEBUG",
     "SPLITVAULT_PUBLIC_LOG_LEVEL": "DEBUG",
     "GRPC_VERBOSITY": "DEBUG",
     "GRPC_TRACE": "all",
 }
 INFER = "/v2/models/digits/infer"
-BODY = {
+BODY: dict[str, Any] = {
     "id": "request-1",
     "inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}],
 }
@@ -174,7 +175,7 @@ def _run_tiers(layout: DeployLayout, kek: str, keys: dict[str, str], wrong: str)
     private = start_tier(args, "private_tier_listening", env=env)
     public: TierProcess | None = None
     try:
-        public = start_public(layout.root, private.port, env={**LOUD, **NO_LIMITS})
+        public = start_public(layout.root, private.port, env=LOUD)
         _exercise_public(layout, public, keys, wrong)
         _exercise_private(layout, private.port)
         private.stop()
@@ -202,10 +203,8 @@ def _exercise_public(
         assert good.post(INFER, json=BODY).status_code == 200
         assert good.post("/v2/models/digits-wm/infer", json=BODY).status_code == 200
         assert good.post(INFER, content=b'{"inputs": [', headers=_json()).status_code == 400
-        assert (
-            good.post(INFER, json={"inputs": [{**BODY["inputs"][0], "shape": [2]}]}).status_code
-            == 400
-        )  # type: ignore[dict-item]
+        wrong_shape = {"inputs": [{**BODY["inputs"][0], "shape": [2]}]}
+        assert good.post(INFER, json=wrong_shape).status_code == 400
         assert good.post("/v2/models/nope/infer", json=BODY).status_code == 404
         assert good.post(INFER, content=b" " * (17 << 20), headers=_json()).status_code == 413
         assert good.post("/v1/terms/accept", json={"version": "0"}).status_code == 403
@@ -270,7 +269,8 @@ def test_debug_output_was_produced(exercised: Exercised) -> None:
     assert any(line.startswith("[_cygrpc]") for line in lines)  # library DEBUG logs
     events = [json.loads(line) for line in lines if line.startswith("{")]
     assert {"terms_accepted", "request_unavailable"} <= {e.get("event") for e in events}
-    assert parse_key_id(exercised.secrets["API key new"]) in exercised.output
+    new_key_id = parse_key_id(exercised.secrets["API key new"])
+    assert new_key_id is not None and new_key_id in exercised.output
     found = [line for line in exercised.certificate_lines if line in exercised.output]
     assert found, "no certificate line in the output: the PEM search would find nothing"
 

@@ -19,7 +19,8 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mlp(self.norm(x))
+        out: torch.Tensor = x + self.mlp(self.norm(x))
+        return out
 
 
 class NestedNet(nn.Module):
@@ -36,7 +37,8 @@ class NestedNet(nn.Module):
         h = self.embed(tokens)
         for block in self.encoder.blocks:  # type: ignore[union-attr]
             h = block(h)
-        return self.head(h.mean(dim=1))
+        logits: torch.Tensor = self.head(h.mean(dim=1))
+        return logits
 
 
 def nested_factory() -> tuple[nn.Module, dict[str, torch.Tensor]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import json
 import ssl
 import subprocess
 import sys
@@ -19,15 +19,27 @@ from tests.support import deployments
 REPO_ROOT = Path(__file__).resolve().parents[2]
 THREADS = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
 PROTECTION = "SPLITVAULT_PUBLIC_PROTECTION__"
-# Limits out of the way and a monitor that only records: these tests are about faults.
-NO_LIMITS = {
-    f"{PROTECTION}KEY_LIMITS__RATE_PER_S": "100000",
-    f"{PROTECTION}KEY_LIMITS__BURST": "100000",
-    f"{PROTECTION}KEY_LIMITS__DAILY_QUOTA": "10000000",
-    f"{PROTECTION}IP_LIMITS__RATE_PER_S": "100000",
-    f"{PROTECTION}IP_LIMITS__BURST": "100000",
-    f"{PROTECTION}MONITOR_ACTION": "record",
+# Limits out of the way and a monitor that only records, so that the many requests of one test
+# key are neither throttled nor blocked; tests about protection override what they exercise.
+OPEN_PROTECTION: dict[str, object] = {
+    "key_limits__rate_per_s": 100000,
+    "key_limits__burst": 100000,
+    "key_limits__daily_quota": 10_000_000,
+    "ip_limits__rate_per_s": 100000,
+    "ip_limits__burst": 100000,
+    "monitor_action": "record",
 }
+
+
+def tier_env(**protection: object) -> dict[str, str]:
+    """The environment of a test tier: one torch thread per tier and ``OPEN_PROTECTION``, with
+    ``protection`` overriding it (``key_limits__burst=5``; dicts and lists become JSON)."""
+    settings = {**OPEN_PROTECTION, **protection}
+    env = dict(THREADS)
+    for name, value in settings.items():
+        text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+        env[f"{PROTECTION}{name.upper()}"] = text
+    return env
 
 
 def copy_deployment(source: Path, destination: Path, skip_models: set[str]) -> DeployLayout:
@@ -35,13 +47,6 @@ def copy_deployment(source: Path, destination: Path, skip_models: set[str]) -> D
     return deployments.copy_deployment(
         DeployLayout(source), destination, skip_models=skip_models, keep_public_state=False
     )
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def https(layout: DeployLayout, port: int, key: str | None = None, **kwargs: Any) -> httpx.Client:

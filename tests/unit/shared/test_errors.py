@@ -89,7 +89,7 @@ def test_the_docstring_tree_matches_the_classes_and_the_table() -> None:
         if status is not None:
             assert mapping.http_status == status, name
         if code is not None:
-            assert mapping.grpc_code == Code[code], name
+            assert mapping.grpc_code == Code.__members__[code], name
 
 
 def test_every_table_entry_is_an_error_class() -> None:

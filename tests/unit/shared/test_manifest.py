@@ -133,7 +133,7 @@ def test_bad_config_fields_are_refused(overrides: dict[str, Any]) -> None:
 def test_config_is_frozen() -> None:
     config = _config()
     with pytest.raises(ValidationError):
-        config.name = "other"  # type: ignore[misc]
+        config.name = "other"
 
 
 def test_policy_is_read_by_its_kind() -> None:
