@@ -31,6 +31,7 @@ def test_sdk_top_k_matches_unsplit_digits(
     expected_idx, expected_scores = _unsplit_top_k(digits_model.spec, x, 3)
     with tiers.client() as client:
         prediction = client.predict("digits", x)
+    assert prediction.scores is not None and prediction.labels is not None
     np.testing.assert_array_equal(prediction.indices, expected_idx)
     # FP16 activations and 4-decimal rounding: scores agree to the rounding step.
     np.testing.assert_allclose(prediction.scores, expected_scores, atol=2e-3)
@@ -65,6 +66,7 @@ def test_raw_http_matches_sdk(tiers: Tiers, digits_model: DigitsFixture) -> None
     assert output["shape"] == [5, 3]
     with tiers.client() as client:
         prediction = client.predict("digits", x)
+    assert prediction.indices is not None
     parsed = [s.split(":") for s in output["data"]]
     assert [int(p[1]) for p in parsed] == prediction.indices.ravel().tolist()
     assert all(len(p[0].split(".")[-1]) <= 4 for p in parsed)  # rounded to the policy's 4 decimals
@@ -75,8 +77,10 @@ def test_client_asks_for_fewer_classes_but_never_more(
 ) -> None:
     x = digits_model.data.test_x[:2]
     with tiers.client() as client:
-        assert client.predict("digits", x, top_k=1).indices.shape == (2, 1)
-        assert client.predict("digits", x, top_k=9).indices.shape == (2, 3)
+        one, nine = client.predict("digits", x, top_k=1), client.predict("digits", x, top_k=9)
+    assert one.indices is not None and nine.indices is not None
+    assert one.indices.shape == (2, 1)
+    assert nine.indices.shape == (2, 3)
 
 
 def test_label_only_policy_returns_no_score(tiers: Tiers, digits_model: DigitsFixture) -> None:
@@ -84,6 +88,7 @@ def test_label_only_policy_returns_no_score(tiers: Tiers, digits_model: DigitsFi
     expected, _ = _unsplit_top_k(digits_model.spec, x, 1)
     with tiers.client() as client:
         prediction = client.predict("digits-label", x)
+    assert prediction.scores is not None
     np.testing.assert_array_equal(prediction.indices, expected)
     assert np.isnan(prediction.scores).all()
 
@@ -95,6 +100,7 @@ def test_nested_split_serves_varied_token_counts(tiers: Tiers) -> None:
             x = np.random.default_rng(batch).standard_normal((batch, tokens, 12)).astype(np.float32)
             expected_idx, expected_scores = _unsplit_top_k(spec, x, 2)
             prediction = client.predict("nested", x)
+            assert prediction.scores is not None
             np.testing.assert_array_equal(prediction.indices, expected_idx)
             np.testing.assert_allclose(prediction.scores, expected_scores, atol=1.5e-6)
 
@@ -105,11 +111,11 @@ def test_minilm_embeddings_match_unsplit(tiers: Tiers, minilm_spec: ModelSpec) -
         expected = minilm_spec.module(**inputs).numpy()
     arrays: dict[str, Any] = {name: tensor.numpy() for name, tensor in inputs.items()}
     with tiers.client() as client:
-        prediction = client.predict("minilm", arrays)
-    assert prediction.embeddings.shape == expected.shape
+        embeddings = client.predict("minilm", arrays).embeddings
+    assert embeddings is not None and embeddings.shape == expected.shape
     # FP16 activations (~4e-5) plus 5-decimal rounding (5e-6).
-    np.testing.assert_allclose(prediction.embeddings, expected, atol=1e-4)
-    similarity = prediction.embeddings @ prediction.embeddings.T
+    np.testing.assert_allclose(embeddings, expected, atol=1e-4)
+    similarity = embeddings @ embeddings.T
     assert similarity[0, 1] > similarity[0, 2]  # the two guitar sentences are closest
 
 
