@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import torch
 from fastapi import FastAPI
@@ -16,30 +15,18 @@ from public_api.limits import BodySizeLimit, LinkHeader
 from public_api.metrics import PublicMetrics
 from public_api.openapi import install_openapi
 from public_api.private_client import PrivateTierClient
-from public_api.protection import Protection
 from public_api.protection_factory import build_protection
 from public_api.request_metrics import RequestMetrics
 from public_api.routes import router
 from public_api.service import InferenceService
 from public_api.settings import PublicSettings
+from public_api.state import VERSION, PublicState
 from public_api.terms import link_header
 from shared.heap import freeze_startup_objects
 from shared.layout import TierDir
 from shared.logs import get_logger
 
 log = get_logger(__name__)
-VERSION = "0.1.0"
-
-
-@dataclass
-class PublicState:
-    """What the routes need, built in the lifespan (nothing heavy at import)."""
-
-    settings: PublicSettings
-    service: InferenceService
-    private: PrivateTierClient
-    protection: Protection
-    metrics: PublicMetrics
 
 
 def create_app(settings: PublicSettings) -> FastAPI:

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from public_api.state import PublicState
 from shared.errors import SplitVaultError
 
 if TYPE_CHECKING:
-    from public_api.app import PublicState
     from public_api.protection import Caller
 
 
@@ -66,6 +66,6 @@ async def admitted_caller(
     return caller
 
 
-State = Annotated["PublicState", Depends(get_state)]
+State = Annotated[PublicState, Depends(get_state)]
 Authenticated = Annotated["Caller", Depends(authenticated_caller)]
 Admitted = Annotated["Caller", Depends(admitted_caller)]

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from public_api.deps import Admitted, Authenticated, State
+from public_api.state import VERSION
 from public_api.v2 import (
     AcceptTerms,
     AcceptTermsResponse,
@@ -49,7 +50,7 @@ async def ready(state: State) -> JSONResponse:
 @router.get("/v2", tags=["metadata"])
 async def server_metadata() -> ServerMetadata:
     """Server name, version and protocol extensions."""
-    return ServerMetadata(name="splitvault", version="0.1.0", extensions=["classification"])
+    return ServerMetadata(name="splitvault", version=VERSION, extensions=["classification"])
 
 
 @router.get("/v2/models/{model}", tags=["metadata"], responses=_ERRORS)
