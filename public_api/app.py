@@ -29,8 +29,20 @@ from shared.logs import get_logger
 log = get_logger(__name__)
 
 
-def create_app(settings: PublicSettings) -> FastAPI:
-    """Build the app; front stages load and the private channel opens at startup."""
+def public_metrics(settings: PublicSettings) -> PublicMetrics:
+    """The tier's metrics, labelled with the models in its folder."""
+    tier = TierDir(settings.tier_dir)
+    models = [p.name for p in tier.models.iterdir() if p.is_dir()] if tier.models.is_dir() else []
+    return PublicMetrics.create(models)
+
+
+def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -> FastAPI:
+    """Build the app; front stages load and the private channel opens at startup.
+
+    ``metrics`` are not served by the app: ``public_api.server`` serves them on the internal
+    metrics listener.
+    """
+    metrics = metrics if metrics is not None else public_metrics(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,9 +71,6 @@ def create_app(settings: PublicSettings) -> FastAPI:
         summary="Open Inference Protocol v2 endpoint of a split, protected model.",
         lifespan=lifespan,
     )
-    tier = TierDir(settings.tier_dir)
-    models = [p.name for p in tier.models.iterdir() if p.is_dir()] if tier.models.is_dir() else []
-    metrics = PublicMetrics.create(models)
     install_error_handlers(app)
     app.include_router(router)
     install_openapi(app)

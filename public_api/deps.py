@@ -34,7 +34,7 @@ async def get_state(request: Request) -> PublicState:
 
 
 def client_address(request: Request) -> str:
-    """The peer address (deployments behind a proxy should set uvicorn's forwarded-allow-ips)."""
+    """The peer address; behind a proxy named in ``trusted_proxies``, the address it forwarded."""
     return request.client.host if request.client else "unknown"
 
 

@@ -110,10 +110,3 @@ async def accept_terms(
     """Accept the current terms with this API key (recorded with time and client address)."""
     await state.protection.accept_terms(caller, body.version)
     return AcceptTermsResponse(accepted=True, version=body.version)
-
-
-@router.get("/metrics", tags=["metrics"], include_in_schema=False)
-async def metrics(state: State) -> Response:
-    """Prometheus metrics of this tier."""
-    body, content_type = state.metrics.render()
-    return Response(body, media_type=content_type)
