@@ -21,49 +21,35 @@ class UnsafeSetting:
     effect: str
 
 
+EFFECTS = {
+    "insecure_http": "plain HTTP: safe only behind a TLS-terminating proxy",
+    "protection.require_api_key": (
+        "anyone may query: no API keys, terms, extraction monitor or per-key limits"
+    ),
+    "protection.monitor_enabled": "no extraction monitor: nothing is scored",
+    "protection.monitor_action": (
+        "the extraction monitor only records: no key is alerted on, throttled or blocked"
+    ),
+    "protection.redis_fail_open": (
+        "while Redis is unreachable, requests are served without rate limits"
+    ),
+    "protection.audit_enabled": "no audit trail is written",
+}
+
+
 def unsafe_settings(settings: PublicSettings) -> list[UnsafeSetting]:
-    """The settings of ``settings`` that switch a protection off, in a fixed order."""
+    """The settings of ``settings`` that switch a protection off, in ``EFFECTS`` order."""
     protection = settings.protection
-    found = [
-        (
-            settings.insecure_http,
-            UnsafeSetting(
-                "insecure_http", "true", "plain HTTP: safe only behind a TLS-terminating proxy"
-            ),
-        ),
-        (
-            not protection.require_api_key,
-            UnsafeSetting(
-                "protection.require_api_key",
-                "false",
-                "anyone may query: no API keys, terms, extraction monitor or per-key limits",
-            ),
-        ),
-        (
-            not protection.monitor_enabled,
-            UnsafeSetting(
-                "protection.monitor_enabled", "false", "no extraction monitor: nothing is scored"
-            ),
-        ),
-        (
-            protection.monitor_action == "record",
-            UnsafeSetting(
-                "protection.monitor_action",
-                "record",
-                "the extraction monitor only records: no key is alerted on, throttled or blocked",
-            ),
-        ),
-        (
-            protection.redis_fail_open,
-            UnsafeSetting(
-                "protection.redis_fail_open",
-                "true",
-                "while Redis is unreachable, requests are served without rate limits",
-            ),
-        ),
-        (
-            not protection.audit_enabled,
-            UnsafeSetting("protection.audit_enabled", "false", "no audit trail is written"),
-        ),
+    values = {
+        "insecure_http": "true" if settings.insecure_http else None,
+        "protection.require_api_key": None if protection.require_api_key else "false",
+        "protection.monitor_enabled": None if protection.monitor_enabled else "false",
+        "protection.monitor_action": "record" if protection.monitor_action == "record" else None,
+        "protection.redis_fail_open": "true" if protection.redis_fail_open else None,
+        "protection.audit_enabled": None if protection.audit_enabled else "false",
+    }
+    return [
+        UnsafeSetting(name, value, EFFECTS[name])
+        for name in EFFECTS
+        if (value := values[name]) is not None
     ]
-    return [setting for unsafe, setting in found if unsafe]
