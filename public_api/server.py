@@ -15,6 +15,7 @@ from public_api.unsafe import unsafe_settings
 from shared.cert_expiry import watch_certificates
 from shared.layout import TierDir
 from shared.logs import get_logger
+from shared.state_files import check_state_dir
 
 log = get_logger(__name__)
 
@@ -34,6 +35,7 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
 def serve(settings: PublicSettings) -> None:
     """Serve until SIGTERM/SIGINT; uvicorn drains in-flight requests before exiting."""
     tier = TierDir(settings.tier_dir)
+    check_state_dir(settings.state_dir, create=True)  # 0700/0600, tightened or refused
     tls: dict[str, str] = {}
     if not settings.insecure_http:
         tls = {
