@@ -328,7 +328,7 @@ def test_sdk_reads_and_accepts_the_terms(stack: Stack, digits_model: DigitsFixtu
         acceptance = client.accept_terms(terms.version)
         assert acceptance.accepted and acceptance.version == "1"
         prediction = client.predict("digits", _images(digits_model, 2))
-    assert prediction.indices.shape == (2, 3)
+    assert prediction.indices is not None and prediction.indices.shape == (2, 3)
 
 
 def test_every_response_links_the_terms(stack: Stack, digits_model: DigitsFixture) -> None:
