@@ -2,7 +2,9 @@
 
 The TLS layer already checked that the certificate chains to the private CA; this interceptor
 checks *who* it is: only the public tier's identity may call inference, and the health service
-also admits the private tier's own identity (its container healthcheck).
+also admits the private tier's own identity (its container healthcheck). It guards handlers
+with a single request (unary-unary, unary-stream); any other kind of handler is refused for
+every caller, so a streaming-request RPC registered later cannot bypass the check.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from shared.errors import PermissionDenied, SplitVaultError, mapping_for
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -46,12 +49,17 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return _guarded(handler, allowed, method)
 
 
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: SplitVaultError) -> None:
+    """End the call with the error's code from ``ERROR_TABLE``."""
+    await context.abort(mapping_for(error).grpc_code, error.message)
+
+
 def _guarded(handler: Handler, allowed: frozenset[str], method: str) -> Any:
     async def check(context: grpc.aio.ServicerContext[Any, Any]) -> None:
         names = peer_identities(context)
         if not allowed.intersection(names):
             log.warning("caller_refused", method=method, identities=names, peer=context.peer())
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "client identity not allowed")
+            await _abort(context, PermissionDenied("client identity not allowed"))
 
     kinds: Mapping[str, Callable[..., Any]] = {
         "unary_unary": grpc.unary_unary_rpc_method_handler,
@@ -78,10 +86,29 @@ def _guarded(handler: Handler, allowed: frozenset[str], method: str) -> Any:
                 await result
 
         wrapped, kind = stream, "unary_stream"
-    else:  # streaming requests are not part of the contract
-        return handler
+    else:
+        return _refused(handler, method)
     return kinds[kind](
         wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _refused(handler: Handler, method: str) -> Any:
+    """A handler of the same kind that refuses every call before reading any request."""
+
+    async def refuse(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        log.warning("rpc_kind_refused", method=method, peer=context.peer())
+        await _abort(context, PermissionDenied("streaming requests are not served"))
+
+    make: Callable[..., Any] = grpc.unary_unary_rpc_method_handler
+    if handler.stream_unary is not None:
+        make = grpc.stream_unary_rpc_method_handler
+    elif handler.stream_stream is not None:
+        make = grpc.stream_stream_rpc_method_handler
+    return make(
+        refuse,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )

@@ -27,6 +27,7 @@ from shared.heap import freeze_startup_objects
 from shared.keys import KeyProvider, LocalFileKeyProvider
 from shared.layout import TierDir
 from shared.logs import get_logger
+from shared.state_files import check_state_dir
 
 log = get_logger(__name__)
 SERVICE_NAME = "splitvault.v1.PrivateInference"
@@ -82,6 +83,8 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     """Load the models, then bind and start the server (port 0 binds a free port)."""
     configure_torch_threads(settings.torch_threads, settings.torch_interop_threads)
     tier = TierDir(settings.tier_dir)
+    # The trigger log's folder: 0700/0600, tightened or refused; made when first written.
+    check_state_dir(tier.state, create=False)
     store = load_store(tier, key_provider(settings))
     metrics = PrivateMetrics.create(store.status())
     for name in store.failed:

@@ -10,7 +10,7 @@ from private_core.metrics import PrivateMetrics
 from private_core.model_store import ModelStore
 from private_core.runner import BackStageRunner
 from protos import inference_pb2, inference_pb2_grpc
-from shared.errors import SplitVaultError, mapping_for
+from shared.errors import InternalError, SplitVaultError, mapping_for
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -31,17 +31,20 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
         try:
             response = await self._runner.infer(request)
         except SplitVaultError as error:
-            code = mapping_for(error).grpc_code
-            self._metrics.observe_request(request.model, code)
-            await context.abort(code, error.message)
+            await self._abort(context, request.model, error)
         except Exception:
             log.exception("infer_failed", model=request.model, request_id=request.request_id)
-            self._metrics.observe_request(request.model, grpc.StatusCode.INTERNAL)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            await self._abort(context, request.model, InternalError("internal error"))
         else:
             self._metrics.observe_request(request.model, grpc.StatusCode.OK)
             return response
         raise AssertionError("unreachable: abort raises")
+
+    async def _abort(self, context: Context, model: str, error: SplitVaultError) -> None:
+        """Count the call under the error's code (``ERROR_TABLE``) and end it with that code."""
+        code = mapping_for(error).grpc_code
+        self._metrics.observe_request(model, code)
+        await context.abort(code, error.message)
 
     async def ModelStatus(
         self, request: inference_pb2.ModelStatusRequest, context: Context

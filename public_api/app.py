@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import torch
 from fastapi import FastAPI
@@ -16,34 +15,34 @@ from public_api.limits import BodySizeLimit, LinkHeader
 from public_api.metrics import PublicMetrics
 from public_api.openapi import install_openapi
 from public_api.private_client import PrivateTierClient
-from public_api.protection import Protection
 from public_api.protection_factory import build_protection
 from public_api.request_metrics import RequestMetrics
 from public_api.routes import router
 from public_api.service import InferenceService
 from public_api.settings import PublicSettings
+from public_api.state import VERSION, PublicState
 from public_api.terms import link_header
 from shared.heap import freeze_startup_objects
 from shared.layout import TierDir
 from shared.logs import get_logger
 
 log = get_logger(__name__)
-VERSION = "0.1.0"
 
 
-@dataclass
-class PublicState:
-    """What the routes need, built in the lifespan (nothing heavy at import)."""
-
-    settings: PublicSettings
-    service: InferenceService
-    private: PrivateTierClient
-    protection: Protection
-    metrics: PublicMetrics
+def public_metrics(settings: PublicSettings) -> PublicMetrics:
+    """The tier's metrics, labelled with the models in its folder."""
+    tier = TierDir(settings.tier_dir)
+    models = [p.name for p in tier.models.iterdir() if p.is_dir()] if tier.models.is_dir() else []
+    return PublicMetrics.create(models)
 
 
-def create_app(settings: PublicSettings) -> FastAPI:
-    """Build the app; front stages load and the private channel opens at startup."""
+def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -> FastAPI:
+    """Build the app; front stages load and the private channel opens at startup.
+
+    ``metrics`` are not served by the app: ``public_api.server`` serves them on the internal
+    metrics listener.
+    """
+    metrics = metrics if metrics is not None else public_metrics(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,9 +71,6 @@ def create_app(settings: PublicSettings) -> FastAPI:
         summary="Open Inference Protocol v2 endpoint of a split, protected model.",
         lifespan=lifespan,
     )
-    tier = TierDir(settings.tier_dir)
-    models = [p.name for p in tier.models.iterdir() if p.is_dir()] if tier.models.is_dir() else []
-    metrics = PublicMetrics.create(models)
     install_error_handlers(app)
     app.include_router(router)
     install_openapi(app)

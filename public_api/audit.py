@@ -43,6 +43,7 @@ import numpy as np
 
 from shared.errors import Unavailable
 from shared.logs import get_logger
+from shared.state_files import private_file
 
 AUDIT_DB = "audit.sqlite3"
 GENESIS_HASH = "0" * 64
@@ -201,7 +202,7 @@ class AuditTrail:
             raise ValueError("batch_size, max_pending and buffer_max must be at least 1")
         if on_failure not in ("refuse", "buffer"):
             raise ValueError(f"unknown audit failure policy {on_failure!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(path)  # 0600 before SQLite creates it 0644
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
             db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from public_api.state import PublicState
 from shared.errors import SplitVaultError
 
 if TYPE_CHECKING:
-    from public_api.app import PublicState
     from public_api.protection import Caller
 
 
@@ -34,7 +34,7 @@ async def get_state(request: Request) -> PublicState:
 
 
 def client_address(request: Request) -> str:
-    """The peer address (deployments behind a proxy should set uvicorn's forwarded-allow-ips)."""
+    """The peer address; behind a proxy named in ``trusted_proxies``, the address it forwarded."""
     return request.client.host if request.client else "unknown"
 
 
@@ -66,6 +66,6 @@ async def admitted_caller(
     return caller
 
 
-State = Annotated["PublicState", Depends(get_state)]
+State = Annotated[PublicState, Depends(get_state)]
 Authenticated = Annotated["Caller", Depends(authenticated_caller)]
 Admitted = Annotated["Caller", Depends(admitted_caller)]

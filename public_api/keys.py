@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from shared.errors import Unauthenticated, Unavailable
 from shared.logs import get_logger
+from shared.state_files import private_file
 
 log = get_logger(__name__)
 
@@ -162,7 +163,7 @@ class SqliteKeyStore:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(path)  # 0600 before SQLite creates it 0644
         self.path = path
         self._clock = clock
         self._lock = threading.Lock()

@@ -1,9 +1,15 @@
-"""Prometheus metrics of the public tier, in a registry of their own.
+"""Prometheus metrics of the public tier, in a registry of their own, served on an internal port.
+
+The public listener has no ``/metrics``: per-key risk scores and limit counters would tell a
+client how close it is to being blocked, and who the other customers are. ``serve`` exposes
+the registry on a separate plain-HTTP listener (``metrics_host:metrics_port``) instead, for the
+monitoring network only, as the private tier does.
 
 Each ``PublicMetrics`` owns a ``CollectorRegistry`` instead of using the process-wide default one,
 so several apps in one process (tests, benchmarks) never clash on metric names. Every label set is
 bounded: ``model`` is a deployed model's name or ``"unknown"``, ``status`` an HTTP code, ``scope``
-one of three words, and ``key_id`` at most ``max_risk_keys`` keys (see ``set_risk``).
+one of three words, ``key_id`` at most ``max_risk_keys`` keys (see ``set_risk``), and
+``setting`` one of the few settings ``public_api.unsafe`` knows.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from shared.metrics_http import MetricsListener, serve_metrics
 
 UNKNOWN_MODEL = "unknown"
 RATE_LIMIT_SCOPES = frozenset({"key", "ip", "quota"})
@@ -45,8 +53,10 @@ class PublicMetrics:
     key_risk_score: Gauge
     audit_pending: Gauge
     private_ready: Gauge
+    unsafe_setting: Gauge
     _risk: dict[str, float] = field(default_factory=dict)
     _risk_lock: threading.Lock = field(default_factory=threading.Lock)
+    _listener: MetricsListener | None = None
 
     @classmethod
     def create(
@@ -89,6 +99,12 @@ class PublicMetrics:
             ),
             audit_pending=new.gauge("splitvault_audit_pending", "Audit records not yet written."),
             private_ready=new.gauge("splitvault_private_ready", "1 when the private tier answers."),
+            unsafe_setting=new.gauge(
+                "splitvault_unsafe_setting",
+                "1 for each setting that switches a protection off.",
+                "setting",
+                "value",
+            ),
         )
         metrics._init_series()
         return metrics
@@ -156,9 +172,27 @@ class PublicMetrics:
         """Export whether the private tier is reachable (1) or not (0)."""
         self.private_ready.set(1 if ready else 0)
 
+    def set_unsafe_settings(self, settings: Iterable[tuple[str, str]]) -> None:
+        """Export each (setting, value) that switches a protection off."""
+        for name, value in settings:
+            self.unsafe_setting.labels(name, value).set(1)
+
     def render(self) -> tuple[bytes, str]:
-        """The exposition body and its content type, for a ``/metrics`` response."""
+        """The exposition body and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def serve(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Serve the registry over plain HTTP on ``host:port`` (internal only); the bound port."""
+        if self._listener is not None:
+            raise RuntimeError("the metrics listener is already running")
+        self._listener = serve_metrics(self.registry, host, port, reuse_port=reuse_port)
+        return self._listener.port
+
+    def stop(self) -> None:
+        """Stop the metrics listener, if running."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.stop()
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import inference_pb2, inference_pb2_grpc
 from public_api.settings import PublicSettings
-from shared.errors import DeadlineExceeded, SplitVaultError, Unavailable, error_from_grpc
+from shared.errors import SplitVaultError, error_from_grpc
 from shared.layout import TierDir
 
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
@@ -97,9 +96,5 @@ class PrivateTierClient:
 
 
 def _mapped(error: grpc.aio.AioRpcError) -> SplitVaultError:
-    code: Any = error.code()
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded("the private tier did not answer in time", retry_after_s=1.0)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable("the private tier is unreachable", retry_after_s=1.0)
-    return error_from_grpc(code, error.details() or "")
+    """The call's status as an error, by the one table (``shared.errors.FROM_GRPC``)."""
+    return error_from_grpc(error.code(), error.details() or "")

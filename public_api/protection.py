@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from public_api.addresses import limit_subject
 from public_api.audit import AuditRecord, AuditTrail, input_digest
 from public_api.key_cache import KeyCache, KnownCaller
 from public_api.keys import ApiKey, KeyStore, hash_token
@@ -260,7 +261,7 @@ class Protection:
         key_decision, ip_decision = await self.limiter.check_many(
             [
                 (f"key:{caller.key_id or ANONYMOUS}:model:{model}", key_policy),
-                (f"ip:{caller.client}:model:{model}", ip_policy),
+                (f"ip:{limit_subject(caller.client)}:model:{model}", ip_policy),
             ]
         )
         headers = ratelimit_headers(key_decision, key_policy)

@@ -25,6 +25,7 @@ from public_api.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimite
 from public_api.settings import PublicSettings
 from public_api.terms import Terms, load_terms
 from shared.layout import REFERENCE_FILE, TierDir
+from shared.state_files import private_dir
 
 
 def build_protection(
@@ -32,7 +33,7 @@ def build_protection(
 ) -> Protection:
     """The gate for this tier, with every store in ``settings.state_dir`` or Redis."""
     config = settings.protection
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.state_dir)
     keys = SqliteKeyStore(settings.state_dir / KEYS_DB) if config.require_api_key else None
     return Protection(
         config,

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from public_api.deps import Admitted, Authenticated, State
+from public_api.state import VERSION
 from public_api.v2 import (
     AcceptTerms,
     AcceptTermsResponse,
@@ -49,7 +50,7 @@ async def ready(state: State) -> JSONResponse:
 @router.get("/v2", tags=["metadata"])
 async def server_metadata() -> ServerMetadata:
     """Server name, version and protocol extensions."""
-    return ServerMetadata(name="splitvault", version="0.1.0", extensions=["classification"])
+    return ServerMetadata(name="splitvault", version=VERSION, extensions=["classification"])
 
 
 @router.get("/v2/models/{model}", tags=["metadata"], responses=_ERRORS)
@@ -109,10 +110,3 @@ async def accept_terms(
     """Accept the current terms with this API key (recorded with time and client address)."""
     await state.protection.accept_terms(caller, body.version)
     return AcceptTermsResponse(accepted=True, version=body.version)
-
-
-@router.get("/metrics", tags=["metrics"], include_in_schema=False)
-async def metrics(state: State) -> Response:
-    """Prometheus metrics of this tier."""
-    body, content_type = state.metrics.render()
-    return Response(body, media_type=content_type)

@@ -8,12 +8,14 @@ from types import FrameType
 
 import uvicorn
 
-from public_api.app import create_app
+from public_api.app import create_app, public_metrics
 from public_api.connection import bounded_protocol
 from public_api.settings import PublicSettings
+from public_api.unsafe import unsafe_settings
 from shared.cert_expiry import watch_certificates
 from shared.layout import TierDir
 from shared.logs import get_logger
+from shared.state_files import check_state_dir
 
 log = get_logger(__name__)
 
@@ -33,15 +35,23 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
 def serve(settings: PublicSettings) -> None:
     """Serve until SIGTERM/SIGINT; uvicorn drains in-flight requests before exiting."""
     tier = TierDir(settings.tier_dir)
+    check_state_dir(settings.state_dir, create=True)  # 0700/0600, tightened or refused
     tls: dict[str, str] = {}
     if not settings.insecure_http:
         tls = {
             "ssl_certfile": str(tier.tls / "server.crt"),
             "ssl_keyfile": str(tier.tls / "server.key"),
         }
+    unsafe = unsafe_settings(settings)
+    for setting in unsafe:
+        log.warning(
+            "unsafe_setting", setting=setting.name, value=setting.value, effect=setting.effect
+        )
+    metrics = public_metrics(settings)
+    metrics.set_unsafe_settings((setting.name, setting.value) for setting in unsafe)
     sock = bind_socket(settings.host, settings.port, reuse_port=settings.reuse_port)
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, metrics),
         log_config=None,
         access_log=False,
         # Bounded connections (see PublicSettings): h11 with header-size and read deadlines.
@@ -51,13 +61,26 @@ def serve(settings: PublicSettings) -> None:
         timeout_graceful_shutdown=settings.shutdown_grace_s,
         timeout_keep_alive=settings.keep_alive_s,
         server_header=False,
+        # X-Forwarded-For/-Proto only from the proxies named in trusted_proxies (uvicorn would
+        # otherwise believe them from 127.0.0.1, so that a local proxy passing the client's
+        # header through lets the client choose its address).
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies),
         **tls,  # type: ignore[arg-type]
     )
+    metrics_port = None
+    if settings.metrics_port is not None:
+        metrics_port = metrics.serve(
+            settings.metrics_host, settings.metrics_port, reuse_port=settings.reuse_port
+        )
     log.info(
         "public_tier_listening",
         host=settings.host,
         port=sock.getsockname()[1],
         scheme="http" if settings.insecure_http else "https",
+        metrics_host=settings.metrics_host if metrics_port is not None else None,
+        metrics_port=metrics_port,
+        trusted_proxies=settings.trusted_proxies,
     )
     own = [tier.tls / "client.crt", tier.ca_cert]
     own += [] if settings.insecure_http else [tier.tls / "server.crt"]
@@ -69,6 +92,7 @@ def serve(settings: PublicSettings) -> None:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         stop_watch.set()
+        metrics.stop()
 
 
 def _exit_after_drain(_signum: int, _frame: FrameType | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -32,6 +33,15 @@ class PublicSettings(TierSettings):
     private_server_name: str = PRIVATE_IDENTITY
     # Serve plain HTTP: only behind a TLS-terminating proxy, and only when asked for.
     insecure_http: bool = False
+    # Proxies (IP addresses or CIDR networks) whose X-Forwarded-For and X-Forwarded-Proto are
+    # believed. Empty (default): those headers are ignored and the client address, audited and
+    # limited, is the TCP peer's. Behind a proxy, name exactly the proxy's own addresses.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # Prometheus metrics (per-key risk scores, limit counters) on a separate plain-HTTP
+    # listener for the internal network only; the public port answers /metrics with 404.
+    # Port 0 binds a free port (logged in public_tier_listening); None: no metrics listener.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=9465, ge=0, le=65535)
     request_timeout_s: float = Field(default=5.0, gt=0, le=300)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_elements: int = Field(default=4 * 1024 * 1024, ge=1)
@@ -67,6 +77,17 @@ class PublicSettings(TierSettings):
     def terms_file(self) -> Path:
         """The terms of service text the operator publishes."""
         return self.tier_dir / "terms.md"
+
+    @model_validator(mode="after")
+    def _proxies_are_addresses(self) -> PublicSettings:
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted proxy {proxy!r} must be an IP address or a CIDR network"
+                ) from None
+        return self
 
     @model_validator(mode="after")
     def _addresses_have_ports(self) -> PublicSettings:

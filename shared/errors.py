@@ -107,54 +107,85 @@ class InternalError(SplitVaultError):
 
 @dataclass(frozen=True)
 class ErrorMapping:
-    """How one error class crosses HTTP and gRPC."""
+    """How one error class crosses HTTP and gRPC.
+
+    ``read_back``: a gRPC status with this code from the private tier is read back as this
+    class (one class per code). ``peer_message``: the message the client then gets instead of
+    the status details, where those may come from the gRPC library rather than the private
+    tier (no connection, no answer in time) and could describe the internal network.
+    """
 
     http_status: int
     grpc_code: grpc.StatusCode
+    read_back: bool = False
+    peer_message: str | None = None
 
 
+_Code = grpc.StatusCode
 ERROR_TABLE: dict[type[SplitVaultError], ErrorMapping] = {
-    PayloadTooLarge: ErrorMapping(413, grpc.StatusCode.INVALID_ARGUMENT),
-    InvalidInput: ErrorMapping(400, grpc.StatusCode.INVALID_ARGUMENT),
-    Unauthenticated: ErrorMapping(401, grpc.StatusCode.UNAUTHENTICATED),
-    PermissionDenied: ErrorMapping(403, grpc.StatusCode.PERMISSION_DENIED),
-    ModelNotFound: ErrorMapping(404, grpc.StatusCode.NOT_FOUND),
-    RateLimited: ErrorMapping(429, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    ModelNotReady: ErrorMapping(503, grpc.StatusCode.FAILED_PRECONDITION),
-    Overloaded: ErrorMapping(503, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    DeadlineExceeded: ErrorMapping(503, grpc.StatusCode.DEADLINE_EXCEEDED),
-    Unavailable: ErrorMapping(503, grpc.StatusCode.UNAVAILABLE),
-    ModelLoadError: ErrorMapping(503, grpc.StatusCode.FAILED_PRECONDITION),
-    InternalError: ErrorMapping(500, grpc.StatusCode.INTERNAL),
+    PayloadTooLarge: ErrorMapping(413, _Code.INVALID_ARGUMENT),
+    InvalidInput: ErrorMapping(400, _Code.INVALID_ARGUMENT, read_back=True),
+    # The private tier's only caller is this tier: its refusals are of our identity.
+    Unauthenticated: ErrorMapping(401, _Code.UNAUTHENTICATED, read_back=True),
+    PermissionDenied: ErrorMapping(403, _Code.PERMISSION_DENIED, read_back=True),
+    ModelNotFound: ErrorMapping(404, _Code.NOT_FOUND, read_back=True),
+    # Rate limits live in the public tier: RESOURCE_EXHAUSTED from the private tier is its queue.
+    RateLimited: ErrorMapping(429, _Code.RESOURCE_EXHAUSTED),
+    ModelNotReady: ErrorMapping(503, _Code.FAILED_PRECONDITION, read_back=True),
+    Overloaded: ErrorMapping(503, _Code.RESOURCE_EXHAUSTED, read_back=True),
+    DeadlineExceeded: ErrorMapping(
+        503,
+        _Code.DEADLINE_EXCEEDED,
+        read_back=True,
+        peer_message="the private tier did not answer in time",
+    ),
+    Unavailable: ErrorMapping(
+        503, _Code.UNAVAILABLE, read_back=True, peer_message="the private tier is unreachable"
+    ),
+    ModelLoadError: ErrorMapping(503, _Code.FAILED_PRECONDITION),
+    InternalError: ErrorMapping(
+        500, _Code.INTERNAL, read_back=True, peer_message="internal error in the private tier"
+    ),
 }
-
-# Codes the private tier sends, read back into errors by the public tier. RESOURCE_EXHAUSTED
-# from the private tier means its queue is full (rate limits live in the public tier).
-_FROM_GRPC: dict[grpc.StatusCode, type[SplitVaultError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
-    grpc.StatusCode.NOT_FOUND: ModelNotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: ModelNotReady,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.UNAUTHENTICATED: Unavailable,
-    grpc.StatusCode.PERMISSION_DENIED: Unavailable,
-}
+IDENTITY_REFUSED = "private tier refused this tier's identity"
 
 
-def mapping_for(error: SplitVaultError) -> ErrorMapping:
-    """Return the mapping of the most specific class in ``ERROR_TABLE`` that ``error`` is."""
-    for cls in type(error).__mro__:
-        if cls in ERROR_TABLE:
-            return ERROR_TABLE[cls]
+def _read_back_table() -> dict[grpc.StatusCode, type[SplitVaultError]]:
+    """gRPC code -> the class marked ``read_back`` in ``ERROR_TABLE`` (exactly one per code)."""
+    table: dict[grpc.StatusCode, type[SplitVaultError]] = {}
+    for cls, mapping in ERROR_TABLE.items():
+        if mapping.read_back:
+            if mapping.grpc_code in table:
+                raise AssertionError(f"two classes read back from {mapping.grpc_code.name}")
+            table[mapping.grpc_code] = cls
+    return table
+
+
+FROM_GRPC = _read_back_table()
+
+
+def mapping_for(error: SplitVaultError | type[SplitVaultError]) -> ErrorMapping:
+    """The mapping of the most specific class in ``ERROR_TABLE`` that ``error`` is."""
+    cls = error if isinstance(error, type) else type(error)
+    for base in cls.__mro__:
+        if base in ERROR_TABLE:
+            return ERROR_TABLE[base]
     return ERROR_TABLE[InternalError]
 
 
 def error_from_grpc(code: grpc.StatusCode, details: str) -> SplitVaultError:
-    """Turn a status received from the private tier into the matching error."""
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        return Unavailable("private tier refused this tier's identity", retry_after_s=5.0)
-    cls = _FROM_GRPC.get(code, InternalError)
-    if cls in (Unavailable, DeadlineExceeded, Overloaded, ModelNotReady):
-        return cls(f"private tier: {details}", retry_after_s=1.0)
-    return cls(details)
+    """The error for a status received from the private tier, by ``FROM_GRPC``.
+
+    A refusal of the caller (UNAUTHENTICATED, PERMISSION_DENIED) is a refusal of this tier's
+    certificate identity: the client gets 503 without the details. A code the table does not
+    read back is an internal error.
+    """
+    cls = FROM_GRPC.get(code)
+    if cls is None:
+        return InternalError(f"private tier: unexpected status {code.name}")
+    if issubclass(cls, Unauthenticated | PermissionDenied):
+        return Unavailable(IDENTITY_REFUSED, retry_after_s=5.0)
+    mapping = ERROR_TABLE[cls]
+    if issubclass(cls, Unavailable):
+        return cls(mapping.peer_message or f"private tier: {details}", retry_after_s=1.0)
+    return cls(mapping.peer_message or details)

@@ -39,6 +39,11 @@ class TierDir:
     def ca_cert(self) -> Path:
         return self.tls / "ca.crt"
 
+    @property
+    def state(self) -> Path:
+        """What the tier writes (0700, checked at start: ``shared.state_files``)."""
+        return self.root / "state"
+
 
 @dataclass(frozen=True)
 class DeployLayout:

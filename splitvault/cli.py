@@ -110,6 +110,11 @@ def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     public = tiers.add_parser("public")
     public.add_argument("--deploy", required=True, type=Path)
     public.add_argument("--url", default="https://localhost:8443")
+    public.add_argument(
+        "--metrics-url",
+        default="http://127.0.0.1:9465/metrics",
+        help="the tier's internal metrics listener, for the settings that switch protections off",
+    )
     public.set_defaults(run=_health_public)
 
 
@@ -178,9 +183,19 @@ def _health_private(args: argparse.Namespace) -> int:
 
 
 def _health_public(args: argparse.Namespace) -> int:
-    from splitvault.probes import probe_public
+    from splitvault.probes import check_public
 
-    return 0 if probe_public(DeployLayout(args.deploy), args.url) else 1
+    health = check_public(DeployLayout(args.deploy), args.url, args.metrics_url)
+    print("ready" if health.ready else "not ready")
+    if health.unsafe is None:
+        print(f"unsafe settings: unknown (no answer from {args.metrics_url})")
+    elif health.unsafe:
+        from public_api.unsafe import EFFECTS
+
+        for setting, value in health.unsafe:
+            effect = EFFECTS.get(setting, "switches a protection off")
+            print(f"WARNING: unsafe setting {setting} = {value}: {effect}")
+    return 0 if health.ready else 1
 
 
 def _demo(args: argparse.Namespace) -> int:

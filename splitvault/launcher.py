@@ -19,12 +19,21 @@ from typing import Any
 
 @dataclass
 class TierProcess:
-    """A running tier: its process, the port it bound and every log line so far."""
+    """A running tier: its process, the ports it bound and every log line so far."""
 
     process: subprocess.Popen[str]
     port: int
     lines: list[str] = field(default_factory=list)
     _reader: threading.Thread | None = None
+    # The internal metrics listener's port, from the ready event (None: no listener).
+    metrics_port: int | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        """``http://127.0.0.1:PORT/metrics`` of the tier's metrics listener."""
+        if self.metrics_port is None:
+            raise RuntimeError("this tier runs no metrics listener")
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def events(self) -> list[dict[str, Any]]:
         """Log lines that are JSON objects."""
@@ -61,7 +70,8 @@ def start_tier(
 ) -> TierProcess:
     """Run ``python -m splitvault ARGS`` and wait for the JSON log event ``ready_event``.
 
-    The event must carry the bound ``port``; stderr and stdout are merged and kept.
+    The event must carry the bound ``port`` (and may carry ``metrics_port``); stderr and
+    stdout are merged and kept.
     """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
@@ -73,7 +83,7 @@ def start_tier(
         cwd=Path(__file__).resolve().parents[1],
     )
     lines: list[str] = []
-    found: queue.Queue[int] = queue.Queue()
+    found: queue.Queue[dict[str, Any]] = queue.Queue()
 
     def read() -> None:
         assert process.stdout is not None
@@ -84,15 +94,22 @@ def start_tier(
             except ValueError:
                 continue
             if isinstance(event, dict) and event.get("event") == ready_event:
-                found.put(int(event["port"]))
+                found.put(event)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            port = found.get(timeout=0.2)
-            return TierProcess(process, port, lines, reader)
+            ready = found.get(timeout=0.2)
+            metrics_port = ready.get("metrics_port")
+            return TierProcess(
+                process,
+                int(ready["port"]),
+                lines,
+                reader,
+                None if metrics_port is None else int(metrics_port),
+            )
         except queue.Empty:
             if process.poll() is not None:
                 break
@@ -114,7 +131,8 @@ def start_private(deploy: Path, *, env: dict[str, str] | None = None) -> TierPro
 def start_public(
     deploy: Path, private_port: int, *, env: dict[str, str] | None = None, extra: Sequence[str] = ()
 ) -> TierProcess:
-    """The public tier on a free loopback port, talking to ``127.0.0.1:private_port``."""
+    """The public tier on a free loopback port, talking to ``127.0.0.1:private_port``; its
+    metrics listener on another free loopback port (``TierProcess.metrics_port``)."""
     process = start_tier(
         [
             "serve",
@@ -128,7 +146,7 @@ def start_public(
             *extra,
         ],
         "public_tier_listening",
-        env=env,
+        env={"SPLITVAULT_PUBLIC_METRICS_PORT": "0", **(env or {})},
     )
     wait_for(
         lambda: any(e.get("event") == "public_tier_ready" for e in process.events()),

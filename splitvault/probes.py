@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.layout import PRIVATE_IDENTITY, DeployLayout
 
@@ -38,3 +40,39 @@ def probe_public(layout: DeployLayout, url: str, timeout_s: float = 3.0) -> bool
     except httpx.HTTPError:
         return False
     return reply.status_code == 200
+
+
+UNSAFE_METRIC = "splitvault_unsafe_setting"
+
+
+@dataclass(frozen=True)
+class PublicHealth:
+    """The public tier's readiness and the settings it reports as switching protections off
+    (``None`` when its metrics listener did not answer)."""
+
+    ready: bool
+    unsafe: list[tuple[str, str]] | None
+
+
+def unsafe_settings_at(metrics_url: str, timeout_s: float = 3.0) -> list[tuple[str, str]] | None:
+    """(setting, value) pairs of ``splitvault_unsafe_setting`` on a tier's metrics listener."""
+    try:
+        reply = httpx.get(metrics_url, timeout=timeout_s)
+        reply.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return [
+        (sample.labels["setting"], sample.labels["value"])
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+        if sample.name == UNSAFE_METRIC and sample.value > 0
+    ]
+
+
+def check_public(
+    layout: DeployLayout, url: str, metrics_url: str, timeout_s: float = 3.0
+) -> PublicHealth:
+    """Readiness over HTTPS, and the unsafe settings from the internal metrics listener."""
+    return PublicHealth(
+        probe_public(layout, url, timeout_s), unsafe_settings_at(metrics_url, timeout_s)
+    )

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from private_core.watermark.keys import WatermarkKey
 from shared.logs import get_logger
+from shared.state_files import private_dir
 
 TRIGGER_DIR = Path("state") / "triggers"
 SEGMENTS_PER_BOUND = 16
@@ -140,7 +141,7 @@ class TriggerLog:
 
     def _append(self, records: list[TriggerRecord]) -> None:
         if not self._opened:
-            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(self.folder)
             self._sizes = {number: _scan(path) for number, path in _segments(self.folder)}
             self._opened = True
         for record in records:

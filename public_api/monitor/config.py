@@ -59,7 +59,8 @@ class MonitorConfig:
     max_input_dim: int = 256  # larger or non-float requests use front-activation PCA space
     # Repeats: a ring of hashes of recent queries; exact repeats teach an attacker nothing.
     repeat_window: int = 512
-    # At most this many samples of a batch are analysed (distances, OOD, cells) per call.
+    # At most this many samples of a batch are analysed (distances, OOD, cells) per call, at
+    # positions drawn with a secret seed per request (monitor.pick_rows).
     samples_per_call: int = 64
     # Label coverage: effective number of classes / (highest class seen + 1), ramped.
     label_buckets: int = 1024

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import secrets
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -190,7 +191,7 @@ class ExtractionMonitor:
         labels = request.labels()
         if labels is not None:
             signals.record_labels(state, labels, config.label_buckets)
-        picked = _pick(np.flatnonzero(fresh), config.samples_per_call)
+        picked = pick_rows(np.flatnonzero(fresh), config.samples_per_call)
         if len(picked) == 0:
             return
         features = None
@@ -335,11 +336,18 @@ def _level(value: str) -> Level:
     return "ok"
 
 
-def _pick(indices: npt.NDArray[np.int64], limit: int) -> npt.NDArray[np.int64]:
-    """At most ``limit`` of ``indices``, evenly spread."""
+def pick_rows(
+    indices: npt.NDArray[np.int64], limit: int, rng: np.random.Generator | None = None
+) -> npt.NDArray[np.int64]:
+    """At most ``limit`` of ``indices``: all of them, or a uniform random subset (sorted).
+
+    ``rng`` defaults to a generator seeded with 128 secret bits per call, so a client cannot
+    know which rows of its request are analysed and hide rows at the others.
+    """
     if len(indices) <= limit:
         return indices
-    return indices[np.linspace(0, len(indices) - 1, limit).round().astype(np.int64)]
+    rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    return np.sort(rng.choice(indices, size=limit, replace=False))
 
 
 def _hashes(inputs: Mapping[str, np.ndarray], batch: int) -> npt.NDArray[np.uint64]:

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from public_api.redis_client import redis_client
 from shared.errors import Unavailable
 from shared.logs import get_logger
+from shared.state_files import private_file
 
 log = get_logger(__name__)
 
@@ -159,7 +160,7 @@ class SqliteAssessmentLog:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(self.path)  # 0600 before SQLite creates it 0644
         with _connect(self.path) as connection:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(_SCHEMA)

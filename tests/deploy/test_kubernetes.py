@@ -165,6 +165,30 @@ def test_private_tier_admits_only_public_pods_on_grpc(
     ]
 
 
+MONITORING = [{"namespaceSelector": {"matchLabels": {"splitvault.io/monitoring": "true"}}}]
+
+
+@pytest.mark.parametrize(
+    ("tier", "port", "metrics_port"),
+    [("private", 50051, 9464), ("public", 8443, 9465)],
+)
+def test_metrics_ports_admit_only_the_monitoring_namespace(
+    base: dict[tuple[str, str], Resource], tier: str, port: int, metrics_port: int
+) -> None:
+    policy = base[("NetworkPolicy", f"splitvault-{tier}")]
+    assert _rules_for_port(policy, metrics_port) == [
+        {"from": MONITORING, "ports": [{"protocol": "TCP", "port": metrics_port}]}
+    ]
+    (serving,) = _rules_for_port(policy, port)
+    assert [p["port"] for p in serving["ports"]] == [port]  # the metrics port is not open to all
+    container = _pod(base, f"splitvault-{tier}")["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env[f"SPLITVAULT_{tier.upper()}_METRICS_PORT"] == str(metrics_port)
+    assert {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"} in container[
+        "ports"
+    ]
+
+
 def test_private_service_is_headless_for_round_robin(
     base: dict[tuple[str, str], Resource],
 ) -> None:

@@ -197,8 +197,10 @@ def _exercise_public(
         return https(layout, public.port, token)
 
     with http(keys["good"]) as good:
-        for path in ("/v2/health/live", "/v2/health/ready", "/v2", "/v1/terms", "/metrics"):
+        for path in ("/v2/health/live", "/v2/health/ready", "/v2", "/v1/terms"):
             assert good.get(path).status_code == 200
+        assert good.get("/metrics").status_code == 404  # on the internal listener only
+        assert httpx.get(public.metrics_url, timeout=10).status_code == 200
         assert good.get("/v2/models/digits").status_code == 200
         assert good.post(INFER, json=BODY).status_code == 200
         assert good.post("/v2/models/digits-wm/infer", json=BODY).status_code == 200

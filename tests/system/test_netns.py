@@ -46,6 +46,7 @@ PRIVATE_PORT, PUBLIC_PORT = 50051, 8443
 ENV = {
     **tier_env(),
     "SPLITVAULT_PRIVATE_METRICS_PORT": "0",
+    "SPLITVAULT_PUBLIC_METRICS_PORT": "0",
     "PYTHONUNBUFFERED": "1",
     # The connect guard lets the processes in these namespaces reach the namespaces' addresses.
     ALLOW_ENV: "10.213.0.0/16",

@@ -42,6 +42,7 @@ from public_api.monitor import (
     save_profile,
 )
 from public_api.monitor.cli import add_monitor_commands, monitor_log_path
+from public_api.monitor.monitor import pick_rows
 from public_api.monitor.state import KeyState, key_state_from_bytes, pack, unpack
 from shared.errors import Unavailable
 from shared.manifest import DimSpec, TensorSpec
@@ -229,6 +230,47 @@ async def test_state_stays_bounded(world: World) -> None:
     assert sizes[10_000] < 64 * 1024
     state = key_state_from_bytes(await store.get("k_big") or b"")
     assert state.queries == 10_000  # batches count as their number of queries
+
+
+def _evenly_spaced(n: int, limit: int) -> np.ndarray:
+    """The rows analysed before finding 11: ``limit`` fixed, evenly spaced positions of ``n``."""
+    return np.linspace(0, n - 1, limit).round().astype(np.int64)
+
+
+def test_analysed_rows_are_drawn_with_a_secret_seed_per_request() -> None:
+    indices = np.arange(128, dtype=np.int64)
+    draws = [pick_rows(indices, 64) for _ in range(200)]
+    assert all(len(d) == 64 and len(set(d.tolist())) == 64 for d in draws)
+    assert len({d.tobytes() for d in draws}) == len(draws)  # no two requests alike
+    # Every row, the ones between the old fixed positions included, is analysed sometimes.
+    hidden = np.setdiff1d(indices, _evenly_spaced(128, 64))
+    seen = np.unique(np.concatenate(draws))
+    assert np.array_equal(seen, indices) and np.isin(hidden, seen).all()
+    assert np.array_equal(pick_rows(indices[:50], 64), indices[:50])  # small batch: all rows
+
+
+async def test_rows_hidden_between_the_analysed_positions_are_analysed(world: World) -> None:
+    """Finding 11 replayed: natural rows at the positions analysed before, noise in between."""
+    store = MemoryMonitorStore()
+    monitor, _ = make_monitor(world, store=store)
+    natural = world.digits.data.train_x
+    rng = np.random.default_rng(11)
+    cover = _evenly_spaced(128, 64)
+    for i in range(4):
+        batch = rng.uniform(0.0, 1.0, (128, 1, 8, 8)).astype(np.float32)
+        batch[cover] = natural[i * 64 : (i + 1) * 64]
+        await monitor.observe(
+            "k_hider",
+            MODEL,
+            {"image": batch},
+            world.activations(batch),
+            world.answer(batch).indices,
+            FRONT_SPECS,
+        )
+    state = key_state_from_bytes(await store.get("k_hider") or b"").models[MODEL]
+    assert state.analysed == 4 * 64
+    # About half the analysed rows are the hidden noise (all of it lies beyond the reference).
+    assert state.ood / state.analysed > 0.3, (state.ood, state.analysed)
 
 
 class CountingStore(MemoryMonitorStore):

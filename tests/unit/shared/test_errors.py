@@ -10,6 +10,8 @@ import pytest
 import shared.errors as errors_module
 from shared.errors import (
     ERROR_TABLE,
+    FROM_GRPC,
+    IDENTITY_REFUSED,
     DeadlineExceeded,
     InternalError,
     InvalidInput,
@@ -133,12 +135,33 @@ def test_error_from_grpc_round_trips_what_the_private_tier_sends(
     sent = cls("detail 42")
     received = error_from_grpc(mapping_for(sent).grpc_code, sent.message)
     assert type(received) is cls
-    assert "detail 42" in received.message
+    # Details the gRPC library may write (timeouts, connection failures) are replaced.
+    expected = ERROR_TABLE[cls].peer_message or "detail 42"
+    assert expected in received.message
     assert mapping_for(received).http_status == mapping_for(sent).http_status
     if issubclass(cls, Unavailable):
         assert received.retry_after_s is not None and received.retry_after_s > 0
     else:
         assert received.retry_after_s is None
+
+
+def test_the_codes_read_back_are_derived_from_the_one_table() -> None:
+    derived = {mapping.grpc_code: cls for cls, mapping in ERROR_TABLE.items() if mapping.read_back}
+    assert derived == FROM_GRPC
+    marked = [mapping.grpc_code for mapping in ERROR_TABLE.values() if mapping.read_back]
+    assert len(marked) == len(set(marked))  # one class per code
+    assert {mapping.grpc_code for mapping in ERROR_TABLE.values()} <= set(FROM_GRPC)
+    for code, cls in FROM_GRPC.items():
+        assert mapping_for(cls).grpc_code == code
+
+
+@pytest.mark.parametrize(
+    "code", [Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.INTERNAL], ids=lambda c: c.name
+)
+def test_transport_details_never_reach_the_client(code: grpc.StatusCode) -> None:
+    details = "failed to connect to all addresses; last error: ipv4:10.0.0.5:50051"
+    received = error_from_grpc(code, details)
+    assert "10.0.0.5" not in received.message
 
 
 def test_payload_too_large_from_grpc_is_still_a_client_error() -> None:
@@ -158,7 +181,7 @@ def test_identity_refusal_is_unavailable_without_details(code: grpc.StatusCode) 
     received = error_from_grpc(code, "peer CN=evil not in allow list")
     assert type(received) is Unavailable
     assert "evil" not in received.message
-    assert "identity" in received.message
+    assert received.message == IDENTITY_REFUSED
     assert received.retry_after_s == 5.0
 
 
@@ -166,4 +189,5 @@ def test_identity_refusal_is_unavailable_without_details(code: grpc.StatusCode) 
 def test_unexpected_codes_are_internal_errors(code: grpc.StatusCode) -> None:
     received = error_from_grpc(code, "whatever")
     assert type(received) is InternalError
+    assert "whatever" not in received.message
     assert mapping_for(received).http_status == 500
