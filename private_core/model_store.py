@@ -24,6 +24,7 @@ from shared.keys import KeyProvider
 from shared.layout import TierDir
 from shared.logs import get_logger
 from shared.manifest import ModelConfig, StageManifest, read_config, read_manifest
+from shared.settings import default_state_dir
 
 log = get_logger(__name__)
 
@@ -65,7 +66,9 @@ def load_store(tier: TierDir, provider: KeyProvider, trigger_dir: Path | None = 
     ``private/state/triggers``).
     """
     store = ModelStore()
-    triggers = trigger_dir if trigger_dir is not None else tier.root / TRIGGER_DIR
+    triggers = (
+        trigger_dir if trigger_dir is not None else default_state_dir(tier.root) / TRIGGER_DIR
+    )
     folders = sorted(p for p in tier.models.iterdir() if p.is_dir()) if tier.models.is_dir() else []
     for folder in folders:
         try:

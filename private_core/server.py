@@ -21,6 +21,8 @@ from private_core.model_store import ModelStore, load_store
 from private_core.runner import Batcher, build_runner, configure_torch_threads, message_limit
 from private_core.servicer import PrivateInferenceServicer
 from private_core.settings import PrivateSettings
+from private_core.state import require_writable_state
+from private_core.watermark.triggers import TRIGGER_DIR
 from protos import inference_pb2_grpc
 from shared.cert_expiry import watch_certificates
 from shared.heap import freeze_startup_objects
@@ -80,12 +82,14 @@ def server_credentials(tier: TierDir) -> grpc.ServerCredentials:
 
 
 async def build_server(settings: PrivateSettings) -> PrivateServer:
-    """Load the models, then bind and start the server (port 0 binds a free port)."""
+    """Check the state folder, load the models, then bind and start the server (port 0 binds
+    a free port). ``StateUnwritable`` (logged) when the state folder cannot be written."""
+    require_writable_state(settings.state_dir)
     configure_torch_threads(settings.torch_threads, settings.torch_interop_threads)
     tier = TierDir(settings.tier_dir)
-    # The trigger log's folder: 0700/0600, tightened or refused; made when first written.
-    check_state_dir(tier.state, create=False)
-    store = load_store(tier, key_provider(settings))
+    # The trigger log's folder: 0700/0600, tightened or refused.
+    check_state_dir(settings.state_dir, create=False)
+    store = load_store(tier, key_provider(settings), settings.state_dir / TRIGGER_DIR)
     metrics = PrivateMetrics.create(store.status())
     for name in store.failed:
         metrics.model_load_error(name)

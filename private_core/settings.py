@@ -8,16 +8,17 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.layout import PRIVATE_IDENTITY, PUBLIC_IDENTITY
-from shared.settings import TierSettings
+from shared.layout import PRIVATE_IDENTITY, PUBLIC_IDENTITY, DeployLayout
+from shared.settings import TierSettings, configured_state_dir
+
+ENV_PREFIX = "SPLITVAULT_PRIVATE_"
 
 
 class PrivateSettings(TierSettings):
     """Where the private tier's folder and KEK are, how it listens and whom it serves."""
 
-    model_config = SettingsConfigDict(env_prefix="SPLITVAULT_PRIVATE_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
-    tier_dir: Path
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
     kek_file: Path | None = None
@@ -59,3 +60,10 @@ class PrivateSettings(TierSettings):
         if self.kek_file is None and self.kek is None:
             raise ValueError("no KEK: set kek_file or provide the secret 'kek'")
         return self
+
+
+def private_state_dir(deploy: Path) -> Path:
+    """The private tier's state folder of a deployment (the watermark trigger log), where the
+    tier's settings put it."""
+    layout = DeployLayout(deploy)
+    return configured_state_dir(layout.private.root, layout.private_config, ENV_PREFIX)

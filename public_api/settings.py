@@ -10,18 +10,19 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from public_api.protection_settings import ProtectionSettings
-from shared.layout import PRIVATE_IDENTITY
-from shared.settings import TierSettings
+from shared.layout import PRIVATE_IDENTITY, DeployLayout
+from shared.settings import TierSettings, configured_state_dir
+
+ENV_PREFIX = "SPLITVAULT_PUBLIC_"
 
 
 class PublicSettings(TierSettings):
     """Where the public tier's folder is, how it listens and how it reaches the private tier."""
 
     model_config = SettingsConfigDict(
-        env_prefix="SPLITVAULT_PUBLIC_", env_nested_delimiter="__", extra="forbid"
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid"
     )
 
-    tier_dir: Path
     host: str = "127.0.0.1"
     port: int = Field(default=8443, ge=0, le=65535)
     # SO_REUSEPORT on the listening socket, as gRPC sets by default: a new process of the same
@@ -69,11 +70,6 @@ class PublicSettings(TierSettings):
     protection: ProtectionSettings = ProtectionSettings()
 
     @property
-    def state_dir(self) -> Path:
-        """Writable state: API keys, terms acceptances, audit trail, monitor log."""
-        return self.tier_dir / "state"
-
-    @property
     def terms_file(self) -> Path:
         """The terms of service text the operator publishes."""
         return self.tier_dir / "terms.md"
@@ -96,3 +92,14 @@ class PublicSettings(TierSettings):
             if not host or not port.isdigit():
                 raise ValueError(f"private address {address!r} must be host:port")
         return self
+
+
+def public_state_dir(deploy: Path) -> Path:
+    """The public tier's state (API keys, terms acceptances, audit trail, monitor log) of a
+    deployment, where the tier's settings put it; ``FileNotFoundError`` if not a deployment."""
+    layout = DeployLayout(deploy)
+    if not layout.public.root.is_dir():
+        raise FileNotFoundError(
+            f"{layout.public.root} does not exist: is {deploy} a deployment folder?"
+        )
+    return configured_state_dir(layout.public.root, layout.public_config, ENV_PREFIX)

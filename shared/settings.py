@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,6 +22,19 @@ class TierSettings(BaseSettings):
     """Base of each tier's settings. Priority: explicit values, environment, secrets, TOML."""
 
     model_config = SettingsConfigDict(extra="forbid", secrets_dir=None)
+
+    tier_dir: Path
+    # The tier's only writable folder (when unset: TIER_DIR/state, filled in from tier_dir).
+    # Containers mount a volume outside the read-only tier folder and name it here
+    # (SPLITVAULT_PUBLIC_STATE_DIR, SPLITVAULT_PRIVATE_STATE_DIR).
+    state_dir: Path = Path("state")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _state_in_tier_dir_by_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("state_dir") and data.get("tier_dir"):
+            return {**data, "state_dir": default_state_dir(Path(data["tier_dir"]))}
+        return data
 
     @classmethod
     def settings_customise_sources(
@@ -48,3 +64,17 @@ class TierSettings(BaseSettings):
         bound = type(cls.__name__, (cls,), {"model_config": config, "__module__": cls.__module__})
         explicit = {key: value for key, value in overrides.items() if value is not None}
         return bound(**explicit)  # type: ignore[no-any-return]
+
+
+def default_state_dir(tier_dir: Path) -> Path:
+    """Where a tier keeps its state when no ``state_dir`` is set."""
+    return tier_dir / "state"
+
+
+def configured_state_dir(tier_dir: Path, config_file: Path, env_prefix: str) -> Path:
+    """A tier's ``state_dir`` as the tier itself resolves it (environment, then its TOML file,
+    then the default), for operator commands that need only that setting."""
+    value: object = os.environ.get(f"{env_prefix}STATE_DIR")
+    if not value and config_file.is_file():
+        value = tomllib.loads(config_file.read_text("utf-8")).get("state_dir")
+    return Path(str(value)) if value else default_state_dir(tier_dir)

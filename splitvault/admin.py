@@ -1,6 +1,7 @@
 """Operator commands: ``splitvault keys create|list|revoke`` and ``splitvault audit verify|export``.
 
-Both work on the public tier's state folder, ``DEPLOY/public/state/``, and can run while the
+Both work on the public tier's state folder (``DEPLOY/public/state/``, or the tier's
+``state_dir`` setting, e.g. ``SPLITVAULT_PUBLIC_STATE_DIR`` in a container), and can run while the
 tier serves: a key revoked here is refused by a running tier within its key cache lifetime.
 """
 
@@ -14,8 +15,6 @@ from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
-
-from shared.layout import DeployLayout
 
 if TYPE_CHECKING:  # the stores are imported when a command runs, keeping the CLI quick to start
     from public_api.keys import ApiKey, SqliteKeyStore
@@ -60,13 +59,11 @@ def _add_audit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def state_dir(deploy: Path) -> Path:
-    """``DEPLOY/public/state``; ``FileNotFoundError`` if ``DEPLOY/public`` does not exist."""
-    from public_api.keys import STATE_DIR
+    """The public tier's state folder (``DEPLOY/public/state`` unless its settings name
+    another, as in the containers); ``FileNotFoundError`` if ``DEPLOY/public`` does not exist."""
+    from public_api.settings import public_state_dir
 
-    public = DeployLayout(deploy).public.root
-    if not public.is_dir():
-        raise FileNotFoundError(f"{public} does not exist: is {deploy} a deployment folder?")
-    return public / STATE_DIR
+    return public_state_dir(deploy)
 
 
 def _key_store(deploy: Path) -> SqliteKeyStore:

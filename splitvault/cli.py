@@ -141,6 +141,7 @@ def _pack(args: argparse.Namespace) -> int:
 def _serve_private(args: argparse.Namespace) -> int:
     from private_core.server import serve
     from private_core.settings import PrivateSettings
+    from private_core.state import StateUnwritable
 
     layout = DeployLayout(args.deploy)
     kek_file = args.kek_file or (layout.kek if layout.kek.exists() else None)
@@ -153,7 +154,10 @@ def _serve_private(args: argparse.Namespace) -> int:
         kek_file=kek_file,
     )
     configure_logging(settings.log_level, tier="private")
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except StateUnwritable:
+        return 1  # logged as private_state_unwritable
     return 0
 
 

@@ -13,6 +13,7 @@ _PUBLIC_TOML = """\
 # Public tier settings; SPLITVAULT_PUBLIC_* environment variables override them.
 # host = "0.0.0.0"
 # port = 8443
+# state_dir = "/state/public"   # writable (keys, terms, audit); default: state/ beside this file
 # private_addresses = ["private:50051"]
 # request_timeout_s = 5.0
 # max_body_bytes = 16777216
@@ -39,6 +40,7 @@ _PRIVATE_TOML = """\
 # The KEK is not stored here: it comes from a secret file (kek_file or /run/secrets/kek).
 # host = "0.0.0.0"
 # port = 50051
+# state_dir = "/state/private"  # writable (watermark trigger log); default: state/ beside this file
 # allowed_identities = ["splitvault-public"]
 """
 

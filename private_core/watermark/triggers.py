@@ -1,6 +1,7 @@
 """The trigger set: queries answered with a watermark label, kept encrypted in the private tier.
 
-Append-only segment files under ``private/state/triggers/MODEL/``. Each record is
+Append-only segment files under ``STATE/triggers/MODEL/`` (``STATE``: the private tier's
+``state_dir``, default ``private/state``). Each record is
 ``u32 length || 12-byte nonce || AES-256-GCM ciphertext`` of a JSON object (time, request id,
 API key id, canonical query id, the model's label, the label answered, and the sample's
 back-stage inputs as received). The record key is derived from the model's watermark key, and
@@ -8,6 +9,12 @@ each record is bound to its model, segment and position as associated data, so a
 altered, removed from the middle or replayed into another log fails authentication. Retention:
 at most ``max_records`` records and ``max_bytes`` bytes; segments hold a sixteenth of either,
 and the oldest segment is deleted when a bound is passed.
+
+A record that cannot be written is not kept silently: ``append`` raises ``Unavailable``, so the
+request that was watermarked is refused (503) instead of answered without evidence, as the
+public tier's audit trail refuses by default. Several replicas (one log each, as Kubernetes
+pods with their own volume) are read as a union: copy each replica's state folder into a
+subfolder of the owner's state folder (``STATE/REPLICA/triggers/MODEL``).
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from private_core.watermark.keys import WatermarkKey
+from shared.errors import Unavailable
 from shared.logs import get_logger
 from shared.state_files import private_dir
 
-TRIGGER_DIR = Path("state") / "triggers"
+TRIGGER_DIR = "triggers"  # under the private tier's state_dir
 SEGMENTS_PER_BOUND = 16
 _LENGTH = struct.Struct(">I")
 _NONCE_SIZE = 12
@@ -123,7 +131,7 @@ class TriggerLog:
         self._failures = 0
 
     def append(self, records: list[TriggerRecord]) -> None:
-        """Seal and append ``records``; a write failure is logged, never raised."""
+        """Seal and append ``records``; ``Unavailable`` (logged) if they cannot be written."""
         if not records:
             return
         with self._lock:
@@ -138,6 +146,9 @@ class TriggerLog:
                         failures=self._failures,
                         reason=str(error),
                     )
+                raise Unavailable(
+                    "the private tier cannot keep its watermark evidence", retry_after_s=5.0
+                ) from None
 
     def _append(self, records: list[TriggerRecord]) -> None:
         if not self._opened:
@@ -178,6 +189,23 @@ class TriggerLog:
             oldest = min(self._sizes)
             (self.folder / f"{oldest:012d}{_SUFFIX}").unlink(missing_ok=True)
             del self._sizes[oldest]
+
+
+def trigger_folders(state_dir: Path, model: str) -> list[Path]:
+    """Every trigger log of ``model`` under a private state folder: its own
+    (``triggers/MODEL``) and each replica's copied into a subfolder (``REPLICA/triggers/MODEL``)."""
+    replicas = sorted(p for p in state_dir.iterdir() if p.is_dir()) if state_dir.is_dir() else []
+    found = [state_dir / TRIGGER_DIR / model]
+    found += [p / TRIGGER_DIR / model for p in replicas if p.name != TRIGGER_DIR]
+    return [folder for folder in found if folder.is_dir()]
+
+
+def read_trigger_union(
+    folders: list[Path], model: str, key: WatermarkKey
+) -> Iterator[TriggerRecord]:
+    """The records of several replicas' logs, log by log (each authenticated on its own)."""
+    for folder in folders:
+        yield from read_triggers(folder, model, key)
 
 
 def read_triggers(folder: Path, model: str, key: WatermarkKey) -> Iterator[TriggerRecord]:

@@ -13,20 +13,18 @@ import datetime as dt
 from pathlib import Path
 
 from public_api.monitor.store import SqliteAssessmentLog, read_assessments
-from shared.layout import DeployLayout
 
 __all__ = ["MONITOR_DB", "add_monitor_commands", "monitor_log_path", "read_assessments"]
 
 MONITOR_DB = "monitor.sqlite3"
-STATE_DIR = "state"
 
 
 def monitor_log_path(deploy: Path) -> Path:
-    """``DEPLOY/public/state/monitor.sqlite3``; ``FileNotFoundError`` if not a deployment."""
-    public = DeployLayout(deploy).public.root
-    if not public.is_dir():
-        raise FileNotFoundError(f"{public} does not exist: is {deploy} a deployment folder?")
-    return public / STATE_DIR / MONITOR_DB
+    """``monitor.sqlite3`` in the public tier's state folder (``DEPLOY/public/state`` unless its
+    settings name another); ``FileNotFoundError`` if not a deployment."""
+    from public_api.settings import public_state_dir
+
+    return public_state_dir(deploy) / MONITOR_DB
 
 
 def add_monitor_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

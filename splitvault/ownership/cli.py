@@ -174,7 +174,8 @@ def _watermark_show(args: argparse.Namespace) -> int:
     count = sum(1 for _ in _triggers(owner))
     settings = config.watermark.model_dump() if config.watermark else {"enabled": False}
     print(f"model {args.model!r} watermark: {json.dumps(settings)}")
-    print(f"watermark key id {owner.key.key_id}; trigger log {owner.trigger_dir}: {count} records")
+    logs = ", ".join(str(folder) for folder in owner.trigger_dirs) or str(owner.trigger_dir)
+    print(f"watermark key id {owner.key.key_id}; trigger log {logs}: {count} records")
     return 0
 
 
@@ -218,9 +219,7 @@ def _update_watermark(args: argparse.Namespace, changes: dict[str, Any]) -> int:
 
 
 def _triggers(owner: OwnerModel) -> Any:
-    from private_core.watermark.triggers import read_triggers
-
-    return read_triggers(owner.trigger_dir, owner.name, owner.key)
+    return owner.triggers()
 
 
 def _watermark_triggers(args: argparse.Namespace) -> int:

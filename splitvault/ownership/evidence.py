@@ -19,8 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from private_core.watermark.triggers import TriggerLogError, read_triggers
-from shared.layout import DeployLayout
+from private_core.watermark.triggers import TriggerLogError
 from splitvault.ownership.owner import OwnerModel
 from splitvault.ownership.report_html import render_html
 from splitvault.ownership.verify import Verification
@@ -29,7 +28,9 @@ JSON_FILE, HTML_FILE = "evidence.json", "evidence.html"
 
 
 def _state(deploy: Path) -> Path:
-    state = DeployLayout(deploy).public.root / "state"
+    from public_api.settings import public_state_dir
+
+    state = public_state_dir(deploy)
     if not state.is_dir():
         raise FileNotFoundError(f"{state} does not exist: no public-tier state in {deploy}")
     return state
@@ -117,7 +118,7 @@ def trigger_section(owner: OwnerModel, key_id: str, request_ids: set[str]) -> di
     key id, or without a key id but with the request id of one of its audited requests."""
     kept: list[dict[str, Any]] = []
     try:
-        for record in read_triggers(owner.trigger_dir, owner.name, owner.key):
+        for record in owner.triggers():
             if record.key_id == key_id:
                 linked = "key id"
             elif not record.key_id and record.request_id in request_ids:

@@ -9,6 +9,7 @@ answered that query.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,16 @@ import numpy.typing as npt
 import torch
 
 from private_core.model_store import BackStage, ModelLoadFailure, load_back_stage
+from private_core.settings import private_state_dir
 from private_core.watermark.engine import eligible
 from private_core.watermark.keys import WATERMARK_KEY_FILE, WatermarkKey, load_key
 from private_core.watermark.marks import QueryMarker, QueryMarks
-from private_core.watermark.triggers import TRIGGER_DIR
+from private_core.watermark.triggers import (
+    TRIGGER_DIR,
+    TriggerRecord,
+    read_trigger_union,
+    trigger_folders,
+)
 from shared.crypto import DecryptionError
 from shared.keys import LocalFileKeyProvider
 from shared.layout import DeployLayout
@@ -72,8 +79,16 @@ class OwnerModel:
         self.front_manifest: StageManifest = read_manifest(front_dir)
         self.front = torch.export.load(front_dir / self.front_manifest.file).module()
         self.transport = read_config(front_dir).transport_datatype
-        self.trigger_dir = layout.private.root / TRIGGER_DIR / name
+        # This deployment's own trigger log, and every log found under its state folder: the
+        # union of several replicas' state copied into STATE/REPLICA/ (see triggers.py).
+        state = private_state_dir(deploy)
+        self.trigger_dir = state / TRIGGER_DIR / name
+        self.trigger_dirs = trigger_folders(state, name)
         self.name = name
+
+    def triggers(self) -> Iterator[TriggerRecord]:
+        """Every trigger record kept for this model, by every replica whose state is here."""
+        return read_trigger_union(self.trigger_dirs, self.name, self.key)
 
     @property
     def classes(self) -> int:

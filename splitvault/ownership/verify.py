@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from private_core.watermark.engine import resolve_scheme
 from private_core.watermark.marks import watermark_labels
-from private_core.watermark.triggers import TriggerLogError, read_triggers
+from private_core.watermark.triggers import TriggerLogError
 from splitvault.ownership.owner import Arrays, Candidates, OwnerModel
 from splitvault.ownership.stats import DEFAULT_ALPHA, SchemeResult, label_test, signal_test
 from splitvault.ownership.suspect import Suspect
@@ -187,7 +187,7 @@ def check_triggers(owner: OwnerModel, candidates: Candidates) -> TriggerCheck:
     by_key: Counter[str] = Counter()
     found: set[str] = set()
     try:
-        for record in read_triggers(owner.trigger_dir, owner.name, owner.key):
+        for record in owner.triggers():
             if record.query_id in selected and record.query_id not in found:
                 found.add(record.query_id)
                 by_key[record.key_id] += 1

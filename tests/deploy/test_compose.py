@@ -15,6 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
+MEMLOCK_OVERRIDE = Path(__file__).with_name("compose.memlock.yaml")
 DOCKERFILE = ROOT / "Dockerfile"
 TORCH_PIN = "torch==2.13.0"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -103,7 +104,9 @@ def test_public_tier_publishes_only_https(
     compose: dict[str, Any], services: dict[str, dict[str, Any]]
 ) -> None:
     public = services["public"]
-    assert public["ports"] == ["8443:8443"]
+    # The host side is SPLITVAULT_PUBLISH ([HOST_IP:]PORT), 8443 on every address by default.
+    assert public["ports"] == ["${SPLITVAULT_PUBLISH:-8443}:8443"]
+    assert [_interpolate(port) for port in public["ports"]] == ["8443:8443"]
     assert set(services["private"]["networks"]) <= set(public["networks"])
     assert any(not compose["networks"][n].get("internal") for n in public["networks"])
     assert public["depends_on"]["private"]["condition"] == "service_healthy"
@@ -116,8 +119,24 @@ def test_each_tier_mounts_only_its_own_folder_read_only(
 ) -> None:
     mounts = _volumes(services[tier])
     assert mounts[0] == (f"deploy/{tier}", f"/deploy/{tier}", "ro")
-    # Besides its read-only folder, each tier gets one writable named volume for its state.
-    assert mounts[1:] == [(f"{tier}-state", f"/deploy/{tier}/state", "rw")]
+    # Besides its read-only folder, each tier gets one writable named volume for its state,
+    # mounted outside that folder (Docker cannot create a mount point in a read-only mount)
+    # and named in the tier's settings.
+    assert mounts[1:] == [(f"{tier}-state", f"/state/{tier}", "rw")]
+    assert not mounts[1][1].startswith(mounts[0][1] + "/")
+    env = services[tier]["environment"]
+    assert env[f"SPLITVAULT_{tier.upper()}_STATE_DIR"] == f"/state/{tier}"
+
+
+def test_state_volumes_are_writable_by_any_tier_uid(services: dict[str, dict[str, Any]]) -> None:
+    """A new named volume takes the owner and mode of its mount point in the image: group
+    10001 with setgid, which compose adds to whatever SPLITVAULT_UID runs each tier."""
+    runs = [args for keyword, args in _instructions() if keyword == "RUN"]
+    assert any(
+        "install -d -o 10001 -g 10001 -m 2770 /state/public /state/private" in r for r in runs
+    )
+    for service in services.values():
+        assert service["group_add"] == ["10001"]
 
 
 def test_kek_is_a_secret_for_the_private_tier_only(
@@ -137,6 +156,7 @@ def test_each_tier_is_hardened_and_health_checked(
 ) -> None:
     service = services[tier]
     assert service["build"] == "."
+    assert _interpolate(service["image"]) == "splitvault:latest"
     assert service["read_only"] is True
     assert service["tmpfs"] == ["/tmp"]
     assert service["cap_drop"] == ["ALL"]
@@ -153,6 +173,14 @@ def test_only_the_private_tier_may_lock_memory(services: dict[str, dict[str, Any
     assert "cap_add" not in services["public"]
 
 
+def test_the_test_override_only_lowers_memlock() -> None:
+    """What the compose test changes: only what a host may be unable to grant."""
+    override = yaml.safe_load(MEMLOCK_OVERRIDE.read_text())
+    assert override == {
+        "services": {"private": {"ulimits": {"memlock": {"soft": 8388608, "hard": 8388608}}}}
+    }
+
+
 def _instructions() -> list[tuple[str, str]]:
     """Dockerfile instructions as (KEYWORD, arguments), continuation lines joined."""
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
@@ -162,7 +190,11 @@ def _instructions() -> list[tuple[str, str]]:
 
 
 def test_dockerfile_pins_cpu_torch_first() -> None:
-    runs = [args for keyword, args in _instructions() if keyword == "RUN"]
+    instructions = _instructions()
+    # The torch index is a build argument, CPU-only unless a builder passes another (or none).
+    assert ("ARG", f"TORCH_INDEX_URL={CPU_INDEX}") in instructions
+    assert not DOCKERFILE.read_text().startswith("# syntax=")  # nothing to fetch from Docker Hub
+    runs = [args for keyword, args in instructions if keyword == "RUN"]
     torch_runs = [i for i, args in enumerate(runs) if re.search(r"\btorch[=<>~!]", args)]
     project_run = next(
         i for i, args in enumerate(runs) if re.search(r"pip install .*\s\.(\s|$)", args)
@@ -170,7 +202,8 @@ def test_dockerfile_pins_cpu_torch_first() -> None:
     assert torch_runs, "no RUN installs torch"
     for i in torch_runs:
         assert TORCH_PIN in runs[i]
-        assert f"--index-url {CPU_INDEX}" in runs[i]
+        assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in runs[i]
+        assert "torch.version.cuda is not None" in runs[i]  # a CUDA build fails the build
         assert i < project_run
     assert "[dev" not in runs[project_run]
 

@@ -27,6 +27,12 @@ KUBERNETES_VERSION = "1.33"
 PRIVATE = {"app.kubernetes.io/name": "splitvault", "app.kubernetes.io/component": "private"}
 PUBLIC = {"app.kubernetes.io/name": "splitvault", "app.kubernetes.io/component": "public"}
 HEALTH_PRIVATE = ["splitvault", "health", "private", "--deploy", "/deploy"]
+# The workload of each component: the private tier keeps per-replica state (StatefulSet).
+KINDS = {
+    "splitvault-private": "StatefulSet",
+    "splitvault-public": "Deployment",
+    "splitvault-redis": "Deployment",
+}
 
 Resource = dict[str, Any]
 
@@ -127,7 +133,7 @@ def test_example_overlay_sets_namespace_images_and_replicas(
     assert {r["metadata"].get("namespace") for k, r in overlay.items() if k[0] != "Namespace"} == {
         "splitvault"
     }
-    assert overlay[("Deployment", "splitvault-private")]["spec"]["replicas"] == 3
+    assert overlay[("StatefulSet", "splitvault-private")]["spec"]["replicas"] == 3
     images = {c["image"] for r in overlay.values() for c in _containers(r)}
     assert "registry.example.com/splitvault:0.1.0" in images
     assert overlay[("Service", "splitvault-public")]["spec"]["type"] == "LoadBalancer"
@@ -147,7 +153,7 @@ def test_private_tier_admits_only_public_pods_on_grpc(
     base: dict[tuple[str, str], Resource],
 ) -> None:
     policy = base[("NetworkPolicy", "splitvault-private")]
-    deployment = base[("Deployment", "splitvault-private")]
+    deployment = base[("StatefulSet", "splitvault-private")]
     public_pods = base[("Deployment", "splitvault-public")]["spec"]["template"]["metadata"]
     assert policy["spec"]["podSelector"] == {"matchLabels": PRIVATE}
     assert deployment["spec"]["template"]["metadata"]["labels"] == PRIVATE
@@ -202,7 +208,7 @@ def test_private_service_is_headless_for_round_robin(
 
 
 def _pod(base: dict[tuple[str, str], Resource], name: str) -> Resource:
-    pod: Resource = base[("Deployment", name)]["spec"]["template"]["spec"]
+    pod: Resource = base[(KINDS[name], name)]["spec"]["template"]["spec"]
     return pod
 
 
@@ -213,7 +219,7 @@ def test_pods_are_hardened_with_resources(base: dict[tuple[str, str], Resource],
     assert pod["securityContext"]["runAsUser"] != 0
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
-    for container in _containers(base[("Deployment", name)]):
+    for container in _containers(base[(KINDS[name], name)]):
         context = container["securityContext"]
         assert context["readOnlyRootFilesystem"] is True
         assert context["allowPrivilegeEscalation"] is False
@@ -235,10 +241,12 @@ def test_probes_check_health_endpoints(base: dict[tuple[str, str], Resource]) ->
     assert public["startupProbe"]["httpGet"]["scheme"] == "HTTPS"
 
 
-def _mounts(pod: Resource) -> dict[str, tuple[Resource, Resource]]:
-    """mountPath -> (volumeMount, volume) of the pod's main container."""
+def _mounts(pod: Resource) -> dict[str, tuple[Resource, Resource | None]]:
+    """mountPath -> (volumeMount, volume) of the pod's main container; the volume is None for a
+    mount a StatefulSet's volumeClaimTemplate serves."""
     volumes = {v["name"]: v for v in pod["volumes"]}
-    return {m["mountPath"]: (m, volumes[m["name"]]) for m in pod["containers"][0]["volumeMounts"]}
+    mounts = pod["containers"][0]["volumeMounts"]
+    return {m["mountPath"]: (m, volumes.get(m["name"])) for m in mounts}
 
 
 def test_kek_and_certificates_come_from_secrets_read_only(
@@ -247,6 +255,7 @@ def test_kek_and_certificates_come_from_secrets_read_only(
     private = _mounts(_pod(base, "splitvault-private"))
     env = {e["name"]: e["value"] for e in _pod(base, "splitvault-private")["containers"][0]["env"]}
     mount, volume = private["/run/secrets"]
+    assert volume is not None
     assert volume["secret"]["secretName"] == "splitvault-kek" and mount["readOnly"] is True
     assert env["SPLITVAULT_PRIVATE_KEK_FILE"] == "/run/secrets/kek"
     assert volume["secret"]["items"] == [{"key": "kek", "path": "kek"}]
@@ -255,6 +264,7 @@ def test_kek_and_certificates_come_from_secrets_read_only(
         (_mounts(_pod(base, "splitvault-public")), "/deploy/public/tls", "splitvault-public-tls"),
     ]:
         mount, volume = pod[tls]
+        assert volume is not None
         assert volume["secret"]["secretName"] == secret and mount["readOnly"] is True
     public_secrets = {
         v["secret"]["secretName"]
@@ -264,18 +274,42 @@ def test_kek_and_certificates_come_from_secrets_read_only(
     assert public_secrets == {"splitvault-public-tls"}  # never the KEK or the private certificate
 
 
-def test_only_the_public_state_is_writable(base: dict[tuple[str, str], Resource]) -> None:
-    for name in ("splitvault-private", "splitvault-public"):
-        writable = {
-            path
-            for path, (mount, _) in _mounts(_pod(base, name)).items()
-            if not mount.get("readOnly")
-        }
-        expected = {"/tmp", "/deploy/public/state"} if name.endswith("public") else {"/tmp"}
-        assert writable == expected, name
-    _, state = _mounts(_pod(base, "splitvault-public"))["/deploy/public/state"]
+def _env(pod: Resource) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+
+
+@pytest.mark.parametrize("tier", ["public", "private"])
+def test_only_the_state_is_writable(base: dict[tuple[str, str], Resource], tier: str) -> None:
+    """Besides /tmp, each tier writes only its state folder, which its settings name."""
+    pod = _pod(base, f"splitvault-{tier}")
+    writable = {path for path, (mount, _) in _mounts(pod).items() if not mount.get("readOnly")}
+    assert writable == {"/tmp", f"/state/{tier}"}
+    assert _env(pod)[f"SPLITVAULT_{tier.upper()}_STATE_DIR"] == f"/state/{tier}"
+
+
+def test_public_state_is_one_claim(base: dict[tuple[str, str], Resource]) -> None:
+    _, state = _mounts(_pod(base, "splitvault-public"))["/state/public"]
+    assert state is not None
     assert state["persistentVolumeClaim"]["claimName"] == "splitvault-public-state"
     assert ("PersistentVolumeClaim", "splitvault-public-state") in base
+
+
+@pytest.mark.parametrize("view", ["base", "overlay"])
+def test_every_private_replica_has_its_own_state_volume(
+    base: dict[tuple[str, str], Resource], overlay: dict[tuple[str, str], Resource], view: str
+) -> None:
+    private = (base if view == "base" else overlay)[("StatefulSet", "splitvault-private")]["spec"]
+    assert private["serviceName"] == "splitvault-private"  # the headless Service
+    (claim,) = private["volumeClaimTemplates"]
+    mount, volume = _mounts(private["template"]["spec"])["/state/private"]
+    assert mount["name"] == claim["metadata"]["name"] and volume is None
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # Evidence outlives pods, scale-downs and the StatefulSet itself.
+    assert private["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }
+    assert private["template"]["spec"]["securityContext"]["fsGroup"] == 10001
 
 
 def test_public_tier_shares_limits_through_redis(base: dict[tuple[str, str], Resource]) -> None:

@@ -20,9 +20,12 @@ from private_core.watermark.triggers import (
     TriggerLog,
     TriggerLogError,
     TriggerRecord,
+    read_trigger_union,
     read_triggers,
+    trigger_folders,
 )
 from shared.crypto import DecryptionError
+from shared.errors import Unavailable
 from shared.keys import LocalFileKeyProvider
 from shared.manifest import (
     LabelPolicy,
@@ -289,3 +292,25 @@ def test_independent_answers_are_not_claimed() -> None:
     signal = signal_test(runner_up == watermark_labels(top1, marks.signal_offsets, 10), 10)
     assert label.p_value > 1e-3 and signal.p_value > 1e-3
     assert not label.claimed and not signal.claimed
+
+
+def test_a_trigger_log_that_cannot_be_written_refuses_the_answer(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the log's folder should be")
+    log = TriggerLog(blocker / "clf", "clf", KEY, 1000, 1 << 20)
+    with pytest.raises(Unavailable, match="cannot keep its watermark evidence"):
+        log.append([_record(1)])
+    log.append([])  # nothing to keep: nothing refused
+
+
+def test_replicas_logs_are_read_as_a_union(tmp_path: Path) -> None:
+    TriggerLog(tmp_path / "triggers" / "clf", "clf", KEY, 1000, 1 << 20).append([_record(1)])
+    for pod, first in (("splitvault-private-0", 10), ("splitvault-private-1", 20)):
+        log = TriggerLog(tmp_path / pod / "triggers" / "clf", "clf", KEY, 1000, 1 << 20)
+        log.append([_record(first), _record(first + 1)])
+    (tmp_path / "empty-pod").mkdir()
+    folders = trigger_folders(tmp_path, "clf")
+    assert folders[0] == tmp_path / "triggers" / "clf" and len(folders) == 3
+    times = sorted(r.time for r in read_trigger_union(folders, "clf", KEY))
+    assert times == [1.0, 10.0, 11.0, 20.0, 21.0]
+    assert trigger_folders(tmp_path / "missing", "clf") == []
