@@ -45,6 +45,23 @@ class TierProcess:
                 continue
         return parsed
 
+    def wait_for_events(
+        self, name: str, *, count: int = 1, timeout: float = 30.0
+    ) -> list[dict[str, Any]]:
+        """The events called ``name``, once at least ``count`` of them have been read.
+
+        A thread reads the log: an event the tier logged before it answered a request may reach
+        ``lines`` after the answer reached the caller, so callers wait instead of looking once.
+        """
+        found: list[dict[str, Any]] = []
+
+        def enough() -> bool:
+            found[:] = [e for e in self.events() if e.get("event") == name]
+            return len(found) >= count
+
+        wait_for(enough, timeout=timeout, what=f"{count} {name!r} log event(s)")
+        return found
+
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, then wait; SIGKILL if it does not exit in time. Returns the exit code."""
         if self.process.poll() is None:

@@ -375,7 +375,7 @@ def test_private_sigterm_drains_in_flight_requests(faults: Faults) -> None:
         faults.private.process.send_signal(signal.SIGTERM)
         outcomes = [future.result(timeout=60) for future in futures]
     assert faults.private.process.wait(30) == 0
-    assert any(e.get("event") == "private_tier_stopping" for e in faults.private.events())
+    assert faults.private.wait_for_events("private_tier_stopping")
     assert [o.status for o in outcomes] == [200] * DRAINED, outcomes
     assert all(o.ended > signalled for o in outcomes)  # they really were in flight
     faults.private.stop()
@@ -672,7 +672,7 @@ def _exercise_storage_fault(stack: AuditStack, tier: TierProcess, policy: str) -
         served_before = len(served)
         poll(lambda: request().status == 503, f"a 503 once the storage fails ({storage.kind})", 30)
         served_while_failing = len(served) - served_before
-        assert any(e.get("event") == "audit_write_failed" for e in tier.events())
+        assert tier.wait_for_events("audit_write_failed")
         message = refused[-1].body["error"]
         if policy == "refuse":
             assert "audit trail cannot write" in message, message
@@ -687,6 +687,6 @@ def _exercise_storage_fault(stack: AuditStack, tier: TierProcess, policy: str) -
         storage.recover()
         poll(lambda: request().status == 200, "serving once storage recovers", 30)
         assert time.monotonic() - failing < 60
-    dropped = [e for e in tier.events() if e.get("event") == "audit_record_dropped"]
+    dropped = tier.wait_for_events("audit_record_dropped", count=len(refused))
     assert len(dropped) == len(refused)  # each refusal was logged, not silently lost
     return [o.request_id for o in served]
