@@ -107,7 +107,9 @@ class BoundedH11Protocol(H11Protocol):
 
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
-    linger_s: float = 0.25  # a dropped connection: its answer's time to reach the client
+    # A dropped connection: time for its answer to arrive (with one retransmission at Linux's
+    # 200 ms minimum RTO) before the connection is reset.
+    linger_s: float = 0.25
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
