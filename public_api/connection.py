@@ -47,6 +47,9 @@ log = get_logger(__name__)
 Phase = Literal["headers", "body", "linger"]
 HEAD_SLICE = 1024  # a head may exceed the cap by less than this before it is refused
 READ_BUFFER_BYTES = 16 * 1024  # TLS: bytes decrypted ahead of the application, at most
+# Dropped connections waiting out their linger at once (each holds its TLS buffers); beyond,
+# a dropped connection is reset as soon as its answer is written.
+MAX_LINGERING = 32
 
 
 class BodyOnDemand(FlowControl):
@@ -110,6 +113,7 @@ class BoundedH11Protocol(H11Protocol):
     # A dropped connection: time for its answer to arrive (with one retransmission at Linux's
     # 200 ms minimum RTO) before the connection is reset.
     linger_s: float = 0.25
+    lingering = 0  # dropped connections of this process waiting out their linger now
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -119,6 +123,7 @@ class BoundedH11Protocol(H11Protocol):
         self.app = self._mark_overload(self.app)
         self._seen: RequestResponseCycle | None = None
         self.dropping = False
+        self._lingers = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -160,6 +165,11 @@ class BoundedH11Protocol(H11Protocol):
         self.flow.pause_reading()
         if self.cycle is not None:
             self.cycle.body = bytearray()  # what was read of the body is not needed
+        if BoundedH11Protocol.lingering >= MAX_LINGERING:  # a flood: no time to spare
+            self.transport.abort()
+            return
+        BoundedH11Protocol.lingering += 1
+        self._lingers = True
         self._expect("linger")
 
     def shutdown(self) -> None:
@@ -193,6 +203,9 @@ class BoundedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._expect(None)
+        if self._lingers:
+            self._lingers = False
+            BoundedH11Protocol.lingering -= 1
         super().connection_lost(exc)
 
     def _follow(self) -> None:
