@@ -17,7 +17,8 @@ refused from its headers (a missing API key) is answered having read at most tha
 body; the refusal carries ``Connection: close``; and a connection closed with its request body
 unread is dropped: nothing more is read (a TLS close would read on, up to the client's
 close_notify; a close with unread data resets the connection anyway) and it is aborted
-``linger_s`` after the answer, the time for the answer to reach the client.
+``linger_s`` after the answer, the time for the answer to reach the client (at once while
+``MAX_LINGERING`` dropped connections already wait).
 
 Open connections plus running requests are bounded by uvicorn's ``limit_concurrency``; here,
 instead of uvicorn's plain-text 503, a request beyond it is handed to the application marked
