@@ -9,11 +9,13 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
+from public_api.admission import Admission
 from public_api.errors import install_error_handlers
 from public_api.front import FrontRunner, load_front_stages, message_limit
 from public_api.limits import BodySizeLimit, LinkHeader
 from public_api.metrics import PublicMetrics
 from public_api.openapi import install_openapi
+from public_api.outcomes import Outcomes
 from public_api.private_client import PrivateTierClient
 from public_api.protection_factory import build_protection
 from public_api.request_metrics import RequestMetrics
@@ -74,7 +76,10 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
     install_error_handlers(app)
     app.include_router(router)
     install_openapi(app)
+    # Outermost last: metrics -> Link -> outcomes (audit, 500s) -> key check -> body limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Admission, routes=router.routes)
+    app.add_middleware(Outcomes)
     app.add_middleware(LinkHeader, value=link_header())
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -20,6 +20,12 @@ record until a write succeeds again; ``"buffer"`` keeps accepting records while 
 ``buffer_max`` wait unwritten, so a short storage outage does not stop service, then refuses.
 Either way the writer retries every ``retry_interval_s`` and, once storage recovers, writes every
 record it accepted, in order: nothing accepted is dropped.
+
+Refusals that cannot be attributed to an API key (no key, or a wrong one) would let anyone fill
+the trail, so they are counted instead (``AuditTrail.tally``): one record per address, model,
+decision and status per ``aggregate_s`` seconds, with ``count`` the number of requests it
+stands for and ``time`` the first of them. ``count`` enters the hash only when it is not 1, so
+records written before the field existed still verify.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import operator
 import sqlite3
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, fields
@@ -59,6 +65,7 @@ DECISIONS = frozenset(
         "bad_request",
         "unavailable",
         "error",
+        "closed",  # the connection closed before an answer: read deadline (408) or client (499)
     }
 )
 
@@ -80,10 +87,13 @@ class AuditRecord:
     status: int
     monitor_score: float | None = None
     request_id: str | None = None
+    count: int = 1  # requests this record stands for (more than 1: aggregated refusals)
 
     def __post_init__(self) -> None:
         if self.decision not in DECISIONS:
             raise ValueError(f"unknown audit decision {self.decision!r}")
+        if self.count < 1:
+            raise ValueError("audit count must be at least 1")
         if not math.isfinite(self.time):
             raise ValueError("audit time must be finite")
         if self.monitor_score is not None and not math.isfinite(self.monitor_score):
@@ -91,6 +101,7 @@ class AuditRecord:
         # Store exactly what SQLite gives back, so the hash is recomputed byte for byte.
         object.__setattr__(self, "time", float(self.time))
         object.__setattr__(self, "status", int(self.status))
+        object.__setattr__(self, "count", int(self.count))
         if self.monitor_score is not None:
             object.__setattr__(self, "monitor_score", float(self.monitor_score))
 
@@ -111,21 +122,23 @@ CREATE TABLE IF NOT EXISTS audit (
     monitor_score REAL,
     request_id TEXT,
     prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
+    hash TEXT NOT NULL,
+    count INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS audit_by_key ON audit (key_id, seq);
 """
 _INSERT = (
     "INSERT INTO audit (seq, time, key_id, client, model, input_sha256, answer, decision, status, "
-    "monitor_score, request_id, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "monitor_score, request_id, count, prev_hash, hash) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SELECT_ALL = (
     "SELECT seq, time, key_id, client, model, input_sha256, answer, decision, status, "
-    "monitor_score, request_id, prev_hash, hash FROM audit ORDER BY seq"
+    "monitor_score, request_id, count, prev_hash, hash FROM audit ORDER BY seq"
 )
 _SELECT_KEY = (
     "SELECT seq, time, key_id, client, model, input_sha256, answer, decision, status, "
-    "monitor_score, request_id, prev_hash, hash FROM audit WHERE key_id = ? ORDER BY seq"
+    "monitor_score, request_id, count, prev_hash, hash FROM audit WHERE key_id = ? ORDER BY seq"
 )
 
 
@@ -140,10 +153,80 @@ class VerifyResult:
 
 
 def record_hash(seq: int, values: dict[str, Any], prev_hash: str) -> str:
-    """SHA-256 (hex) of the canonical JSON of ``seq``, the record's fields and ``prev_hash``."""
-    payload = {**values, "seq": seq, "prev_hash": prev_hash}
+    """SHA-256 (hex) of the canonical JSON of ``seq``, the record's fields and ``prev_hash``.
+
+    ``count`` is left out when it is 1 (see the module docstring).
+    """
+    payload = {**_hashed(values), "seq": seq, "prev_hash": prev_hash}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Tallied:
+    """What refusals counted together share: one record per distinct value per interval."""
+
+    client: str
+    model: str | None
+    decision: str
+    status: int
+    key_id: str | None = None
+
+
+OTHER_CLIENTS = "(other addresses)"  # where counts go once ``max_entries`` addresses are open
+
+
+class RefusalTally:
+    """Counts of refusals, turned into one ``AuditRecord`` per ``Tallied`` per ``interval_s``.
+
+    An entry's interval starts with its first refusal. At most ``max_entries`` entries are open
+    at once; beyond that, new addresses are counted under ``OTHER_CLIENTS``. Thread-safe.
+    """
+
+    def __init__(self, interval_s: float, max_entries: int = 10_000) -> None:
+        if interval_s <= 0 or max_entries < 1:
+            raise ValueError("interval_s must be positive and max_entries at least 1")
+        self.interval_s = interval_s
+        self._max_entries = max_entries
+        self._open: OrderedDict[Tallied, list[float]] = OrderedDict()  # -> [first time, count]
+        self._lock = threading.Lock()
+
+    def add(self, what: Tallied, now: float) -> None:
+        """Count one refusal at wall-clock time ``now``."""
+        with self._lock:
+            if what not in self._open and len(self._open) >= self._max_entries:
+                what = Tallied(OTHER_CLIENTS, what.model, what.decision, what.status)
+            entry = self._open.setdefault(what, [now, 0])
+            entry[1] += 1
+
+    def due(self, now: float) -> list[AuditRecord]:
+        """The records of every interval that has ended by ``now`` (entries open longest first)."""
+        with self._lock:
+            ended = []
+            while self._open:
+                what, (first, _) = next(iter(self._open.items()))
+                if first + self.interval_s > now:
+                    break
+                ended.append((what, self._open.popitem(last=False)[1]))
+        return [_tallied_record(what, first, int(count)) for what, (first, count) in ended]
+
+    def drain(self) -> list[AuditRecord]:
+        """The records of every open interval, ended now."""
+        return self.due(math.inf)
+
+
+def _tallied_record(what: Tallied, first: float, count: int) -> AuditRecord:
+    return AuditRecord(
+        time=first,
+        key_id=what.key_id,
+        client=what.client,
+        model=what.model,
+        input_sha256=None,
+        answer=None,
+        decision=what.decision,
+        status=what.status,
+        count=count,
+    )
 
 
 class AuditTrail:
@@ -159,8 +242,10 @@ class AuditTrail:
         retry_interval_s: float,
         on_failure: FailurePolicy = "refuse",
         buffer_max: int = 10_000,
+        aggregate_s: float = 10.0,
     ) -> None:
         self._db = db
+        self._tally = RefusalTally(aggregate_s)
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
         self._retry_interval_s = retry_interval_s
@@ -191,12 +276,14 @@ class AuditTrail:
         busy_timeout_s: float = 5.0,
         on_failure: FailurePolicy = "refuse",
         buffer_max: int = 10_000,
+        aggregate_s: float = 10.0,
     ) -> AuditTrail:
         """Open (or create) the trail at ``path`` and start its writer; chains on from the last row.
 
         The writer commits every ``flush_interval_s``, or at once when ``batch_size`` records
         wait; ``max_pending`` bounds the queue (beyond it ``append`` refuses records);
-        ``on_failure`` and ``buffer_max`` say what happens while writes fail (see the module).
+        ``on_failure`` and ``buffer_max`` say what happens while writes fail (see the module);
+        tallied refusals are recorded every ``aggregate_s`` seconds.
         """
         if batch_size < 1 or max_pending < 1 or buffer_max < 1:
             raise ValueError("batch_size, max_pending and buffer_max must be at least 1")
@@ -209,6 +296,7 @@ class AuditTrail:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
+            _migrate(db)
         except sqlite3.Error:
             db.close()
             raise
@@ -220,6 +308,7 @@ class AuditTrail:
             retry_interval_s=retry_interval_s,
             on_failure=on_failure,
             buffer_max=buffer_max,
+            aggregate_s=aggregate_s,
         )
         trail._thread.start()
         return trail
@@ -257,6 +346,10 @@ class AuditTrail:
             if len(self._queue) == self._batch_size:
                 self._wake.set()
 
+    def tally(self, what: Tallied) -> None:
+        """Count one refusal; never refuses (the request was refused anyway)."""
+        self._tally.add(what, time.time())
+
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until every record appended so far is written.
 
@@ -284,6 +377,7 @@ class AuditTrail:
             if self._closed:
                 return
             self._closed = True
+        self._enqueue_tallies(self._tally.drain())
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
@@ -323,9 +417,21 @@ class AuditTrail:
             return Unavailable("audit trail is not keeping up", retry_after_s=1.0)
         return None
 
+    def _enqueue_tallies(self, records: list[AuditRecord]) -> None:
+        """Queue tallied records past the refusal policy (few: one per address and interval)."""
+        if not records:
+            return
+        with self._lock:
+            room = max(0, self._max_pending - len(self._queue))
+            self._queue.extend(records[:room])
+            self._appended += min(room, len(records))
+        if room < len(records):
+            log.error("audit_tally_dropped", records=len(records) - room, reason="queue full")
+
     def _run(self) -> None:
         batch: list[AuditRecord] = []
         while True:
+            self._enqueue_tallies(self._tally.due(time.time()))
             if not batch:
                 batch = self._take()
                 if not batch:
@@ -389,6 +495,24 @@ class AuditTrail:
             self._progress.notify_all()
 
 
+def _hashed(values: dict[str, Any]) -> dict[str, Any]:
+    """The fields that enter the hash (and an export): ``count`` only when it is not 1."""
+    if values.get("count", 1) == 1:
+        return {name: value for name, value in values.items() if name != "count"}
+    return values
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Add ``count`` to a trail created before it existed (its rows stand for one request)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(audit)")}
+    if "count" not in columns:
+        try:
+            db.execute("ALTER TABLE audit ADD COLUMN count INTEGER NOT NULL DEFAULT 1")
+        except sqlite3.OperationalError as error:  # another process added it meanwhile
+            if "duplicate column" not in str(error):
+                raise
+
+
 def _head(db: sqlite3.Connection) -> tuple[int, str]:
     row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
     return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
@@ -399,6 +523,12 @@ def _read_only(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise FileNotFoundError(f"no audit trail at {path}")
     return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+
+
+def _select(db: sqlite3.Connection, query: str) -> str:
+    """``query`` for this file: a trail from before ``count`` reads 1 in its place."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(audit)")}
+    return query if "count" in columns or not columns else query.replace(", count,", ", 1,")
 
 
 def head(path: Path) -> tuple[int, str]:
@@ -415,7 +545,7 @@ def verify_chain(path: Path) -> VerifyResult:
         except sqlite3.OperationalError as error:
             return VerifyResult(False, 0, None, f"the audit table cannot be read: {error}")
         expected, prev_hash = 1, GENESIS_HASH
-        rows = db.execute(_SELECT_ALL)
+        rows = db.execute(_select(db, _SELECT_ALL))
         for seq, *values, stored_prev, stored_hash in rows:
             problem = _row_problem(seq, values, stored_prev, stored_hash, expected, prev_hash)
             if problem is not None:
@@ -452,8 +582,8 @@ def export_records(path: Path, key_id: str) -> Iterator[dict[str, Any]]:
     """Every record of ``key_id`` in seq order, as JSON-serialisable dicts with their hashes."""
     names = ("seq", *_FIELDS, "prev_hash", "hash")
     with closing(_read_only(path)) as db:
-        for row in db.execute(_SELECT_KEY, (key_id,)):
-            yield dict(zip(names, row, strict=True))
+        for row in db.execute(_select(db, _SELECT_KEY), (key_id,)):
+            yield _hashed(dict(zip(names, row, strict=True)))
 
 
 def input_digest(arrays: dict[str, np.ndarray[Any, Any]]) -> str:

@@ -1,4 +1,9 @@
-"""Typed dependencies the routes share: the tier's state and the caller the gate admitted."""
+"""Typed dependencies the routes share: the tier's state and the caller the gate admitted.
+
+A route that declares ``Authenticated`` or ``Admitted`` has its API key checked before its body
+is read (``public_api.admission``); these dependencies take that caller from the request's
+``RequestContext``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,8 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from public_api.context import RequestContext
 from public_api.state import PublicState
-from shared.errors import SplitVaultError
 
 if TYPE_CHECKING:
     from public_api.protection import Caller
@@ -43,9 +48,12 @@ async def authenticated_caller(
     _credentials: ApiKeyCredentials,
 ) -> Caller:
     """The caller behind the API key (401 when missing or wrong); no other check."""
-    state = tier_state(request)
-    authorization = request.headers.get("authorization")
-    return await state.protection.authenticate(authorization, client_address(request))
+    context = RequestContext.of(request.scope)
+    if context.caller is None:  # not checked before the body (an app without ``Admission``)
+        state = tier_state(request)
+        authorization = request.headers.get("authorization")
+        context.caller = await state.protection.authenticate(authorization, context.client)
+    return context.caller
 
 
 async def admitted_caller(
@@ -53,16 +61,10 @@ async def admitted_caller(
     model: str,
     _credentials: ApiKeyCredentials,
 ) -> Caller:
-    """Key, terms, monitor and limits for an inference on ``model``; audited when refused."""
-    state = tier_state(request)
-    client = client_address(request)
-    request.state.audit_model = model
-    try:
-        caller = await state.protection.admit(request.headers.get("authorization"), client, model)
-    except SplitVaultError:
-        request.state.audited = True  # ``admit`` audited the refusal, under the key if known
-        raise
-    request.state.caller = caller
+    """Key, terms and monitor for an inference on ``model`` (limits come once the body says
+    how many samples it holds)."""
+    caller = await authenticated_caller(request, _credentials)
+    await tier_state(request).protection.admit(caller, model)
     return caller
 
 

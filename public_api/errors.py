@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from public_api.context import RequestContext
 from shared.errors import InvalidInput, SplitVaultError, mapping_for
 from shared.logs import get_logger
 
@@ -29,22 +30,14 @@ def error_response(
     return JSONResponse({"error": message}, status_code=status, headers=all_headers or None)
 
 
-def _audit_refusal(request: Request, error: SplitVaultError) -> None:
-    """Audit an error raised after the gate admitted the caller (bad input, 503, ...)."""
-    caller = getattr(request.state, "caller", None)
-    if caller is None or getattr(request.state, "audited", False):
-        return
-    request.state.audited = True
-    protection = request.app.state.splitvault.protection
-    request_id = getattr(request.state, "request_id", None)
-    protection.record_rejection(
-        caller, caller.client, request.state.audit_model, error, request_id=request_id
-    )
+def _note(request: Request, error: SplitVaultError) -> None:
+    """Keep why the request was refused, for its audit record (``public_api.outcomes``)."""
+    RequestContext.of(request.scope).refused(error)
 
 
 async def _splitvault_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, SplitVaultError)
-    _audit_refusal(request, error)
+    _note(request, error)
     status = mapping_for(error).http_status
     if status >= 500:
         log.warning("request_unavailable", error=type(error).__name__, detail=error.message)
@@ -59,7 +52,7 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     else:
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         message = f"invalid request: {where or 'body'}: {first.get('msg', 'invalid')}"
-    _audit_refusal(request, InvalidInput(message))
+    _note(request, InvalidInput(message))
     return error_response(400, message)
 
 
@@ -77,8 +70,10 @@ async def _unexpected(_request: Request, error: Exception) -> JSONResponse:
     return error_response(500, "internal error")
 
 
-async def _bad_json(_request: Request, error: Exception) -> JSONResponse:
-    return error_response(400, f"malformed JSON body: {error}")
+async def _bad_json(request: Request, error: Exception) -> JSONResponse:
+    message = f"malformed JSON body: {error}"
+    _note(request, InvalidInput(message))
+    return error_response(400, message)
 
 
 def install_error_handlers(app: FastAPI) -> None:

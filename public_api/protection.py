@@ -1,10 +1,15 @@
 """The gate between a request and the model: API key, terms, monitor, limits, audit, metrics.
 
-Order for an inference request: authenticate (401) -> current terms accepted (403) -> key not
-blocked by the extraction monitor (403) -> the audit trail can take a record (503) -> per-key
-and per-address limits and quotas (429) -> inference -> the monitor observes the answer -> one
-audit record. A rejected request is audited too and computes nothing. An answer whose record the
-trail refuses is not sent (503); a refusal the trail cannot take is logged instead.
+Order for an inference request: authenticate, before the body is read (401; a failure is
+charged to the address's own bucket, 429 once it is empty) -> current terms accepted (403) -> key
+not blocked by the extraction monitor (403) -> the audit trail can take a record (503) -> the
+body is decoded (400, 404, 413) -> per-key and per-address limits and quotas, charged one unit
+per sample (429) -> inference -> the monitor observes the answer -> one audit record.
+
+Every outcome is audited once (``record_outcome``; the routes call ``record_served``): under the
+key when one was recognised, else counted per address and interval (``AuditTrail.tally``). A
+rejected request computes nothing. An answer whose record the trail refuses is not sent (503);
+a refusal the trail cannot take is logged instead.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from typing import Any
 import numpy as np
 
 from public_api.addresses import limit_subject
-from public_api.audit import AuditRecord, AuditTrail, input_digest
+from public_api.audit import AuditRecord, AuditTrail, Tallied, input_digest
+from public_api.context import RequestContext, decision_for_status
 from public_api.key_cache import KeyCache, KnownCaller
 from public_api.keys import ApiKey, KeyStore, hash_token
 from public_api.metrics import PublicMetrics
 from public_api.monitor import Assessment, ExtractionMonitor
 from public_api.protection_settings import LimitSettings, ProtectionSettings
-from public_api.ratelimit import LimitPolicy, RateLimiter, ratelimit_headers
+from public_api.ratelimit import LimitPolicy, RateLimiter, policy_header, ratelimit_headers
 from public_api.service import InferenceOutcome
 from public_api.terms import Terms
 from shared.errors import (
@@ -33,11 +39,9 @@ from shared.errors import (
     PermissionDenied,
     QuotaExceeded,
     RateLimited,
-    SplitVaultError,
     TermsNotAccepted,
     Unauthenticated,
     Unavailable,
-    mapping_for,
 )
 from shared.logs import get_logger
 from shared.manifest import TensorSpec
@@ -110,27 +114,45 @@ class Protection:
         key = self.keys.authenticate(token)
         return KnownCaller(key, self.keys.accepted_version(key.key_id))
 
-    async def admit(self, authorization: str | None, client: str, model: str) -> Caller:
-        """All checks that come before any compute; audits and raises the first that fails.
+    async def check_key(self, authorization: str | None, client: str, model: str | None) -> Caller:
+        """``authenticate``, run before the body is read; a failure also costs the address.
 
-        A refusal after authentication is audited under the caller's key id, so that
-        ``audit export --key`` shows the key's refused requests too.
+        Failed authentications of one address share a bucket of their own
+        (``unauthenticated_limits``): while it has room the failure is a 401, then a 429. A
+        valid key never touches it.
         """
-        caller = Caller(client=client)
         try:
-            caller = await self.authenticate(authorization, client)
-            if caller.key is not None:
-                self._require_terms(caller)
-                caller.assessment = await self._assessment(caller.key)
-                self._refuse_if_blocked(caller.key, caller.assessment)
-            if self.audit is not None:
-                self.audit.check_accepting()
-            throttled = caller.assessment is not None and caller.assessment.level == "throttled"
-            caller.headers = await self._limit(caller, model, throttled)
-        except SplitVaultError as error:
-            self.record_rejection(caller, client, model, error)
-            raise
-        return caller
+            return await self.authenticate(authorization, client)
+        except Unauthenticated as failure:
+            policy = self._policy(self.settings.unauthenticated_limits)
+            decision = await self.limiter.check(f"unauthenticated:{limit_subject(client)}", policy)
+            if decision.allowed:
+                raise
+            self.metrics.rate_limited(model or "", "ip")
+            raise RateLimited(
+                "too many requests without a valid API key from this client address; retry "
+                f"after {max(1, math.ceil(decision.retry_after_s))} s",
+                retry_after_s=decision.retry_after_s,
+                headers=ratelimit_headers(decision, policy),
+            ) from failure
+
+    async def admit(self, caller: Caller, model: str) -> None:
+        """The checks on an authenticated caller before its request is decoded: terms (403),
+        monitor (403), audit trail accepting (503); raises the first that fails."""
+        if caller.key is not None:
+            self._require_terms(caller)
+            caller.assessment = await self._assessment(caller.key)
+            if caller.assessment is not None and caller.assessment.level == "blocked":
+                self.metrics.blocked(model)
+            self._refuse_if_blocked(caller.key, caller.assessment)
+        if self.audit is not None:
+            self.audit.check_accepting()
+
+    async def limit(self, caller: Caller, model: str, samples: int) -> None:
+        """Charge ``samples`` to the key's and the address's limits (429 when refused); the
+        admitted answer's ``RateLimit`` headers go to ``caller.headers``."""
+        throttled = caller.assessment is not None and caller.assessment.level == "throttled"
+        caller.headers = await self._limit(caller, model, throttled, samples)
 
     async def accept_terms(self, caller: Caller, version: str) -> None:
         """Record that ``caller`` accepted the current terms."""
@@ -181,36 +203,43 @@ class Protection:
             request_id=outcome.response.id,
         )
 
-    def record_rejection(
-        self,
-        caller: Caller | None,
-        client: str,
-        model: str | None,
-        error: SplitVaultError,
-        request_id: str | None = None,
-    ) -> None:
-        """Audit a refused request (the gate's refusals and errors after admission).
+    def record_outcome(self, context: RequestContext, status: int) -> None:
+        """Audit an inference request that was not served: under its key if it had a valid
+        one, else counted with the address's other refusals of this interval.
 
         If the trail cannot take the record (it is failing), the refusal is logged instead:
         nothing was served, and the client already gets an error.
         """
-        status = mapping_for(error).http_status
-        decision = _decision(error)
-        if isinstance(error, KeyBlocked) and model is not None:
-            self.metrics.blocked(model)
-        caller = caller or Caller(client=client)
+        decision = context.decision or decision_for_status(status)
+        if context.closed is not None:
+            decision, status = "closed", 408 if context.closed == "timeout" else 499
+        caller = context.caller or Caller(client=context.client)
+        if self.audit is None:
+            return
+        if caller.key is None:
+            self.audit.tally(Tallied(caller.client, context.model, decision, status))
+            return
         score = None if caller.assessment is None else caller.assessment.score
         try:
-            self._audit(caller, model, decision, status, None, None, score, request_id=request_id)
+            self._audit(
+                caller,
+                context.model,
+                decision,
+                status,
+                None,
+                None,
+                score,
+                request_id=context.request_id,
+            )
         except Unavailable as failure:
             log.warning(
                 "audit_record_dropped",
                 key_id=caller.key_id,
                 client=caller.client,
-                model=model,
+                model=context.model,
                 decision=decision,
                 status=status,
-                request_id=request_id,
+                request_id=context.request_id,
                 reason=failure.message,
             )
 
@@ -254,15 +283,29 @@ class Protection:
             rate_per_s=limits.rate_per_s, burst=limits.burst, daily_quota=limits.daily_quota
         )
 
-    async def _limit(self, caller: Caller, model: str, throttled: bool) -> dict[str, str]:
+    async def _limit(
+        self, caller: Caller, model: str, throttled: bool, samples: int
+    ) -> dict[str, str]:
         """Per-key and per-address limits, decided together: a refusal consumes neither."""
         key_policy = self._key_policy(caller.key, model, throttled)
         ip_policy = self._policy(self.settings.ip_limits)
+        for policy, who, scope in (
+            (key_policy, "API key", "key"),
+            (ip_policy, "client address", "ip"),
+        ):
+            if samples > policy.burst:  # never admissible: waiting would not help
+                self.metrics.rate_limited(model, scope)
+                raise RateLimited(
+                    f"a request of {samples} samples exceeds the burst of {policy.burst} "
+                    f"samples for this {who} on model {model!r}; send smaller batches",
+                    headers={"RateLimit-Policy": policy_header(policy)},
+                )
         key_decision, ip_decision = await self.limiter.check_many(
             [
                 (f"key:{caller.key_id or ANONYMOUS}:model:{model}", key_policy),
                 (f"ip:{limit_subject(caller.client)}:model:{model}", ip_policy),
-            ]
+            ],
+            cost=samples,
         )
         headers = ratelimit_headers(key_decision, key_policy)
         for decision, policy, who, scope in (
@@ -311,22 +354,6 @@ class Protection:
             )
         )
         self.metrics.set_audit_pending(self.audit.pending)
-
-
-def _decision(error: SplitVaultError) -> str:
-    table: list[tuple[type[SplitVaultError], str]] = [
-        (Unauthenticated, "unauthenticated"),
-        (TermsNotAccepted, "terms_required"),
-        (KeyBlocked, "blocked"),
-        (PermissionDenied, "forbidden"),
-        (QuotaExceeded, "quota_exceeded"),
-        (RateLimited, "rate_limited"),
-    ]
-    for cls, name in table:
-        if isinstance(error, cls):
-            return name
-    status = mapping_for(error).http_status
-    return "bad_request" if status < 500 else "unavailable" if status == 503 else "error"
 
 
 def _answer(outcome: InferenceOutcome) -> str:

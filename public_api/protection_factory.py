@@ -52,6 +52,7 @@ def _audit(settings: PublicSettings) -> AuditTrail:
         settings.state_dir / AUDIT_DB,
         on_failure=settings.protection.audit_on_failure,
         buffer_max=settings.protection.audit_buffer_max,
+        aggregate_s=settings.protection.audit_aggregate_s,
     )
 
 

@@ -8,12 +8,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class LimitSettings(BaseModel):
-    """A burst-tolerant rate (GCRA: rate plus burst) and a daily quota."""
+    """A burst-tolerant rate (GCRA: rate plus burst) and a daily quota, counted in samples.
+
+    A sample is one row of a request's batch dimension: a request of 64 images costs 64. The
+    burst must hold the largest batch a model accepts (64 by default), or such a batch is
+    always refused.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     rate_per_s: float = Field(default=20.0, gt=0)
-    burst: int = Field(default=40, ge=1)
+    burst: int = Field(default=128, ge=1)
     daily_quota: int | None = Field(default=20_000, ge=1)
 
 
@@ -32,7 +37,13 @@ class ProtectionSettings(BaseModel):
     # Redis unreachable: refuse with 503 (default) or, if true, serve without limits and log.
     redis_fail_open: bool = False
     key_limits: LimitSettings = LimitSettings()
-    ip_limits: LimitSettings = LimitSettings(rate_per_s=50.0, burst=100, daily_quota=None)
+    ip_limits: LimitSettings = LimitSettings(rate_per_s=100.0, burst=256, daily_quota=None)
+    # Per address, before authentication, failed authentications only (in requests): beyond
+    # it 429 instead of 401. A valid key is never refused by it, so clients behind one NAT are
+    # not locked out by someone else's failures.
+    unauthenticated_limits: LimitSettings = LimitSettings(
+        rate_per_s=1.0, burst=20, daily_quota=None
+    )
     # Per-model overrides of the per-key limits; a key's own overrides win over both.
     model_limits: dict[str, LimitSettings] = Field(default_factory=dict)
     monitor_enabled: bool = True
@@ -45,3 +56,6 @@ class ProtectionSettings(BaseModel):
     # no served request goes unrecorded.
     audit_on_failure: Literal["refuse", "buffer"] = "refuse"
     audit_buffer_max: int = Field(default=10_000, ge=1, le=1_000_000)
+    # Refusals without a valid key (401, 429 before authentication, connection-limit 503, ...)
+    # are recorded as one record per address, model and outcome per this many seconds.
+    audit_aggregate_s: float = Field(default=10.0, gt=0, le=3600)

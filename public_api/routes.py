@@ -7,6 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 
+from public_api.body import OffLoopJsonRoute
+from public_api.context import RequestContext
 from public_api.deps import Admitted, Authenticated, State
 from public_api.state import VERSION
 from public_api.v2 import (
@@ -20,7 +22,7 @@ from public_api.v2 import (
     TermsBody,
 )
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopJsonRoute)
 ModelName = Path(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 429, 500, 503)
@@ -88,10 +90,14 @@ async def infer(
     model: str = ModelName,
 ) -> InferenceResponse:
     """Run the model; the answer is restricted by the model's output policy."""
-    request.state.request_id = body.id  # audited with the answer, or with a refusal
-    outcome = await state.service.infer(model, body, key_id=caller.key_id)
+    context = RequestContext.of(request.scope)
+    context.request_id = body.id  # audited with the answer, or with a refusal
+    decoded = await state.service.decode(model, body)
+    await state.protection.limit(caller, model, decoded.samples)
+    outcome = await state.service.infer(decoded, key_id=caller.key_id)
     specs = state.service.stage(model).manifest.outputs
     await state.protection.record_served(caller, model, outcome, specs)
+    context.audited = True
     response.headers.update(caller.headers)
     return outcome.response
 

@@ -1,11 +1,14 @@
 """The public tier's protocol-neutral core: check, run the front, call the private tier, format.
 
-It knows nothing of HTTP: routes decode a v2 request, call ``InferenceService.infer`` and
-return what it returns; errors are ``SplitVaultError`` subclasses mapped by the one table.
+It knows nothing of HTTP: routes parse a v2 request, ``decode`` it (which says how many
+samples it asks for, the unit of the limits), then ``infer`` and return what it returns; errors
+are ``SplitVaultError`` subclasses mapped by the one table.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,11 +25,25 @@ from public_api.v2 import (
     ResponseOutput,
 )
 from shared.errors import InvalidInput, ModelNotFound
-from shared.manifest import BATCH_DIM, DimSpec, ModelConfig, TensorSpec, TopKPolicy
+from shared.manifest import BATCH_DIM, MAX_TOP_K, DimSpec, ModelConfig, TensorSpec, TopKPolicy
 from shared.tensor_codec import array_from_json, from_proto, to_proto
 from shared.validation import check_tensors
 
 CLASSIFICATION, EMBEDDING = "classification", "embedding"
+# A request declaring more elements than this is decoded in a worker thread, not on the loop.
+OFFLOAD_ELEMENTS = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A request checked against its model: its arrays, its samples (rows of the batch
+    dimension, at least 1) and the top-k it asks for (0: the policy's)."""
+
+    model: str
+    request: InferenceRequest
+    arrays: dict[str, Any]
+    samples: int
+    top_k: int
 
 
 @dataclass(frozen=True)
@@ -64,20 +81,32 @@ class InferenceService:
         except KeyError:
             raise ModelNotFound(f"model {model!r} is not deployed") from None
 
-    async def infer(
-        self, model: str, request: InferenceRequest, *, key_id: str | None = None
-    ) -> InferenceOutcome:
-        """Answer one v2 request with the model's restricted output (``key_id``: who asked)."""
-        started = time.perf_counter()
+    async def decode(self, model: str, request: InferenceRequest) -> Decoded:
+        """Check ``request`` against ``model`` and decode its tensors (400, 404, 413).
+
+        Large requests are decoded in a worker thread, so that they do not stall the loop.
+        """
         stage = self.stage(model)
-        arrays = self._decode(request)
+        top_k = _requested_k(request)
+        declared = sum(math.prod(item.shape) for item in request.inputs if item.shape)
+        if declared > OFFLOAD_ELEMENTS:
+            arrays = await asyncio.to_thread(self._decode, request)
+        else:
+            arrays = self._decode(request)
         sizes = check_tensors(stage.manifest.inputs, arrays)
         batch = sizes.get(BATCH_DIM, 0)
         if batch > stage.config.max_batch_size:
             raise InvalidInput(
                 f"batch {batch} exceeds this model's limit {stage.config.max_batch_size}"
             )
-        activations = await self._front.run(stage, arrays, batch)
+        return Decoded(model, request, arrays, max(batch, 1), top_k)
+
+    async def infer(self, decoded: Decoded, *, key_id: str | None = None) -> InferenceOutcome:
+        """Answer a decoded request with the model's restricted output (``key_id``: who asked)."""
+        started = time.perf_counter()
+        model, request, arrays = decoded.model, decoded.request, decoded.arrays
+        stage = self.stage(model)
+        activations = await self._front.run(stage, arrays, decoded.samples)
         front_done = time.perf_counter()
         tensors = [to_proto(name, value) for name, value in activations.items()]
         tensors += [to_proto(name, arrays[name]) for name in stage.manifest.forward_inputs]
@@ -85,7 +114,7 @@ class InferenceService:
             inference_pb2.InferRequest(
                 model=model,
                 inputs=tensors,
-                top_k=_requested_k(request),
+                top_k=decoded.top_k,
                 request_id=request.id or uuid.uuid4().hex,
                 key_id=key_id or "",
             )
@@ -143,13 +172,16 @@ class InferenceService:
 
 
 def _requested_k(request: InferenceRequest) -> int:
+    """The top-k asked for (0: none); the policy's own k still caps what is answered."""
     values: list[Any] = [(request.parameters or {}).get(CLASSIFICATION)]
     values += [(out.parameters or {}).get(CLASSIFICATION) for out in request.outputs or []]
     for value in values:
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidInput("parameter 'classification' must be a positive integer")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K:
+            raise InvalidInput(
+                f"parameter 'classification' must be an integer from 1 to {MAX_TOP_K}"
+            )
         return value
     return 0
 

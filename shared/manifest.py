@@ -16,6 +16,7 @@ MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 BATCH_DIM = "batch"  # the dynamic dimension that counts the samples of a request
+MAX_TOP_K = 100  # the largest k a top-k policy may allow (and a request may ask for)
 MESSAGE_OVERHEAD_BYTES = 64 * 1024  # names, shapes and framing around the tensor bytes
 
 
@@ -47,7 +48,7 @@ class TopKPolicy(_Strict):
     """Classifier answers: the k best classes with probabilities rounded to ``decimals``."""
 
     kind: Literal["topk"] = "topk"
-    k: int = Field(default=3, ge=1, le=100)
+    k: int = Field(default=3, ge=1, le=MAX_TOP_K)
     decimals: int = Field(default=4, ge=0, le=8)
 
 

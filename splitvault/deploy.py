@@ -23,9 +23,9 @@ _PUBLIC_TOML = """\
 # rate_limit_backend = "memory"  # or "redis" with redis_url, for several public replicas
 # redis_url = "redis://redis:6379/0"
 # monitor_action = "block"       # record | alert | throttle | block
-# [protection.key_limits]
+# [protection.key_limits]       # in samples (rows of a request's batch), not requests
 # rate_per_s = 20.0
-# burst = 40
+# burst = 128                    # at least the largest batch a model accepts
 # daily_quota = 20000
 """
 _TERMS = """\

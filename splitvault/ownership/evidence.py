@@ -84,7 +84,7 @@ def _hourly(records: list[dict[str, Any]], flag_threshold: float) -> list[dict[s
             hour,
             {"hour": hour, "requests": 0, "samples": 0, "decisions": Counter(), "max_score": 0.0},
         )
-        bucket["requests"] += 1
+        bucket["requests"] += record.get("count", 1)  # an aggregated record stands for more
         bucket["samples"] += _samples(record["answer"])
         bucket["decisions"][record["decision"]] += 1
         bucket["max_score"] = max(bucket["max_score"], record["monitor_score"] or 0.0)

@@ -1,8 +1,9 @@
 """The abuse protections through real processes: keys, terms, limits, audit, metrics, monitor.
 
 One module-scoped copy of the session deployment (without MiniLM, to save CPU) runs its own
-private tier and a public tier with tight limits (2/s, burst 5, 1000 a day per key). A second
-public tier on the same state folder serves terms version 2 with the monitor set to block.
+private tier and a public tier with tight limits (2 samples/s, burst 5, 1000 a day per key;
+limits count samples, the rows of a request's batch). A second public tier on the same state
+folder serves terms version 2 with the monitor set to block.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ PUBLIC_ENV = tier_env(
     key_limits__burst=5,
     key_limits__daily_quota=1000,
     model_limits={"digits-label": {"rate_per_s": 0.5, "burst": 2, "daily_quota": 500}},
+    audit_aggregate_s=0.5,
 )
 # The "restarted" tier: terms version 2, a monitor that blocks, limits out of the way.
 PUBLIC_V2_ENV = tier_env(terms_version=2, monitor_action="block")
@@ -60,9 +62,9 @@ KEYS: dict[str, dict[str, Any]] = {
     "label-default": {},
     "label-override": {"rate_per_s": 0.5, "burst": 4},
     "revoke": {},
-    # 0.1/s: the burst of 5 cannot refill while a test runs, however slow the machine.
-    "audit": {"rate_per_s": 0.1, "burst": 5},
-    "metrics": {"rate_per_s": 0.1, "burst": 5},
+    # 0.1/s: the burst (5 requests of 3 and of 7 samples) cannot refill while a test runs.
+    "audit": {"rate_per_s": 0.1, "burst": 15},
+    "metrics": {"rate_per_s": 0.1, "burst": 35},
     "links": {},
     "terms-v2": {},
     "unaccepted": {"accept_terms": False},
@@ -502,7 +504,8 @@ def test_audit_trail_records_every_decision(
 def test_audit_records_refusals_without_a_live_key(
     stack: Stack, digits_model: DigitsFixture
 ) -> None:
-    """terms_required carries the key; unauthenticated ones carry only the address."""
+    """terms_required carries the key; unauthenticated ones carry only the address, counted
+    per address and interval (``audit_aggregate_s``: 0.5 s here)."""
     body = _body(_images(digits_model))
     marker = time.time()
     with stack.http(stack.keys["unaccepted"] + "x") as http:  # a malformed token
@@ -518,13 +521,19 @@ def test_audit_records_refusals_without_a_live_key(
     (record,) = _export(stack, _key_id(fresh))
     assert record["status"] == 403 and record["client"] == "127.0.0.1"
     assert record["input_sha256"] is None and record["answer"] is None
-    with contextlib.closing(sqlite3.connect(stack.state / AUDIT_DB)) as db:
-        rows = db.execute(
-            "SELECT key_id, client, model, status FROM audit "
-            "WHERE decision = 'unauthenticated' AND time >= ?",
-            (marker,),
-        ).fetchall()
-    assert (None, "127.0.0.1", "digits", 401) in rows
+    rows: list[tuple[Any, ...]] = []
+
+    def unauthenticated_record() -> bool:
+        with contextlib.closing(sqlite3.connect(stack.state / AUDIT_DB)) as db:
+            rows[:] = db.execute(
+                "SELECT key_id, client, model, status, count >= 1 FROM audit "
+                "WHERE decision = 'unauthenticated' AND time >= ?",
+                (marker,),
+            ).fetchall()
+        return bool(rows)
+
+    _poll(unauthenticated_record, "the aggregated unauthenticated record")
+    assert (None, "127.0.0.1", "digits", 401, 1) in rows
 
 
 # --- metrics ------------------------------------------------------------------------------

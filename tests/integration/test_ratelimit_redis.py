@@ -93,6 +93,30 @@ async def test_refusals_consume_neither_limit(limiter: RedisRateLimiter, subject
     assert await _admitted(limiter, other, loose, 10) == 4
 
 
+async def test_a_cost_counts_samples_in_the_burst_and_the_quota(
+    limiter: RedisRateLimiter, subject: str
+) -> None:
+    """The public tier charges one unit per sample: the script takes the cost as one check."""
+    policy = LimitPolicy(rate_per_s=0.001, burst=64, daily_quota=100)
+    full = await limiter.check(subject, policy, cost=64)
+    assert full.allowed and full.remaining == 0
+    refused = await limiter.check(subject, policy, cost=2)
+    assert not refused.allowed and refused.limit_name == "burst"
+    quota, daily = f"{subject}:quota", LimitPolicy(rate_per_s=0.001, burst=1000, daily_quota=100)
+    assert [(await limiter.check(quota, daily, cost=n)).allowed for n in (60, 41, 40)] == [
+        True,
+        False,  # 101 > 100: refused by the quota, and nothing counted
+        True,
+    ]
+    ip = LimitPolicy(rate_per_s=0.001, burst=12)
+    both = await limiter.check_many([(f"{subject}:k", policy), (f"ip:{subject}", ip)], cost=8)
+    assert [d.allowed for d in both] == [True, True]
+    again = await limiter.check_many([(f"{subject}:k", policy), (f"ip:{subject}", ip)], cost=8)
+    assert [d.allowed for d in again] == [True, False]  # the address has 4 samples left
+    left = await limiter.check(f"{subject}:k", policy, cost=56)
+    assert left.allowed and left.remaining == 0  # the refused 8 took nothing from the key
+
+
 async def test_check_many_is_all_or_nothing(limiter: RedisRateLimiter, subject: str) -> None:
     key, ip = LimitPolicy(0.001, burst=5), LimitPolicy(0.001, burst=2)
     checks = [(subject, key), (f"ip:{subject}", ip)]

@@ -17,8 +17,11 @@ import pytest
 
 from public_api.audit import (
     GENESIS_HASH,
+    OTHER_CLIENTS,
     AuditRecord,
     AuditTrail,
+    RefusalTally,
+    Tallied,
     VerifyResult,
     export_records,
     head,
@@ -321,7 +324,9 @@ def test_export_returns_only_that_keys_records(path: Path) -> None:
     exported = list(export_records(path, "k_0000000b"))
     assert [row["seq"] for row in exported] == list(range(2, 31, 3))
     for row, record in zip(exported, appended[1::3], strict=True):
-        assert {name: row[name] for name in asdict(record)} == asdict(record)
+        fields = {name: value for name, value in asdict(record).items() if name != "count"}
+        assert {name: row[name] for name in fields} == fields
+        assert "count" not in row  # a record of one request exports (and hashes) as before
         assert set(row) >= {"seq", "hash", "prev_hash"}
     assert json.loads(json.dumps(exported)) == exported
     assert list(export_records(path, "k_ffffffff")) == []
@@ -489,3 +494,73 @@ def test_input_digest_is_canonical() -> None:
     assert len(digests) == len(variants) + 1
     with pytest.raises(ValueError, match="object dtype"):
         input_digest({"x": np.array(["a", None], dtype=object)})
+
+
+# --- aggregated refusals ------------------------------------------------------------------
+
+
+def test_a_trail_from_before_count_verifies_migrates_and_chains_on(path: Path) -> None:
+    """A trail written before ``count`` existed: rows without the column keep their hashes."""
+    _fill(path, 5)
+    _sql(
+        path,
+        "CREATE TABLE old AS SELECT seq, time, key_id, client, model, input_sha256, answer,"
+        " decision, status, monitor_score, request_id, prev_hash, hash FROM audit",
+        "DROP TABLE audit",
+        "ALTER TABLE old RENAME TO audit",
+    )
+    assert verify_chain(path) == VerifyResult(True, 5)  # read-only: no migration
+    tallied = Tallied("10.9.8.7", "digits", "unauthenticated", 401)
+    with AuditTrail.open(path, aggregate_s=60) as trail:  # migrates, then chains on
+        trail.append(_record(5))
+        for _ in range(3):
+            trail.tally(tallied)
+    assert verify_chain(path) == VerifyResult(True, 7)
+    with sqlite3.connect(path) as raw:
+        counts = [row[0] for row in raw.execute("SELECT count FROM audit ORDER BY seq")]
+    assert counts == [1] * 6 + [3]  # the tally is written when the trail closes
+
+
+def test_a_tallied_record_hashes_its_count_and_an_edit_is_found(path: Path) -> None:
+    with AuditTrail.open(path) as trail:
+        trail.append(_record(0))
+        for _ in range(4):
+            trail.tally(Tallied("10.9.8.7", "digits", "unauthenticated", 401))
+    with sqlite3.connect(path) as raw:
+        row = raw.execute("SELECT * FROM audit WHERE seq = 2").fetchone()
+    assert verify_chain(path).ok
+    _sql(path, "UPDATE audit SET count = 1 WHERE seq = 2")
+    assert verify_chain(path).problem == "record 2: hash does not match its contents"
+    assert row is not None
+
+
+def test_the_tally_records_one_count_per_address_and_interval() -> None:
+    tally = RefusalTally(interval_s=10.0, max_entries=2)
+    a = Tallied("10.0.0.1", "digits", "unauthenticated", 401)
+    b = Tallied("10.0.0.2", "digits", "rate_limited", 429)
+    for now in (100.0, 101.0, 105.0):
+        tally.add(a, now)
+    tally.add(b, 103.0)
+    tally.add(Tallied("10.0.0.3", "digits", "unauthenticated", 401), 104.0)  # past max_entries
+    assert tally.due(109.9) == []
+    (first,) = tally.due(110.0)
+    assert (first.client, first.time, first.count, first.status) == ("10.0.0.1", 100.0, 3, 401)
+    assert first.key_id is None and first.input_sha256 is None and first.answer is None
+    tally.add(a, 111.0)  # a new interval, but two entries are open: counted as "other"
+    rest = tally.drain()
+    assert [(r.client, r.count) for r in rest] == [("10.0.0.2", 1), (OTHER_CLIENTS, 2)]
+    assert tally.drain() == []
+
+
+def test_tallied_records_are_written_when_their_interval_ends(path: Path) -> None:
+    with AuditTrail.open(path, aggregate_s=0.2) as trail:
+        for _ in range(50):
+            trail.tally(Tallied("10.0.0.1", "digits", "unauthenticated", 401))
+        _wait_for(lambda: trail.written == 1, timeout=5)
+    (row,) = [dict(zip(("client", "count"), r, strict=True)) for r in _rows(path)]
+    assert row == {"client": "10.0.0.1", "count": 50}
+
+
+def _rows(path: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as raw:
+        return raw.execute("SELECT client, count FROM audit ORDER BY seq").fetchall()
