@@ -28,7 +28,8 @@ pytestmark = pytest.mark.slow
 THREADS = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
 PROTECTION = "SPLITVAULT_PUBLIC_PROTECTION__"
 BURST = 5
-RATE_PER_S = 0.1  # one unit per 10 s: nothing refills while a test fires its requests
+# One unit per 1000 s: no stall of a loaded machine refills one while a test fires its requests.
+RATE_PER_S = 0.001
 INFER = "/v2/models/digits/infer"
 LINK = '</v1/terms>; rel="terms-of-service"'
 
@@ -105,20 +106,16 @@ async def test_two_replicas_admit_the_burst_once_together(
     body, per_replica = _body(digits_model), 3 * BURST
     clients = [stack.client(replica, stack.keys["shared"]) for replica in stack.replicas]
     try:
-        started = time.monotonic()
         replies = await asyncio.gather(
             *(client.post(INFER, json=body) for client in clients for _ in range(per_replica))
         )
-        elapsed = time.monotonic() - started
     finally:
         for client in clients:
             await client.aclose()
     statuses = [reply.status_code for reply in replies]
     assert set(statuses) <= {200, 429}, [r.text for r in replies if r.status_code not in (200, 429)]
     admitted = statuses.count(200)
-    assert admitted <= BURST, f"{admitted} admitted by two replicas sharing a burst of {BURST}"
-    if elapsed < 1 / RATE_PER_S:  # no unit refilled: the whole burst, exactly
-        assert admitted == BURST, statuses
+    assert admitted == BURST, f"{admitted} admitted by two replicas sharing a burst of {BURST}"
     for replica_statuses in (statuses[:per_replica], statuses[per_replica:]):
         assert 429 in replica_statuses  # both replicas refused some
     refused = next(r for r in replies if r.status_code == 429)
@@ -138,7 +135,9 @@ async def test_redis_down_fails_closed_then_recovers(
             for client in clients:
                 started = time.monotonic()
                 reply = await client.post(INFER, json=body)
-                assert time.monotonic() - started < 3.0
+                # Does not hang: the tier's Redis calls time out after 0.5 s; a refused
+                # connection fails at once. 5 s, ten times that, leaves room for a loaded machine.
+                assert time.monotonic() - started < 5.0
                 assert reply.status_code == 503, reply.text
                 assert list(reply.json()) == ["error"]
                 assert (
