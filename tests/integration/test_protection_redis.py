@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +63,7 @@ def stack(
     root = tmp_path_factory.mktemp("protection-redis") / "d"
     copy_deployment(deployment.layout, root, keep_public_state=False)
     layout = DeployLayout(root)
-    keys = {name: issue_key(layout, name) for name in ("shared", "outage")}
+    keys = {name: issue_key(layout, name) for name in ("outage",)}
     env = {
         **THREADS,
         f"{PROTECTION}RATE_LIMIT_BACKEND": "redis",
@@ -104,7 +105,8 @@ async def test_two_replicas_admit_the_burst_once_together(
 ) -> None:
     """Each replica alone would admit the burst; sharing Redis, both together admit it once."""
     body, per_replica = _body(digits_model), 3 * BURST
-    clients = [stack.client(replica, stack.keys["shared"]) for replica in stack.replicas]
+    shared = issue_key(stack.layout, f"shared-{uuid.uuid4().hex[:8]}")  # a burst of its own
+    clients = [stack.client(replica, shared) for replica in stack.replicas]
     try:
         replies = await asyncio.gather(
             *(client.post(INFER, json=body) for client in clients for _ in range(per_replica))
