@@ -21,8 +21,16 @@ def _state(pid: int) -> str:
     return text[text.rindex(")") + 2]
 
 
-def _children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+def _spinning_children(pid: int) -> list[int]:
+    """Children of ``pid`` that already run the spin loop. A child forked but not yet exec'd
+    must not be stopped: its parent waits in vfork and could never stop itself."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    command = SPIN.encode()
+    return [
+        int(child)
+        for child in children
+        if Path(f"/proc/{child}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")[-1] == command
+    ]
 
 
 def _until(condition: Callable[[], bool], what: str) -> None:
@@ -37,8 +45,8 @@ def test_suspended_stops_a_process_tree_and_continues_it() -> None:
     child = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {SPIN!r}]); {SPIN}"
     parent = subprocess.Popen([sys.executable, "-c", child])
     try:
-        _until(lambda: len(_children(parent.pid)) == 1, "the child to start")
-        tree = [parent.pid, *_children(parent.pid)]
+        _until(lambda: len(_spinning_children(parent.pid)) == 1, "the child to start")
+        tree = [parent.pid, *_spinning_children(parent.pid)]
         with suspended([parent.pid]):
             _until(lambda: all(_state(pid) == "T" for pid in tree), "both to stop")
             stopped = tree_cpu_seconds([parent.pid])
