@@ -118,6 +118,10 @@ class DynamicBatcher(Generic[P, R]):
         self._lanes[name] = _Lane(name, run, max_rows, self._settings.concurrent_batches)
         return max_rows
 
+    def queued_rows(self, name: str) -> int:
+        """Rows of model ``name`` waiting for a batch (not those already running)."""
+        return self._lanes[name].rows
+
     async def submit(self, name: str, payload: P, *, key: Hashable | None, rows: int) -> R:
         """Queue one request of ``rows`` rows and wait for its own result."""
         if self._closed:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,7 +44,11 @@ ENV = {
     "SPLITVAULT_PUBLIC_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
 }
 DIGITS = "/v2/models/digits/infer"
-SLACK_S = 2.0  # scheduling slack on a busy machine, on top of a configured timeout
+# Scheduling slack on top of a configured timeout: the tier closes a connection about when
+# the timeout expires, and the bounds check that it does, not its punctuality. 8 s keeps a
+# stalled, loaded machine from failing them while a tier that ignored the timeout (keeping
+# the connection for ever) still fails.
+SLACK_S = 8.0
 
 
 @dataclass
@@ -203,9 +206,12 @@ def test_wrong_content_types_are_400(hostile: Hostile, content_type: str | None)
 # --- slow and idle clients ----------------------------------------------------------------
 
 
-def _closed_within(sock: ssl.SSLSocket, limit: float) -> tuple[float, bytes]:
-    """Seconds until the server closes ``sock`` (EOF or reset) and what it sent before."""
-    started = time.monotonic()
+def _closed_within(
+    sock: ssl.SSLSocket, limit: float, since: float | None = None
+) -> tuple[float, bytes]:
+    """Seconds from ``since`` (default: now) until the server closes ``sock`` (EOF or reset),
+    and what it sent before."""
+    started = time.monotonic() if since is None else since
     received = b""
     sock.settimeout(limit)
     try:
@@ -218,29 +224,57 @@ def _closed_within(sock: ssl.SSLSocket, limit: float) -> tuple[float, bytes]:
     return time.monotonic() - started, received
 
 
-def _drip(sock: ssl.SSLSocket, data: bytes, interval: float) -> threading.Thread:
-    """Send ``data`` a byte at a time in the background until the server hangs up."""
+def _drip_until_closed(
+    sock: ssl.SSLSocket, data: bytes, limit: float, since: float | None = None
+) -> tuple[float, bytes]:
+    """Send ``data`` a byte every 0.2 s until the server closes ``sock``; as ``_closed_within``.
 
-    def run() -> None:
+    One thread sends and reads in turn: an SSL socket read and written from two threads at
+    once can fail with an SSL error, which would look like the server hanging up.
+    """
+    started = time.monotonic() if since is None else since
+    received = b""
+    for byte in data:
+        if time.monotonic() - started > limit:
+            pytest.fail(f"the server kept a hostile connection open for {limit} s")
         try:
-            for byte in data:
-                sock.send(bytes([byte]))
-                time.sleep(interval)
-        except (OSError, ValueError):
-            return  # the server closed the connection: what the test waits for
+            sock.send(bytes([byte]))
+            sock.settimeout(0.2)
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue  # still open: the next byte
+        except OSError:  # reset, or an SSL error on a closed connection
+            return time.monotonic() - started, received
+        if not chunk:
+            return time.monotonic() - started, received
+        received += chunk
+    elapsed, rest = _closed_within(sock, limit, started)  # all sent: wait for the close
+    return elapsed, received + rest
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+
+def _wait_for_read_timeout(hostile: Hostile, seen: int, phase: str) -> None:
+    """Until the tier has logged a read timeout in ``phase`` after its first ``seen``: a log
+    line reaches the test through a pipe, a moment after the connection closed."""
+
+    def logged() -> bool:
+        events = [e for e in hostile.tier.events() if e.get("event") == "http_read_timeout"]
+        return any(e["phase"] == phase for e in events[seen:])
+
+    poll(logged, f"the tier to log a read timeout in the {phase}", 30)
+
+
+def _read_timeouts_seen(hostile: Hostile) -> int:
+    return sum(e.get("event") == "http_read_timeout" for e in hostile.tier.events())
 
 
 def test_connection_that_sends_nothing_is_closed(hostile: Hostile) -> None:
+    seen = _read_timeouts_seen(hostile)
+    connecting = time.monotonic()  # the tier's timer cannot start before the connection
     with hostile.tls_socket() as sock:
-        elapsed, received = _closed_within(sock, HEADER_TIMEOUT_S + 10)
+        elapsed, received = _closed_within(sock, HEADER_TIMEOUT_S + SLACK_S + 10, connecting)
     assert received == b""
-    assert HEADER_TIMEOUT_S - 0.5 < elapsed < HEADER_TIMEOUT_S + SLACK_S
-    events = [e for e in hostile.tier.events() if e.get("event") == "http_read_timeout"]
-    assert events and events[-1]["phase"] == "headers"
+    assert HEADER_TIMEOUT_S - 0.1 < elapsed < HEADER_TIMEOUT_S + SLACK_S
+    _wait_for_read_timeout(hostile, seen, "headers")
     with hostile.http() as http:
         _assert_serving(http)
 
@@ -248,9 +282,7 @@ def test_connection_that_sends_nothing_is_closed(hostile: Hostile) -> None:
 def test_headers_sent_a_byte_at_a_time_are_cut_off(hostile: Hostile) -> None:
     request = f"POST {DIGITS} HTTP/1.1\r\nHost: localhost\r\n".encode() + b"X-Pad: a\r\n" * 50
     with hostile.tls_socket() as sock:
-        dripping = _drip(sock, request, 0.2)
-        elapsed, received = _closed_within(sock, HEADER_TIMEOUT_S + 10)
-        dripping.join(10)
+        elapsed, received = _drip_until_closed(sock, request, HEADER_TIMEOUT_S + SLACK_S + 10)
     assert received == b"" and elapsed < HEADER_TIMEOUT_S + SLACK_S
     with hostile.http() as http:
         _assert_serving(http)
@@ -262,14 +294,13 @@ def test_body_sent_a_byte_at_a_time_is_cut_off(hostile: Hostile) -> None:
         f"POST {DIGITS} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {hostile.key}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
+    seen = _read_timeouts_seen(hostile)
     with hostile.tls_socket() as sock:
+        sending = time.monotonic()  # the body's timer cannot start before its headers are sent
         sock.sendall(head)  # the headers arrive at once: the body deadline applies
-        dripping = _drip(sock, body, 0.2)
-        elapsed, _ = _closed_within(sock, BODY_TIMEOUT_S + 10)
-        dripping.join(10)
-    assert BODY_TIMEOUT_S - 0.5 < elapsed < BODY_TIMEOUT_S + SLACK_S
-    events = [e for e in hostile.tier.events() if e.get("event") == "http_read_timeout"]
-    assert events[-1]["phase"] == "body"
+        elapsed, _ = _drip_until_closed(sock, body, BODY_TIMEOUT_S + SLACK_S + 10, sending)
+    assert BODY_TIMEOUT_S - 0.1 < elapsed < BODY_TIMEOUT_S + SLACK_S
+    _wait_for_read_timeout(hostile, seen, "body")
     with hostile.http() as http:
         _assert_serving(http)
 
@@ -284,23 +315,38 @@ def test_oversized_headers_are_refused_and_closed(hostile: Hostile) -> None:
         _assert_serving(http)
 
 
-def test_many_idle_connections_are_bounded_and_closed(hostile: Hostile) -> None:
+def _shed_past_the_bound(hostile: Hostile) -> tuple[httpx.Response, bool]:
+    """Open more idle connections than the tier allows, then send a request: its answer, and
+    whether it came before the first connection's header timeout (all were open: it must be
+    shed). Every connection is then closed by the tier within the header timeout."""
+    started = time.monotonic()  # no connection's timer starts before this
     sockets = [hostile.tls_socket() for _ in range(MAX_CONNECTIONS + 16)]
     try:
         with hostile.http(timeout=30) as http:
-            # Past the connection bound, requests are shed with a 503 (not queued for ever).
-            shed = http.post(DIGITS, json=_digits())
-            assert shed.status_code == 503, shed.text
+            reply = http.post(DIGITS, json=_digits())
+            all_open = time.monotonic() - started < HEADER_TIMEOUT_S
             assert hostile.tier.process.poll() is None
             opened = time.monotonic()
             for sock in sockets:
-                _closed_within(sock, HEADER_TIMEOUT_S + 10)
+                _closed_within(sock, HEADER_TIMEOUT_S + SLACK_S + 10)
             assert time.monotonic() - opened < HEADER_TIMEOUT_S + SLACK_S
-        with hostile.http() as http:
-            poll(lambda: http.post(DIGITS, json=_digits()).status_code == 200, "serving", 10)
     finally:
         for sock in sockets:
             sock.close()
+    return reply, all_open
+
+
+def test_many_idle_connections_are_bounded_and_closed(hostile: Hostile) -> None:
+    # Past the connection bound, requests are shed with a 503 (not queued for ever). If opening
+    # the connections outlasted the header timeout, the tier may rightly have closed some of
+    # them before the request came: then the attempt shows nothing and is made again.
+    for _ in range(3):
+        shed, all_open = _shed_past_the_bound(hostile)
+        if all_open or shed.status_code == 503:
+            break
+    assert shed.status_code == 503, (all_open, shed.text)
+    with hostile.http() as http:
+        poll(lambda: http.post(DIGITS, json=_digits()).status_code == 200, "serving", 10)
 
 
 def test_memory_stays_bounded_after_the_hostile_batch(hostile: Hostile) -> None:

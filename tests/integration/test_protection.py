@@ -19,6 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,28 +44,24 @@ from tests.support.stack import tier_env
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# One unit per 100 s: no stall of a loaded machine refills a unit between a test's requests,
+# so a test that exhausts a burst sees exactly the burst admitted, however slow it runs.
+SLOW_RATE = 0.01
 # Tight key limits (digits-label has its own defaults; a key's overrides still win over them).
 PUBLIC_ENV = tier_env(
     key_limits__rate_per_s=2,
     key_limits__burst=5,
     key_limits__daily_quota=1000,
-    model_limits={"digits-label": {"rate_per_s": 0.5, "burst": 2, "daily_quota": 500}},
+    model_limits={"digits-label": {"rate_per_s": SLOW_RATE, "burst": 2, "daily_quota": 500}},
     audit_aggregate_s=0.5,
 )
 # The "restarted" tier: terms version 2, a monitor that blocks, limits out of the way.
 PUBLIC_V2_ENV = tier_env(terms_version=2, monitor_action="block")
 LINK = '</v1/terms>; rel="terms-of-service"'
 INFER = "/v2/models/{}/infer"
-# Keys issued before the tiers start: name -> limit overrides.
+# Keys issued before the tiers start: name -> limit overrides. A test that uses up a key's
+# limits issues its own key (``_fresh_key``), so that it can run in any order, and again.
 KEYS: dict[str, dict[str, Any]] = {
-    "limits": {},
-    "quota": {"daily_quota": 3, "rate_per_s": 100, "burst": 100},
-    "label-default": {},
-    "label-override": {"rate_per_s": 0.5, "burst": 4},
-    "revoke": {},
-    # 0.1/s: the burst (5 requests of 3 and of 7 samples) cannot refill while a test runs.
-    "audit": {"rate_per_s": 0.1, "burst": 15},
-    "metrics": {"rate_per_s": 0.1, "burst": 35},
     "links": {},
     "terms-v2": {},
     "unaccepted": {"accept_terms": False},
@@ -182,6 +179,11 @@ def _sf_list(value: str) -> dict[str, dict[str, int]]:
     return members
 
 
+def _fresh_key(stack: Stack, purpose: str, **limits: Any) -> str:
+    """A new key with accepted terms, issued while the tiers run (they see it at once)."""
+    return issue_key(stack.layout, f"{purpose}-{uuid.uuid4().hex[:8]}", **limits)
+
+
 def _key_id(secret: str) -> str:
     key_id = parse_key_id(secret)
     assert key_id is not None
@@ -232,24 +234,24 @@ def test_bad_credentials_are_401(
 def test_revoked_key_is_refused_within_the_cache_lifetime(
     stack: Stack, digits_model: DigitsFixture
 ) -> None:
-    secret, body = stack.keys["revoke"], _body(_images(digits_model))
+    name = f"revoke-{uuid.uuid4().hex[:8]}"
+    secret, body = issue_key(stack.layout, name), _body(_images(digits_model))
     with stack.http(secret) as http:
         assert http.post(INFER.format("digits"), json=body).status_code == 200  # now cached
-        revoked = stack.cli("keys", "revoke", "revoke")
+        revoked = stack.cli("keys", "revoke", name)
         assert revoked.returncode == 0, revoked.stderr
         assert _key_id(secret) in revoked.stdout
-        started = time.monotonic()
         replies: list[httpx.Response] = []
 
         def refused() -> bool:  # metadata: authenticated like inference, no limit, no compute
             replies.append(http.get("/v2/models/digits"))
             return replies[-1].status_code != 200
 
-        _poll(refused, "the revocation to reach the running tier", timeout=15)
-        elapsed = time.monotonic() - started
+        # The auth cache keeps a key for 5 s (test_key_cache shows the exact lifetime on a fake
+        # clock); 30 s, six times that, only stops a hang on a loaded machine.
+        _poll(refused, "the revocation to reach the running tier", timeout=30)
         _assert_error(replies[-1], 401, "revoked", _key_id(secret))
         _assert_error(http.post(INFER.format("digits"), json=body), 401, "revoked")
-    assert elapsed < 5.0 + 2.0, f"revocation took {elapsed:.1f}s (auth cache is 5 s)"
 
 
 def test_key_created_while_the_tier_runs_works_at_once(
@@ -353,31 +355,52 @@ def test_every_response_links_the_terms(stack: Stack, digits_model: DigitsFixtur
 # --- rate limits and quotas ---------------------------------------------------------------
 
 
-def test_burst_then_429_with_headers_then_admitted_after_retry_after(
-    stack: Stack, digits_model: DigitsFixture
-) -> None:
-    body = _body(_images(digits_model))
-    with stack.http(stack.keys["limits"]) as http:
+def test_burst_then_429_with_headers(stack: Stack, digits_model: DigitsFixture) -> None:
+    """Five admitted at once, the sixth refused: at 0.01/s no unit refills in between (at the
+    tier's 2/s a 0.5 s stall of the machine refilled one and the sixth got 200)."""
+    secret, body = (
+        _fresh_key(stack, "burst", rate_per_s=SLOW_RATE, burst=5),
+        _body(_images(digits_model)),
+    )
+    with stack.http(secret) as http:
         started = time.monotonic()
         replies = [http.post(INFER.format("digits"), json=body) for _ in range(6)]
-        elapsed = time.monotonic() - started
-        assert elapsed < 0.5, f"6 requests took {elapsed:.2f}s: a token refilled (2/s)"
-        assert [r.status_code for r in replies] == [200] * 5 + [429]
-        for remaining, reply in zip((4, 3, 2, 1, 0), replies, strict=False):
-            assert "retry-after" not in reply.headers
+        took = time.monotonic() - started  # bounds the tier's own time between them
+    assert [r.status_code for r in replies] == [200] * 5 + [429]
+    for used, reply in enumerate(replies[:5], start=1):
+        assert "retry-after" not in reply.headers
+        assert _sf_list(reply.headers["ratelimit-policy"]) == {
+            "burst": {"q": 5, "w": 500},  # 5 units at 0.01/s
+            "daily": {"q": 1000, "w": 86400},
+        }
+        state = _sf_list(reply.headers["ratelimit"])
+        assert state["burst"]["r"] == 5 - used and 0 < state["burst"]["t"] <= 100 * used
+    refused = replies[5]
+    _assert_error(refused, 429, "rate limit", "API key")
+    # One unit refills 100 s after the first request was admitted, whatever the machine's speed.
+    assert 100 - took <= int(refused.headers["retry-after"]) <= 100
+    assert _sf_list(refused.headers["ratelimit"])["burst"]["r"] == 0
+    assert "burst" in _sf_list(refused.headers["ratelimit-policy"])
+
+
+def test_admitted_again_after_retry_after(stack: Stack, digits_model: DigitsFixture) -> None:
+    """At the tier's default 2/s a refusal says "retry after 1 s", and a retry then succeeds."""
+    body = _body(_images(digits_model))
+    with stack.http(_fresh_key(stack, "retry")) as http:
+        replies: list[httpx.Response] = []
+        # Until refused: the burst of 5 goes in a few requests unless each took 0.5 s.
+        while len(replies) < 50 and (not replies or replies[-1].status_code == 200):
+            replies.append(http.post(INFER.format("digits"), json=body))
+        refused = replies[-1]
+        _assert_error(refused, 429, "rate limit", "API key")
+        for reply in replies:
             assert _sf_list(reply.headers["ratelimit-policy"]) == {
                 "burst": {"q": 5, "w": 3},
                 "daily": {"q": 1000, "w": 86400},
             }
-            state = _sf_list(reply.headers["ratelimit"])
-            assert state["burst"]["r"] == remaining and 0 < state["burst"]["t"] <= 3
-        refused = replies[5]
-        _assert_error(refused, 429, "rate limit", "API key")
         retry_after = int(refused.headers["retry-after"])
-        assert retry_after == 1  # 0.5 s until one unit refills, rounded up
-        assert _sf_list(refused.headers["ratelimit"])["burst"]["r"] == 0
-        assert "burst" in _sf_list(refused.headers["ratelimit-policy"])
-        time.sleep(retry_after)
+        assert retry_after == 1  # at most 0.5 s until one unit refills, rounded up
+        time.sleep(retry_after)  # the client honours Retry-After: that is the behaviour tested
         assert http.post(INFER.format("digits"), json=body).status_code == 200
 
 
@@ -385,10 +408,8 @@ def test_rejected_requests_compute_nothing(stack: Stack, digits_model: DigitsFix
     body = _body(_images(digits_model, 4))
     served = ("splitvault_private_requests_total", {"model": "digits", "code": "OK"})
     rows = ("splitvault_private_batch_size_sum", {"model": "digits"})
-    with stack.http(stack.keys["limits"]) as http:
-        for _ in range(6):  # drain whatever the key has left
-            if http.post(INFER.format("digits"), json=body).status_code == 429:
-                break
+    with stack.http(_fresh_key(stack, "rejected", rate_per_s=SLOW_RATE, burst=1)) as http:
+        assert http.post(INFER.format("digits"), json=body).status_code == 200  # the burst
         before = stack.private_metrics()
         statuses = [http.post(INFER.format("digits"), json=body).status_code for _ in range(3)]
         after = stack.private_metrics()
@@ -399,7 +420,8 @@ def test_rejected_requests_compute_nothing(stack: Stack, digits_model: DigitsFix
 
 def test_daily_quota(stack: Stack, digits_model: DigitsFixture) -> None:
     body = _body(_images(digits_model))
-    with stack.http(stack.keys["quota"]) as http:
+    quota = _fresh_key(stack, "quota", daily_quota=3, rate_per_s=100, burst=100)
+    with stack.http(quota) as http:
         replies = [http.post(INFER.format("digits"), json=body) for _ in range(4)]
     assert [r.status_code for r in replies] == [200, 200, 200, 429]
     assert _sf_list(replies[0].headers["ratelimit-policy"]) == {
@@ -410,18 +432,23 @@ def test_daily_quota(stack: Stack, digits_model: DigitsFixture) -> None:
     refused = replies[3]
     _assert_error(refused, 429, "daily quota")
     seconds_to_midnight = 86400 - time.time() % 86400
-    assert abs(int(refused.headers["retry-after"]) - seconds_to_midnight) < 5
+    # Hours away, give or take the request's own time: a minute of slack hides no error.
+    assert abs(int(refused.headers["retry-after"]) - seconds_to_midnight) < 60
     state = _sf_list(refused.headers["ratelimit"])
     assert list(state) == ["daily"] and state["daily"]["r"] == 0
-    assert abs(state["daily"]["t"] - seconds_to_midnight) < 5
+    assert abs(state["daily"]["t"] - seconds_to_midnight) < 60
 
 
 def test_key_overrides_win_over_model_defaults(stack: Stack, digits_model: DigitsFixture) -> None:
     """digits-label allows burst 2 by default; the "label-override" key has burst 4."""
     body = _body(_images(digits_model))
     admitted: dict[str, list[int]] = {}
-    for name, burst in (("label-default", 2), ("label-override", 4)):
-        with stack.http(stack.keys[name]) as http:
+    keys = {
+        "label-default": (_fresh_key(stack, "label-default"), 2),
+        "label-override": (_fresh_key(stack, "label-override", rate_per_s=SLOW_RATE, burst=4), 4),
+    }
+    for name, (secret, burst) in keys.items():
+        with stack.http(secret) as http:
             replies = [http.post(INFER.format("digits-label"), json=body) for _ in range(burst + 1)]
         admitted[name] = [r.status_code for r in replies]
         policy = _sf_list(replies[0].headers["ratelimit-policy"])
@@ -457,7 +484,8 @@ def _tampered_copy(stack: Stack, destination: Path, seq: int) -> DeployLayout:
 def test_audit_trail_records_every_decision(
     stack: Stack, digits_model: DigitsFixture, tmp_path: Path
 ) -> None:
-    secret, key_id = stack.keys["audit"], _key_id(stack.keys["audit"])
+    secret = _fresh_key(stack, "audit", rate_per_s=SLOW_RATE, burst=15)  # 5 x 3 samples
+    key_id = _key_id(secret)
     x = _images(digits_model, 3, start=20)
     with stack.http(secret) as http:
         served = [http.post(INFER.format("digits"), json=_body(x)) for _ in range(5)]
@@ -542,8 +570,11 @@ def test_audit_records_refusals_without_a_live_key(
 def test_metrics_count_served_and_refused_requests(
     stack: Stack, digits_model: DigitsFixture
 ) -> None:
-    secret, key_id = stack.keys["metrics"], _key_id(stack.keys["metrics"])
+    secret = _fresh_key(stack, "metrics", rate_per_s=SLOW_RATE, burst=35)  # 5 x 7 samples
+    key_id = _key_id(secret)
     body = _body(_images(digits_model, 7))
+    with stack.http() as anonymous:
+        _assert_error(anonymous.get("/v2/models/digits"), 401)  # counted, whatever ran before
     before = _samples(httpx.get(stack.public.metrics_url, timeout=10).text)
     private_before = stack.private_metrics()
     with stack.http(secret) as http:
@@ -564,7 +595,7 @@ def test_metrics_count_served_and_refused_requests(
     assert delta("splitvault_private_call_seconds_count", model="digits") == 5
     assert ("splitvault_key_risk_score", (("key_id", key_id),)) in after
     assert 0.0 <= _value(after, "splitvault_key_risk_score", key_id=key_id) <= 1.0
-    assert _value(after, "splitvault_unauthenticated_total") >= 1  # earlier tests sent some
+    assert _value(after, "splitvault_unauthenticated_total") >= 1
 
     private_after = stack.private_metrics()
     rows = "splitvault_private_batch_size_sum"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,8 @@ from tests.support.stack import tier_env
 pytestmark = pytest.mark.slow
 
 BURST = 5
-RATE_PER_S = 0.1  # one unit per 10 s: nothing refills while a test fires its requests
+# One unit per 1000 s: no stall of a loaded machine refills one while a test fires its requests.
+RATE_PER_S = 0.001
 INFER = "/v2/models/digits/infer"
 LINK = '</v1/terms>; rel="terms-of-service"'
 
@@ -60,7 +62,7 @@ def stack(
     root = tmp_path_factory.mktemp("protection-redis") / "d"
     copy_deployment(deployment.layout, root, keep_public_state=False)
     layout = DeployLayout(root)
-    keys = {name: issue_key(layout, name) for name in ("shared", "outage")}
+    keys = {name: issue_key(layout, name) for name in ("outage",)}
     env = tier_env(
         rate_limit_backend="redis",
         redis_url=redis_server.url,
@@ -98,22 +100,19 @@ async def test_two_replicas_admit_the_burst_once_together(
 ) -> None:
     """Each replica alone would admit the burst; sharing Redis, both together admit it once."""
     body, per_replica = _body(digits_model), 3 * BURST
-    clients = [stack.client(replica, stack.keys["shared"]) for replica in stack.replicas]
+    shared = issue_key(stack.layout, f"shared-{uuid.uuid4().hex[:8]}")  # a burst of its own
+    clients = [stack.client(replica, shared) for replica in stack.replicas]
     try:
-        started = time.monotonic()
         replies = await asyncio.gather(
             *(client.post(INFER, json=body) for client in clients for _ in range(per_replica))
         )
-        elapsed = time.monotonic() - started
     finally:
         for client in clients:
             await client.aclose()
     statuses = [reply.status_code for reply in replies]
     assert set(statuses) <= {200, 429}, [r.text for r in replies if r.status_code not in (200, 429)]
     admitted = statuses.count(200)
-    assert admitted <= BURST, f"{admitted} admitted by two replicas sharing a burst of {BURST}"
-    if elapsed < 1 / RATE_PER_S:  # no unit refilled: the whole burst, exactly
-        assert admitted == BURST, statuses
+    assert admitted == BURST, f"{admitted} admitted by two replicas sharing a burst of {BURST}"
     for replica_statuses in (statuses[:per_replica], statuses[per_replica:]):
         assert 429 in replica_statuses  # both replicas refused some
     refused = next(r for r in replies if r.status_code == 429)
@@ -133,7 +132,9 @@ async def test_redis_down_fails_closed_then_recovers(
             for client in clients:
                 started = time.monotonic()
                 reply = await client.post(INFER, json=body)
-                assert time.monotonic() - started < 3.0
+                # Does not hang: the tier's Redis calls time out after 0.5 s; a refused
+                # connection fails at once. 5 s, ten times that, leaves room for a loaded machine.
+                assert time.monotonic() - started < 5.0
                 assert reply.status_code == 503, reply.text
                 assert list(reply.json()) == ["error"]
                 assert (

@@ -119,7 +119,9 @@ def test_positive_control_front_tensors_are_found_in_front_file(
 ) -> None:
     for model in MODELS:
         front_path = deployment.layout.public.model(model) / FRONT_FILE
-        needles = _program_needles(torch.export.load(front_path), f"{model}/front")
+        with front_path.open("rb") as front:  # closed here, not whenever torch lets go of it
+            program = torch.export.load(front)
+        needles = _program_needles(program, f"{model}/front")
         assert needles, f"{model}: the front stage has no tensor to control with"
         for needle in needles:
             assert front_path in _found_in(needle, public_files), needle.where

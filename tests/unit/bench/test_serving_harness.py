@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.serving_comparison import median_point
@@ -20,20 +21,39 @@ def _state(pid: int) -> str:
     return text[text.rindex(")") + 2]
 
 
+def _spinning_children(pid: int) -> list[int]:
+    """Children of ``pid`` that already run the spin loop. A child forked but not yet exec'd
+    must not be stopped: its parent waits in vfork and could never stop itself."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    command = SPIN.encode()
+    return [
+        int(child)
+        for child in children
+        if Path(f"/proc/{child}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")[-1] == command
+    ]
+
+
+def _until(condition: Callable[[], bool], what: str) -> None:
+    """Poll until ``condition()``; 60 s only stops a hang (it takes well under a second)."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
 def test_suspended_stops_a_process_tree_and_continues_it() -> None:
     child = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {SPIN!r}]); {SPIN}"
     parent = subprocess.Popen([sys.executable, "-c", child])
     try:
-        time.sleep(0.5)
+        _until(lambda: len(_spinning_children(parent.pid)) == 1, "the child to start")
+        tree = [parent.pid, *_spinning_children(parent.pid)]
         with suspended([parent.pid]):
-            time.sleep(0.2)  # let the stop take effect
+            _until(lambda: all(_state(pid) == "T" for pid in tree), "both to stop")
             stopped = tree_cpu_seconds([parent.pid])
-            time.sleep(0.5)
+            time.sleep(0.3)  # a window in which either, had it not stopped, would spin
             assert tree_cpu_seconds([parent.pid]) - stopped < 0.02  # neither process ran
-            assert _state(parent.pid) == "T"
-        time.sleep(0.5)
-        assert _state(parent.pid) in "RS"
-        assert tree_cpu_seconds([parent.pid]) - stopped > 0.2  # both spin again
+        _until(lambda: tree_cpu_seconds([parent.pid]) - stopped > 0.2, "both to spin again")
+        assert all(_state(pid) in "RS" for pid in tree)
     finally:
         subprocess.run(["pkill", "-KILL", "-P", str(parent.pid)], check=False)
         parent.kill()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -39,27 +39,56 @@ from splitvault.demo import minilm
 from tests.conftest import Deployment, DigitsFixture
 
 # --- scheduling, with a batch function that records what it was given ----------------------
+#
+# Every wait below is on an event or a condition (a batch started, rows queued), never on a
+# sleep: which requests share a batch must not depend on how fast the machine is.
 
 
 class Recorder:
-    """A batch function: answers each payload with itself times ten, remembers every batch."""
+    """A batch function: answers each payload with itself times ten, remembers every batch.
+
+    With a ``gate`` each batch is recorded as it starts, then waits for the gate to open, so a
+    test holds batches running; ``peak`` is the most batches that ever ran at once.
+    """
 
     def __init__(self, gate: threading.Event | None = None) -> None:
         self.batches: list[list[int]] = []
         self.gate = gate
         self.started = threading.Semaphore(0)
+        self.running = 0
+        self.peak = 0
+        self._lock = threading.Lock()
 
     def __call__(self, payloads: list[int]) -> list[int | Exception]:
+        with self._lock:
+            self.batches.append(list(payloads))
+            self.running += 1
+            self.peak = max(self.peak, self.running)
         self.started.release()
-        if self.gate is not None:
-            self.gate.wait(10)
-        self.batches.append(list(payloads))
+        try:
+            if self.gate is not None:
+                self.gate.wait(10)
+        finally:
+            with self._lock:
+                self.running -= 1
         return [ValueError(f"bad {p}") if p < 0 else p * 10 for p in payloads]
+
+    async def wait_started(self, count: int = 1) -> None:
+        """Until ``count`` more batches have started (10 s at most: they start in ms)."""
+        for _ in range(count):
+            assert await asyncio.to_thread(self.started.acquire, timeout=10), "no batch started"
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until ``condition()``; 10 s only stops a hang (it takes ms)."""
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.001)
 
 
 @pytest.fixture
 def pool() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(2) as executor:
+    with ThreadPoolExecutor(3) as executor:
         yield executor
 
 
@@ -72,19 +101,41 @@ def _batcher(
     return batcher
 
 
+def _submit(batcher: DynamicBatcher[int, int], payload: int, rows: int = 1) -> asyncio.Future[int]:
+    return asyncio.ensure_future(batcher.submit("m", payload, key="k", rows=rows))
+
+
 async def test_concurrent_requests_run_as_one_call(pool: ThreadPoolExecutor) -> None:
     run = Recorder()
     batcher = _batcher(pool, run, max_queue_delay_s=0.2)
+    # All eight are queued before the scheduler task first runs (tasks run in creation order).
     answers = await asyncio.gather(*(batcher.submit("m", i, key="k", rows=1) for i in range(8)))
     assert answers == [i * 10 for i in range(8)]
     assert run.batches == [list(range(8))]
     await batcher.close()
 
 
+async def test_requests_queued_behind_a_running_batch_share_the_next(
+    pool: ThreadPoolExecutor,
+) -> None:
+    gate = threading.Event()
+    run = Recorder(gate)
+    batcher = _batcher(pool, run, max_queue_delay_s=30.0)
+    first = _submit(batcher, 0)
+    await run.wait_started()  # holds the model's only batch slot until the gate opens
+    rows = [1, 2, 1, 3, 1]
+    queued = [_submit(batcher, i, rows=n) for i, n in enumerate(rows, start=1)]
+    await _until(lambda: batcher.queued_rows("m") == sum(rows))
+    gate.set()
+    assert await asyncio.gather(first, *queued) == [0, 10, 20, 30, 40, 50]
+    assert run.batches == [[0], [1, 2, 3, 4, 5]]  # five requests, eight rows, one batch
+    await batcher.close()
+
+
 async def test_a_full_batch_does_not_wait_for_the_delay(pool: ThreadPoolExecutor) -> None:
     run = Recorder()
     batcher = _batcher(pool, run, max_batch_size=4, max_queue_delay_s=30.0)
-    async with asyncio.timeout(5):  # the 30 s delay would fail this
+    async with asyncio.timeout(10):  # does not hang: the 30 s delay would fail this
         answers = await asyncio.gather(*(batcher.submit("m", i, key="k", rows=2) for i in range(4)))
     assert answers == [0, 10, 20, 30]
     assert run.batches == [[0, 1], [2, 3]]  # 4 rows each: the tier cap below the model's 64
@@ -94,25 +145,41 @@ async def test_a_full_batch_does_not_wait_for_the_delay(pool: ThreadPoolExecutor
 async def test_an_idle_model_starts_at_once(pool: ThreadPoolExecutor) -> None:
     run = Recorder()
     batcher = _batcher(pool, run, max_queue_delay_s=30.0)
-    async with asyncio.timeout(5):  # waiting out the 30 s delay would fail this
+    async with asyncio.timeout(10):  # does not hang: waiting out the 30 s delay would fail this
         assert await batcher.submit("m", 1, key="k", rows=1) == 10
         assert await batcher.submit("m", 2, key="k", rows=1) == 20
     assert run.batches == [[1], [2]]
     await batcher.close()
 
 
-async def test_requests_gather_while_a_batch_runs(pool: ThreadPoolExecutor) -> None:
+async def test_a_free_slot_waits_for_its_batch_to_fill(pool: ThreadPoolExecutor) -> None:
     gate = threading.Event()
     run = Recorder(gate)
-    batcher = _batcher(pool, run, max_queue_delay_s=0.3, concurrent_batches=2)
-    first = asyncio.ensure_future(batcher.submit("m", 0, key="k", rows=1))
-    assert await asyncio.to_thread(run.started.acquire, timeout=5)  # runs alone, at once
-    later = [asyncio.ensure_future(batcher.submit("m", i, key="k", rows=1)) for i in (1, 2)]
-    await asyncio.sleep(0.05)
-    later.append(asyncio.ensure_future(batcher.submit("m", 3, key="k", rows=1)))
+    batcher = _batcher(pool, run, max_batch_size=3, max_queue_delay_s=30.0, concurrent_batches=2)
+    first = _submit(batcher, 0)
+    await run.wait_started()  # runs alone, at once
+    later = [_submit(batcher, i) for i in (1, 2)]
+    await _until(lambda: batcher.queued_rows("m") == 2)  # a slot is free, yet they wait
+    assert run.batches == [[0]]
+    later.append(_submit(batcher, 3))  # fills the batch of three: it starts without the delay
+    await run.wait_started()
     gate.set()
     assert await asyncio.gather(first, *later) == [0, 10, 20, 30]
-    assert run.batches == [[0], [1, 2, 3]]  # the free slot waited for the batch to fill
+    assert run.batches == [[0], [1, 2, 3]]
+    await batcher.close()
+
+
+async def test_a_partial_batch_starts_after_the_delay(pool: ThreadPoolExecutor) -> None:
+    gate = threading.Event()
+    run = Recorder(gate)
+    batcher = _batcher(pool, run, max_batch_size=4, max_queue_delay_s=0.05, concurrent_batches=2)
+    first = _submit(batcher, 0)
+    await run.wait_started()
+    second = _submit(batcher, 1)
+    await run.wait_started()  # not full, the first still running: only the delay starts it
+    assert run.batches == [[0], [1]]
+    gate.set()
+    assert (await first, await second) == (0, 10)
     await batcher.close()
 
 
@@ -126,11 +193,12 @@ async def test_batches_of_one_model_run_concurrently(pool: ThreadPoolExecutor) -
     gate = threading.Event()
     run = Recorder(gate)
     batcher = _batcher(pool, run, max_batch_size=1, max_queue_delay_s=0.0, concurrent_batches=2)
-    calls = [asyncio.ensure_future(batcher.submit("m", i, key="k", rows=1)) for i in range(3)]
-    both = await asyncio.to_thread(lambda: all(run.started.acquire(timeout=5) for _ in range(2)))
-    assert both and not run.started.acquire(timeout=0.1)  # two running, the third waits
+    calls = [_submit(batcher, i) for i in range(3)]
+    await run.wait_started(2)
+    assert run.running == 2
     gate.set()
     assert await asyncio.gather(*calls) == [0, 10, 20]
+    assert run.peak == 2  # the pool has three threads: the third batch waited for a slot
     await batcher.close()
 
 
@@ -157,10 +225,10 @@ async def test_a_full_queue_refuses_and_recovers(pool: ThreadPoolExecutor) -> No
     gate = threading.Event()
     run = Recorder(gate)
     batcher = _batcher(pool, run, max_batch_size=2, max_queue_delay_s=0.0, max_queue_size=3)
-    running = asyncio.ensure_future(batcher.submit("m", 0, key="k", rows=2))
-    await asyncio.sleep(0.05)  # the first batch is taken and blocks in the pool
-    queued = [asyncio.ensure_future(batcher.submit("m", i, key="k", rows=1)) for i in (1, 2, 3)]
-    await asyncio.sleep(0.05)
+    running = _submit(batcher, 0, rows=2)
+    await run.wait_started()  # the first batch is taken and blocks in the pool
+    queued = [_submit(batcher, i) for i in (1, 2, 3)]
+    await _until(lambda: batcher.queued_rows("m") == 3)  # the queue is full
     with pytest.raises(Overloaded) as refused:
         await batcher.submit("m", 4, key="k", rows=1)
     assert refused.value.retry_after_s == 1.0
@@ -168,6 +236,7 @@ async def test_a_full_queue_refuses_and_recovers(pool: ThreadPoolExecutor) -> No
     assert await running == 0
     assert await asyncio.gather(*queued) == [10, 20, 30]
     assert await batcher.submit("m", 5, key="k", rows=1) == 50  # serving again
+    assert [4] not in run.batches and all(4 not in batch for batch in run.batches)
     await batcher.close()
 
 
@@ -181,13 +250,15 @@ async def test_a_cancelled_caller_leaves_the_queue(pool: ThreadPoolExecutor) -> 
     gate = threading.Event()
     run = Recorder(gate)
     batcher = _batcher(pool, run, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=1)
-    first = asyncio.ensure_future(batcher.submit("m", 1, key="k", rows=1))
-    await asyncio.sleep(0.05)
-    gone = asyncio.ensure_future(batcher.submit("m", 2, key="k", rows=1))
-    await asyncio.sleep(0.01)
+    first = _submit(batcher, 1)
+    await run.wait_started()
+    gone = _submit(batcher, 2)
+    await _until(lambda: batcher.queued_rows("m") == 1)  # the queue is full
     gone.cancel()
-    await asyncio.sleep(0.01)
-    kept = asyncio.ensure_future(batcher.submit("m", 3, key="k", rows=1))  # fits again
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert batcher.queued_rows("m") == 0
+    kept = _submit(batcher, 3)  # fits again
     gate.set()
     assert (await first, await kept) == (10, 30)
     assert [1, 2] not in run.batches and [2] not in run.batches
@@ -198,8 +269,8 @@ async def test_a_caller_gone_during_its_batch_does_not_break_it(pool: ThreadPool
     gate = threading.Event()
     run = Recorder(gate)
     batcher = _batcher(pool, run, max_batch_size=3, max_queue_delay_s=0.0)
-    calls = [asyncio.ensure_future(batcher.submit("m", i, key="k", rows=1)) for i in range(3)]
-    await asyncio.sleep(0.05)
+    calls = [_submit(batcher, i) for i in range(3)]
+    await run.wait_started()  # the three were queued before the scheduler ran: one batch
     calls[1].cancel()
     gate.set()
     assert await calls[0] == 0 and await calls[2] == 20
@@ -209,13 +280,14 @@ async def test_a_caller_gone_during_its_batch_does_not_break_it(pool: ThreadPool
 
 async def test_close_refuses_new_and_queued_requests(pool: ThreadPoolExecutor) -> None:
     gate = threading.Event()
-    batcher = _batcher(pool, Recorder(gate), max_batch_size=1, max_queue_delay_s=0.0)
-    running = asyncio.ensure_future(batcher.submit("m", 1, key="k", rows=1))
-    await asyncio.sleep(0.05)
-    queued = asyncio.ensure_future(batcher.submit("m", 2, key="k", rows=1))
-    await asyncio.sleep(0.01)
+    run = Recorder(gate)
+    batcher = _batcher(pool, run, max_batch_size=1, max_queue_delay_s=0.0)
+    running = _submit(batcher, 1)
+    await run.wait_started()
+    queued = _submit(batcher, 2)
+    await _until(lambda: batcher.queued_rows("m") == 1)  # waits for the only batch slot
     closing = asyncio.ensure_future(batcher.close())
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # the close task runs up to its first await: no batch may start
     gate.set()
     await closing
     assert await running == 10  # the running batch finished

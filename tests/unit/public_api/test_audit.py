@@ -126,9 +126,9 @@ def test_two_writers_sharing_one_file_keep_one_chain(path: Path) -> None:
 def test_flush_wakes_an_idle_writer_at_once(path: Path) -> None:
     with AuditTrail.open(path, flush_interval_s=60.0) as trail:
         trail.append(_record(0))
-        started = time.monotonic()
-        trail.flush(timeout=5.0)
-        assert time.monotonic() - started < 2.0
+        # Raises TimeoutError unless the writer wakes before its 60 s interval: no wall-clock
+        # bound of ours is needed (30 s only leaves room for a loaded machine).
+        trail.flush(timeout=30.0)
         assert trail.written == 1
 
 

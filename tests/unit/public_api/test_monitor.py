@@ -331,13 +331,15 @@ async def test_a_failed_update_fails_one_request_and_the_others_retry(world: Wor
 
 
 class GatedStore(MemoryMonitorStore):
-    """The memory store; reads wait for ``gate`` (so an update can be held open)."""
+    """The memory store; reads set ``entered``, then wait for ``gate`` (an update held open)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
 
     async def get(self, key_id: str) -> bytes | None:
+        self.entered.set()
         await self.gate.wait()
         return await super().get(key_id)
 
@@ -363,9 +365,11 @@ async def test_a_caller_that_leaves_while_waiting_is_not_counted(world: World) -
         )
 
     first = observe(0)
-    await asyncio.sleep(0.05)  # the first update is open, waiting on the store
-    leaving = observe(1)
-    await asyncio.sleep(0.05)
+    async with asyncio.timeout(10):  # does not hang: both steps take milliseconds
+        await store.entered.wait()  # the first update is open, waiting on the store
+        leaving = observe(1)
+        while len(monitor._waiting.get("k_gone", [])) != 1:  # queued behind that update
+            await asyncio.sleep(0.001)
     leaving.cancel()
     store.gate.set()
     assert (await first).queries == 1
