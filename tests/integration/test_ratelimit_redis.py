@@ -74,7 +74,9 @@ async def test_one_interval_refills_one_unit(
     client = redis.asyncio.Redis.from_url(redis_server.url)
     try:  # one interval passes: the theoretical arrival time moves 1000 s closer
         key = f"splitvault:rl:gcra:{subject}"
-        tat = float(await client.get(key))
+        stored = await client.get(key)
+        assert stored is not None
+        tat = float(stored)
         await client.set(key, f"{tat - 1 / SLOW:.6f}", keepttl=True)
     finally:
         await client.aclose()
