@@ -43,6 +43,7 @@ from shared.manifest import TopKPolicy
 from splitvault.demo import digits
 from splitvault.packing.pack import pack_spec
 from splitvault.packing.spec import ModelSpec
+from tests.support.netguard.sitecustomize import ALLOW_ENV
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -319,11 +320,20 @@ def _reachable(host: str, port: int) -> bool:
     return True
 
 
-def test_the_private_tier_reaches_nothing_outside_its_network(stack: Stack) -> None:
+def test_the_private_tier_reaches_nothing_outside_its_network(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     network, listener = f"{stack.project}-egress", f"{stack.project}-listener"
     label = f"com.docker.compose.project={stack.project}"  # so that leftovers() would see them
     _run(["docker", "network", "create", "--label", label, network], timeout=60)
     stack.cleanup.append(["docker", "network", "rm", network])
+    # The connect guard lets this process reach the network the test made, and nothing else.
+    subnet = _run(
+        ["docker", "network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}}", network],
+        timeout=60,
+    ).strip()
+    allowed = os.environ.get(ALLOW_ENV, "")
+    monkeypatch.setenv(ALLOW_ENV, ",".join(filter(None, [allowed, subnet])))
     _run(
         [
             "docker",
