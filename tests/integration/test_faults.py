@@ -52,6 +52,10 @@ from tests.support.stack import PROTECTION, cli, copy_deployment, https, poll, t
 pytestmark = pytest.mark.slow
 
 DEADLINE_S = 2.0  # the public tier's deadline for each private-tier call
+# Scheduling slack on top of a deadline or a backoff: a loaded 2-core machine delays a request
+# by seconds; a hang lasts until the clients' own timeout (DEADLINE_S + 8), which this stays under.
+SLACK_S = 5.0
+MAX_RECONNECT_BACKOFF_S = 2.0  # public_api/private_client.py: grpc.max_reconnect_backoff_ms
 # A key stays cached for the longest time allowed: a storage fault tests the audit trail's
 # policy, not a key-store read (which answers 503 too, with its own message).
 PUBLIC_ENV = {
@@ -401,10 +405,11 @@ def test_private_killed_under_load(faults: Faults) -> None:
     assert {o.error for o in outcomes} == {None}, [o for o in outcomes if o.error][:3]
     assert {o.status for o in outcomes} == {200, 503}
     refused = [o for o in outcomes if o.status == 503]
-    assert max(o.ended - o.started for o in refused) < DEADLINE_S + 2.0
+    assert max(o.ended - o.started for o in refused) < DEADLINE_S + SLACK_S
     assert all(o.body.get("error") and o.headers.get("retry-after") for o in refused)
     assert not_ready.status_code == 503 and "error" in not_ready.json()
-    assert resumed < 5.0, f"serving resumed {resumed:.1f}s after the private tier came back"
+    # The channel retries at most every MAX_RECONNECT_BACKOFF_S, not gRPC's default 120 s.
+    assert resumed < MAX_RECONNECT_BACKOFF_S + SLACK_S, f"serving resumed after {resumed:.1f}s"
     _assert_accounted_once(faults, outcomes)
     verified = cli("audit", "verify", deploy=faults.layout.root)  # the operator's check
     assert verified.returncode == 0 and " OK: " in verified.stdout, verified.stdout
@@ -428,7 +433,7 @@ def test_private_frozen_requests_get_503_at_the_deadline(faults: Faults) -> None
     timed_out = [o for o in outcomes if o.status == 503 and frozen < o.started < thawed]
     assert len(timed_out) >= 6
     for outcome in timed_out:  # each waited for the deadline, and no longer
-        assert DEADLINE_S - 0.2 < outcome.ended - outcome.started < DEADLINE_S + 2.0, outcome
+        assert DEADLINE_S - 0.2 < outcome.ended - outcome.started < DEADLINE_S + SLACK_S, outcome
         assert "did not answer in time" in outcome.body["error"]
     assert ready.status_code == 503
     _assert_accounted_once(faults, outcomes)

@@ -59,7 +59,9 @@ def _assert_unavailable(http: httpx.Client) -> None:
     assert reply.status_code == 503, reply.text
     assert int(reply.headers["retry-after"]) >= 1
     assert "private tier" in reply.json()["error"]
-    assert elapsed < TIMEOUT_S + 3, f"infer took {elapsed:.1f}s with the private tier down"
+    # Within the request deadline plus a loaded machine's slack; a hang would last the client's
+    # 30 s timeout.
+    assert elapsed < TIMEOUT_S + 5, f"infer took {elapsed:.1f}s with the private tier down"
 
 
 def _poll(http: httpx.Client, path: str, *, timeout_s: float, body: object = None) -> int:
