@@ -22,7 +22,9 @@ def configure_logging(level: str = "INFO", *, tier: str) -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write per line (print makes two), so that no other writer to the stream, such as
+        # gRPC core tracing, lands between a JSON line and its newline.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(tier=tier)

@@ -408,8 +408,10 @@ def test_rejected_requests_compute_nothing(stack: Stack, digits_model: DigitsFix
     body = _body(_images(digits_model, 4))
     served = ("splitvault_private_requests_total", {"model": "digits", "code": "OK"})
     rows = ("splitvault_private_batch_size_sum", {"model": "digits"})
-    with stack.http(_fresh_key(stack, "rejected", rate_per_s=SLOW_RATE, burst=1)) as http:
-        assert http.post(INFER.format("digits"), json=body).status_code == 200  # the burst
+    with stack.http(_fresh_key(stack, "rejected", rate_per_s=SLOW_RATE, burst=4)) as http:
+        assert (
+            http.post(INFER.format("digits"), json=body).status_code == 200
+        )  # the burst: 4 samples
         before = stack.private_metrics()
         statuses = [http.post(INFER.format("digits"), json=body).status_code for _ in range(3)]
         after = stack.private_metrics()
