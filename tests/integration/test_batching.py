@@ -32,7 +32,7 @@ from splitvault.packing.spec import ModelSpec
 from tests.conftest import Deployment, DigitsFixture, Tiers, issue_key
 from tests.support.deployments import copy_deployment
 from tests.support.processes import TierProcess, start_public
-from tests.support.stack import tier_env
+from tests.support.stack import image_request, tier_env
 
 pytestmark = pytest.mark.slow
 
@@ -212,16 +212,7 @@ class Crowded:
 
     def post(self, x: np.ndarray) -> httpx.Response:
         context = ssl.create_default_context(cafile=str(self.layout.public.ca_cert))
-        body = {
-            "inputs": [
-                {
-                    "name": "image",
-                    "shape": list(x.shape),
-                    "datatype": "FP32",
-                    "data": x.ravel().tolist(),
-                }
-            ]
-        }
+        body = image_request(x)
         headers = {"Authorization": f"Bearer {self.key}"}
         url = f"https://localhost:{self.public.port}"
         with httpx.Client(base_url=url, verify=context, headers=headers, timeout=120) as http:

@@ -12,6 +12,7 @@ from splitvault.demo import minilm
 from splitvault.packing.spec import ModelSpec
 from tests.conftest import DigitsFixture, Tiers
 from tests.support.models import nested_spec
+from tests.support.stack import image_request
 
 pytestmark = pytest.mark.slow
 
@@ -43,17 +44,7 @@ def test_sdk_top_k_matches_unsplit_digits(
 
 def test_raw_http_matches_sdk(tiers: Tiers, digits_model: DigitsFixture) -> None:
     x = digits_model.data.test_x[10:15]
-    body = {
-        "id": "req-1",
-        "inputs": [
-            {
-                "name": "image",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.ravel().tolist(),
-            }
-        ],
-    }
+    body = image_request(x, id="req-1")
     with tiers.http() as http:
         reply = http.post("/v2/models/digits/infer", json=body)
     assert reply.status_code == 200, reply.text

@@ -31,7 +31,7 @@ from shared.layout import BACK_FILE, PRIVATE_IDENTITY, DeployLayout, TierDir
 from shared.manifest import CONFIG_FILE, MANIFEST_FILE
 from tests.conftest import Deployment, DigitsFixture
 from tests.support.processes import TierProcess, start_private, start_public
-from tests.support.stack import tier_env
+from tests.support.stack import image_request, tier_env
 
 # Corrupted model -> a word its failure reason must contain.
 CORRUPTED = {
@@ -203,17 +203,7 @@ def _https(tiers: CorruptTiers) -> httpx.Client:
 
 
 def _digits_body(digits_model: DigitsFixture) -> dict[str, Any]:
-    x = digits_model.data.test_x[:2]
-    return {
-        "inputs": [
-            {
-                "name": "image",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.ravel().tolist(),
-            }
-        ]
-    }
+    return image_request(digits_model.data.test_x[:2])
 
 
 def _failures(tiers: CorruptTiers) -> dict[str, str]:

@@ -21,6 +21,7 @@ from splitvault.deploy import load_ca
 from splitvault.pki import CertKeyPair, create_ca, issue_certificate
 from tests.conftest import DigitsFixture, Tiers
 from tests.support.processes import wait_for
+from tests.support.stack import image_request
 
 pytestmark = pytest.mark.slow
 
@@ -192,16 +193,7 @@ def test_private_tier_keeps_serving_after_refusals(
 ) -> None:
     """Runs last in this module: every refused caller above left the private tier healthy."""
     x = digits_model.data.test_x[:3]
-    body = {
-        "inputs": [
-            {
-                "name": "image",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.ravel().tolist(),
-            }
-        ]
-    }
+    body = image_request(x)
     with tiers.http(timeout=TIMEOUT) as http:
         reply = http.post("/v2/models/digits/infer", json=body)
     assert reply.status_code == 200, "\n".join([reply.text, *tiers.public.lines[-30:]])

@@ -39,7 +39,7 @@ from shared.layout import DeployLayout
 from tests.conftest import Deployment, DigitsFixture, issue_key
 from tests.support.deployments import copy_deployment
 from tests.support.processes import TierProcess, start_private, start_public, wait_for
-from tests.support.stack import tier_env
+from tests.support.stack import image_request, tier_env
 
 pytestmark = pytest.mark.slow
 
@@ -134,16 +134,7 @@ def public_v2(stack: Stack) -> Iterator[TierProcess]:
 
 
 def _body(x: np.ndarray) -> dict[str, Any]:
-    return {
-        "inputs": [
-            {
-                "name": "image",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.ravel().tolist(),
-            }
-        ]
-    }
+    return image_request(x)
 
 
 def _images(digits: DigitsFixture, n: int = 1, start: int = 0) -> np.ndarray:

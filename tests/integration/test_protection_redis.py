@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
 from shared.layout import DeployLayout
@@ -23,7 +22,7 @@ from tests.conftest import Deployment, DigitsFixture, issue_key
 from tests.support.deployments import copy_deployment
 from tests.support.processes import TierProcess, start_private, start_public
 from tests.support.redis_server import RedisServer, redis_server_fixture
-from tests.support.stack import tier_env
+from tests.support.stack import image_request, tier_env
 
 pytestmark = pytest.mark.slow
 
@@ -82,17 +81,7 @@ def stack(
 
 
 def _body(digits: DigitsFixture, n: int = 1) -> dict[str, Any]:
-    x = np.ascontiguousarray(digits.data.test_x[:n], dtype=np.float32)
-    return {
-        "inputs": [
-            {
-                "name": "image",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.ravel().tolist(),
-            }
-        ]
-    }
+    return image_request(digits.data.test_x[:n])
 
 
 async def test_two_replicas_admit_the_burst_once_together(

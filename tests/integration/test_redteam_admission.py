@@ -40,7 +40,7 @@ from shared.layout import DeployLayout
 from tests.conftest import Deployment, issue_key
 from tests.support.deployments import copy_deployment
 from tests.support.processes import TierProcess, start_private, start_public
-from tests.support.stack import poll, rss_mib, tier_env
+from tests.support.stack import image_request, poll, rss_mib, tier_env
 
 pytestmark = pytest.mark.slow
 
@@ -104,11 +104,7 @@ class Ingress:
 
 
 def _v2_body(images: np.ndarray, parameters: dict[str, Any]) -> dict[str, Any]:
-    tensor = {"name": "image", "shape": list(images.shape), "datatype": "FP32"}
-    body: dict[str, Any] = {"inputs": [{**tensor, "data": images.ravel().tolist()}]}
-    if parameters:
-        body["parameters"] = parameters
-    return body
+    return image_request(images, **({"parameters": parameters} if parameters else {}))
 
 
 INGRESSES = [

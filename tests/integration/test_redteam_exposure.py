@@ -37,7 +37,7 @@ from splitvault.demo import digits
 from splitvault.packing.pack import pack_spec
 from tests.conftest import Deployment, DigitsFixture, issue_key
 from tests.support.processes import TierProcess, start_private, start_public, wait_for
-from tests.support.stack import cli, copy_deployment, https, poll, tier_env
+from tests.support.stack import cli, copy_deployment, https, image_request, poll, tier_env
 
 pytestmark = pytest.mark.slow
 
@@ -111,8 +111,7 @@ class Rest:
     def infer(
         self, tier: Tier, key: str, model: str, x: np.ndarray, forwarded_for: str | None = None
     ) -> int:
-        tensor = {"name": "image", "shape": list(x.shape), "datatype": "FP32"}
-        body = {"inputs": [{**tensor, "data": x.ravel().tolist()}]}
+        body = image_request(x)
         with https(tier.layout, tier.process.port, key) as http:
             reply = http.post(
                 f"/v2/models/{model}/infer", json=body, headers=_forwarded(forwarded_for)

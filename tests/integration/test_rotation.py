@@ -34,7 +34,7 @@ from tests.conftest import Deployment, DigitsFixture
 from tests.support.deployments import copy_deployment
 from tests.support.ports import ReservedPort
 from tests.support.processes import TierProcess, start_public, start_tier, wait_for
-from tests.support.stack import tier_env
+from tests.support.stack import image_request, tier_env
 
 pytestmark = pytest.mark.slow
 
@@ -190,14 +190,7 @@ def test_rolling_certificate_rotation_keeps_serving(
     extra = ["--private", f"127.0.0.1:{b.port}"]
     public = start_public(layout.root, a.port, env=env, extra=extra)
     started.append(public)
-    x = digits_model.data.test_x[:1]
-    image = {
-        "name": "image",
-        "shape": list(x.shape),
-        "datatype": "FP32",
-        "data": x.ravel().tolist(),
-    }
-    body = {"inputs": [image]}
+    body = image_request(digits_model.data.test_x[:1])
     load = Load(f"https://localhost:{public.port}", deployment, body)
     try:
         wait_for(lambda: _served(a) > 0 and _served(b) > 0, timeout=30, what="both replicas")

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import numpy.typing as npt
 
 from shared.layout import DeployLayout
 from tests.support import deployments
@@ -83,3 +85,16 @@ def poll(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> flo
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
     return time.monotonic() - started
+
+
+def image_request(images: npt.NDArray[np.float32], **extra: Any) -> dict[str, Any]:
+    """An Open Inference Protocol v2 request for the digits models: ``images`` (N, 1, 8, 8) as
+    the FP32 ``image`` input; ``extra`` adds top-level fields (``id``, ``parameters``)."""
+    x = np.ascontiguousarray(images, dtype=np.float32)
+    tensor = {
+        "name": "image",
+        "shape": list(x.shape),
+        "datatype": "FP32",
+        "data": x.ravel().tolist(),
+    }
+    return {"inputs": [tensor], **extra}

@@ -25,7 +25,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from shared.layout import PUBLIC_IDENTITY, DeployLayout
@@ -35,7 +34,7 @@ from splitvault.pki import issue_certificate
 from tests.conftest import Deployment, DigitsFixture
 from tests.support.deployments import copy_deployment
 from tests.support.netguard.sitecustomize import ALLOW_ENV
-from tests.support.stack import tier_env
+from tests.support.stack import image_request, tier_env
 
 pytestmark = pytest.mark.slow
 
@@ -210,11 +209,6 @@ def _frontend_certificate(layout: DeployLayout) -> None:
     pair.write(layout.public.tls / "server.crt", layout.public.tls / "server.key")
 
 
-def _image_request(x: np.ndarray) -> dict[str, object]:
-    data = {"name": "image", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
-    return {"inputs": [data]}
-
-
 def test_client_reaches_only_the_public_tier(
     namespaces: Namespaces, deployment: Deployment, digits_model: DigitsFixture, tmp_path: Path
 ) -> None:
@@ -232,7 +226,7 @@ def test_client_reaches_only_the_public_tier(
         tiers.append(
             _start_in(namespaces.public, public_args, PUBLIC_PORT, "public_tier_ready", {})
         )
-        body = json.dumps(_image_request(digits_model.data.test_x[:2]))
+        body = json.dumps(image_request(digits_model.data.test_x[:2]))
         client = _python_in(
             namespaces.client,
             CLIENT_SCRIPT,
