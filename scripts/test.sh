@@ -35,8 +35,9 @@ isolated() {
     if [[ $(id -u) -eq 0 ]] && unshare --net true 2>/dev/null; then
         SPLITVAULT_TEST_NETNS=1 unshare --net -- bash -c 'ip link set lo up && exec "$@"' _ "$@"
     else
-        echo "test: not root: only the connect guard keeps Python test processes on loopback" >&2
-        "$@"
+        echo "test: no network namespace (not root, or unshare refused): only the connect" \
+            "guard keeps Python test processes on loopback" >&2
+        SPLITVAULT_TEST_NETNS=guard "$@"
     fi
 }
 # Test order: fixed unless SPLITVAULT_TEST_ORDER=random (pytest-randomly; the seed is printed).

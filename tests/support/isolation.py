@@ -3,7 +3,8 @@
 ``scripts/test.sh``, when root, runs pytest under ``unshare --net`` with ``lo`` up and sets
 ``SPLITVAULT_TEST_NETNS=1``: no process the tests start (Python, gRPC's native core,
 redis-server) has a route off the machine. The tests that need the host's network (a Docker
-engine's published ports) run in a second pytest call with ``SPLITVAULT_TEST_NETNS=host``.
+engine's published ports) run in a second pytest call with ``SPLITVAULT_TEST_NETNS=host``;
+where no namespace can be made it sets ``guard`` (the connect guard alone).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def isolation() -> str:
         return f"own network namespace (interfaces: {', '.join(interfaces())}) + connect guard"
     if os.environ.get(NETNS_ENV) == "host":
         return "host network (tests that need a Docker engine) + connect guard"
+    if os.environ.get(NETNS_ENV) == "guard":
+        return "connect guard only (scripts/test.sh could not make a network namespace)"
     return "connect guard only (run as root through scripts/test.sh for a namespace of its own)"
 
 
