@@ -82,11 +82,17 @@ class Stack:
     def url(self, tier: TierProcess | None = None) -> str:
         return f"https://localhost:{(tier or self.public).port}"
 
-    def http(self, key: str | None = None, tier: TierProcess | None = None) -> httpx.Client:
-        """An HTTPS client trusting the copy's CA, sending ``key`` as a bearer token."""
+    def http(
+        self, key: str | None = None, tier: TierProcess | None = None, source: str | None = None
+    ) -> httpx.Client:
+        """An HTTPS client trusting the copy's CA, sending ``key`` as a bearer token (from the
+        loopback address ``source``, when given)."""
         context = ssl.create_default_context(cafile=str(self.layout.public.ca_cert))
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url(tier), verify=context, headers=headers, timeout=30)
+        transport = httpx.HTTPTransport(verify=context, local_address=source)
+        return httpx.Client(
+            base_url=self.url(tier), transport=transport, headers=headers, timeout=30
+        )
 
     def private_metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """The private tier's samples, from the metrics port it logged at startup."""
@@ -528,8 +534,10 @@ def test_audit_records_refusals_without_a_live_key(
     """terms_required carries the key; unauthenticated ones carry only the address, counted
     per address and interval (``audit_aggregate_s``: 0.5 s here)."""
     body = _body(_images(digits_model))
-    marker = time.time()
-    with stack.http(stack.keys["unaccepted"] + "x") as http:  # a malformed token
+    # From an address of its own: refusals are counted per address and interval, so one of
+    # another test's moments earlier would hold this one's count in its interval.
+    source = "127.0.0.61"
+    with stack.http(stack.keys["unaccepted"] + "x", source=source) as http:  # malformed token
         assert http.post(INFER.format("digits"), json=body).status_code == 401
     fresh = issue_key(stack.layout, "audit-terms", accept_terms=False)
     with stack.http(fresh) as http:
@@ -547,14 +555,14 @@ def test_audit_records_refusals_without_a_live_key(
     def unauthenticated_record() -> bool:
         with contextlib.closing(sqlite3.connect(stack.state / AUDIT_DB)) as db:
             rows[:] = db.execute(
-                "SELECT key_id, client, model, status, count >= 1 FROM audit "
-                "WHERE decision = 'unauthenticated' AND time >= ?",
-                (marker,),
+                "SELECT key_id, client, model, status, count FROM audit "
+                "WHERE decision = 'unauthenticated' AND client = ?",
+                (source,),
             ).fetchall()
         return bool(rows)
 
     _poll(unauthenticated_record, "the aggregated unauthenticated record")
-    assert (None, "127.0.0.1", "digits", 401, 1) in rows
+    assert rows == [(None, source, "digits", 401, 1)]
 
 
 # --- metrics ------------------------------------------------------------------------------
