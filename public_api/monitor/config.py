@@ -84,3 +84,6 @@ class MonitorConfig:
     log_interval_s: float = 10.0
     # How often pending "monitor clear" requests in the assessment log are looked for.
     clear_poll_s: float = 2.0
+    # Attempts at one compare-and-set update of a key's state while other replicas update it
+    # too; past them the request gets 503 (its queries are never counted without a verdict).
+    cas_attempts: int = 16
