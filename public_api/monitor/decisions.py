@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from public_api.keys import KeyStore
-from public_api.monitor.store import LEVELS, Level
+from public_api.monitor.store import Level, level_of
 
 
 class DecisionStore(Protocol):
@@ -50,18 +50,3 @@ class KeyStoreDecisions:
     async def lift(self, key_id: str) -> None:
         """Forget the key's decision."""
         await asyncio.to_thread(self._keys.clear_monitor_decision, key_id)
-
-
-def level_of(value: str) -> Level:
-    """``value`` as a ``Level``; ``ValueError`` for anything else (never read as "ok")."""
-    for level in LEVELS:
-        if level == value:
-            return level
-    raise ValueError(f"unknown monitor level {value!r}")
-
-
-def higher(first: Level, second: Level | None) -> Level:
-    """The graver of two levels (``None``: no decision)."""
-    if second is None or LEVELS.index(first) >= LEVELS.index(second):
-        return first
-    return second

@@ -31,10 +31,10 @@ import numpy.typing as npt
 
 from public_api.monitor import signals
 from public_api.monitor.config import MonitorConfig
-from public_api.monitor.decisions import DecisionStore, higher, level_of
+from public_api.monitor.decisions import DecisionStore
 from public_api.monitor.profile import ReferenceProfile, features_of
 from public_api.monitor.signals import Signal
-from public_api.monitor.state import KeyState, ModelState, key_state_from_bytes, read_meta
+from public_api.monitor.state import KeyState, ModelState, load_state, read_meta
 from public_api.monitor.store import (
     LEVELS,
     Assessment,
@@ -43,6 +43,8 @@ from public_api.monitor.store import (
     SqliteAssessmentLog,
     UnreadableState,
     Versioned,
+    higher,
+    level_of,
 )
 from shared.errors import SplitVaultError, Unavailable
 from shared.logs import get_logger
@@ -98,6 +100,8 @@ class ExtractionMonitor:
             except (ValueError, KeyError, TypeError) as error:
                 raise _unreadable(key_id, error) from error
         level = higher(assessment.level, decided)
+        if level in _LASTING and level != decided and self._decisions is not None:
+            await self._decisions.decide(key_id, level)  # a state from before decisions were kept
         return assessment if level == assessment.level else replace(assessment, level=level)
 
     async def observe(
@@ -203,7 +207,7 @@ class ExtractionMonitor:
     def _update(
         self, key_id: str, data: bytes | None, requests: Sequence[_Request], decided: Level | None
     ) -> _Update:
-        state = _load(data)
+        state = load_state(data)
         previous = higher(level_of(state.level), decided)
         latest: dict[str, _Request] = {}
         for request in requests:
@@ -360,18 +364,6 @@ class _Update:
     assessment: Assessment
     previous: Level
     log_due: bool
-
-
-def _load(data: bytes | None) -> KeyState:
-    """The stored state; ``UnreadableState`` if it does not decode (never a fresh "ok" one)."""
-    if data is None:
-        return KeyState()
-    try:
-        state = key_state_from_bytes(data)
-        level_of(state.level)
-    except (ValueError, KeyError, TypeError, OSError) as error:
-        raise UnreadableState(str(error)) from error
-    return state
 
 
 def _unreadable(key_id: str, error: Exception) -> Unavailable:

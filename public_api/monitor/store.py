@@ -32,6 +32,22 @@ log = get_logger(__name__)
 Level = Literal["ok", "flagged", "throttled", "blocked"]
 LEVELS: tuple[Level, ...] = ("ok", "flagged", "throttled", "blocked")
 
+
+def level_of(value: str) -> Level:
+    """``value`` as a ``Level``; ``ValueError`` for anything else (never read as "ok")."""
+    for level in LEVELS:
+        if level == value:
+            return level
+    raise ValueError(f"unknown monitor level {value!r}")
+
+
+def higher(first: Level, second: Level | None) -> Level:
+    """The graver of two levels (``None``: no decision)."""
+    if second is None or LEVELS.index(first) >= LEVELS.index(second):
+        return first
+    return second
+
+
 # Errors that mean "Redis cannot answer now".
 _REDIS_DOWN: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
@@ -309,14 +325,7 @@ def read_assessments(path: Path, key_id: str | None = None) -> list[Assessment]:
         rows = connection.execute(query + " ORDER BY score DESC, key_id", arguments).fetchall()
     return [
         Assessment(
-            str(key), float(score), _level(level), tuple(json.loads(reasons)), int(n), float(at)
+            str(key), float(score), level_of(level), tuple(json.loads(reasons)), int(n), float(at)
         )
         for key, score, level, reasons, n, at in rows
     ]
-
-
-def _level(value: str) -> Level:
-    for level in LEVELS:
-        if value == level:
-            return level
-    raise ValueError(f"unknown level {value!r} in the assessment log")

@@ -294,7 +294,9 @@ def test_a_key_store_from_before_monitor_decisions_gains_the_table(db_path: Path
             "secret_sha256 TEXT NOT NULL, created_at REAL NOT NULL, revoked_at REAL, "
             "rate_per_s REAL, burst INTEGER, daily_quota INTEGER)"
         )
-        db.execute("INSERT INTO keys VALUES ('k_0000000a', 'old', 'x', 1.0, NULL, NULL, NULL, NULL)")
+        db.execute(
+            "INSERT INTO keys VALUES ('k_0000000a', 'old', 'x', 1.0, NULL, NULL, NULL, NULL)"
+        )
     opened = SqliteKeyStore(db_path)
     try:
         assert [key.name for key in opened.list()] == ["old"]

@@ -216,3 +216,16 @@ async def test_decisions_outlive_the_state(keys: SqliteKeyStore, action: Action)
     await replica.clear(key.key_id)
     assert keys.monitor_decision(key.key_id) is None
     assert (await replica.current(key.key_id)).level == "ok"
+
+
+async def test_a_block_kept_only_in_the_state_is_made_lasting_when_read(
+    keys: SqliteKeyStore,
+) -> None:
+    """A state blocked before decisions were kept (an upgrade) gains its decision on admission."""
+    key, _ = keys.create("blocked-before-upgrade")
+    store = MemoryMonitorStore()
+    await _observe(_replica(store, BLOCK_AT_ONCE), key.key_id, 1)  # no decision store
+    assert keys.monitor_decision(key.key_id) is None
+    replica = _replica(store, decisions=KeyStoreDecisions(keys))
+    assert (await replica.current(key.key_id)).level == "blocked"
+    assert keys.monitor_decision(key.key_id) == "blocked"
