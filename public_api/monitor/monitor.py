@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import random
 import secrets
 import time
 import zlib
@@ -56,6 +57,7 @@ log = get_logger(__name__)
 LOCK_STRIPES = 64
 _OVER_BLOCK: dict[str, Level] = {"block": "blocked", "throttle": "throttled"}
 _LASTING: tuple[Level, ...] = ("throttled", "blocked")  # kept in the DecisionStore too
+_JITTER = random.SystemRandom()
 
 
 class ExtractionMonitor:
@@ -167,6 +169,9 @@ class ExtractionMonitor:
             ):
                 return update
             log.info("monitor_update_conflict", key_id=key_id, attempt=attempt)
+            await asyncio.sleep(
+                _JITTER.uniform(0, self.config.cas_backoff_s * 2 ** min(attempt, 6))
+            )
         log.error("monitor_update_contended", key_id=key_id, attempts=self.config.cas_attempts)
         raise Unavailable(
             "the monitor could not record this request in time; retry", retry_after_s=1
