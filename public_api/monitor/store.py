@@ -9,6 +9,7 @@ read (``splitvault monitor show``), plus the operator's pending ``monitor clear`
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 import sqlite3
@@ -144,13 +145,17 @@ class MemoryMonitorStore:
         return sorted(self._data)
 
 
-# KEYS[1]: the key's hash; ARGV: expected version ("" for none), new version, data. A key of
-# another type (garbage) never matches, so the writer re-reads and finds it unreadable.
+# KEYS[1]: the key's hash; ARGV: expected version ("" for none), new version, data. A plain
+# string (a state written before versions, read as version "legacy:SHA1") is swapped like a
+# hash; a key of any other type never matches, so the writer re-reads and finds it unreadable.
+_LEGACY = "legacy:"
 _SWAP = """
 local kind = redis.call('TYPE', KEYS[1])['ok']
 local current = ''
 if kind == 'hash' then
     current = redis.call('HGET', KEYS[1], 'v') or ''
+elseif kind == 'string' then
+    current = 'legacy:' .. redis.sha1hex(redis.call('GET', KEYS[1]))
 elseif kind ~= 'none' then
     return 0
 end
@@ -181,17 +186,28 @@ class RedisMonitorStore:
         self._swap = self._redis.register_script(_SWAP)
 
     async def read(self, key_id: str) -> Versioned | None:
-        """The key's state and version, or None; ``UnreadableState`` if not such a hash."""
+        """The key's state and version, or None; ``UnreadableState`` if neither such a hash
+        nor a plain string (the unversioned state of earlier releases)."""
         with _reachable():
             try:
                 version, data = await self._redis.hmget(self._prefix + key_id, ["v", "d"])
-            except redis.exceptions.ResponseError as error:  # WRONGTYPE: not a hash
-                raise UnreadableState(str(error)) from error
+            except redis.exceptions.ResponseError:  # WRONGTYPE: not a hash
+                return await self._read_legacy(key_id)
         if version is None and data is None:
             return None
         if version is None or data is None:
             raise UnreadableState("the state has no version or no data")
         return Versioned(_as_bytes(data), _as_bytes(version).decode("ascii", "replace"))
+
+    async def _read_legacy(self, key_id: str) -> Versioned | None:
+        try:
+            data = await self._redis.get(self._prefix + key_id)
+        except redis.exceptions.ResponseError as error:  # WRONGTYPE again: neither
+            raise UnreadableState(str(error)) from error
+        if data is None:
+            return None
+        data = _as_bytes(data)
+        return Versioned(data, _LEGACY + hashlib.sha1(data, usedforsecurity=False).hexdigest())
 
     async def get(self, key_id: str) -> bytes | None:
         """Only the key's state."""

@@ -158,7 +158,8 @@ async def test_updates_give_up_after_bounded_attempts_and_count_nothing() -> Non
     "garbage",
     [
         pytest.param(("hset", b"not a monitor state"), id="garbled-data"),
-        pytest.param(("set", b"\x00\x01"), id="wrong-type"),
+        pytest.param(("set", b"\x00\x01"), id="garbled-string"),
+        pytest.param(("rpush", b"\x00\x01"), id="wrong-type"),
         pytest.param(("hset", KeyState(level="bananas").to_bytes()), id="unknown-level"),
     ],
 )
@@ -169,6 +170,8 @@ async def test_unreadable_state_is_refused_never_read_as_ok(
     raw = redis.Redis.from_url(redis_server.url)
     if kind == "set":
         raw.set(prefix + "k_bad", data)
+    elif kind == "rpush":
+        raw.rpush(prefix + "k_bad", data)
     else:
         raw.hset(prefix + "k_bad", mapping={"v": "0", "d": data})
     store = RedisMonitorStore(redis_server.url, prefix=prefix)
@@ -180,13 +183,34 @@ async def test_unreadable_state_is_refused_never_read_as_ok(
             with pytest.raises(Unavailable, match="cannot be read"):
                 await _observe(monitor, "k_bad", 1)
         assert [e["event"] for e in logs] == ["monitor_state_unreadable"] * 2
-        left = raw.get(prefix + "k_bad") if kind == "set" else raw.hget(prefix + "k_bad", "d")
+        left = {
+            "set": lambda: raw.get(prefix + "k_bad"),
+            "rpush": lambda: raw.lindex(prefix + "k_bad", 0),
+            "hset": lambda: raw.hget(prefix + "k_bad", "d"),
+        }[kind]()
         assert left == data  # left as found, for the operator to look at
         await monitor.clear("k_bad")  # the operator's way out
         assert (await monitor.current("k_bad")).level == "ok"
     finally:
         await store.close()
         raw.close()
+
+
+async def test_a_state_written_before_versions_is_read_and_upgraded(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Earlier releases SET the state as a plain string: it still counts, and blocks."""
+    with redis.Redis.from_url(redis_server.url) as raw:
+        raw.set(prefix + "k_old", KeyState(level="blocked").to_bytes())
+        store = RedisMonitorStore(redis_server.url, prefix=prefix)
+        monitor = _replica(store)
+        try:
+            assert (await monitor.current("k_old")).level == "blocked"
+            assert (await _observe(monitor, "k_old", 2)).level == "blocked"
+            assert raw.type(prefix + "k_old") == b"hash"
+            assert await _queries(store, "k_old") == 2
+        finally:
+            await store.close()
 
 
 @pytest.fixture
