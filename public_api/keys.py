@@ -4,7 +4,9 @@ A key's secret is ``sv_<key_id>_<43 urlsafe base64 chars>`` (32 random bytes). T
 the SHA-256 of the whole token: for a high-entropy token a fast hash is right (nothing to
 brute-force), and the database never holds a usable secret. ``KeyStore`` is the interface;
 ``SqliteKeyStore`` is the embedded default under ``PUBLIC_DIR/state/keys.sqlite3``. The same
-database records which terms-of-service version each key accepted.
+database records which terms-of-service version each key accepted, and the extraction monitor's
+throttle and block decisions (``monitor_decisions``, so that they outlive the monitor's state in
+Redis; the table is created in an existing file on open).
 """
 
 from __future__ import annotations
@@ -56,7 +58,15 @@ CREATE TABLE IF NOT EXISTS terms_acceptances (
     accepted_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS terms_acceptances_by_key ON terms_acceptances (key_id, accepted_at);
+CREATE TABLE IF NOT EXISTS monitor_decisions (
+    key_id TEXT PRIMARY KEY REFERENCES keys (key_id),
+    level TEXT NOT NULL CHECK (level IN ('throttled', 'blocked')),
+    decided_at REAL NOT NULL
+);
 """
+# The extraction monitor's lasting verdicts, mildest first: a key's decision only ever rises,
+# until an operator clears it (``splitvault monitor clear``).
+DECISIONS = ("throttled", "blocked")
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,18 @@ class KeyStore(Protocol):
 
     def acceptances(self, key_id: str) -> builtins.list[dict[str, Any]]:
         """Every acceptance by this key, oldest first."""
+        ...
+
+    def monitor_decision(self, key_id: str) -> str | None:
+        """The monitor's lasting decision on this key (one of ``DECISIONS``), or ``None``."""
+        ...
+
+    def record_monitor_decision(self, key_id: str, level: str, at: float) -> None:
+        """Raise the key's decision to ``level`` (never lowers it; ``KeyError``: unknown key)."""
+        ...
+
+    def clear_monitor_decision(self, key_id: str) -> None:
+        """Lift the key's decision (the operator's clear)."""
         ...
 
     def close(self) -> None:
@@ -299,6 +321,34 @@ class SqliteKeyStore:
             ).fetchall()
         names = ("key_id", "version", "terms_sha256", "client_address", "accepted_at")
         return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def monitor_decision(self, key_id: str) -> str | None:
+        """The monitor's lasting decision on this key, or ``None`` (503 if unreadable)."""
+        with self._lock, _unavailable_on_storage_error():
+            row = self._db.execute(
+                "SELECT level FROM monitor_decisions WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def record_monitor_decision(self, key_id: str, level: str, at: float) -> None:
+        """Raise the key's decision to ``level``; a milder one than recorded changes nothing."""
+        if level not in DECISIONS:
+            raise ValueError(f"{level!r} is not a monitor decision ({', '.join(DECISIONS)})")
+        with _unavailable_on_storage_error(), self._transaction() as db:
+            if not db.execute("SELECT 1 FROM keys WHERE key_id = ?", (key_id,)).fetchone():
+                raise KeyError(key_id)
+            db.execute(
+                "INSERT INTO monitor_decisions (key_id, level, decided_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key_id) DO UPDATE SET level = excluded.level, "
+                "decided_at = excluded.decided_at "
+                "WHERE excluded.level = 'blocked' AND monitor_decisions.level <> 'blocked'",
+                (key_id, level, at),
+            )
+
+    def clear_monitor_decision(self, key_id: str) -> None:
+        """Lift the key's decision, if any."""
+        with _unavailable_on_storage_error(), self._transaction() as db:
+            db.execute("DELETE FROM monitor_decisions WHERE key_id = ?", (key_id,))
 
     def close(self) -> None:
         """Close the database connection."""

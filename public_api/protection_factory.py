@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from public_api.audit import AUDIT_DB, AuditTrail
 from public_api.front import FrontStage
 from public_api.key_cache import KeyCache
-from public_api.keys import KEYS_DB, SqliteKeyStore
+from public_api.keys import KEYS_DB, KeyStore, SqliteKeyStore
 from public_api.metrics import PublicMetrics
 from public_api.monitor import (
     ExtractionMonitor,
@@ -20,6 +20,7 @@ from public_api.monitor import (
     load_profile,
 )
 from public_api.monitor.cli import MONITOR_DB
+from public_api.monitor.decisions import KeyStoreDecisions
 from public_api.protection import Protection
 from public_api.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from public_api.settings import PublicSettings
@@ -40,7 +41,7 @@ def build_protection(
         keys=keys,
         terms=_terms(settings),
         limiter=_limiter(settings),
-        monitor=_monitor(settings, stages),
+        monitor=_monitor(settings, stages, keys),
         audit=_audit(settings) if config.audit_enabled else None,
         metrics=metrics,
         key_cache=KeyCache(ttl_s=config.key_cache_s),
@@ -80,10 +81,10 @@ def _limiter(settings: PublicSettings) -> RateLimiter:
 
 
 def _monitor(
-    settings: PublicSettings, stages: Mapping[str, FrontStage]
+    settings: PublicSettings, stages: Mapping[str, FrontStage], keys: KeyStore | None
 ) -> ExtractionMonitor | None:
     config = settings.protection
-    if not config.monitor_enabled or not config.require_api_key:
+    if not config.monitor_enabled or keys is None:
         return None
     profiles: dict[str, ReferenceProfile] = {}
     tier = TierDir(settings.tier_dir)
@@ -97,4 +98,10 @@ def _monitor(
         else MemoryMonitorStore()
     )
     log = SqliteAssessmentLog(settings.state_dir / MONITOR_DB)
-    return ExtractionMonitor(MonitorConfig(action=config.monitor_action), profiles, store, log)
+    return ExtractionMonitor(
+        MonitorConfig(action=config.monitor_action),
+        profiles,
+        store,
+        log,
+        decisions=KeyStoreDecisions(keys),  # throttles and blocks outlive the store's state
+    )

@@ -1,6 +1,7 @@
 """Extraction monitoring: per-key risk scores from PRADA and natural-data signals."""
 
 from public_api.monitor.config import Action, MonitorConfig
+from public_api.monitor.decisions import DecisionStore, KeyStoreDecisions
 from public_api.monitor.monitor import ExtractionMonitor
 from public_api.monitor.profile import (
     ReferenceProfile,
@@ -16,13 +17,17 @@ from public_api.monitor.store import (
     MonitorStore,
     RedisMonitorStore,
     SqliteAssessmentLog,
+    UnreadableState,
+    Versioned,
     read_assessments,
 )
 
 __all__ = [
     "Action",
     "Assessment",
+    "DecisionStore",
     "ExtractionMonitor",
+    "KeyStoreDecisions",
     "Level",
     "MemoryMonitorStore",
     "MonitorConfig",
@@ -30,6 +35,8 @@ __all__ = [
     "RedisMonitorStore",
     "ReferenceProfile",
     "SqliteAssessmentLog",
+    "UnreadableState",
+    "Versioned",
     "build_profile",
     "features_of",
     "load_profile",

@@ -84,3 +84,9 @@ class MonitorConfig:
     log_interval_s: float = 10.0
     # How often pending "monitor clear" requests in the assessment log are looked for.
     clear_poll_s: float = 2.0
+    # Attempts at one compare-and-set update of a key's state while other replicas update it
+    # too; past them the request gets 503 (its queries are never counted without a verdict).
+    # Between attempts a random pause of up to cas_backoff_s * 2**attempt (at most 64 times
+    # cas_backoff_s), so that two replicas racing in step fall out of step.
+    cas_attempts: int = 16
+    cas_backoff_s: float = 0.002

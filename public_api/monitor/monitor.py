@@ -2,11 +2,16 @@
 
 Each answered request goes through ``observe``: the key's state is read from the store, updated
 with the request's inputs, front activations and predicted classes (in a worker thread: about a
-millisecond for a batch of 64), scored and written back. Requests of one key that arrive while
-its state is being updated are folded into the next update together: one read, one thread hop
-and one write for all of them, so a busy key costs little more than a quiet one. ``current`` reads the verdict already
-reached without computing anything. See ``signals`` for the signals and ``MonitorConfig`` for
-the weights, thresholds and actions.
+millisecond for a batch of 64), scored and written back by compare-and-set: if another replica
+wrote the state meanwhile, the update is computed again from the fresh state, so no update is
+lost and a level never drops except by an operator's clear. Requests of one key that arrive
+while its state is being updated are folded into the next update together: one read, one
+thread hop and one write for all of them, so a busy key costs little more than a quiet one.
+``current`` reads the verdict already reached without computing anything, on every request.
+State that cannot be read refuses the request (503, ``monitor_state_unreadable``), never reads
+as "ok". Throttle and block decisions are also kept in a ``DecisionStore`` (the key store), so
+they outlive the state. See ``signals`` for the signals and ``MonitorConfig`` for the weights,
+thresholds and actions.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import random
 import secrets
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -26,16 +32,22 @@ import numpy.typing as npt
 
 from public_api.monitor import signals
 from public_api.monitor.config import MonitorConfig
+from public_api.monitor.decisions import DecisionStore
 from public_api.monitor.profile import ReferenceProfile, features_of
 from public_api.monitor.signals import Signal
-from public_api.monitor.state import KeyState, ModelState, key_state_from_bytes, read_meta
+from public_api.monitor.state import KeyState, ModelState, load_state, read_meta
 from public_api.monitor.store import (
     LEVELS,
     Assessment,
     Level,
     MonitorStore,
     SqliteAssessmentLog,
+    UnreadableState,
+    Versioned,
+    higher,
+    level_of,
 )
+from shared.errors import SplitVaultError, Unavailable
 from shared.logs import get_logger
 from shared.manifest import TensorSpec
 
@@ -44,6 +56,8 @@ __all__ = ["Assessment", "ExtractionMonitor", "MonitorConfig"]
 log = get_logger(__name__)
 LOCK_STRIPES = 64
 _OVER_BLOCK: dict[str, Level] = {"block": "blocked", "throttle": "throttled"}
+_LASTING: tuple[Level, ...] = ("throttled", "blocked")  # kept in the DecisionStore too
+_JITTER = random.SystemRandom()
 
 
 class ExtractionMonitor:
@@ -52,6 +66,7 @@ class ExtractionMonitor:
     ``profiles`` maps model names to the reference profile saved at pack time (models without
     one get PRADA, label and volume signals only). ``log`` receives each key's latest
     assessment for ``splitvault monitor show`` and carries the operator's clear requests.
+    ``decisions`` keeps throttle and block decisions beyond ``store`` (None: in ``store`` only).
     ``clock`` gives the time (the benchmark simulates days of traffic with it).
     """
 
@@ -62,28 +77,34 @@ class ExtractionMonitor:
         store: MonitorStore,
         log: SqliteAssessmentLog | None = None,
         *,
+        decisions: DecisionStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self._profiles = dict(profiles)
         self._store = store
         self._log = log
+        self._decisions = decisions
         self._clock = clock
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._waiting: dict[str, list[tuple[_Request, asyncio.Future[Assessment]]]] = {}
         self._next_clear_poll = -math.inf
 
     async def current(self, key_id: str) -> Assessment:
-        """The verdict already reached for ``key_id`` (blocked stays blocked until cleared)."""
+        """The verdict already reached for ``key_id``: the graver of its state's level and its
+        lasting decision (blocked stays blocked until cleared); ``Unavailable`` if unreadable."""
         await self._apply_clear_requests()
-        data = await self._store.get(key_id)
-        if data is None:
-            return Assessment(key_id, 0.0, "ok", (), 0, 0.0)
-        try:
-            return _from_meta(key_id, read_meta(data))
-        except (ValueError, KeyError) as error:
-            log.error("monitor_state_unreadable", key_id=key_id, error=str(error)[:200])
-            return Assessment(key_id, 0.0, "ok", (), 0, 0.0)
+        found, decided = await asyncio.gather(self._read(key_id), self._decided(key_id))
+        assessment = Assessment(key_id, 0.0, "ok", (), 0, 0.0)
+        if found is not None:
+            try:
+                assessment = _from_meta(key_id, read_meta(found.data))
+            except (ValueError, KeyError, TypeError) as error:
+                raise _unreadable(key_id, error) from error
+        level = higher(assessment.level, decided)
+        if level in _LASTING and level != decided and self._decisions is not None:
+            await self._decisions.decide(key_id, level)  # a state from before decisions were kept
+        return assessment if level == assessment.level else replace(assessment, level=level)
 
     async def observe(
         self,
@@ -116,10 +137,7 @@ class ExtractionMonitor:
         """One update of ``key_id``'s state with every request waiting for it (lock held)."""
         batch = self._waiting.pop(key_id, [])
         try:
-            data = await self._store.get(key_id)
-            requests = [request for request, _ in batch]
-            update = await asyncio.to_thread(self._update, key_id, data, requests)
-            await self._store.put(key_id, update.data)
+            update = await self._commit(key_id, [request for request, _ in batch])
         except BaseException:
             # The caller that ran the update gets the error; the others try again themselves.
             others = [entry for entry in batch if entry[1] is not own]
@@ -132,11 +150,50 @@ class ExtractionMonitor:
         if self._log is not None and update.log_due:
             await self._log.record(update.assessment)
 
+    async def _commit(self, key_id: str, requests: Sequence[_Request]) -> _Update:
+        """Read, update, compare-and-set; again from the fresh state while another replica
+        wins the race, at most ``cas_attempts`` times (then ``Unavailable``). A throttle or block
+        is made lasting before the state carrying it is committed."""
+        for attempt in range(1, self.config.cas_attempts + 1):
+            found, decided = await asyncio.gather(self._read(key_id), self._decided(key_id))
+            data = None if found is None else found.data
+            try:
+                update = await asyncio.to_thread(self._update, key_id, data, requests, decided)
+            except UnreadableState as error:
+                raise _unreadable(key_id, error) from error
+            level = update.assessment.level
+            if self._decisions is not None and level in _LASTING and level != decided:
+                await self._decisions.decide(key_id, level)
+            if await self._store.swap(
+                key_id, None if found is None else found.version, update.data
+            ):
+                return update
+            log.info("monitor_update_conflict", key_id=key_id, attempt=attempt)
+            await asyncio.sleep(
+                _JITTER.uniform(0, self.config.cas_backoff_s * 2 ** min(attempt, 6))
+            )
+        log.error("monitor_update_contended", key_id=key_id, attempts=self.config.cas_attempts)
+        raise Unavailable(
+            "the monitor could not record this request in time; retry", retry_after_s=1
+        )
+
+    async def _read(self, key_id: str) -> Versioned | None:
+        try:
+            return await self._store.read(key_id)
+        except UnreadableState as error:
+            raise _unreadable(key_id, error) from error
+
+    async def _decided(self, key_id: str) -> Level | None:
+        return None if self._decisions is None else await self._decisions.decided(key_id)
+
     async def clear(self, key_id: str) -> None:
-        """Forget everything about ``key_id``: its statistics and any block or throttle."""
+        """Forget everything about ``key_id``: its statistics and any block or throttle (the
+        state first: a clear that fails halfway leaves the lasting decision, not a stale one)."""
         now = self._clock()
         async with self._locks[zlib.crc32(key_id.encode()) % LOCK_STRIPES]:
-            await self._store.put(key_id, KeyState(updated_at=now, logged_at=now).to_bytes())
+            await self._store.reset(key_id, KeyState(updated_at=now, logged_at=now).to_bytes())
+            if self._decisions is not None:
+                await self._decisions.lift(key_id)
         log.info("extraction_cleared", key_id=key_id)
         if self._log is not None:
             await self._log.record(Assessment(key_id, 0.0, "ok", (), 0, now))
@@ -146,11 +203,17 @@ class ExtractionMonitor:
             return
         self._next_clear_poll = time.monotonic() + self.config.clear_poll_s
         for key_id in await self._log.take_clear_requests():
-            await self.clear(key_id)
+            try:
+                await self.clear(key_id)
+            except SplitVaultError as error:  # asked again, for the next poll
+                log.error("monitor_clear_failed", key_id=key_id, reason=error.message)
+                await asyncio.to_thread(self._log.request_clear, key_id)
 
-    def _update(self, key_id: str, data: bytes | None, requests: Sequence[_Request]) -> _Update:
-        state = _load(key_id, data)
-        previous = _level(state.level)
+    def _update(
+        self, key_id: str, data: bytes | None, requests: Sequence[_Request], decided: Level | None
+    ) -> _Update:
+        state = load_state(data)
+        previous = higher(level_of(state.level), decided)
         latest: dict[str, _Request] = {}
         for request in requests:
             self._record(key_id, state.models.setdefault(request.model, ModelState()), request)
@@ -175,7 +238,7 @@ class ExtractionMonitor:
         assessment = Assessment(
             key_id,
             state.score,
-            _level(state.level),
+            level_of(state.level),
             tuple(state.reasons),
             state.queries,
             state.updated_at,
@@ -308,32 +371,24 @@ class _Update:
     log_due: bool
 
 
-def _load(key_id: str, data: bytes | None) -> KeyState:
-    if data is None:
-        return KeyState()
-    try:
-        return key_state_from_bytes(data)
-    except (ValueError, KeyError, OSError) as error:
-        log.error("monitor_state_unreadable", key_id=key_id, error=str(error)[:200])
-        return KeyState()
+def _unreadable(key_id: str, error: Exception) -> Unavailable:
+    """Log state that cannot be read and refuse: an unknown verdict is not "ok"."""
+    log.error("monitor_state_unreadable", key_id=key_id, error=str(error)[:200])
+    return Unavailable(
+        "the extraction monitor's state of this API key cannot be read; contact the operator",
+        retry_after_s=5,
+    )
 
 
 def _from_meta(key_id: str, meta: Mapping[str, Any]) -> Assessment:
     return Assessment(
         key_id,
         float(meta["score"]),
-        _level(str(meta["level"])),
+        level_of(str(meta["level"])),
         tuple(meta["reasons"]),
         int(meta["queries"]),
         float(meta["updated_at"]),
     )
-
-
-def _level(value: str) -> Level:
-    for level in LEVELS:
-        if level == value:
-            return level
-    return "ok"
 
 
 def pick_rows(

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from public_api.monitor.store import UnreadableState, level_of
+
 STATE_VERSION = 1
 HOURS = 168  # the volume ring: one week of hourly counts
 
@@ -164,6 +166,19 @@ def read_meta(data: bytes) -> dict[str, Any]:
     """Only the scalar part of a serialized state (cheap: the arrays are not read)."""
     meta: dict[str, Any] = _split(data)[0]["meta"]
     return meta
+
+
+def load_state(data: bytes | None) -> KeyState:
+    """The stored state (a fresh one for None); ``UnreadableState`` if it does not decode or
+    names no known level, so that it is never taken for a fresh "ok" state."""
+    if data is None:
+        return KeyState()
+    try:
+        state = key_state_from_bytes(data)
+        level_of(state.level)
+    except (ValueError, KeyError, TypeError, OSError) as error:
+        raise UnreadableState(str(error)) from error
+    return state
 
 
 def key_state_from_bytes(data: bytes) -> KeyState:

@@ -1,6 +1,7 @@
 """Where monitor state lives: in memory, in Redis beside the rate limits, and the SQLite log.
 
-``MonitorStore`` holds each key's serialized state (bytes from ``KeyState.to_bytes``).
+``MonitorStore`` holds each key's serialized state (bytes from ``KeyState.to_bytes``) under a
+version, so that replicas update it by compare-and-set.
 ``SqliteAssessmentLog`` keeps each key's latest ``Assessment`` in a file another process can
 read (``splitvault monitor show``), plus the operator's pending ``monitor clear`` requests.
 """
@@ -8,7 +9,9 @@ read (``splitvault monitor show``), plus the operator's pending ``monitor clear`
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -29,6 +32,22 @@ log = get_logger(__name__)
 
 Level = Literal["ok", "flagged", "throttled", "blocked"]
 LEVELS: tuple[Level, ...] = ("ok", "flagged", "throttled", "blocked")
+
+
+def level_of(value: str) -> Level:
+    """``value`` as a ``Level``; ``ValueError`` for anything else (never read as "ok")."""
+    for level in LEVELS:
+        if level == value:
+            return level
+    raise ValueError(f"unknown monitor level {value!r}")
+
+
+def higher(first: Level, second: Level | None) -> Level:
+    """The graver of two levels (``None``: no decision)."""
+    if second is None or LEVELS.index(first) >= LEVELS.index(second):
+        return first
+    return second
+
 
 # Errors that mean "Redis cannot answer now".
 _REDIS_DOWN: tuple[type[BaseException], ...] = (
@@ -52,44 +71,107 @@ class Assessment:
     updated_at: float
 
 
+class UnreadableState(ValueError):
+    """A key's stored state exists but cannot be read (wrong type, missing field, garbage)."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A key's serialized state and the version it was written as (an opaque token)."""
+
+    data: bytes
+    version: str
+
+
 class MonitorStore(Protocol):
-    """Serialized per-key state, by key id."""
+    """Serialized per-key state, by key id, updated by compare-and-set on its version.
+
+    Every writer reads ``read``, computes, then ``swap``s against the version it read: a writer
+    that lost the race gets ``False`` and starts again from the fresh state, so no replica ever
+    overwrites another's update. ``reset`` is the operator's clear, the only blind write.
+    """
+
+    async def read(self, key_id: str) -> Versioned | None:
+        """The key's state and version; None if it has none; ``UnreadableState`` if garbled."""
 
     async def get(self, key_id: str) -> bytes | None:
-        """The key's state, or None if it has none."""
+        """Only the key's state (``read`` without the version)."""
 
-    async def put(self, key_id: str, data: bytes) -> None:
-        """Replace the key's state."""
+    async def swap(self, key_id: str, expected: str | None, data: bytes) -> bool:
+        """Write ``data`` if the key's version is still ``expected`` (None: the key has no
+        state); False, writing nothing, if another writer came first."""
+
+    async def reset(self, key_id: str, data: bytes) -> None:
+        """Replace the key's state whatever it holds (``splitvault monitor clear``)."""
 
     async def keys(self) -> list[str]:
         """Every key id that has state."""
+
+
+def _new_version() -> str:
+    # Random, not a counter: a version seen before a Redis restart is never reissued after it.
+    return secrets.token_hex(8)
 
 
 class MemoryMonitorStore:
     """State in this process's memory (the embedded default, one replica)."""
 
     def __init__(self) -> None:
-        self._data: dict[str, bytes] = {}
+        self._data: dict[str, Versioned] = {}
 
-    async def get(self, key_id: str) -> bytes | None:
-        """The key's state, or None."""
+    async def read(self, key_id: str) -> Versioned | None:
+        """The key's state and version, or None."""
         return self._data.get(key_id)
 
-    async def put(self, key_id: str, data: bytes) -> None:
+    async def get(self, key_id: str) -> bytes | None:
+        """Only the key's state."""
+        found = self._data.get(key_id)
+        return None if found is None else found.data
+
+    async def swap(self, key_id: str, expected: str | None, data: bytes) -> bool:
+        """Write ``data`` if the version is still ``expected``."""
+        current = self._data.get(key_id)
+        if (None if current is None else current.version) != expected:
+            return False
+        self._data[key_id] = Versioned(data, _new_version())
+        return True
+
+    async def reset(self, key_id: str, data: bytes) -> None:
         """Replace the key's state."""
-        self._data[key_id] = data
+        self._data[key_id] = Versioned(data, _new_version())
 
     async def keys(self) -> list[str]:
         """Every key id that has state."""
         return sorted(self._data)
 
 
-class RedisMonitorStore:
-    """State in Redis, shared by the public replicas; unreachable Redis raises ``Unavailable``.
+# KEYS[1]: the key's hash; ARGV: expected version ("" for none), new version, data. A plain
+# string (a state written before versions, read as version "legacy:SHA1") is swapped like a
+# hash; a key of any other type never matches, so the writer re-reads and finds it unreadable.
+_LEGACY = "legacy:"
+_SWAP = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local current = ''
+if kind == 'hash' then
+    current = redis.call('HGET', KEYS[1], 'v') or ''
+elseif kind == 'string' then
+    current = 'legacy:' .. redis.sha1hex(redis.call('GET', KEYS[1]))
+elseif kind ~= 'none' then
+    return 0
+end
+if current ~= ARGV[1] then
+    return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3])
+return 1
+"""
 
-    Replicas update a key by read-modify-write without a transaction: two replicas serving the
-    same key at the same instant can lose one update's statistics, which only delays a verdict.
-    """
+
+class RedisMonitorStore:
+    """State in Redis, shared by the public replicas: one hash per key (``v``: version, ``d``:
+    state), swapped by a Lua script, so a write lands only on the state it was computed from.
+    Unreachable Redis raises ``Unavailable``."""
 
     def __init__(
         self,
@@ -101,39 +183,74 @@ class RedisMonitorStore:
     ) -> None:
         self._redis: Redis = redis_client(url, timeout_s=timeout_s, max_connections=max_connections)
         self._prefix = prefix
+        self._swap = self._redis.register_script(_SWAP)
+
+    async def read(self, key_id: str) -> Versioned | None:
+        """The key's state and version, or None; ``UnreadableState`` if neither such a hash
+        nor a plain string (the unversioned state of earlier releases)."""
+        with _reachable():
+            try:
+                version, data = await self._redis.hmget(self._prefix + key_id, ["v", "d"])
+            except redis.exceptions.ResponseError:  # WRONGTYPE: not a hash
+                return await self._read_legacy(key_id)
+        if version is None and data is None:
+            return None
+        if version is None or data is None:
+            raise UnreadableState("the state has no version or no data")
+        return Versioned(_as_bytes(data), _as_bytes(version).decode("ascii", "replace"))
+
+    async def _read_legacy(self, key_id: str) -> Versioned | None:
+        try:
+            data = await self._redis.get(self._prefix + key_id)
+        except redis.exceptions.ResponseError as error:  # WRONGTYPE again: neither
+            raise UnreadableState(str(error)) from error
+        if data is None:
+            return None
+        data = _as_bytes(data)
+        return Versioned(data, _LEGACY + hashlib.sha1(data, usedforsecurity=False).hexdigest())
 
     async def get(self, key_id: str) -> bytes | None:
-        """The key's state, or None."""
-        try:
-            value = await self._redis.get(self._prefix + key_id)
-        except _REDIS_DOWN as error:
-            raise Unavailable(
-                "the monitor store (Redis) is unreachable", retry_after_s=1
-            ) from error
-        return value.encode() if isinstance(value, str) else value
+        """Only the key's state."""
+        found = await self.read(key_id)
+        return None if found is None else found.data
 
-    async def put(self, key_id: str, data: bytes) -> None:
-        """Replace the key's state."""
-        try:
-            await self._redis.set(self._prefix + key_id, data)
-        except _REDIS_DOWN as error:
-            raise Unavailable(
-                "the monitor store (Redis) is unreachable", retry_after_s=1
-            ) from error
+    async def swap(self, key_id: str, expected: str | None, data: bytes) -> bool:
+        """Write ``data`` if the version is still ``expected`` (one Lua script, atomic)."""
+        arguments: list[str | bytes] = [expected or "", _new_version(), data]
+        with _reachable():
+            return bool(await self._swap(keys=[self._prefix + key_id], args=arguments))
+
+    async def reset(self, key_id: str, data: bytes) -> None:
+        """Replace the key's state, whatever the key holds (one transaction)."""
+        name = self._prefix + key_id
+        with _reachable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(name)
+                pipe.hset(name, mapping={"v": _new_version(), "d": data})
+                await pipe.execute()
 
     async def keys(self) -> list[str]:
         """Every key id that has state."""
-        try:
+        with _reachable():
             found = [key async for key in self._redis.scan_iter(match=self._prefix + "*")]
-        except _REDIS_DOWN as error:
-            raise Unavailable(
-                "the monitor store (Redis) is unreachable", retry_after_s=1
-            ) from error
-        return sorted(key.decode()[len(self._prefix) :] for key in found)
+        return sorted(_as_bytes(key).decode()[len(self._prefix) :] for key in found)
 
     async def close(self) -> None:
         """Close the connection pool."""
         await self._redis.aclose()
+
+
+@contextmanager
+def _reachable() -> Iterator[None]:
+    """Turn "Redis cannot answer now" into ``Unavailable`` (503 + Retry-After)."""
+    try:
+        yield
+    except _REDIS_DOWN as error:
+        raise Unavailable("the monitor store (Redis) is unreachable", retry_after_s=1) from error
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
 
 
 _SCHEMA = """
@@ -224,14 +341,7 @@ def read_assessments(path: Path, key_id: str | None = None) -> list[Assessment]:
         rows = connection.execute(query + " ORDER BY score DESC, key_id", arguments).fetchall()
     return [
         Assessment(
-            str(key), float(score), _level(level), tuple(json.loads(reasons)), int(n), float(at)
+            str(key), float(score), level_of(level), tuple(json.loads(reasons)), int(n), float(at)
         )
         for key, score, level, reasons, n, at in rows
     ]
-
-
-def _level(value: str) -> Level:
-    for level in LEVELS:
-        if value == level:
-            return level
-    raise ValueError(f"unknown level {value!r} in the assessment log")

@@ -7,6 +7,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,44 @@ def test_concurrent_use_from_many_threads(store: SqliteKeyStore) -> None:
         thread.join()
     assert failures == []
     assert len(store.list()) == 4 + 8 * 4
+
+
+def test_monitor_decisions_only_rise_until_cleared(store: SqliteKeyStore, db_path: Path) -> None:
+    key, _ = store.create("suspect")
+    assert store.monitor_decision(key.key_id) is None
+    store.record_monitor_decision(key.key_id, "throttled", 1.0)
+    assert store.monitor_decision(key.key_id) == "throttled"
+    store.record_monitor_decision(key.key_id, "blocked", 2.0)
+    store.record_monitor_decision(key.key_id, "throttled", 3.0)  # milder: changes nothing
+    assert store.monitor_decision(key.key_id) == "blocked"
+    other = SqliteKeyStore(db_path)  # another replica's connection sees it at once
+    try:
+        assert other.monitor_decision(key.key_id) == "blocked"
+        other.clear_monitor_decision(key.key_id)
+    finally:
+        other.close()
+    assert store.monitor_decision(key.key_id) is None
+    with pytest.raises(KeyError):
+        store.record_monitor_decision("k_00000000", "blocked", 1.0)
+    with pytest.raises(ValueError, match="not a monitor decision"):
+        store.record_monitor_decision(key.key_id, "ok", 1.0)
+
+
+def test_a_key_store_from_before_monitor_decisions_gains_the_table(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    with closing(sqlite3.connect(db_path)) as db, db:  # the schema as it was, one key in it
+        db.execute(
+            "CREATE TABLE keys (key_id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, "
+            "secret_sha256 TEXT NOT NULL, created_at REAL NOT NULL, revoked_at REAL, "
+            "rate_per_s REAL, burst INTEGER, daily_quota INTEGER)"
+        )
+        db.execute(
+            "INSERT INTO keys VALUES ('k_0000000a', 'old', 'x', 1.0, NULL, NULL, NULL, NULL)"
+        )
+    opened = SqliteKeyStore(db_path)
+    try:
+        assert [key.name for key in opened.list()] == ["old"]
+        opened.record_monitor_decision("k_0000000a", "blocked", 1.0)
+        assert opened.monitor_decision("k_0000000a") == "blocked"
+    finally:
+        opened.close()

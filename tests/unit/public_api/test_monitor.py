@@ -35,6 +35,7 @@ from public_api.monitor import (
     RedisMonitorStore,
     ReferenceProfile,
     SqliteAssessmentLog,
+    Versioned,
     build_profile,
     features_of,
     load_profile,
@@ -281,11 +282,11 @@ class CountingStore(MemoryMonitorStore):
         self.puts = 0
         self.failing = failing
 
-    async def put(self, key_id: str, data: bytes) -> None:
+    async def swap(self, key_id: str, expected: str | None, data: bytes) -> bool:
         self.puts += 1
         if self.puts in self.failing:
             raise Unavailable("the monitor store is down")
-        await super().put(key_id, data)
+        return await super().swap(key_id, expected, data)
 
 
 async def _observe_many(monitor: ExtractionMonitor, world: World, count: int) -> list[object]:
@@ -338,10 +339,10 @@ class GatedStore(MemoryMonitorStore):
         self.gate = asyncio.Event()
         self.entered = asyncio.Event()
 
-    async def get(self, key_id: str) -> bytes | None:
+    async def read(self, key_id: str) -> Versioned | None:
         self.entered.set()
         await self.gate.wait()
-        return await super().get(key_id)
+        return await super().read(key_id)
 
 
 async def test_a_caller_that_leaves_while_waiting_is_not_counted(world: World) -> None:
@@ -436,10 +437,18 @@ async def test_assessment_log_cli_show_and_clear(
 
 async def test_redis_store_round_trip(world: World, redis_server: RedisServer) -> None:
     store = RedisMonitorStore(redis_server.url, prefix="test:mon:")
-    await store.put("k_a", b"\x00state")
+    assert await store.swap("k_a", None, b"\x00state")
+    found = await store.read("k_a")
+    assert found is not None and found.data == b"\x00state"
     assert await store.get("k_a") == b"\x00state"
     assert await store.get("k_missing") is None
     assert "k_a" in await store.keys()
+    assert not await store.swap("k_a", None, b"lost")  # it has state now: no blind write
+    assert not await store.swap("k_a", "stale", b"lost")
+    assert await store.swap("k_a", found.version, b"next")
+    assert await store.get("k_a") == b"next"
+    await store.reset("k_a", b"cleared")
+    assert await store.get("k_a") == b"cleared"
 
     # Two replicas sharing Redis: a block reached by one is seen by the other.
     other = RedisMonitorStore(redis_server.url, prefix="test:mon:")
@@ -460,7 +469,9 @@ async def test_redis_store_fails_closed() -> None:
     with pytest.raises(Unavailable):
         await store.get("k_a")
     with pytest.raises(Unavailable):
-        await store.put("k_a", b"x")
+        await store.swap("k_a", None, b"x")
+    with pytest.raises(Unavailable):
+        await store.reset("k_a", b"x")
     await store.close()
 
 
