@@ -80,7 +80,10 @@ class PrivateTierClient:
                 request, timeout=self._timeout
             )
         except grpc.aio.AioRpcError as error:
-            raise _mapped(error) from None
+            mapped = _mapped(error)
+            # For the operator's log only (never sent to a client): what the private tier said.
+            mapped.message = f"{mapped.message} ({error.code().name}: {error.details()})"
+            raise mapped from None
         return receipt
 
     async def model_status(self, model: str = "") -> dict[str, tuple[bool, str]]:
