@@ -291,6 +291,23 @@ def test_a_conflicting_anchor_from_the_public_identity_is_refused(served: Stack)
     served.private.wait_for_events("audit_anchor_out_of_order")
 
 
+def test_evidence_states_which_records_an_anchor_covers(served: Stack, tmp_path: Path) -> None:
+    anchors = tmp_path / "anchors.json"
+    _export(served, anchors)
+    alice = str(parse_key_id(served.keys["alice"]))
+    argv = ["evidence", "--key", alice, "--model", "digits", "--out", str(tmp_path / "report")]
+    result = cli(*argv, "--anchors", str(anchors), deploy=served.layout.root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    audit = json.loads((tmp_path / "report" / "evidence.json").read_text())["audit"]
+    assert audit["status"] == "OK"
+    assert audit["anchoring"]["verified_against_ledger"]
+    assert audit["anchoring"]["covered_through"] == served.records() == 20
+    assert audit["records"] and all(record["anchored"] for record in audit["records"])
+    assert any("records 1..20 covered" in line for line in audit["anchoring"]["statement"])
+    page = (tmp_path / "report" / "evidence.html").read_text()
+    assert "Anchoring in the private ledger" in page
+
+
 @pytest.fixture
 def outage(packed: DeployLayout, tmp_path: Path, digits_model: DigitsFixture) -> Iterator[Stack]:
     """Tiers anchoring every 2 records; at most 6 may wait unanchored."""
