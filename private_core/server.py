@@ -16,6 +16,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 
 from private_core.auth import IdentityInterceptor
 from private_core.hardening import protect_process_memory
+from private_core.ledger_service import LEDGER_SERVICE, LedgerService, add_ledger_service
 from private_core.metrics import PrivateMetrics, start_metrics_server
 from private_core.model_store import ModelStore, load_store
 from private_core.runner import Batcher, build_runner, configure_torch_threads, message_limit
@@ -47,6 +48,7 @@ class PrivateServer:
     metrics: PrivateMetrics
     metrics_port: int | None
     batcher: Batcher | None = None
+    ledger: LedgerService | None = None
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace_s``, then stop."""
@@ -56,6 +58,8 @@ class PrivateServer:
             await self.batcher.close()
         self.executor.shutdown(wait=True)
         self.metrics.stop()
+        if self.ledger is not None:
+            self.ledger.close()
 
 
 def key_provider(settings: PrivateSettings) -> KeyProvider:
@@ -107,6 +111,13 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     inference_pb2_grpc.add_PrivateInferenceServicer_to_server(
         PrivateInferenceServicer(store, runner, metrics), server
     )
+    ledger = add_ledger_service(
+        server,
+        settings.state_dir,
+        settings.replica_id,
+        settings.anchor_identities,
+        metrics.registry,
+    )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_secure_port(f"{settings.host}:{settings.port}", server_credentials(tier))
@@ -115,6 +126,7 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     status = health_pb2.HealthCheckResponse.SERVING
     await health_servicer.set("", status)
     await health_servicer.set(SERVICE_NAME, status)
+    await health_servicer.set(LEDGER_SERVICE, ledger.health_status)
     metrics_port = None
     if settings.metrics_port is not None:
         metrics_port = start_metrics_server(metrics, settings.metrics_host, settings.metrics_port)
@@ -127,7 +139,7 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
         failed=sorted(store.failed),
     )
     return PrivateServer(
-        server, port, health_servicer, store, executor, metrics, metrics_port, batcher
+        server, port, health_servicer, store, executor, metrics, metrics_port, batcher, ledger
     )
 
 

@@ -55,6 +55,12 @@ class PrivateSettings(TierSettings):
     # Log certificate_expiring when a certificate this tier loaded expires within this many days.
     cert_warning_days: float = Field(default=30.0, ge=0)
 
+    # The private ledger (private_core/ledger.py), in state_dir/ledger: this replica's segment
+    # name (None: the host name, a StatefulSet pod's own) and the certificate identities that
+    # may anchor the public tier's audit trail there.
+    replica_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    anchor_identities: list[str] = Field(default_factory=lambda: [PUBLIC_IDENTITY])
+
     @model_validator(mode="after")
     def _needs_a_kek(self) -> PrivateSettings:
         if self.kek_file is None and self.kek is None:

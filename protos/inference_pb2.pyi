@@ -184,3 +184,88 @@ class ModelStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelStatusResponse: _TypeAlias = ModelStatusResponse  # noqa: Y015
+
+@_typing.final
+class AnchorRequest(_message.Message):
+    """--- Audit anchoring: the private ledger (private_core/ledger.py) ---------------------------
+    The public tier asks the private tier to countersign the head of its audit trail. The
+    private tier appends the anchor to its own ledger and returns a signed receipt; after that,
+    no rewrite of records 1..seq on the public host matches the anchored head.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAIN_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    RECORD_COUNT_FIELD_NUMBER: _builtins.int
+    chain_id: _builtins.str
+    """The audit trail's chain id: 32 lowercase hex digits kept in the trail's database."""
+    seq: _builtins.int
+    """The last record covered (records 1..seq) and its hash (64 lowercase hex digits)."""
+    head: _builtins.str
+    record_count: _builtins.int
+    """Records in the trail up to seq; equal to seq (record numbers have no gaps), checked."""
+    def __init__(
+        self,
+        *,
+        chain_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        head: _builtins.str = ...,
+        record_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "head", b"head", "record_count", b"record_count", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnchorRequest: _TypeAlias = AnchorRequest  # noqa: Y015
+
+@_typing.final
+class AnchorReceipt(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAIN_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    RECORD_COUNT_FIELD_NUMBER: _builtins.int
+    ANCHORED_AT_FIELD_NUMBER: _builtins.int
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    ANCHORED_BY_FIELD_NUMBER: _builtins.int
+    SIGNER_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    chain_id: _builtins.str
+    seq: _builtins.int
+    head: _builtins.str
+    record_count: _builtins.int
+    anchored_at: _builtins.float
+    """The private tier's clock when it recorded the anchor (seconds since the epoch)."""
+    replica_id: _builtins.str
+    """The private replica whose ledger holds the anchor, and the caller's certificate identity."""
+    anchored_by: _builtins.str
+    signer: _builtins.str
+    """The signing key's id (first 16 hex digits of the SHA-256 of its raw Ed25519 public key)
+    and the Ed25519 signature over the receipt's canonical JSON (shared/anchor_receipt.py).
+    """
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        chain_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        head: _builtins.str = ...,
+        record_count: _builtins.int = ...,
+        anchored_at: _builtins.float = ...,
+        replica_id: _builtins.str = ...,
+        anchored_by: _builtins.str = ...,
+        signer: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchored_at", b"anchored_at", "anchored_by", b"anchored_by", "chain_id", b"chain_id", "head", b"head", "record_count", b"record_count", "replica_id", b"replica_id", "seq", b"seq", "signature", b"signature", "signer", b"signer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnchorReceipt: _TypeAlias = AnchorReceipt  # noqa: Y015

@@ -5,7 +5,7 @@ import warnings
 
 from protos import inference_pb2 as protos_dot_inference__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -129,6 +129,78 @@ class PrivateInference:
             '/splitvault.v1.PrivateInference/ModelStatus',
             protos_dot_inference__pb2.ModelStatusRequest.SerializeToString,
             protos_dot_inference__pb2.ModelStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class PrivateLedgerStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.AnchorAudit = channel.unary_unary(
+                '/splitvault.v1.PrivateLedger/AnchorAudit',
+                request_serializer=protos_dot_inference__pb2.AnchorRequest.SerializeToString,
+                response_deserializer=protos_dot_inference__pb2.AnchorReceipt.FromString,
+                _registered_method=True)
+
+
+class PrivateLedgerServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def AnchorAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PrivateLedgerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'AnchorAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnchorAudit,
+                    request_deserializer=protos_dot_inference__pb2.AnchorRequest.FromString,
+                    response_serializer=protos_dot_inference__pb2.AnchorReceipt.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'splitvault.v1.PrivateLedger', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('splitvault.v1.PrivateLedger', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PrivateLedger:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def AnchorAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitvault.v1.PrivateLedger/AnchorAudit',
+            protos_dot_inference__pb2.AnchorRequest.SerializeToString,
+            protos_dot_inference__pb2.AnchorReceipt.FromString,
             options,
             channel_credentials,
             insecure,

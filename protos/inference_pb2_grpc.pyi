@@ -61,3 +61,25 @@ class PrivateInferenceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_inference_pb2.ModelStatusResponse, _abc.Awaitable[_inference_pb2.ModelStatusResponse]]: ...
 
 def add_PrivateInferenceServicer_to_server(servicer: PrivateInferenceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class PrivateLedgerStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> PrivateLedgerAsyncStub: ...
+    AnchorAudit: _grpc.UnaryUnaryMultiCallable[_inference_pb2.AnchorRequest, _inference_pb2.AnchorReceipt]
+
+@_typing.type_check_only
+class PrivateLedgerAsyncStub(PrivateLedgerStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    AnchorAudit: _aio.UnaryUnaryMultiCallable[_inference_pb2.AnchorRequest, _inference_pb2.AnchorReceipt]  # type: ignore[assignment]
+
+class PrivateLedgerServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def AnchorAudit(
+        self,
+        request: _inference_pb2.AnchorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.AnchorReceipt, _abc.Awaitable[_inference_pb2.AnchorReceipt]]: ...
+
+def add_PrivateLedgerServicer_to_server(servicer: PrivateLedgerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,6 +10,8 @@ import torch
 from fastapi import FastAPI
 
 from public_api.admission import Admission
+from public_api.audit import AUDIT_DB
+from public_api.audit_anchor import start_anchoring
 from public_api.errors import install_error_handlers
 from public_api.front import FrontRunner, load_front_stages, message_limit
 from public_api.limits import BodySizeLimit, LinkHeader
@@ -57,6 +59,13 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             front.calibrate(stage)
         service = InferenceService(stages, front, private, max_elements=settings.max_elements)
         protection = build_protection(settings, stages, metrics)
+        anchorer = start_anchoring(
+            protection.audit,
+            settings.state_dir / AUDIT_DB,
+            private.anchor_audit,
+            settings.protection.audit_anchor,
+            metrics.registry,
+        )
         app.state.splitvault = PublicState(settings, service, private, protection, metrics)
         freeze_startup_objects()  # the front stages stay out of the collector's passes
         log.info("public_tier_ready", models=sorted(stages))
@@ -64,6 +73,8 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             yield
         finally:
             await protection.close()
+            if anchorer is not None:
+                await anchorer.close()  # after the trail's last write, before the channel closes
             await private.close()
             executor.shutdown(wait=True)
 

@@ -6,9 +6,12 @@ previous row's hash; 64 zeros for the first) and ``hash``, the SHA-256 of the ca
 reordered row and says where.
 
 A plain chain has one limit: someone who can write the file may truncate its tail, or edit a row
-and recompute every later hash, and the chain still verifies. Anchoring the head elsewhere
-closes that: log ``head()`` (the last seq and hash) to a place the attacker cannot rewrite, and
-compare it later; a rewritten or truncated trail no longer reaches the anchored head.
+and recompute every later hash, and the chain still verifies. Anchoring closes that for the
+records an anchor covers: ``public_api.audit_anchor`` has the private tier countersign the head
+(``committed_head``) in its own ledger, and ``public_api.audit_coverage`` checks a trail against
+those anchors. The trail's ``chain_id`` and the receipts live beside the records
+(``public_api.audit_receipts``); admission gates (``add_admission_gate``) let the anchorer
+refuse new requests while too much of the trail is unanchored.
 
 ``AuditTrail.append`` only puts the record in a bounded queue (about a microsecond); a writer
 thread wakes every ``flush_interval_s``, or as soon as a batch is ready, and inserts the queued
@@ -38,7 +41,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -47,6 +50,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from public_api import audit_receipts
 from shared.errors import Unavailable
 from shared.logs import get_logger
 from shared.state_files import private_file
@@ -263,6 +267,10 @@ class AuditTrail:
         self._failure: str | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self.chain_id = ""  # set by ``open`` (audit_receipts.prepare)
+        self._committed: tuple[int, str] = (0, GENESIS_HASH)
+        self._on_commit: list[Callable[[int, str], None]] = []
+        self._gates: list[Callable[[], Unavailable | None]] = []
 
     @classmethod
     def open(
@@ -297,6 +305,8 @@ class AuditTrail:
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
             _migrate(db)
+            chain_id = audit_receipts.prepare(db)
+            committed = _head(db)
         except sqlite3.Error:
             db.close()
             raise
@@ -310,6 +320,7 @@ class AuditTrail:
             buffer_max=buffer_max,
             aggregate_s=aggregate_s,
         )
+        trail.chain_id, trail._committed = chain_id, committed
         trail._thread.start()
         return trail
 
@@ -328,10 +339,30 @@ class AuditTrail:
         """Why the last write failed, or ``None`` while writes succeed."""
         return self._failure
 
+    @property
+    def committed_head(self) -> tuple[int, str]:
+        """The seq and hash of the last record committed (``(0, GENESIS_HASH)``: none)."""
+        return self._committed
+
+    def add_commit_listener(self, listener: Callable[[int, str], None]) -> None:
+        """Call ``listener(seq, hash)`` from the writer thread after each commit."""
+        self._on_commit.append(listener)
+
+    def add_admission_gate(self, gate: Callable[[], Unavailable | None]) -> None:
+        """Have ``check_accepting`` also refuse with what ``gate()`` returns (``None``: admit).
+
+        Only new requests are refused: records of requests already admitted, and of refusals,
+        are still written.
+        """
+        self._gates.append(gate)
+
     def check_accepting(self) -> None:
-        """``Unavailable`` if ``append`` would refuse a record now (so refuse before any work)."""
+        """``Unavailable`` if ``append`` would refuse a record now (so refuse before any work),
+        or an admission gate refuses."""
         with self._lock:
             refusal = self._refusal()
+        for gate in self._gates:
+            refusal = refusal or gate()
         if refusal is not None:
             raise refusal
 
@@ -474,8 +505,11 @@ class AuditTrail:
             return False
         with self._progress:
             self._written += len(batch)
+            self._committed = (seq, prev_hash)
             recovered, self._failure = self._failure, None
             self._progress.notify_all()
+        for listener in self._on_commit:
+            listener(seq, prev_hash)
         if recovered is not None:
             log.warning("audit_write_recovered", after=recovered, pending=self.pending)
         return True

@@ -58,6 +58,7 @@ class PrivateTierClient:
         )
         self._stub = inference_pb2_grpc.PrivateInferenceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._ledger = inference_pb2_grpc.PrivateLedgerStub(self._channel)
         self._timeout = settings.request_timeout_s
 
     async def infer(self, request: inference_pb2.InferRequest) -> inference_pb2.InferResponse:
@@ -69,6 +70,21 @@ class PrivateTierClient:
         except grpc.aio.AioRpcError as error:
             raise _mapped(error) from None
         return response
+
+    async def anchor_audit(
+        self, request: inference_pb2.AnchorRequest
+    ) -> inference_pb2.AnchorReceipt:
+        """Ask the private tier to anchor an audit chain's head; its signed receipt."""
+        try:
+            receipt: inference_pb2.AnchorReceipt = await self._ledger.AnchorAudit(
+                request, timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            mapped = _mapped(error)
+            # For the operator's log only (never sent to a client): what the private tier said.
+            mapped.message = f"{mapped.message} ({error.code().name}: {error.details()})"
+            raise mapped from None
+        return receipt
 
     async def model_status(self, model: str = "") -> dict[str, tuple[bool, str]]:
         """Model name -> (ready, reason) as the private tier reports it."""

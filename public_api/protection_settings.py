@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from public_api.anchor_settings import AnchorSettings
+
 
 class LimitSettings(BaseModel):
     """A burst-tolerant rate (GCRA: rate plus burst) and a daily quota, counted in samples.
@@ -59,3 +61,5 @@ class ProtectionSettings(BaseModel):
     # Refusals without a valid key (401, 429 before authentication, connection-limit 503, ...)
     # are recorded as one record per address, model and outcome per this many seconds.
     audit_aggregate_s: float = Field(default=10.0, gt=0, le=3600)
+    # Anchoring of the audit trail in the private tier's ledger (public_api/audit_anchor.py).
+    audit_anchor: AnchorSettings = AnchorSettings()

@@ -34,6 +34,10 @@ EFFECTS = {
         "while Redis is unreachable, requests are served without rate limits"
     ),
     "protection.audit_enabled": "no audit trail is written",
+    "protection.audit_anchor.enabled": (
+        "the audit trail is not anchored in the private ledger: whoever controls the public "
+        "host can rewrite it undetected"
+    ),
 }
 
 
@@ -47,6 +51,9 @@ def unsafe_settings(settings: PublicSettings) -> list[UnsafeSetting]:
         "protection.monitor_action": "record" if protection.monitor_action == "record" else None,
         "protection.redis_fail_open": "true" if protection.redis_fail_open else None,
         "protection.audit_enabled": None if protection.audit_enabled else "false",
+        "protection.audit_anchor.enabled": (
+            "false" if protection.audit_enabled and not protection.audit_anchor.enabled else None
+        ),
     }
     return [
         UnsafeSetting(name, value, EFFECTS[name])

@@ -14,6 +14,7 @@
     │   ├── ModelNotReady     503  FAILED_PRECONDITION
     │   ├── Overloaded        503  RESOURCE_EXHAUSTED (carries a retry hint)
     │   └── DeadlineExceeded  503  DEADLINE_EXCEEDED
+    ├── AnchorConflict        409  ALREADY_EXISTS (an audit anchor that contradicts the ledger)
     ├── ModelLoadError       (not served: a model that failed to load)
     └── InternalError         500  INTERNAL
 
@@ -97,6 +98,10 @@ class DeadlineExceeded(Unavailable):
     """The private tier did not answer within the deadline."""
 
 
+class AnchorConflict(SplitVaultError):
+    """An audit anchor contradicts one the private ledger holds (another head, or not forward)."""
+
+
 class ModelLoadError(SplitVaultError):
     """A model could not be loaded (tampered file, wrong key, bad manifest)."""
 
@@ -143,6 +148,7 @@ ERROR_TABLE: dict[type[SplitVaultError], ErrorMapping] = {
         503, _Code.UNAVAILABLE, read_back=True, peer_message="the private tier is unreachable"
     ),
     ModelLoadError: ErrorMapping(503, _Code.FAILED_PRECONDITION),
+    AnchorConflict: ErrorMapping(409, _Code.ALREADY_EXISTS, read_back=True),
     InternalError: ErrorMapping(
         500, _Code.INTERNAL, read_back=True, peer_message="internal error in the private tier"
     ),

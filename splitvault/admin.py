@@ -50,6 +50,13 @@ def _add_audit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     actions = audit.add_subparsers(dest="action", required=True)
     verify = actions.add_parser("verify", help="check the hash chain (exit 1 if tampered)")
     verify.add_argument("--deploy", required=True, type=Path)
+    verify.add_argument(
+        "--anchors",
+        type=Path,
+        help="the private ledger's anchors (`splitvault ledger export-anchors` on the private "
+        "host): records an anchor covers must match it",
+    )
+    verify.add_argument("--chain", help="the chain id the trail must have (default: its own)")
     verify.set_defaults(run=_audit_verify)
     export = actions.add_parser("export", help="one key's records as JSON lines")
     export.add_argument("--deploy", required=True, type=Path)
@@ -121,16 +128,23 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from public_api.audit import head, verify_chain
+    from public_api.audit import head
+    from public_api.audit_coverage import check_coverage
+    from shared.anchors_file import AnchorsFile
 
     path = _audit_path(args.deploy)
-    result = verify_chain(path)
-    if not result.ok:
-        print(f"audit trail {path} FAILED verification: {result.problem}")
+    anchors = None if args.anchors is None else AnchorsFile.read(args.anchors)
+    coverage = check_coverage(path, anchors, args.chain)
+    if not coverage.ok:
+        print(f"audit trail {path} FAILED verification: {coverage.problems[0]}")
+        for line in coverage.lines()[1:]:
+            print(f"  {line}")
         return 1
+    print(f"audit trail {path} OK: {coverage.records} records, chain intact")
+    for line in coverage.lines():
+        print(f"  {line}")
     seq, digest = head(path)
-    print(f"audit trail {path} OK: {result.records} records, chain intact")
-    print(f"head: record {seq}, hash {digest} (compare with an anchored copy)")
+    print(f"head: record {seq}, hash {digest} (chain id {coverage.chain_id})")
     return 0
 
 

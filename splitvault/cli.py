@@ -12,6 +12,7 @@ from public_api.monitor.cli import add_monitor_commands
 from shared.layout import DeployLayout
 from shared.logs import configure_logging
 from splitvault.admin import add_admin_commands
+from splitvault.ledger_cli import add_ledger_commands
 from splitvault.ownership.cli import add_ownership_commands
 from splitvault.rotation import add_rotation_commands
 
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     add_rotation_commands(commands)
     add_monitor_commands(commands)
     add_ownership_commands(commands)
+    add_ledger_commands(commands)
     demo = commands.add_parser("demo", help="pack and serve the two demo models, compare answers")
     demo.add_argument("--workdir", type=Path, help="keep the deployment here (default: temp)")
     demo.add_argument("--skip-minilm", action="store_true", help="only the digits model")

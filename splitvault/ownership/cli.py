@@ -33,6 +33,12 @@ def add_ownership_commands(commands: argparse._SubParsersAction[argparse.Argumen
     evidence.add_argument(
         "--flag-threshold", type=float, default=0.5, help="monitor score shown as flagged"
     )
+    evidence.add_argument(
+        "--anchors",
+        type=Path,
+        help="the private ledger's anchors (`splitvault ledger export-anchors`): says which "
+        "records an anchor covers",
+    )
     _suspect_args(evidence, required=False)
     evidence.set_defaults(run=_evidence)
     _add_watermark(commands)
@@ -145,7 +151,12 @@ def _evidence(args: argparse.Namespace) -> int:
         raise ValueError("--suspect and --inputs go together")
     owner = _owner(args)
     verification = None if args.suspect is None else _run_verification(args, owner)
-    evidence = build_evidence(args.deploy, args.key, owner, verification, args.flag_threshold)
+    from shared.anchors_file import AnchorsFile
+
+    anchors = None if args.anchors is None else AnchorsFile.read(args.anchors)
+    evidence = build_evidence(
+        args.deploy, args.key, owner, verification, args.flag_threshold, anchors
+    )
     json_path, html_path = write_evidence(evidence, args.out)
     print(
         f"audit trail: {evidence['audit']['status']}; trigger log: {evidence['triggers']['status']}"

@@ -2,7 +2,10 @@
 
 Sections: the key and its terms-of-service acceptances; its query timeline from the audit
 trail with the extraction monitor's scores and flags; the audit chain's verification (a
-tampered trail makes that section say FAILED, and the timeline is marked untrusted); the
+tampered trail makes that section say FAILED, and the timeline is marked untrusted), and which
+records an anchor of the private ledger covers (``--anchors``: each record carries
+``anchored``; records after the last anchor, and records the public host fabricated before
+an anchor, are not covered, and the section says so); the
 watermark trigger records the private tier kept for the key; and, when a suspect is given,
 the ownership verification against it. The HTML has no external assets and carries the
 SHA-256 of the JSON it was made with.
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from private_core.watermark.triggers import TriggerLogError
+from shared.anchors_file import AnchorsFile
 from splitvault.ownership.owner import OwnerModel
 from splitvault.ownership.report_html import render_html
 from splitvault.ownership.verify import Verification
@@ -50,21 +54,35 @@ def key_section(deploy: Path, key: str) -> dict[str, Any]:
         return {"key": asdict(found), "terms_acceptances": store.acceptances(found.key_id)}
 
 
-def audit_section(deploy: Path, key_id: str, flag_threshold: float) -> dict[str, Any]:
-    """Chain verification, the key's records, and an hourly timeline with monitor flags."""
+def audit_section(
+    deploy: Path, key_id: str, flag_threshold: float, anchors: AnchorsFile | None = None
+) -> dict[str, Any]:
+    """Chain verification, anchor coverage (against ``anchors``, the private ledger's export),
+    the key's records, and an hourly timeline with monitor flags."""
     from public_api.audit import AUDIT_DB, export_records, head, verify_chain
+    from public_api.audit_coverage import check_coverage
 
     path = _state(deploy) / AUDIT_DB
     if not path.is_file():
         return {"status": "FAILED", "problem": f"no audit trail at {path}", "records": []}
     result = verify_chain(path)
-    records = list(export_records(path, key_id))
+    coverage = check_coverage(path, anchors)
+    records = [
+        {**record, "anchored": record["seq"] <= coverage.covered}
+        for record in export_records(path, key_id)
+    ]
     seq, digest = head(path)
     flagged = [r for r in records if (r["monitor_score"] or 0.0) >= flag_threshold]
     blocked = [r for r in records if r["decision"] == "blocked"]
     return {
-        "status": "OK" if result.ok else "FAILED",
-        "problem": result.problem,
+        "status": "OK" if result.ok and coverage.ok else "FAILED",
+        "problem": result.problem or (coverage.problems[0] if coverage.problems else None),
+        "anchoring": {
+            "verified_against_ledger": coverage.verified,
+            "covered_through": coverage.covered,
+            "problems": coverage.problems,
+            "statement": coverage.lines(),
+        },
         "first_bad_seq": result.first_bad_seq,
         "trail_records": result.records,
         "head": {"seq": seq, "hash": digest},
@@ -139,11 +157,12 @@ def build_evidence(
     owner: OwnerModel,
     verification: Verification | None,
     flag_threshold: float,
+    anchors: AnchorsFile | None = None,
 ) -> dict[str, Any]:
     """Everything the report shows, as JSON-serialisable data."""
     keys = key_section(deploy, key)
     key_id = keys["key"]["key_id"]
-    audit = audit_section(deploy, key_id, flag_threshold)
+    audit = audit_section(deploy, key_id, flag_threshold, anchors)
     request_ids = {r["request_id"] for r in audit["records"] if r.get("request_id")}
     return {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

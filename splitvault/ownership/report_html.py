@@ -73,6 +73,10 @@ def _audit(section: dict[str, Any]) -> str:
             f"{_e(head['seq'])}, hash <code>{_e(head['hash'])}</code> (compare with an anchored "
             "copy).</p>"
         )
+    anchoring = section.get("anchoring")
+    if anchoring:
+        items = "".join(f"<li>{_e(line)}</li>" for line in anchoring["statement"])
+        parts.append(f"<p>Anchoring in the private ledger:</p><ul>{items}</ul>")
     return "".join(parts)
 
 

@@ -99,6 +99,8 @@ def test_a_missing_state_folder_is_created_private(deploy: Path, tmp_path: Path)
     tier = start_private(deploy, env={**ENV, "SPLITVAULT_PRIVATE_STATE_DIR": str(state)})
     try:
         assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700
-        assert list(state.iterdir()) == []  # the write probe is gone
+        # The write probe is gone; only the private ledger (0700) was made there.
+        assert [p.name for p in state.iterdir()] == ["ledger"]
+        assert (state / "ledger").stat().st_mode & 0o777 == 0o700
     finally:
         tier.stop()

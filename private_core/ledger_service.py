@@ -1,0 +1,145 @@
+"""The ``splitvault.v1.PrivateLedger`` gRPC service: decode, call the anchor book, encode.
+
+The identity interceptor already admits only ``allowed_identities``; this service also checks
+the caller against ``anchor_identities`` and records who anchored in each receipt. The ledger's
+state is reported three ways: the health service ``splitvault.v1.PrivateLedger`` (NOT_SERVING
+while the ledger refuses records), the gauge ``splitvault_ledger_ok`` and the logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from private_core.anchors import AnchorBook
+from private_core.auth import peer_identities
+from private_core.ledger import Ledger, LedgerUnavailable
+from protos import inference_pb2, inference_pb2_grpc
+from shared.errors import (
+    AnchorConflict,
+    InternalError,
+    PermissionDenied,
+    SplitVaultError,
+    mapping_for,
+)
+from shared.logs import get_logger
+
+LEDGER_SERVICE = "splitvault.v1.PrivateLedger"
+log = get_logger(__name__)
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass
+class LedgerService:
+    """This replica's ledger, its anchor book (``None`` while the ledger refuses records)."""
+
+    ledger: Ledger
+    book: AnchorBook | None
+
+    @property
+    def recording(self) -> bool:
+        """Whether anchors can be recorded now."""
+        return self.ledger.ok and self.book is not None
+
+    @property
+    def health_status(self) -> Any:
+        """SERVING when anchors can be recorded, else NOT_SERVING."""
+        if self.recording:
+            return health_pb2.HealthCheckResponse.SERVING
+        return health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def close(self) -> None:
+        """Release the ledger's segment."""
+        self.ledger.close()
+
+
+def add_ledger_service(
+    server: grpc.aio.Server,
+    state_dir: Path,
+    replica_id: str | None,
+    identities: Collection[str],
+    registry: CollectorRegistry,
+) -> LedgerService:
+    """Open this replica's ledger (``replica_id``, default the host name) and serve it."""
+    ledger = Ledger.open(state_dir, replica_id or socket.gethostname())
+    book = None
+    if ledger.ok:
+        try:
+            book = AnchorBook.open(ledger)
+        except LedgerUnavailable as error:
+            log.error("ledger_unavailable", reason=error.message)
+    outcomes = Counter(
+        "splitvault_audit_anchors_total",
+        "Audit anchor requests, by outcome (recorded, conflict, refused).",
+        ["outcome"],
+        registry=registry,
+    )
+    service = LedgerService(ledger, book)
+    ok = Gauge("splitvault_ledger_ok", "1 while the private ledger records.", registry=registry)
+    ok.set_function(lambda: 1.0 if service.recording else 0.0)
+    servicer = PrivateLedgerServicer(ledger, book, frozenset(identities), outcomes)
+    inference_pb2_grpc.add_PrivateLedgerServicer_to_server(servicer, server)
+    return service
+
+
+class PrivateLedgerServicer(inference_pb2_grpc.PrivateLedgerServicer):
+    """Implements ``splitvault.v1.PrivateLedger``."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        book: AnchorBook | None,
+        identities: frozenset[str],
+        outcomes: Counter,
+    ) -> None:
+        self._ledger = ledger
+        self._book = book
+        self._identities = identities
+        self._outcomes = outcomes
+
+    async def AnchorAudit(
+        self, request: inference_pb2.AnchorRequest, context: Context
+    ) -> inference_pb2.AnchorReceipt:
+        try:
+            identity = self._identity(context)
+            if self._book is None:
+                raise LedgerUnavailable(
+                    f"the private ledger refuses records: {self._ledger.problem}"
+                )
+            receipt = await asyncio.to_thread(
+                self._book.anchor,
+                request.chain_id,
+                request.seq,
+                request.head,
+                request.record_count,
+                identity,
+            )
+        except SplitVaultError as error:
+            await self._abort(context, error)
+        except Exception:
+            log.exception("audit_anchor_failed", chain_id=request.chain_id, seq=request.seq)
+            await self._abort(context, InternalError("internal error"))
+        else:
+            self._outcomes.labels("recorded").inc()
+            return receipt.to_proto()
+        raise AssertionError("unreachable: abort raises")
+
+    def _identity(self, context: Context) -> str:
+        names = [name for name in peer_identities(context) if name in self._identities]
+        if not names:
+            log.warning("audit_anchor_identity_refused", identities=peer_identities(context))
+            raise PermissionDenied("this identity may not anchor the audit trail")
+        return names[0]
+
+    async def _abort(self, context: Context, error: SplitVaultError) -> None:
+        outcome = "conflict" if isinstance(error, AnchorConflict) else "refused"
+        self._outcomes.labels(outcome).inc()
+        await context.abort(mapping_for(error).grpc_code, error.message)
