@@ -57,6 +57,7 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             front.calibrate(stage)
         service = InferenceService(stages, front, private, max_elements=settings.max_elements)
         protection = build_protection(settings, stages, metrics)
+        await protection.start()
         app.state.splitvault = PublicState(settings, service, private, protection, metrics)
         freeze_startup_objects()  # the front stages stay out of the collector's passes
         log.info("public_tier_ready", models=sorted(stages))
