@@ -70,17 +70,19 @@ def address_links(
     for subject, keys in by_subject.items():
         if subject in crowded:
             continue
-        for a, b in combinations(sorted(keys), 2):
-            shared = sorted(keys[a] & keys[b])
+        first, *others = sorted(keys)  # a star: as connecting as every pair, n - 1 links
+        for other in others:
+            shared = sorted(keys[first] & keys[other])
             kind = "address" if shared else "/64"
-            links[(a, b)] = Link(a, b, kind, shared[0] if shared else subject)
+            links[(first, other)] = Link(first, other, kind, shared[0] if shared else subject)
     for subject, acceptors in by_terms.items():
         if subject in crowded:
             continue
-        users = acceptors | set(by_subject.get(subject, {}))
-        for a, b in combinations(sorted(users), 2):
-            if (a, b) not in links and (a in acceptors or b in acceptors):
-                links[(a, b)] = Link(a, b, "terms", subject)
+        users = sorted(acceptors | set(by_subject.get(subject, {})))
+        for acceptor in sorted(acceptors):
+            pair = (users[0], acceptor) if users[0] != acceptor else (users[0], users[-1])
+            if pair[0] != pair[1] and pair not in links:
+                links[pair] = Link(*pair, "terms", subject)
     return sorted(links.values(), key=lambda link: (link.a, link.b)), sorted(crowded)
 
 

@@ -221,7 +221,8 @@ class KeyGroups:
                 members=list(group.members),
                 score=round(group.score, 3),
                 queries=group.queries,
-                links=list(group.links),
+                links=list(group.links[:10]),
+                link_count=len(group.links),
                 reasons=list(group.reasons),
             )
 
