@@ -8,6 +8,7 @@ import argparse
 import heapq
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from bench.attacks import (
     DAY,
     HOUR,
+    Batch,
     BenignClient,
     NaturalAttacker,
     Pacing,
@@ -65,12 +67,12 @@ class Sim:
     def thief_queries(self) -> int:
         return sum(n for key, n in self.served.items() if key.startswith("thief-"))
 
-    async def run(self, clients: list[tuple[str, str, object]]) -> None:
+    async def run(self, clients: list[tuple[str, str, Any]]) -> None:
         """Each (key, address, client) until done or refused, a group pass every
         ``PASS_EVERY``; every group any pass formed is in ``seen``."""
-        queue = []
+        queue: list[tuple[float, int, str, str, Any, Batch]] = []
         for order, (key, address, client) in enumerate(clients):
-            if (batch := client.next_batch()) is not None:  # type: ignore[attr-defined]
+            if (batch := client.next_batch()) is not None:
                 heapq.heappush(queue, (batch.at, order, key, address, client, batch))
         next_pass = PASS_EVERY
         while queue:
@@ -95,8 +97,8 @@ class Sim:
             self.served[key] = self.served.get(key, 0) + len(batch.images)
             if self.thief_at_flag is None:  # the key's own verdict, before any group acted
                 self.own_levels.setdefault(key, set()).add(own.level)
-            client.receive(batch, answer)  # type: ignore[attr-defined]
-            if (following := client.next_batch()) is not None:  # type: ignore[attr-defined]
+            client.receive(batch, answer)
+            if (following := client.next_batch()) is not None:
                 heapq.heappush(queue, (following.at, order, key, address, client, following))
         await self._pass()
 
@@ -134,7 +136,7 @@ def benchmark_benign(world: World) -> list[BenignClient]:
 async def test_a_thief_spread_over_ten_keys_is_blocked_as_one_group(world: World) -> None:
     sim = make_sim(world)
     benign = benchmark_benign(world)
-    clients: list[tuple[str, str, object]] = [
+    clients: list[tuple[str, str, Any]] = [
         (client.name, f"203.0.{i // 200}.{i % 200 + 1}", client) for i, client in enumerate(benign)
     ]
     clients += [(f"thief-{k}", f"{THIEF_NET}{k + 1:x}", thief(world, k)) for k in range(10)]
@@ -165,7 +167,7 @@ async def test_a_thief_spread_over_ten_keys_is_blocked_as_one_group(world: World
 async def test_keys_sharing_a_crafted_distribution_are_grouped(world: World) -> None:
     sim = make_sim(world)
     shared, other = seeds(world), world.digits.data.test_x[-10:]
-    clients: list[tuple[str, str, object]] = [
+    clients: list[tuple[str, str, Any]] = [
         (
             f"pert-{k}",
             f"198.51.100.{k + 1}",
