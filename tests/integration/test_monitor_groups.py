@@ -50,7 +50,7 @@ def stack(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> I
     addresses |= {f"benign-{k}": f"192.0.2.{k + 1}" for k in range(3)}
     keys = {name: (issue_key(layout, name, accept_terms=False), a) for name, a in addresses.items()}
     env = {
-        **tier_env(monitor_action="block", group_interval_s=0.5),
+        **tier_env(monitor_action="block", groups_enabled=True, group_interval_s=0.5),
         "SPLITVAULT_PUBLIC_TRUSTED_PROXIES": '["127.0.0.1"]',
     }
     private = start_private(root, env=tier_env())
