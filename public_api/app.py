@@ -66,6 +66,7 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             settings.protection.audit_anchor,
             metrics.registry,
         )
+        await protection.start()
         app.state.splitvault = PublicState(settings, service, private, protection, metrics)
         freeze_startup_objects()  # the front stages stay out of the collector's passes
         log.info("public_tier_ready", models=sorted(stages))

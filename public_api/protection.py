@@ -30,6 +30,7 @@ from public_api.key_cache import KeyCache, KnownCaller
 from public_api.keys import ApiKey, KeyStore, hash_token
 from public_api.metrics import PublicMetrics
 from public_api.monitor import Assessment, ExtractionMonitor
+from public_api.monitor.groups import KeyGroups
 from public_api.protection_settings import LimitSettings, ProtectionSettings
 from public_api.ratelimit import LimitPolicy, RateLimiter, policy_header, ratelimit_headers
 from public_api.service import InferenceOutcome
@@ -79,6 +80,7 @@ class Protection:
         audit: AuditTrail | None,
         metrics: PublicMetrics,
         key_cache: KeyCache | None = None,
+        groups: KeyGroups | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -88,6 +90,12 @@ class Protection:
         self.monitor = monitor
         self.audit = audit
         self.metrics = metrics
+        self.groups = groups
+
+    async def start(self) -> None:
+        """Start the background work: the key groups' periodic pass."""
+        if self.groups is not None:
+            await self.groups.start()
 
     async def authenticate(self, authorization: str | None, client: str) -> Caller:
         """The caller behind an ``Authorization: Bearer KEY`` header (401 if required and bad)."""
@@ -190,6 +198,8 @@ class Protection:
             )
             score = assessment.score
             self.metrics.set_risk(caller.key.key_id, assessment.score)
+            if self.groups is not None:
+                self.groups.note(caller.key.key_id, caller.client)
         self.metrics.observe_front(model, outcome.front_seconds)
         self.metrics.observe_private_call(model, outcome.private_seconds)
         self._audit(
@@ -245,6 +255,8 @@ class Protection:
 
     async def close(self) -> None:
         """Flush the audit trail and close the stores."""
+        if self.groups is not None:
+            await self.groups.close()
         await self.limiter.close()
         if self.audit is not None:
             await asyncio.to_thread(self.audit.close)

@@ -21,6 +21,8 @@ from public_api.monitor import (
 )
 from public_api.monitor.cli import MONITOR_DB
 from public_api.monitor.decisions import KeyStoreDecisions
+from public_api.monitor.groups import KeyGroups
+from public_api.monitor.groups_factory import build_groups
 from public_api.protection import Protection
 from public_api.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from public_api.settings import PublicSettings
@@ -36,15 +38,21 @@ def build_protection(
     config = settings.protection
     private_dir(settings.state_dir)
     keys = SqliteKeyStore(settings.state_dir / KEYS_DB) if config.require_api_key else None
+    monitor = _monitor(settings, stages, keys)
+    groups: KeyGroups | None = None
+    if monitor is not None and config.groups_enabled:
+        redis_url = _redis_url(settings) if config.rate_limit_backend == "redis" else None
+        groups = build_groups(config, monitor, keys, metrics, settings.state_dir, redis_url)
     return Protection(
         config,
         keys=keys,
         terms=_terms(settings),
         limiter=_limiter(settings),
-        monitor=_monitor(settings, stages, keys),
+        monitor=monitor,
         audit=_audit(settings) if config.audit_enabled else None,
         metrics=metrics,
         key_cache=KeyCache(ttl_s=config.key_cache_s),
+        groups=groups,
     )
 
 

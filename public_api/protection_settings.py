@@ -51,6 +51,14 @@ class ProtectionSettings(BaseModel):
     monitor_enabled: bool = True
     monitor_action: Literal["record", "alert", "throttle", "block"] = "block"
     throttle_factor: float = Field(default=0.1, gt=0, le=1)
+    # Sybil key groups (public_api/monitor/groups.py): every ``group_interval_s`` seconds the
+    # keys served in the last ``group_window_s`` seconds that share an address, a /64, a terms
+    # address or a crafted query distribution are scored together and acted on together; an
+    # address shared by more than ``group_crowd`` keys (a proxy, a carrier NAT) links none.
+    groups_enabled: bool = True
+    group_interval_s: float = Field(default=30.0, gt=0, le=3600)
+    group_window_s: float = Field(default=7 * 86400.0, gt=0, le=90 * 86400.0)
+    group_crowd: int = Field(default=50, ge=2)
     audit_enabled: bool = True
     # When the audit trail cannot write (disk full, read-only, locked): "refuse" answers 503 at
     # once; "buffer" keeps serving while at most ``audit_buffer_max`` records wait in memory,

@@ -1,9 +1,11 @@
-"""``splitvault monitor show|clear``: each key's extraction risk, read from the public tier's log.
+"""``splitvault monitor show|clear|block|throttle``: extraction risk per key and per key group.
 
 The public tier writes every key's latest assessment to ``DEPLOY/public/state/monitor.sqlite3``
-(on a level change, else at most every few seconds). ``clear`` leaves a request in that file;
-the serving tier picks it up within ``MonitorConfig.clear_poll_s`` seconds (or when it next
-starts), resets the key's statistics and lifts its block or throttle.
+(on a level change, else at most every few seconds), and its key groups after each group pass
+(``show --groups``). ``clear`` leaves a request in that file; the serving tier picks it up
+within ``MonitorConfig.clear_poll_s`` seconds (or when it next starts), resets the key's
+statistics and lifts its block or throttle. ``block``, ``throttle`` and ``clear --group`` leave
+an order the next group pass carries out on every member (or on one key).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import datetime as dt
 from pathlib import Path
 
+from public_api.monitor.group_log import GroupLog, read_groups
 from public_api.monitor.store import SqliteAssessmentLog, read_assessments
 
 __all__ = ["MONITOR_DB", "add_monitor_commands", "monitor_log_path", "read_assessments"]
@@ -34,14 +37,24 @@ def add_monitor_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     show = actions.add_parser("show", help="each key's score, level and reasons")
     show.add_argument("--deploy", required=True, type=Path)
     show.add_argument("--key", metavar="KEY_ID", help="only this key")
+    show.add_argument("--groups", action="store_true", help="key groups instead of keys")
     show.set_defaults(run=_show)
-    clear = actions.add_parser("clear", help="reset a key's statistics and lift a block")
-    clear.add_argument("--deploy", required=True, type=Path)
-    clear.add_argument("key", metavar="KEY_ID")
-    clear.set_defaults(run=_clear)
+    for action, what in (
+        ("clear", "reset the statistics of a key or a group's keys and lift a block"),
+        ("block", "block a key or every key of a group (until cleared)"),
+        ("throttle", "throttle a key or every key of a group (until cleared)"),
+    ):
+        command = actions.add_parser(action, help=what)
+        command.add_argument("--deploy", required=True, type=Path)
+        target = command.add_mutually_exclusive_group(required=True)
+        target.add_argument("key", metavar="KEY_ID", nargs="?")
+        target.add_argument("--group", metavar="GROUP_ID", help="a group from show --groups")
+        command.set_defaults(run=_clear if action == "clear" else _order, order=action)
 
 
 def _show(args: argparse.Namespace) -> int:
+    if args.groups:
+        return _show_groups(args)
     assessments = read_assessments(monitor_log_path(args.deploy), args.key)
     if not assessments:
         print("no assessments" + (f" for key {args.key}" if args.key else ""))
@@ -55,7 +68,48 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_groups(args: argparse.Namespace) -> int:
+    groups = read_groups(monitor_log_path(args.deploy))
+    if args.key is not None:
+        groups = [group for group in groups if args.key in group.members]
+    if not groups:
+        print("no key groups" + (f" with key {args.key}" if args.key else ""))
+        return 0
+    print(f"{'GROUP':<14} {'SCORE':>5}  {'LEVEL':<9} {'QUERIES':>9} {'KEYS':>5}  UPDATED (UTC)")
+    for group in groups:
+        when = dt.datetime.fromtimestamp(group.updated_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        print(
+            f"{group.group_id:<14} {group.score:>5.2f}  {group.level:<9} {group.queries:>9,} "
+            f"{len(group.members):>5}  {when}"
+        )
+        print(f"    members: {', '.join(group.members)}")
+        for link in group.links:
+            print(f"    link {link}")
+        for reason in group.reasons:
+            print(f"    {reason}")
+    return 0
+
+
+def _order(args: argparse.Namespace) -> int:
+    path = monitor_log_path(args.deploy)
+    members: tuple[str, ...] = (args.key,)
+    if args.group is not None:
+        found = [group for group in read_groups(path) if group.group_id == args.group]
+        if not found:
+            print(f"no key group {args.group} (see: splitvault monitor show --groups)")
+            return 1
+        members = found[0].members
+    GroupLog(path).order(args.order, args.group or args.key, members)
+    print(
+        f"{args.order} ordered for {args.group or args.key} ({len(members)} key(s)): a running "
+        "public tier applies it at its next group pass"
+    )
+    return 0
+
+
 def _clear(args: argparse.Namespace) -> int:
+    if args.group is not None:
+        return _order(args)
     SqliteAssessmentLog(monitor_log_path(args.deploy)).request_clear(args.key)
     print(
         f"clear requested for {args.key}: a running public tier applies it within seconds "

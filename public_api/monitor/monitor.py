@@ -336,6 +336,74 @@ class ExtractionMonitor:
         if assessment.level in ("throttled", "blocked"):
             log.warning(f"extraction_{assessment.level}", **fields)
 
+    # Key groups (public_api/monitor/groups.py) read states and raise levels through these.
+
+    async def state_bytes(self, key_id: str) -> bytes | None:
+        """``key_id``'s serialized state as stored (None if it has none)."""
+        return await self._store.get(key_id)
+
+    def judge(self, state: KeyState, now: float) -> tuple[float, list[str], Level]:
+        """Score ``state`` (e.g. a key group's merged state) as ``observe`` scores a key's."""
+        best: tuple[float, list[str]] = (0.0, [])
+        for model, model_state in state.models.items():
+            found = self._signals(model_state, _Request(model, {}, {}, None, (), now))
+            score = min(1.0, sum(self._weight(s) * s.value for s in found))
+            ranked = sorted(found, key=lambda s: self._weight(s) * s.value, reverse=True)
+            if score >= best[0]:
+                best = (score, [s.reason for s in ranked if s.value > 0])
+        state.score, state.reasons = best
+        return best[0], best[1], level_of(self._level_for(state, "ok"))
+
+    async def escalate(
+        self,
+        key_id: str,
+        level: Level,
+        score: float,
+        reasons: Sequence[str],
+        *,
+        force: bool = False,
+    ) -> Assessment | None:
+        """Set ``key_id`` to ``level`` for a reason outside its own statistics (its group's
+        score, an operator's order), as ``observe`` would: the gate refuses a blocked key and
+        throttles a throttled one. Never lowers a level unless ``force``; None if unchanged."""
+        now = self._clock()
+        async with self._locks[zlib.crc32(key_id.encode()) % LOCK_STRIPES]:
+            for attempt in range(1, self.config.cas_attempts + 1):
+                found, decided = await asyncio.gather(self._read(key_id), self._decided(key_id))
+                try:
+                    state = load_state(None if found is None else found.data)
+                except UnreadableState as error:
+                    raise _unreadable(key_id, error) from error
+                previous = higher(level_of(state.level), decided)
+                rank = LEVELS.index
+                if previous == level or (rank(previous) > rank(level) and not force):
+                    return None
+                state.level, state.score = level, max(state.score, score)
+                state.reasons = [*reasons, *state.reasons][:8]
+                state.updated_at = state.logged_at = now
+                state.logged_level = level
+                if self._decisions is not None:
+                    if decided is not None and rank(decided) > rank(level):
+                        await self._decisions.lift(key_id)  # an operator's milder order
+                    if level in _LASTING:
+                        await self._decisions.decide(key_id, level)
+                version = None if found is None else found.version
+                if await self._store.swap(key_id, version, state.to_bytes()):
+                    break
+                await asyncio.sleep(
+                    _JITTER.uniform(0, self.config.cas_backoff_s * 2 ** min(attempt, 6))
+                )
+            else:
+                raise Unavailable(
+                    "the monitor could not record this decision in time; retry", retry_after_s=1
+                )
+        assessment = Assessment(
+            key_id, state.score, level, tuple(state.reasons), state.queries, now
+        )
+        if self._log is not None:
+            await self._log.record(assessment)
+        return assessment
+
 
 @dataclass(frozen=True)
 class _Request:

@@ -30,6 +30,8 @@ OPEN_PROTECTION: dict[str, object] = {
     "ip_limits__rate_per_s": 100000,
     "ip_limits__burst": 100000,
     "monitor_action": "record",
+    # Every test client is 127.0.0.1, so all of a tier's keys would form one key group.
+    "groups_enabled": False,
 }
 
 
