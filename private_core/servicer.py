@@ -10,7 +10,7 @@ from private_core.metrics import PrivateMetrics
 from private_core.model_store import ModelStore
 from private_core.runner import BackStageRunner
 from protos import inference_pb2, inference_pb2_grpc
-from shared.errors import InternalError, SplitVaultError, mapping_for
+from shared.errors import InternalError, SplitVaultError, grpc_trailers, mapping_for
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -44,7 +44,7 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
         """Count the call under the error's code (``ERROR_TABLE``) and end it with that code."""
         code = mapping_for(error).grpc_code
         self._metrics.observe_request(model, code)
-        await context.abort(code, error.message)
+        await context.abort(code, error.message, grpc_trailers(error))
 
     async def ModelStatus(
         self, request: inference_pb2.ModelStatusRequest, context: Context

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -97,4 +98,6 @@ class PrivateTierClient:
 
 def _mapped(error: grpc.aio.AioRpcError) -> SplitVaultError:
     """The call's status as an error, by the one table (``shared.errors.FROM_GRPC``)."""
-    return error_from_grpc(error.code(), error.details() or "")
+    metadata: Any = error.trailing_metadata() or ()  # grpc.aio.Metadata: (key, value) pairs
+    trailers = [(str(key), value) for key, value in metadata]
+    return error_from_grpc(error.code(), error.details() or "", trailers)
