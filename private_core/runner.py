@@ -101,7 +101,9 @@ class BackStageRunner:
         """Check one request, run it in a batch and restrict its answer."""
         stage = self._store.get(request.model)
         arrays = _decode(request)
-        sizes = check_tensors(stage.manifest.inputs, arrays, float_transport=True)
+        sizes = check_tensors(
+            stage.manifest.inputs, arrays, transport=stage.config.transport_datatype
+        )
         batch = sizes.get(BATCH_DIM, 0)
         if batch > stage.config.max_batch_size:
             raise InvalidInput(
