@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-PUBLIC_IDENTITY = "splitvault-public"
+PUBLIC_IDENTITY = "splitvault-public"  # the public server's CN, and the single client CN of
+# deployments made before per-replica identities
+PUBLIC_REPLICA_PREFIX = "splitvault-public-"  # client CN of public replica N: PREFIX + N
 PRIVATE_IDENTITY = "splitvault-private"
 FRONT_FILE = "front.pt2"
 BACK_FILE = "back.pt2.enc"

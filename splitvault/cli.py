@@ -139,6 +139,7 @@ def _pack(args: argparse.Namespace) -> int:
 
 
 def _serve_private(args: argparse.Namespace) -> int:
+    from private_core.admission_store import AdmissionStateError
     from private_core.server import serve
     from private_core.settings import PrivateSettings
     from private_core.state import StateUnwritable
@@ -156,8 +157,8 @@ def _serve_private(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, tier="private")
     try:
         asyncio.run(serve(settings))
-    except StateUnwritable:
-        return 1  # logged as private_state_unwritable
+    except (StateUnwritable, AdmissionStateError):
+        return 1  # logged as private_state_unwritable or admission_state_unreadable
     return 0
 
 
