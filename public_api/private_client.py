@@ -40,8 +40,8 @@ class PrivateTierClient:
         tier = TierDir(settings.tier_dir)
         credentials = grpc.ssl_channel_credentials(
             root_certificates=tier.ca_cert.read_bytes(),
-            private_key=(tier.tls / "client.key").read_bytes(),
-            certificate_chain=(tier.tls / "client.crt").read_bytes(),
+            private_key=(settings.client_tls / "client.key").read_bytes(),
+            certificate_chain=(settings.client_tls / "client.crt").read_bytes(),
         )
         limit = max_message_bytes or settings.max_message_mb * 1024 * 1024
         self._channel = grpc.aio.secure_channel(
