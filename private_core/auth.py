@@ -1,7 +1,8 @@
 """Authorise callers by their client-certificate identity, after the mTLS handshake.
 
 The TLS layer already checked that the certificate chains to the private CA; this interceptor
-checks *who* it is: only the public tier's identity may call inference, and the health service
+checks *who* it is: only the public tier's identities may call inference (named, or by a prefix:
+each public replica has its own, ``splitvault-public-1``, ``-2``, ...), and the health service
 also admits the private tier's own identity (its container healthcheck). It guards handlers
 with a single request (unary-unary, unary-stream); any other kind of handler is refused for
 every caller, so a streaming-request RPC registered later cannot bypass the check.
@@ -10,7 +11,8 @@ every caller, so a streaming-request RPC registered later cannot bypass the chec
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -29,12 +31,40 @@ def peer_identities(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
     return [value.decode("utf-8", "replace") for value in auth.get("x509_common_name", [])]
 
 
+@dataclass(frozen=True)
+class IdentityRule:
+    """Certificate CNs admitted: these ``names``, and any name that starts with a ``prefix``.
+
+    Only the deployment's own CA issues the certificates the TLS layer accepts, so a prefix
+    admits exactly the replicas the operator issued (``splitvault certs add-public``).
+    """
+
+    names: frozenset[str]
+    prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, rule: IdentityRule | Collection[str]) -> IdentityRule:
+        """``rule`` itself, or a rule admitting exactly the names given."""
+        return rule if isinstance(rule, IdentityRule) else cls(frozenset(rule))
+
+    def match(self, identities: Iterable[str]) -> str | None:
+        """The first of ``identities`` this rule admits, or None."""
+        for name in identities:
+            if name in self.names or any(name.startswith(p) for p in self.prefixes if p):
+                return name
+        return None
+
+
 class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Refuse any RPC whose client certificate is not an allowed identity for that method."""
 
-    def __init__(self, allowed: Collection[str], health_allowed: Collection[str]) -> None:
-        self._allowed = frozenset(allowed)
-        self._health_allowed = frozenset(health_allowed)
+    def __init__(
+        self,
+        allowed: IdentityRule | Collection[str],
+        health_allowed: IdentityRule | Collection[str],
+    ) -> None:
+        self._allowed = IdentityRule.of(allowed)
+        self._health_allowed = IdentityRule.of(health_allowed)
 
     async def intercept_service(
         self,
@@ -54,10 +84,10 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: SplitVaultE
     await context.abort(mapping_for(error).grpc_code, error.message)
 
 
-def _guarded(handler: Handler, allowed: frozenset[str], method: str) -> Any:
+def _guarded(handler: Handler, allowed: IdentityRule, method: str) -> Any:
     async def check(context: grpc.aio.ServicerContext[Any, Any]) -> None:
         names = peer_identities(context)
-        if not allowed.intersection(names):
+        if allowed.match(names) is None:
             log.warning("caller_refused", method=method, identities=names, peer=context.peer())
             await _abort(context, PermissionDenied("client identity not allowed"))
 

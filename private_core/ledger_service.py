@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from private_core.anchors import AnchorBook
-from private_core.auth import peer_identities
+from private_core.auth import IdentityRule, peer_identities
 from private_core.ledger import Ledger, LedgerUnavailable
 from protos import inference_pb2, inference_pb2_grpc
 from shared.errors import (
@@ -65,7 +65,7 @@ def add_ledger_service(
     server: grpc.aio.Server,
     state_dir: Path,
     replica_id: str | None,
-    identities: Collection[str],
+    identities: IdentityRule | Collection[str],
     registry: CollectorRegistry,
 ) -> LedgerService:
     """Open this replica's ledger (``replica_id``, default the host name) and serve it."""
@@ -85,7 +85,7 @@ def add_ledger_service(
     service = LedgerService(ledger, book)
     ok = Gauge("splitvault_ledger_ok", "1 while the private ledger records.", registry=registry)
     ok.set_function(lambda: 1.0 if service.recording else 0.0)
-    servicer = PrivateLedgerServicer(ledger, book, frozenset(identities), outcomes)
+    servicer = PrivateLedgerServicer(ledger, book, IdentityRule.of(identities), outcomes)
     inference_pb2_grpc.add_PrivateLedgerServicer_to_server(servicer, server)
     return service
 
@@ -97,7 +97,7 @@ class PrivateLedgerServicer(inference_pb2_grpc.PrivateLedgerServicer):
         self,
         ledger: Ledger,
         book: AnchorBook | None,
-        identities: frozenset[str],
+        identities: IdentityRule,
         outcomes: Counter,
     ) -> None:
         self._ledger = ledger
@@ -133,11 +133,11 @@ class PrivateLedgerServicer(inference_pb2_grpc.PrivateLedgerServicer):
         raise AssertionError("unreachable: abort raises")
 
     def _identity(self, context: Context) -> str:
-        names = [name for name in peer_identities(context) if name in self._identities]
-        if not names:
+        identity = self._identities.match(peer_identities(context))
+        if identity is None:
             log.warning("audit_anchor_identity_refused", identities=peer_identities(context))
             raise PermissionDenied("this identity may not anchor the audit trail")
-        return names[0]
+        return identity
 
     async def _abort(self, context: Context, error: SplitVaultError) -> None:
         outcome = "conflict" if isinstance(error, AnchorConflict) else "refused"

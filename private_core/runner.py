@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from private_core.admission import Admission, Caller
 from private_core.batcher import BatchSettings, DynamicBatcher
 from private_core.metrics import PrivateMetrics
 from private_core.model_store import BackStage, ModelStore
@@ -26,7 +27,7 @@ from private_core.policy import restrict
 from private_core.settings import PrivateSettings
 from private_core.watermark.engine import QueryContext
 from protos import inference_pb2
-from shared.errors import InvalidInput
+from shared.errors import InternalError, InvalidInput
 from shared.logs import get_logger
 from shared.manifest import (
     BATCH_DIM,
@@ -80,9 +81,17 @@ Batcher = DynamicBatcher[BackRequest, dict[str, Any]]
 class BackStageRunner:
     """Answers ``InferRequest`` messages with policy-restricted outputs, batching concurrent ones."""
 
-    def __init__(self, store: ModelStore, batcher: Batcher, *, pad: bool = True) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        batcher: Batcher,
+        *,
+        pad: bool = True,
+        admission: Admission | None = None,
+    ) -> None:
         self._store = store
         self._batcher = batcher
+        self._admission = admission
         self._plans: dict[str, BatchPlan] = {}
         for name, stage in store.loaded.items():
             plan = plan_batching(stage, pad=pad)
@@ -97,16 +106,22 @@ class BackStageRunner:
                 padded=sorted(plan.padded),
             )
 
-    async def infer(self, request: inference_pb2.InferRequest) -> inference_pb2.InferResponse:
-        """Check one request, run it in a batch and restrict its answer."""
+    async def infer(
+        self, request: inference_pb2.InferRequest, caller: Caller | None = None
+    ) -> inference_pb2.InferResponse:
+        """Check one request, count it against ``caller``'s budgets, run it in a batch and
+        restrict its answer. A bad or refused request never reaches the batcher."""
         stage = self._store.get(request.model)
         arrays = _decode(request)
-        sizes = check_tensors(stage.manifest.inputs, arrays, float_transport=True)
+        sizes = check_tensors(
+            stage.manifest.inputs, arrays, transport=stage.config.transport_datatype
+        )
         batch = sizes.get(BATCH_DIM, 0)
         if batch > stage.config.max_batch_size:
             raise InvalidInput(
                 f"batch {batch} exceeds this model's limit {stage.config.max_batch_size}"
             )
+        self._admit(caller, request.model, max(batch, 1))
         plan = self._plans[request.model]
         job = BackRequest(arrays, sizes, batch, int(request.top_k), QueryContext.of(request))
         outputs = await self._batcher.submit(
@@ -117,6 +132,13 @@ class BackStageRunner:
             outputs=[to_proto(name, value) for name, value in outputs.items()],
             policy=stage.config.policy.kind,
         )
+
+    def _admit(self, caller: Caller | None, model: str, samples: int) -> None:
+        if self._admission is None:
+            return
+        if caller is None:  # fail closed: a call with budgets but no identity is a bug
+            raise InternalError("no caller identity to count the request against")
+        self._admission.admit(caller, model, samples)
 
 
 def _decode(request: inference_pb2.InferRequest) -> dict[str, Any]:
@@ -304,7 +326,11 @@ def message_limit(configured_bytes: int, stages: Mapping[str, BackStage]) -> int
 
 
 def build_runner(
-    store: ModelStore, executor: Executor, metrics: PrivateMetrics, settings: PrivateSettings
+    store: ModelStore,
+    executor: Executor,
+    metrics: PrivateMetrics,
+    settings: PrivateSettings,
+    admission: Admission | None = None,
 ) -> tuple[BackStageRunner, Batcher]:
     """The runner and its batcher, configured from the tier's settings."""
 
@@ -319,4 +345,5 @@ def build_runner(
         concurrent_batches=settings.concurrent_batches,
     )
     batcher: Batcher = DynamicBatcher(executor, batch_settings, observe)
-    return BackStageRunner(store, batcher, pad=settings.pad_batches), batcher
+    runner = BackStageRunner(store, batcher, pad=settings.pad_batches, admission=admission)
+    return runner, batcher

@@ -14,7 +14,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
-from private_core.auth import IdentityInterceptor
+from private_core.auth import IdentityInterceptor, IdentityRule
+from private_core.budgets import Budgets
 from private_core.hardening import protect_process_memory
 from private_core.ledger_service import LEDGER_SERVICE, LedgerService, add_ledger_service
 from private_core.metrics import PrivateMetrics, start_metrics_server
@@ -49,6 +50,7 @@ class PrivateServer:
     metrics_port: int | None
     batcher: Batcher | None = None
     ledger: LedgerService | None = None
+    budgets: Budgets | None = None
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace_s``, then stop."""
@@ -56,6 +58,8 @@ class PrivateServer:
         await self.server.stop(grace_s)
         if self.batcher is not None:
             await self.batcher.close()
+        if self.budgets is not None:
+            await self.budgets.close()
         self.executor.shutdown(wait=True)
         self.metrics.stop()
         if self.ledger is not None:
@@ -85,9 +89,19 @@ def server_credentials(tier: TierDir) -> grpc.ServerCredentials:
     )
 
 
+def identity_rules(settings: PrivateSettings) -> tuple[IdentityRule, IdentityRule]:
+    """Who may call inference, and who the health service: the public replicas (by name or
+    prefix) for both, and ``health_identities`` too for health."""
+    prefixes = tuple(settings.allowed_identity_prefixes)
+    inference = IdentityRule(frozenset(settings.allowed_identities), prefixes)
+    health = IdentityRule(inference.names | set(settings.health_identities), prefixes)
+    return inference, health
+
+
 async def build_server(settings: PrivateSettings) -> PrivateServer:
     """Check the state folder, load the models, then bind and start the server (port 0 binds
-    a free port). ``StateUnwritable`` (logged) when the state folder cannot be written."""
+    a free port). ``StateUnwritable`` (logged) when the state folder cannot be written,
+    ``AdmissionStateError`` (logged) when its admission counters cannot be read."""
     require_writable_state(settings.state_dir)
     configure_torch_threads(settings.torch_threads, settings.torch_interop_threads)
     tier = TierDir(settings.tier_dir)
@@ -100,22 +114,26 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     metrics.set_models_loaded(len(store.loaded))
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="back-stage")
     limit = message_limit(settings.max_message_mb * 1024 * 1024, store.loaded)
+    identities, health_identities = identity_rules(settings)
     server = grpc.aio.server(
-        interceptors=[IdentityInterceptor(settings.allowed_identities, settings.health_identities)],
+        interceptors=[IdentityInterceptor(identities, health_identities)],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ],
     )
-    runner, batcher = build_runner(store, executor, metrics, settings)
+    budgets = Budgets.open(settings, metrics)
+    runner, batcher = build_runner(store, executor, metrics, settings, budgets.admission)
     inference_pb2_grpc.add_PrivateInferenceServicer_to_server(
-        PrivateInferenceServicer(store, runner, metrics), server
+        PrivateInferenceServicer(store, runner, metrics, identities), server
     )
     ledger = add_ledger_service(
         server,
         settings.state_dir,
         settings.replica_id,
-        settings.anchor_identities,
+        IdentityRule(
+            frozenset(settings.anchor_identities), tuple(settings.allowed_identity_prefixes)
+        ),
         metrics.registry,
     )
     health_servicer = health_aio.HealthServicer()
@@ -138,8 +156,18 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
         models=sorted(store.loaded),
         failed=sorted(store.failed),
     )
+    budgets.start()
     return PrivateServer(
-        server, port, health_servicer, store, executor, metrics, metrics_port, batcher, ledger
+        server,
+        port,
+        health_servicer,
+        store,
+        executor,
+        metrics,
+        metrics_port,
+        batcher,
+        ledger=ledger,
+        budgets=budgets,
     )
 
 

@@ -6,11 +6,19 @@ from typing import Any
 
 import grpc
 
+from private_core.admission import Caller
+from private_core.auth import IdentityRule, peer_identities
 from private_core.metrics import PrivateMetrics
 from private_core.model_store import ModelStore
 from private_core.runner import BackStageRunner
 from protos import inference_pb2, inference_pb2_grpc
-from shared.errors import InternalError, SplitVaultError, mapping_for
+from shared.errors import (
+    InternalError,
+    PermissionDenied,
+    SplitVaultError,
+    grpc_trailers,
+    mapping_for,
+)
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -20,16 +28,25 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
     """Implements ``splitvault.v1.PrivateInference``."""
 
-    def __init__(self, store: ModelStore, runner: BackStageRunner, metrics: PrivateMetrics) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        runner: BackStageRunner,
+        metrics: PrivateMetrics,
+        identities: IdentityRule | None = None,
+    ) -> None:
+        """``identities``: the rule the interceptor admitted callers by; it names the identity
+        each call is counted against (None: calls are not counted)."""
         self._store = store
         self._runner = runner
         self._metrics = metrics
+        self._identities = identities
 
     async def Infer(
         self, request: inference_pb2.InferRequest, context: Context
     ) -> inference_pb2.InferResponse:
         try:
-            response = await self._runner.infer(request)
+            response = await self._runner.infer(request, self._caller(request, context))
         except SplitVaultError as error:
             await self._abort(context, request.model, error)
         except Exception:
@@ -40,11 +57,21 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
             return response
         raise AssertionError("unreachable: abort raises")
 
+    def _caller(self, request: inference_pb2.InferRequest, context: Context) -> Caller | None:
+        """Who this call counts against: the admitted certificate identity and the key id the
+        public tier asserts. Requests carry no customer signature yet: unsigned."""
+        if self._identities is None:
+            return None
+        identity = self._identities.match(peer_identities(context))
+        if identity is None:  # the interceptor admitted it; fail closed all the same
+            raise PermissionDenied("client identity not allowed")
+        return Caller(identity=identity, key_id=request.key_id)
+
     async def _abort(self, context: Context, model: str, error: SplitVaultError) -> None:
         """Count the call under the error's code (``ERROR_TABLE``) and end it with that code."""
         code = mapping_for(error).grpc_code
         self._metrics.observe_request(model, code)
-        await context.abort(code, error.message)
+        await context.abort(code, error.message, grpc_trailers(error))
 
     async def ModelStatus(
         self, request: inference_pb2.ModelStatusRequest, context: Context

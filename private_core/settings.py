@@ -8,7 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.layout import PRIVATE_IDENTITY, PUBLIC_IDENTITY, DeployLayout
+from private_core.admission_settings import AdmissionSettings
+from shared.layout import PRIVATE_IDENTITY, PUBLIC_IDENTITY, PUBLIC_REPLICA_PREFIX, DeployLayout
 from shared.settings import TierSettings, configured_state_dir
 
 ENV_PREFIX = "SPLITVAULT_PRIVATE_"
@@ -17,7 +18,9 @@ ENV_PREFIX = "SPLITVAULT_PRIVATE_"
 class PrivateSettings(TierSettings):
     """Where the private tier's folder and KEK are, how it listens and whom it serves."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid"
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
@@ -28,6 +31,12 @@ class PrivateSettings(TierSettings):
     health_identities: list[str] = Field(
         default_factory=lambda: [PUBLIC_IDENTITY, PRIVATE_IDENTITY]
     )
+    # Per-replica public identities (splitvault init --public-replicas, certs add-public):
+    # any CN starting with one of these is admitted to inference and health, as well as the
+    # names above ("splitvault-public" is the one identity of deployments made before).
+    allowed_identity_prefixes: list[str] = Field(default_factory=lambda: [PUBLIC_REPLICA_PREFIX])
+    # Budgets in samples per identity, unsigned traffic and key (private_core/admission.py).
+    admission: AdmissionSettings = AdmissionSettings()
     torch_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), ge=1)
     # Keep torch_threads x concurrent_batches within the cores this tier may use: OpenMP
     # threads spin-wait on each other, so oversubscribed cores (another tier, other batches)
@@ -65,6 +74,12 @@ class PrivateSettings(TierSettings):
     def _needs_a_kek(self) -> PrivateSettings:
         if self.kek_file is None and self.kek is None:
             raise ValueError("no KEK: set kek_file or provide the secret 'kek'")
+        return self
+
+    @model_validator(mode="after")
+    def _no_empty_prefix(self) -> PrivateSettings:
+        if any(not prefix for prefix in self.allowed_identity_prefixes):
+            raise ValueError("an empty allowed_identity_prefixes entry would admit any identity")
         return self
 
 

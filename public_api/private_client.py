@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -39,8 +40,8 @@ class PrivateTierClient:
         tier = TierDir(settings.tier_dir)
         credentials = grpc.ssl_channel_credentials(
             root_certificates=tier.ca_cert.read_bytes(),
-            private_key=(tier.tls / "client.key").read_bytes(),
-            certificate_chain=(tier.tls / "client.crt").read_bytes(),
+            private_key=(settings.client_tls / "client.key").read_bytes(),
+            certificate_chain=(settings.client_tls / "client.crt").read_bytes(),
         )
         limit = max_message_bytes or settings.max_message_mb * 1024 * 1024
         self._channel = grpc.aio.secure_channel(
@@ -113,4 +114,6 @@ class PrivateTierClient:
 
 def _mapped(error: grpc.aio.AioRpcError) -> SplitVaultError:
     """The call's status as an error, by the one table (``shared.errors.FROM_GRPC``)."""
-    return error_from_grpc(error.code(), error.details() or "")
+    metadata: Any = error.trailing_metadata() or ()  # grpc.aio.Metadata: (key, value) pairs
+    trailers = [(str(key), value) for key, value in metadata]
+    return error_from_grpc(error.code(), error.details() or "", trailers)

@@ -82,7 +82,7 @@ def serve(settings: PublicSettings) -> None:
         metrics_port=metrics_port,
         trusted_proxies=settings.trusted_proxies,
     )
-    own = [tier.tls / "client.crt", tier.ca_cert]
+    own = [settings.client_tls / "client.crt", tier.ca_cert]
     own += [] if settings.insecure_http else [tier.tls / "server.crt"]
     stop_watch = watch_certificates(own, settings.cert_warning_days)
     # uvicorn drains, then re-raises the SIGTERM it caught; with this handler that ends in a

@@ -32,6 +32,10 @@ class PublicSettings(TierSettings):
     private_addresses: list[str] = Field(min_length=1)
     # The name the private tier's certificate is checked against, whatever address is dialled.
     private_server_name: str = PRIVATE_IDENTITY
+    # This replica's client certificate for the private tier (client.crt, client.key), whose
+    # CN the private tier counts budgets against: tls/ of the tier folder by default; another
+    # replica mounts its own (`splitvault certs add-public`) and names the folder here.
+    client_tls_dir: Path | None = None
     # Serve plain HTTP: only behind a TLS-terminating proxy, and only when asked for.
     insecure_http: bool = False
     # Proxies (IP addresses or CIDR networks) whose X-Forwarded-For and X-Forwarded-Proto are
@@ -68,6 +72,11 @@ class PublicSettings(TierSettings):
     # Log certificate_expiring when a certificate this tier loaded expires within this many days.
     cert_warning_days: float = Field(default=30.0, ge=0)
     protection: ProtectionSettings = ProtectionSettings()
+
+    @property
+    def client_tls(self) -> Path:
+        """The folder of this replica's client certificate and key."""
+        return self.client_tls_dir or self.tier_dir / "tls"
 
     @property
     def terms_file(self) -> Path:

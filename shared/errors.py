@@ -9,10 +9,12 @@
     │   └── KeyBlocked        403
     ├── ModelNotFound         404  NOT_FOUND
     ├── RateLimited           429  RESOURCE_EXHAUSTED
-    │   └── QuotaExceeded     429
+    │   ├── QuotaExceeded     429
+    │   └── KeyBudgetExhausted        429  RESOURCE_EXHAUSTED, reason "key_budget"
     ├── Unavailable           503  UNAVAILABLE
     │   ├── ModelNotReady     503  FAILED_PRECONDITION
     │   ├── Overloaded        503  RESOURCE_EXHAUSTED (carries a retry hint)
+    │   ├── IdentityBudgetExhausted   503  RESOURCE_EXHAUSTED, reason "identity_budget"
     │   └── DeadlineExceeded  503  DEADLINE_EXCEEDED
     ├── AnchorConflict        409  ALREADY_EXISTS (an audit anchor that contradicts the ledger)
     ├── ModelLoadError       (not served: a model that failed to load)
@@ -20,10 +22,16 @@
 
 Both tiers read ``ERROR_TABLE``: the REST layer turns an error into its HTTP status, the gRPC
 servicer aborts with its code, and the public tier's gRPC client turns a code back into an error.
+Where one gRPC code stands for several errors (RESOURCE_EXHAUSTED: the private tier's queue, its
+budget per certificate identity, its second-line budget per key), the abort carries a
+``reason`` and a retry hint in trailing metadata (``grpc_trailers``) and the code and reason
+together name the class read back.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -82,6 +90,10 @@ class QuotaExceeded(RateLimited):
     """The caller used up its daily query quota."""
 
 
+class KeyBudgetExhausted(RateLimited):
+    """The private tier's second-line budget for the API key the public tier named is used up."""
+
+
 class Unavailable(SplitVaultError):
     """A dependency (the private tier) cannot answer now; retry later."""
 
@@ -92,6 +104,11 @@ class ModelNotReady(Unavailable):
 
 class Overloaded(Unavailable):
     """The server's queue is full."""
+
+
+class IdentityBudgetExhausted(Unavailable):
+    """The private tier's budget for the calling public replica's identity is used up: a fault
+    of the service (or a compromised replica), not of the customer, so 503 and not 429."""
 
 
 class DeadlineExceeded(Unavailable):
@@ -124,6 +141,7 @@ class ErrorMapping:
     grpc_code: grpc.StatusCode
     read_back: bool = False
     peer_message: str | None = None
+    reason: str | None = None  # sent in trailing metadata: tells apart classes of one code
 
 
 _Code = grpc.StatusCode
@@ -134,8 +152,15 @@ ERROR_TABLE: dict[type[SplitVaultError], ErrorMapping] = {
     Unauthenticated: ErrorMapping(401, _Code.UNAUTHENTICATED, read_back=True),
     PermissionDenied: ErrorMapping(403, _Code.PERMISSION_DENIED, read_back=True),
     ModelNotFound: ErrorMapping(404, _Code.NOT_FOUND, read_back=True),
-    # Rate limits live in the public tier: RESOURCE_EXHAUSTED from the private tier is its queue.
+    # The public tier's own limits; from the private tier, RESOURCE_EXHAUSTED is its queue
+    # (no reason) or one of its admission budgets (reason in trailing metadata).
     RateLimited: ErrorMapping(429, _Code.RESOURCE_EXHAUSTED),
+    KeyBudgetExhausted: ErrorMapping(
+        429, _Code.RESOURCE_EXHAUSTED, read_back=True, reason="key_budget"
+    ),
+    IdentityBudgetExhausted: ErrorMapping(
+        503, _Code.RESOURCE_EXHAUSTED, read_back=True, reason="identity_budget"
+    ),
     ModelNotReady: ErrorMapping(503, _Code.FAILED_PRECONDITION, read_back=True),
     Overloaded: ErrorMapping(503, _Code.RESOURCE_EXHAUSTED, read_back=True),
     DeadlineExceeded: ErrorMapping(
@@ -154,16 +179,20 @@ ERROR_TABLE: dict[type[SplitVaultError], ErrorMapping] = {
     ),
 }
 IDENTITY_REFUSED = "private tier refused this tier's identity"
+REASON_KEY = "splitvault-reason"
+RETRY_AFTER_KEY = "splitvault-retry-after-s"
+MAX_RETRY_AFTER_S = 86_400.0
 
 
-def _read_back_table() -> dict[grpc.StatusCode, type[SplitVaultError]]:
-    """gRPC code -> the class marked ``read_back`` in ``ERROR_TABLE`` (exactly one per code)."""
-    table: dict[grpc.StatusCode, type[SplitVaultError]] = {}
+def _read_back_table() -> dict[tuple[grpc.StatusCode, str | None], type[SplitVaultError]]:
+    """(gRPC code, reason) -> the class marked ``read_back`` in ``ERROR_TABLE`` (exactly one)."""
+    table: dict[tuple[grpc.StatusCode, str | None], type[SplitVaultError]] = {}
     for cls, mapping in ERROR_TABLE.items():
         if mapping.read_back:
-            if mapping.grpc_code in table:
-                raise AssertionError(f"two classes read back from {mapping.grpc_code.name}")
-            table[mapping.grpc_code] = cls
+            key = (mapping.grpc_code, mapping.reason)
+            if key in table:
+                raise AssertionError(f"two classes read back from {key}")
+            table[key] = cls
     return table
 
 
@@ -179,19 +208,48 @@ def mapping_for(error: SplitVaultError | type[SplitVaultError]) -> ErrorMapping:
     return ERROR_TABLE[InternalError]
 
 
-def error_from_grpc(code: grpc.StatusCode, details: str) -> SplitVaultError:
+def grpc_trailers(error: SplitVaultError) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata for aborting with ``error``: its table ``reason`` and retry hint."""
+    reason = mapping_for(error).reason
+    if reason is None:
+        return ()
+    trailers = [(REASON_KEY, reason)]
+    if error.retry_after_s is not None:
+        trailers.append((RETRY_AFTER_KEY, f"{error.retry_after_s:.3f}"))
+    return tuple(trailers)
+
+
+def error_from_grpc(
+    code: grpc.StatusCode,
+    details: str,
+    trailers: Sequence[tuple[str, str | bytes]] = (),
+) -> SplitVaultError:
     """The error for a status received from the private tier, by ``FROM_GRPC``.
 
     A refusal of the caller (UNAUTHENTICATED, PERMISSION_DENIED) is a refusal of this tier's
     certificate identity: the client gets 503 without the details. A code the table does not
-    read back is an internal error.
+    read back is an internal error. ``trailers``: the status's trailing metadata (``reason``
+    and retry hint, see ``grpc_trailers``).
     """
-    cls = FROM_GRPC.get(code)
+    values = {key: value for key, value in trailers if isinstance(value, str)}
+    reason = values.get(REASON_KEY)
+    cls = FROM_GRPC.get((code, reason)) or FROM_GRPC.get((code, None))
     if cls is None:
         return InternalError(f"private tier: unexpected status {code.name}")
     if issubclass(cls, Unauthenticated | PermissionDenied):
         return Unavailable(IDENTITY_REFUSED, retry_after_s=5.0)
     mapping = ERROR_TABLE[cls]
+    retry_after_s = _retry_hint(values.get(RETRY_AFTER_KEY))
     if issubclass(cls, Unavailable):
-        return cls(mapping.peer_message or f"private tier: {details}", retry_after_s=1.0)
-    return cls(mapping.peer_message or details)
+        message = mapping.peer_message or f"private tier: {details}"
+        return cls(message, retry_after_s=retry_after_s or 1.0)
+    return cls(mapping.peer_message or details, retry_after_s=retry_after_s)
+
+
+def _retry_hint(text: str | None) -> float | None:
+    """A retry hint from trailing metadata, bounded to (0, one day]; None when absent or bad."""
+    try:
+        seconds = float(text) if text is not None else math.nan
+    except ValueError:
+        return None
+    return min(seconds, MAX_RETRY_AFTER_S) if seconds > 0 else None

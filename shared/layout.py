@@ -4,6 +4,8 @@ DEPLOY/ca/                 private CA (key never mounted into a tier)
 DEPLOY/secrets/kek         key-encryption key, handed to the private tier as a secret
 DEPLOY/public/             all the public tier may hold: tls/, models/NAME/front.pt2, public.toml
 DEPLOY/private/            all the private tier may hold: tls/, models/NAME/back.pt2.enc, private.toml
+DEPLOY/public-replicas/N/  client.crt and client.key of public replica N beyond the first (each
+                           replica holds only its own; the first's is public/tls/client.*)
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-PUBLIC_IDENTITY = "splitvault-public"
+PUBLIC_IDENTITY = "splitvault-public"  # the public server's CN, and the single client CN of
+# deployments made before per-replica identities
+PUBLIC_REPLICA_PREFIX = "splitvault-public-"  # client CN of public replica N: PREFIX + N
 PRIVATE_IDENTITY = "splitvault-private"
 FRONT_FILE = "front.pt2"
 BACK_FILE = "back.pt2.enc"
@@ -66,6 +70,11 @@ class DeployLayout:
     @property
     def private(self) -> TierDir:
         return TierDir(self.root / "private")
+
+    @property
+    def public_replicas(self) -> Path:
+        """Client certificates of public replicas beyond the first, one folder per identity."""
+        return self.root / "public-replicas"
 
     @property
     def public_config(self) -> Path:

@@ -11,20 +11,21 @@ from shared.errors import InvalidInput
 from shared.manifest import DimSpec, TensorSpec
 from shared.tensor_codec import numpy_dtype
 
-# What may arrive for a floating-point input: activations travel as FP16 by default.
-_FLOAT_TRANSPORTS = frozenset({"FP16", "FP32", "FP64"})
+FRONT_SOURCE = "front:"  # a back-stage input computed by the front stage (an activation)
 
 
 def check_tensors(
     specs: Sequence[TensorSpec],
     tensors: Mapping[str, Any],
     *,
-    float_transport: bool = False,
+    transport: str | None = None,
 ) -> dict[str, int]:
     """Check names, datatypes, shapes and value ranges; return the size of each named dim.
 
-    With ``float_transport``, a floating-point input may arrive in any float datatype (it is
-    cast to the spec's datatype before use).
+    ``transport``: the model's transport datatype, for a back stage's inputs as they cross
+    the wire: a floating-point activation must arrive in exactly that datatype, any other
+    input in its spec's, and every float value must be finite (the private tier checks what
+    the public tier sends as if that tier were compromised).
     """
     expected = [spec.name for spec in specs]
     if sorted(tensors) != sorted(expected):
@@ -32,19 +33,30 @@ def check_tensors(
     sizes: dict[str, int] = {}
     for spec in specs:
         array = tensors[spec.name]
-        _check_datatype(spec, array, float_transport)
+        _check_datatype(spec, array, transport)
         _check_shape(spec, array.shape, sizes)
         _check_range(spec, array)
+        if transport is not None:
+            _check_finite(spec, array)
     return sizes
 
 
-def _check_datatype(spec: TensorSpec, array: Any, float_transport: bool) -> None:
-    want = numpy_dtype(spec.datatype)
-    if array.dtype == want:
-        return
-    if float_transport and want.kind == "f" and array.dtype.kind == "f":
-        return
-    raise InvalidInput(f"input {spec.name!r} must have datatype {spec.datatype}")
+def wire_datatype(spec: TensorSpec, transport: str) -> str:
+    """The datatype a back-stage input crosses the wire in: activations travel as ``transport``."""
+    is_float = numpy_dtype(spec.datatype).kind == "f"
+    from_front = spec.source is None or spec.source.startswith(FRONT_SOURCE)
+    return transport if is_float and from_front else spec.datatype
+
+
+def _check_datatype(spec: TensorSpec, array: Any, transport: str | None) -> None:
+    want = spec.datatype if transport is None else wire_datatype(spec, transport)
+    if array.dtype != numpy_dtype(want):
+        raise InvalidInput(f"input {spec.name!r} must have datatype {want}")
+
+
+def _check_finite(spec: TensorSpec, array: Any) -> None:
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInput(f"input {spec.name!r} holds NaN or infinite values")
 
 
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...], sizes: dict[str, int]) -> None:

@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("deploy", type=Path)
     init.add_argument("--public-host", action="append", default=[], help="extra public DNS name")
     init.add_argument("--private-host", action="append", default=[], help="extra private DNS name")
+    init.add_argument(
+        "--public-replicas",
+        type=int,
+        default=1,
+        help="public replicas, each with its own client identity (splitvault-public-N)",
+    )
     init.set_defaults(run=_init)
     _add_pack(commands)
     _add_serve(commands)
@@ -124,13 +130,18 @@ def _init(args: argparse.Namespace) -> int:
     from splitvault.deploy import init_deployment
 
     layout = init_deployment(
-        args.deploy, public_hosts=args.public_host, private_hosts=args.private_host
+        args.deploy,
+        public_hosts=args.public_host,
+        private_hosts=args.private_host,
+        public_replicas=args.public_replicas,
     )
     print(f"deployment created in {layout.root}")
     print(f"  CA (keep offline):        {layout.ca}")
     print(f"  KEK (private tier secret): {layout.kek}")
     print(f"  public tier folder:        {layout.public.root}")
     print(f"  private tier folder:       {layout.private.root}")
+    if args.public_replicas > 1:
+        print(f"  public replicas 2..{args.public_replicas}:    {layout.public_replicas}")
     return 0
 
 
@@ -141,6 +152,7 @@ def _pack(args: argparse.Namespace) -> int:
 
 
 def _serve_private(args: argparse.Namespace) -> int:
+    from private_core.admission_store import AdmissionStateError
     from private_core.server import serve
     from private_core.settings import PrivateSettings
     from private_core.state import StateUnwritable
@@ -158,8 +170,8 @@ def _serve_private(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, tier="private")
     try:
         asyncio.run(serve(settings))
-    except StateUnwritable:
-        return 1  # logged as private_state_unwritable
+    except (StateUnwritable, AdmissionStateError):
+        return 1  # logged as private_state_unwritable or admission_state_unreadable
     return 0
 
 

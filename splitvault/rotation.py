@@ -157,13 +157,22 @@ class RotatedCertificate:
 def rotate_certificates(
     layout: DeployLayout, ca: CertKeyPair, tiers: Sequence[str], *, valid_days: int = 397
 ) -> list[RotatedCertificate]:
-    """Re-issue each certificate of ``tiers`` ("public", "private") from ``ca``, new keys and
-    the same identity, names and usages, and write it in place of the old one."""
+    """Re-issue each certificate of ``tiers`` ("public", "private"; public: every replica's
+    client identity too) from ``ca``, new keys and the same identity, names and usages, and
+    write it in place of the old one."""
     rotated = []
     for tier in tiers:
         folder: TierDir = layout.public if tier == "public" else layout.private
-        for name in TIER_CERTIFICATES[tier]:
-            cert_path, key_path = folder.tls / f"{name}.crt", folder.tls / f"{name}.key"
+        pairs = [
+            (folder.tls / f"{name}.crt", folder.tls / f"{name}.key")
+            for name in TIER_CERTIFICATES[tier]
+        ]
+        if tier == "public" and layout.public_replicas.is_dir():  # the other replicas' own
+            pairs += [
+                (path, path.with_name("client.key"))
+                for path in sorted(layout.public_replicas.glob("*/client.crt"))
+            ]
+        for cert_path, key_path in pairs:
             old = x509.load_pem_x509_certificate(cert_path.read_bytes())
             pair = reissue(ca, old, valid_days=valid_days)
             _replace_together(
@@ -226,6 +235,13 @@ def add_rotation_commands(commands: argparse._SubParsersAction[argparse.Argument
     rotate.add_argument("--tier", choices=["public", "private", "all"], default="all")
     rotate.add_argument("--valid-days", type=int, default=397, help="validity of the new ones")
     rotate.set_defaults(run=_rotate_certs)
+    add = actions.add_parser(
+        "add-public", help="issue a client identity for one more public replica"
+    )
+    add.add_argument("--deploy", required=True, type=Path)
+    add.add_argument("--name", help="its CN (default: the next splitvault-public-N)")
+    add.add_argument("--valid-days", type=int, default=397)
+    add.set_defaults(run=_add_public)
 
 
 def _subcommands(
@@ -250,6 +266,21 @@ def _rotate_kek(args: argparse.Namespace) -> int:
         print(f"  already new  {path}")
     print(f"new KEK written to {result.kek_file}; the old KEK opens none of these files.")
     print("Update the private tier's KEK secret with it, then restart each private replica.")
+    return 0
+
+
+def _add_public(args: argparse.Namespace) -> int:
+    from splitvault.deploy import add_public_replica, load_ca
+
+    layout = DeployLayout(args.deploy)
+    name, folder = add_public_replica(
+        layout, load_ca(layout), args.name, valid_days=args.valid_days
+    )
+    print(f"issued public identity {name}: {folder}/client.crt and client.key")
+    print(
+        "Give that folder to the new replica only (SPLITVAULT_PUBLIC_CLIENT_TLS_DIR); the "
+        "private tier admits it by prefix (allowed_identity_prefixes) with budgets of its own."
+    )
     return 0
 
 

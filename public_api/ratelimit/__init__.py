@@ -23,9 +23,9 @@ import math
 from collections.abc import Sequence
 from typing import Protocol
 
-from public_api.ratelimit._gcra import EPSILON_S, Decision, LimitPolicy
 from public_api.ratelimit.memory import MemoryRateLimiter
 from public_api.ratelimit.redis import RedisRateLimiter
+from shared.gcra import EPSILON_S, Decision, LimitPolicy
 
 __all__ = [
     "Decision",

@@ -5,26 +5,10 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-from public_api.ratelimit._gcra import (
-    Decision,
-    LimitPolicy,
-    burst_verdict,
-    check_cost,
-    daily_verdict,
-    decide,
-    utc_day,
-)
+from shared.gcra import CounterState, Decision, LimitPolicy, check_states
 
 Clock = Callable[[], float]
-
-
-@dataclass(slots=True)
-class _State:
-    tat: float  # on the monotonic clock
-    day: int  # UTC day number of ``used``
-    used: int
 
 
 class MemoryRateLimiter:
@@ -47,7 +31,7 @@ class MemoryRateLimiter:
         self._clock = clock
         self._wall_clock = wall_clock
         self._max_subjects = max_subjects
-        self._states: OrderedDict[str, _State] = OrderedDict()
+        self._states: OrderedDict[str, CounterState] = OrderedDict()
 
     def __len__(self) -> int:
         """How many subjects have state now."""
@@ -67,22 +51,15 @@ class MemoryRateLimiter:
         self, checks: Sequence[tuple[str, LimitPolicy]], *, cost: int = 1
     ) -> list[Decision]:
         """``check_many`` without a coroutine: nothing in here awaits, so it is atomic."""
-        check_cost(cost)
         _no_duplicates(checks)
-        now = self._clock()
-        day, to_midnight = utc_day(self._wall_clock())
-        decisions: list[Decision] = []
-        updates: list[tuple[str, _State]] = []
-        for subject, policy in checks:
-            state = self._states.get(subject)
-            tat = state.tat if state is not None else now
-            used = state.used if state is not None and state.day == day else 0
-            burst, new_tat = burst_verdict(policy, cost, tat, now)
-            daily = daily_verdict(policy, cost, used, to_midnight)
-            decisions.append(decide(burst, daily))
-            updates.append((subject, _State(new_tat, day, used + cost)))
+        decisions, updates = check_states(
+            [(self._states.get(subject), policy) for subject, policy in checks],
+            cost,
+            self._clock(),
+            self._wall_clock(),
+        )
         if all(decision.allowed for decision in decisions):
-            for subject, new_state in updates:
+            for (subject, _), new_state in zip(checks, updates, strict=True):
                 self._states[subject] = new_state
         for subject, _ in checks:
             if subject in self._states:

@@ -22,7 +22,9 @@ from typing import Any
 import redis.exceptions
 from redis.asyncio import Redis
 
-from public_api.ratelimit._gcra import (
+from public_api.redis_client import redis_client
+from shared.errors import Unavailable
+from shared.gcra import (
     EPSILON_S,
     QUOTA_TTL_S,
     Decision,
@@ -31,15 +33,13 @@ from public_api.ratelimit._gcra import (
     check_cost,
     decide,
 )
-from public_api.redis_client import redis_client
-from shared.errors import Unavailable
 from shared.logs import get_logger
 
 log = get_logger(__name__)
 
 WARN_EVERY_S = 10.0  # while the store is down, one warning per this many seconds
 
-# Same arithmetic as _gcra.burst_verdict / daily_verdict. Floats go back as strings (Redis would
+# Same arithmetic as shared.gcra.burst_verdict / daily_verdict. Floats go back as strings (Redis would
 # truncate Lua numbers to integers).
 _SCRIPT = """
 local clock = redis.call('TIME')

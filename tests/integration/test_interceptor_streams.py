@@ -17,9 +17,9 @@ from typing import Any
 import grpc
 import pytest
 
-from private_core.auth import IdentityInterceptor
+from private_core.auth import IdentityInterceptor, IdentityRule
 from private_core.server import server_credentials
-from shared.layout import PRIVATE_IDENTITY, PUBLIC_IDENTITY, DeployLayout
+from shared.layout import PRIVATE_IDENTITY, PUBLIC_IDENTITY, PUBLIC_REPLICA_PREFIX, DeployLayout
 from splitvault.deploy import init_deployment, load_ca
 from splitvault.pki import issue_certificate
 
@@ -93,9 +93,8 @@ def identities(layout: DeployLayout) -> dict[str, Identity]:
 
 
 async def _serve(layout: DeployLayout, probe: Probe) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(
-        interceptors=[IdentityInterceptor([PUBLIC_IDENTITY], [PUBLIC_IDENTITY])]
-    )
+    public = IdentityRule(frozenset([PUBLIC_IDENTITY]), (PUBLIC_REPLICA_PREFIX,))
+    server = grpc.aio.server(interceptors=[IdentityInterceptor(public, public)])
     server.add_generic_rpc_handlers([probe.handler()])
     port = server.add_secure_port("127.0.0.1:0", server_credentials(layout.private))
     await server.start()

@@ -13,8 +13,10 @@ from shared.errors import (
     FROM_GRPC,
     IDENTITY_REFUSED,
     DeadlineExceeded,
+    IdentityBudgetExhausted,
     InternalError,
     InvalidInput,
+    KeyBudgetExhausted,
     ModelLoadError,
     ModelNotFound,
     ModelNotReady,
@@ -26,6 +28,7 @@ from shared.errors import (
     Unauthenticated,
     Unavailable,
     error_from_grpc,
+    grpc_trailers,
     mapping_for,
 )
 
@@ -39,6 +42,8 @@ EXPECTED = {
     PermissionDenied: (403, Code.PERMISSION_DENIED),
     ModelNotFound: (404, Code.NOT_FOUND),
     RateLimited: (429, Code.RESOURCE_EXHAUSTED),
+    KeyBudgetExhausted: (429, Code.RESOURCE_EXHAUSTED),
+    IdentityBudgetExhausted: (503, Code.RESOURCE_EXHAUSTED),
     Unavailable: (503, Code.UNAVAILABLE),
     ModelNotReady: (503, Code.FAILED_PRECONDITION),
     Overloaded: (503, Code.RESOURCE_EXHAUSTED),
@@ -50,7 +55,7 @@ EXPECTED = {
 # What the private tier's servicer can abort with, and what the public tier reads back.
 SENT_BY_PRIVATE = [
     InvalidInput, ModelNotFound, ModelNotReady, Overloaded, DeadlineExceeded, Unavailable,
-    InternalError,
+    InternalError, IdentityBudgetExhausted, KeyBudgetExhausted,
 ]  # fmt: skip
 _TREE_LINE = re.compile(
     r"^(?P<indent>[│ ]*)[├└]── (?P<name>\w+)\s*(?P<status>\d{3})?\s*(?P<code>[A-Z_]+)?"
@@ -133,7 +138,7 @@ def test_error_from_grpc_round_trips_what_the_private_tier_sends(
     cls: type[SplitVaultError],
 ) -> None:
     sent = cls("detail 42")
-    received = error_from_grpc(mapping_for(sent).grpc_code, sent.message)
+    received = error_from_grpc(mapping_for(sent).grpc_code, sent.message, grpc_trailers(sent))
     assert type(received) is cls
     # Details the gRPC library may write (timeouts, connection failures) are replaced.
     expected = ERROR_TABLE[cls].peer_message or "detail 42"
@@ -145,14 +150,46 @@ def test_error_from_grpc_round_trips_what_the_private_tier_sends(
         assert received.retry_after_s is None
 
 
+@pytest.mark.parametrize(
+    ("cls", "status"), [(IdentityBudgetExhausted, 503), (KeyBudgetExhausted, 429)]
+)
+def test_a_private_budget_refusal_reads_back_with_its_retry_hint(
+    cls: type[SplitVaultError], status: int
+) -> None:
+    sent = cls("budget used up", retry_after_s=3600.25)
+    received = error_from_grpc(Code.RESOURCE_EXHAUSTED, sent.message, grpc_trailers(sent))
+    assert type(received) is cls
+    assert mapping_for(received).http_status == status
+    assert received.retry_after_s == pytest.approx(3600.25)
+
+
+def test_resource_exhausted_without_a_reason_is_the_queue() -> None:
+    received = error_from_grpc(Code.RESOURCE_EXHAUSTED, "queue full")
+    assert type(received) is Overloaded
+    unknown = error_from_grpc(Code.RESOURCE_EXHAUSTED, "x", [("splitvault-reason", "other")])
+    assert type(unknown) is Overloaded
+
+
+@pytest.mark.parametrize("hint", ["nan", "-5", "0", "soon", "inf"])
+def test_a_bad_retry_hint_is_ignored_or_bounded(hint: str) -> None:
+    trailers = [("splitvault-reason", "identity_budget"), ("splitvault-retry-after-s", hint)]
+    received = error_from_grpc(Code.RESOURCE_EXHAUSTED, "x", trailers)
+    assert received.retry_after_s is not None
+    assert 0 < received.retry_after_s <= 86_400
+
+
 def test_the_codes_read_back_are_derived_from_the_one_table() -> None:
-    derived = {mapping.grpc_code: cls for cls, mapping in ERROR_TABLE.items() if mapping.read_back}
+    derived = {
+        (mapping.grpc_code, mapping.reason): cls
+        for cls, mapping in ERROR_TABLE.items()
+        if mapping.read_back
+    }
     assert derived == FROM_GRPC
-    marked = [mapping.grpc_code for mapping in ERROR_TABLE.values() if mapping.read_back]
-    assert len(marked) == len(set(marked))  # one class per code
-    assert {mapping.grpc_code for mapping in ERROR_TABLE.values()} <= set(FROM_GRPC)
-    for code, cls in FROM_GRPC.items():
-        assert mapping_for(cls).grpc_code == code
+    marked = [(m.grpc_code, m.reason) for m in ERROR_TABLE.values() if m.read_back]
+    assert len(marked) == len(set(marked))  # one class per code and reason
+    assert {(m.grpc_code, None) for m in ERROR_TABLE.values()} <= set(FROM_GRPC)
+    for (code, reason), cls in FROM_GRPC.items():
+        assert (mapping_for(cls).grpc_code, mapping_for(cls).reason) == (code, reason)
 
 
 @pytest.mark.parametrize(

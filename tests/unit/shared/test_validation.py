@@ -57,32 +57,54 @@ def test_missing_second_input_is_named() -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float64, np.int64, np.int32, np.bool_])
-def test_datatype_must_match_without_float_transport(dtype: Any) -> None:
+def test_datatype_must_match_without_transport(dtype: Any) -> None:
     with pytest.raises(InvalidInput, match="'image' must have datatype FP32"):
         check_tensors([IMAGE], {"image": _image(dtype=dtype)})
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_float_transport_accepts_any_float(dtype: Any) -> None:
-    assert check_tensors([IMAGE], {"image": _image(dtype=dtype)}, float_transport=True) == {
-        "batch": 2
-    }
+ACTIVATION = TensorSpec(name="hidden", datatype="FP32", shape=[BATCH, 4], source="front:x")
+RAW_FLOAT = TensorSpec(name="scale", datatype="FP32", shape=[BATCH, 1], source="request:scale")
 
 
-@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.bool_])
-def test_float_transport_still_refuses_non_floats(dtype: Any) -> None:
-    with pytest.raises(InvalidInput, match="datatype FP32"):
-        check_tensors([IMAGE], {"image": _image(dtype=dtype)}, float_transport=True)
+def _wire(dtype: Any = np.float16, raw: Any = np.float32) -> dict[str, np.ndarray]:
+    return {"hidden": np.zeros((2, 4), dtype=dtype), "scale": np.ones((2, 1), dtype=raw)}
 
 
-def test_float_transport_does_not_loosen_integer_inputs() -> None:
+def test_transport_accepts_activations_in_exactly_the_transport_datatype() -> None:
+    assert check_tensors([ACTIVATION, RAW_FLOAT], _wire(), transport="FP16") == {"batch": 2}
+    assert check_tensors([ACTIVATION], {"hidden": _wire(np.float32)["hidden"]}, transport="FP32")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.bool_])
+def test_transport_refuses_any_other_activation_datatype(dtype: Any) -> None:
+    with pytest.raises(InvalidInput, match="'hidden' must have datatype FP16"):
+        check_tensors([ACTIVATION, RAW_FLOAT], _wire(dtype), transport="FP16")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_transport_keeps_request_inputs_in_their_own_datatype(dtype: Any) -> None:
+    with pytest.raises(InvalidInput, match="'scale' must have datatype FP32"):
+        check_tensors([ACTIVATION, RAW_FLOAT], _wire(raw=dtype), transport="FP16")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", ["hidden", "scale"])
+def test_transport_refuses_non_finite_values_naming_the_input(bad: float, name: str) -> None:
+    tensors = _wire()
+    tensors[name] = tensors[name].copy()
+    tensors[name][1, 0] = bad
+    with pytest.raises(InvalidInput, match=f"'{name}' holds NaN or infinite values"):
+        check_tensors([ACTIVATION, RAW_FLOAT], tensors, transport="FP16")
+
+
+def test_transport_does_not_loosen_integer_inputs() -> None:
     text = _text()
     text["input_ids"] = text["input_ids"].astype(np.int32)
     with pytest.raises(InvalidInput, match="'input_ids' must have datatype INT64"):
-        check_tensors([IDS, MASK], text, float_transport=True)
-    text["input_ids"] = text["input_ids"].astype(np.float32)
+        check_tensors([IDS, MASK], text, transport="FP16")
+    text["input_ids"] = text["input_ids"].astype(np.float16)
     with pytest.raises(InvalidInput, match="'input_ids' must have datatype INT64"):
-        check_tensors([IDS, MASK], text, float_transport=True)
+        check_tensors([IDS, MASK], text, transport="FP16")
 
 
 @pytest.mark.parametrize("shape", [(2, 64), (2, 1, 8, 8, 1), (2,), ()])

@@ -1,4 +1,7 @@
-"""The arithmetic both backends share: GCRA for the burst limit, a UTC-day counter for the quota.
+"""Rate-limit arithmetic: GCRA for the burst limit, a UTC-day counter for the quota.
+
+Both tiers use it: the public tier's limiters (``public_api.ratelimit``) and the private tier's
+admission (``private_core.admission``).
 
 GCRA (generic cell rate algorithm) keeps one number per subject, the theoretical arrival time
 ``tat``. With emission interval ``T = 1 / rate`` and ``burst`` requests allowed at once, a request
@@ -6,12 +9,14 @@ of ``cost`` units arriving at ``now`` is admitted when ``max(tat, now) + cost * 
 burst * T`` (the classic form with tolerance ``tau = T * (burst - 1)``), and then ``tat`` becomes
 ``max(tat, now) + cost * T``. A refused request changes nothing.
 
-The Redis backend runs the same formulas in Lua (``redis.py``); keep the two in step.
+The public tier's Redis backend runs the same formulas in Lua
+(``public_api/ratelimit/redis.py``); keep the two in step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -115,6 +120,36 @@ def decide(burst: Verdict, daily: Verdict | None) -> Decision:
     return Decision(
         verdict.allowed, name, verdict.remaining, verdict.reset_s, verdict.retry_after_s
     )
+
+
+@dataclass(slots=True)
+class CounterState:
+    """One subject's state: GCRA's ``tat`` (on the caller's clock) and its UTC day's usage."""
+
+    tat: float
+    day: int  # UTC day number of ``used``
+    used: int
+
+
+def check_states(
+    checks: Sequence[tuple[CounterState | None, LimitPolicy]],
+    cost: int,
+    now: float,
+    wall_s: float,
+) -> tuple[list[Decision], list[CounterState]]:
+    """Decide ``cost`` units against each (state, policy); return the decisions and the states
+    to store if every one admits (the caller stores none of them otherwise)."""
+    check_cost(cost)
+    day, to_midnight = utc_day(wall_s)
+    decisions: list[Decision] = []
+    updates: list[CounterState] = []
+    for state, policy in checks:
+        tat = state.tat if state is not None else now
+        used = state.used if state is not None and state.day == day else 0
+        burst, new_tat = burst_verdict(policy, cost, tat, now)
+        decisions.append(decide(burst, daily_verdict(policy, cost, used, to_midnight)))
+        updates.append(CounterState(new_tat, day, used + cost))
+    return decisions, updates
 
 
 def utc_day(wall_s: float) -> tuple[int, float]:
