@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from private_core.attribution import Attributor
 from private_core.batcher import BatchSettings, DynamicBatcher
 from private_core.metrics import PrivateMetrics
 from private_core.model_store import BackStage, ModelStore
@@ -80,9 +81,17 @@ Batcher = DynamicBatcher[BackRequest, dict[str, Any]]
 class BackStageRunner:
     """Answers ``InferRequest`` messages with policy-restricted outputs, batching concurrent ones."""
 
-    def __init__(self, store: ModelStore, batcher: Batcher, *, pad: bool = True) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        batcher: Batcher,
+        *,
+        pad: bool = True,
+        attributor: Attributor | None = None,
+    ) -> None:
         self._store = store
         self._batcher = batcher
+        self._attributor = attributor
         self._plans: dict[str, BatchPlan] = {}
         for name, stage in store.loaded.items():
             plan = plan_batching(stage, pad=pad)
@@ -108,7 +117,10 @@ class BackStageRunner:
                 f"batch {batch} exceeds this model's limit {stage.config.max_batch_size}"
             )
         plan = self._plans[request.model]
-        job = BackRequest(arrays, sizes, batch, int(request.top_k), QueryContext.of(request))
+        context = QueryContext.of(request)
+        if self._attributor is not None:  # signature checks: refused before any compute
+            context = await self._attributor.attribute(request, stage.manifest, arrays, sizes)
+        job = BackRequest(arrays, sizes, batch, int(request.top_k), context)
         outputs = await self._batcher.submit(
             request.model, job, key=plan.key(stage.manifest.inputs, arrays), rows=max(batch, 1)
         )
@@ -304,7 +316,11 @@ def message_limit(configured_bytes: int, stages: Mapping[str, BackStage]) -> int
 
 
 def build_runner(
-    store: ModelStore, executor: Executor, metrics: PrivateMetrics, settings: PrivateSettings
+    store: ModelStore,
+    executor: Executor,
+    metrics: PrivateMetrics,
+    settings: PrivateSettings,
+    attributor: Attributor | None = None,
 ) -> tuple[BackStageRunner, Batcher]:
     """The runner and its batcher, configured from the tier's settings."""
 
@@ -319,4 +335,5 @@ def build_runner(
         concurrent_batches=settings.concurrent_batches,
     )
     batcher: Batcher = DynamicBatcher(executor, batch_settings, observe)
-    return BackStageRunner(store, batcher, pad=settings.pad_batches), batcher
+    runner = BackStageRunner(store, batcher, pad=settings.pad_batches, attributor=attributor)
+    return runner, batcher

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
+from private_core.attribution import Attributor
 from private_core.auth import IdentityInterceptor
 from private_core.hardening import protect_process_memory
 from private_core.metrics import PrivateMetrics, start_metrics_server
@@ -21,6 +22,7 @@ from private_core.model_store import ModelStore, load_store
 from private_core.runner import Batcher, build_runner, configure_torch_threads, message_limit
 from private_core.servicer import PrivateInferenceServicer
 from private_core.settings import PrivateSettings
+from private_core.signers import SIGNATURES_DB, SqliteSignatureState
 from private_core.state import require_writable_state
 from private_core.watermark.triggers import TRIGGER_DIR
 from protos import inference_pb2_grpc
@@ -29,6 +31,7 @@ from shared.heap import freeze_startup_objects
 from shared.keys import KeyProvider, LocalFileKeyProvider
 from shared.layout import TierDir
 from shared.logs import get_logger
+from shared.signatures import deployment_id
 from shared.state_files import check_state_dir
 
 log = get_logger(__name__)
@@ -47,6 +50,7 @@ class PrivateServer:
     metrics: PrivateMetrics
     metrics_port: int | None
     batcher: Batcher | None = None
+    signatures: SqliteSignatureState | None = None
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace_s``, then stop."""
@@ -56,6 +60,8 @@ class PrivateServer:
             await self.batcher.close()
         self.executor.shutdown(wait=True)
         self.metrics.stop()
+        if self.signatures is not None:
+            self.signatures.close()
 
 
 def key_provider(settings: PrivateSettings) -> KeyProvider:
@@ -103,7 +109,8 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
             ("grpc.max_send_message_length", limit),
         ],
     )
-    runner, batcher = build_runner(store, executor, metrics, settings)
+    signatures, attributor = build_attributor(settings, tier)
+    runner, batcher = build_runner(store, executor, metrics, settings, attributor)
     inference_pb2_grpc.add_PrivateInferenceServicer_to_server(
         PrivateInferenceServicer(store, runner, metrics), server
     )
@@ -127,8 +134,17 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
         failed=sorted(store.failed),
     )
     return PrivateServer(
-        server, port, health_servicer, store, executor, metrics, metrics_port, batcher
+        server, port, health_servicer, store, executor, metrics, metrics_port, batcher, signatures
     )
+
+
+def build_attributor(
+    settings: PrivateSettings, tier: TierDir
+) -> tuple[SqliteSignatureState, Attributor]:
+    """The signature state in the state folder and the checks that use it."""
+    state = SqliteSignatureState(settings.state_dir / SIGNATURES_DB)
+    deployment = deployment_id(tier.ca_cert.read_bytes())
+    return state, Attributor(state, state, deployment, settings.signature_window_s)
 
 
 async def serve(settings: PrivateSettings) -> None:

@@ -10,7 +10,7 @@ from private_core.metrics import PrivateMetrics
 from private_core.model_store import ModelStore
 from private_core.runner import BackStageRunner
 from protos import inference_pb2, inference_pb2_grpc
-from shared.errors import InternalError, SplitVaultError, mapping_for
+from shared.errors import REASON_METADATA, InternalError, SplitVaultError, mapping_for
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -41,8 +41,12 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
         raise AssertionError("unreachable: abort raises")
 
     async def _abort(self, context: Context, model: str, error: SplitVaultError) -> None:
-        """Count the call under the error's code (``ERROR_TABLE``) and end it with that code."""
-        code = mapping_for(error).grpc_code
+        """Count the call under the error's code (``ERROR_TABLE``) and end it with that code
+        (and the error's reason, where the table gives one)."""
+        mapping = mapping_for(error)
+        code = mapping.grpc_code
+        if mapping.reason is not None:
+            context.set_trailing_metadata(((REASON_METADATA, mapping.reason),))
         self._metrics.observe_request(model, code)
         await context.abort(code, error.message)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import inference_pb2, inference_pb2_grpc
 from public_api.settings import PublicSettings
-from shared.errors import SplitVaultError, error_from_grpc
+from shared.errors import REASON_METADATA, SplitVaultError, error_from_grpc
 from shared.layout import TierDir
 
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
@@ -97,4 +98,6 @@ class PrivateTierClient:
 
 def _mapped(error: grpc.aio.AioRpcError) -> SplitVaultError:
     """The call's status as an error, by the one table (``shared.errors.FROM_GRPC``)."""
-    return error_from_grpc(error.code(), error.details() or "")
+    trailers: Any = error.trailing_metadata() or ()
+    reason = next((str(item[1]) for item in trailers if item[0] == REASON_METADATA), "")
+    return error_from_grpc(error.code(), error.details() or "", reason)

@@ -4,6 +4,7 @@
     ├── InvalidInput          400  INVALID_ARGUMENT
     │   └── PayloadTooLarge   413  INVALID_ARGUMENT
     ├── Unauthenticated       401  UNAUTHENTICATED
+    │   └── SignatureRefused  401  PERMISSION_DENIED (reason "signature", read back as such)
     ├── PermissionDenied      403  PERMISSION_DENIED
     │   ├── TermsNotAccepted  403
     │   └── KeyBlocked        403
@@ -55,6 +56,11 @@ class PayloadTooLarge(InvalidInput):
 
 class Unauthenticated(SplitVaultError):
     """No valid credential was presented."""
+
+
+class SignatureRefused(Unauthenticated):
+    """A customer request signature is missing where one is required, invalid, stale or
+    replayed (``shared.signatures``); the message says which, never key material."""
 
 
 class PermissionDenied(SplitVaultError):
@@ -119,6 +125,9 @@ class ErrorMapping:
     grpc_code: grpc.StatusCode
     read_back: bool = False
     peer_message: str | None = None
+    # Sent with the gRPC status as trailing metadata (``REASON_METADATA``): the public tier
+    # reads such a status back as this class even where ``read_back`` names another.
+    reason: str | None = None
 
 
 _Code = grpc.StatusCode
@@ -128,6 +137,7 @@ ERROR_TABLE: dict[type[SplitVaultError], ErrorMapping] = {
     # The private tier's only caller is this tier: its refusals are of our identity.
     Unauthenticated: ErrorMapping(401, _Code.UNAUTHENTICATED, read_back=True),
     PermissionDenied: ErrorMapping(403, _Code.PERMISSION_DENIED, read_back=True),
+    SignatureRefused: ErrorMapping(401, _Code.PERMISSION_DENIED, reason="signature"),
     ModelNotFound: ErrorMapping(404, _Code.NOT_FOUND, read_back=True),
     # Rate limits live in the public tier: RESOURCE_EXHAUSTED from the private tier is its queue.
     RateLimited: ErrorMapping(429, _Code.RESOURCE_EXHAUSTED),
@@ -148,6 +158,7 @@ ERROR_TABLE: dict[type[SplitVaultError], ErrorMapping] = {
     ),
 }
 IDENTITY_REFUSED = "private tier refused this tier's identity"
+REASON_METADATA = "splitvault-reason"
 
 
 def _read_back_table() -> dict[grpc.StatusCode, type[SplitVaultError]]:
@@ -162,6 +173,7 @@ def _read_back_table() -> dict[grpc.StatusCode, type[SplitVaultError]]:
 
 
 FROM_GRPC = _read_back_table()
+BY_REASON = {m.reason: cls for cls, m in ERROR_TABLE.items() if m.reason is not None}
 
 
 def mapping_for(error: SplitVaultError | type[SplitVaultError]) -> ErrorMapping:
@@ -173,13 +185,17 @@ def mapping_for(error: SplitVaultError | type[SplitVaultError]) -> ErrorMapping:
     return ERROR_TABLE[InternalError]
 
 
-def error_from_grpc(code: grpc.StatusCode, details: str) -> SplitVaultError:
+def error_from_grpc(code: grpc.StatusCode, details: str, reason: str = "") -> SplitVaultError:
     """The error for a status received from the private tier, by ``FROM_GRPC``.
 
-    A refusal of the caller (UNAUTHENTICATED, PERMISSION_DENIED) is a refusal of this tier's
+    A status sent with a ``reason`` of the table (``REASON_METADATA``) and its code is read
+    back as that class, with the private tier's message. A refusal of the caller (UNAUTHENTICATED, PERMISSION_DENIED) is a refusal of this tier's
     certificate identity: the client gets 503 without the details. A code the table does not
     read back is an internal error.
     """
+    by_reason = BY_REASON.get(reason)
+    if by_reason is not None and ERROR_TABLE[by_reason].grpc_code == code:
+        return by_reason(details)
     cls = FROM_GRPC.get(code)
     if cls is None:
         return InternalError(f"private tier: unexpected status {code.name}")
