@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported when a command runs, keeping the CLI quick to start
     from private_core.signers import SqliteSignatureState
 
+
 def add_signer_commands(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the signer commands to the ``keys`` group."""
     create = actions.add_parser(
