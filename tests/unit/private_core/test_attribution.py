@@ -7,6 +7,7 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from splitvault_client import RequestSigner, create_signing_key
 
 from private_core.attribution import PUBLIC, SIGNED, Attributor
 from private_core.signers import SIGNATURES_DB, SqliteSignatureState
+from private_core.watermark.engine import QueryContext
 from protos import inference_pb2
 from shared.errors import SignatureRefused
 from shared.manifest import DimSpec, StageManifest, TensorSpec
@@ -90,12 +92,16 @@ def _wire(request: inference_pb2.InferRequest) -> SignedRequest:
     )
 
 
-async def _attribute(attributor: Attributor, request: inference_pb2.InferRequest, rows: int = 3):
+async def _attribute(
+    attributor: Attributor, request: inference_pb2.InferRequest, rows: int = 3
+) -> QueryContext:
     arrays = _arrays(rows)
     return await attributor.attribute(request, MANIFEST, arrays, {"batch": rows, "seq": 5})
 
 
-async def test_a_signed_request_is_answered_once_as_signed(state, signer) -> None:
+async def test_a_signed_request_is_answered_once_as_signed(
+    state: SqliteSignatureState, signer: RequestSigner
+) -> None:
     attributor = _attributor(state)
     request = _request(signer)
     context = await _attribute(attributor, request)
@@ -105,7 +111,9 @@ async def test_a_signed_request_is_answered_once_as_signed(state, signer) -> Non
         await _attribute(attributor, request)
 
 
-async def test_a_replay_is_refused_after_a_restart(tmp_path, state, signer) -> None:
+async def test_a_replay_is_refused_after_a_restart(
+    tmp_path: Path, state: SqliteSignatureState, signer: RequestSigner
+) -> None:
     request = _request(signer)
     await _attribute(_attributor(state), request)
     state.close()
@@ -116,12 +124,16 @@ async def test_a_replay_is_refused_after_a_restart(tmp_path, state, signer) -> N
     assert mode == 0o600
 
 
-async def test_unsigned_requests_under_a_registered_key_are_refused(state) -> None:
+async def test_unsigned_requests_under_a_registered_key_are_refused(
+    state: SqliteSignatureState,
+) -> None:
     with pytest.raises(SignatureRefused, match="signs its requests"):
         await _attribute(_attributor(state), _request(None))
 
 
-async def test_unsigned_requests_of_other_keys_are_attributed_to_the_public_tier(state) -> None:
+async def test_unsigned_requests_of_other_keys_are_attributed_to_the_public_tier(
+    state: SqliteSignatureState,
+) -> None:
     context = await _attribute(_attributor(state), _request(None, key_id="k_bearer00"))
     assert (context.attribution, context.key_id, context.signature) == (PUBLIC, "k_bearer00", None)
 
@@ -133,7 +145,9 @@ async def test_unsigned_requests_of_other_keys_are_attributed_to_the_public_tier
         ({"top_k": 5, "signed_k": 2}, "k"),
     ],
 )
-async def test_claims_must_match_what_is_answered(state, signer, change, reason) -> None:
+async def test_claims_must_match_what_is_answered(
+    state: SqliteSignatureState, signer: RequestSigner, change: dict[str, Any], reason: str
+) -> None:
     signed_k = change.pop("signed_k", None)
     request = _request(signer, **change)
     if signed_k is not None:  # signed with one k, sent with another
@@ -143,20 +157,24 @@ async def test_claims_must_match_what_is_answered(state, signer, change, reason)
         await _attribute(_attributor(state), request)
 
 
-async def test_a_signature_under_another_key_id_is_refused(state, signer) -> None:
+async def test_a_signature_under_another_key_id_is_refused(
+    state: SqliteSignatureState, signer: RequestSigner
+) -> None:
     request = _request(signer)
     request.key_id = "k_victim00"
     with pytest.raises(SignatureRefused, match="keyid differs"):
         await _attribute(_attributor(state), request)
 
 
-async def test_an_unregistered_signer_is_refused(tmp_path, signer) -> None:
+async def test_an_unregistered_signer_is_refused(tmp_path: Path, signer: RequestSigner) -> None:
     empty = SqliteSignatureState(tmp_path / "empty" / SIGNATURES_DB)
     with pytest.raises(SignatureRefused, match="no signer is registered"):
         await _attribute(_attributor(empty), _request(signer))
 
 
-async def test_a_stale_signature_is_refused_and_its_nonce_not_spent(state, signer) -> None:
+async def test_a_stale_signature_is_refused_and_its_nonce_not_spent(
+    state: SqliteSignatureState, signer: RequestSigner
+) -> None:
     stale = _request(signer, created=time.time() - 3600)
     with pytest.raises(SignatureRefused, match="outside the accepted window"):
         await _attribute(_attributor(state), stale)
@@ -164,7 +182,9 @@ async def test_a_stale_signature_is_refused_and_its_nonce_not_spent(state, signe
     assert state.use(KEY_ID, params.nonce, params.created, forget_before=0.0)  # not spent
 
 
-async def test_another_deployment_is_refused(state, signer) -> None:
+async def test_another_deployment_is_refused(
+    state: SqliteSignatureState, signer: RequestSigner
+) -> None:
     other = Attributor(state, state, "dep-2", window_s=300.0)
     with pytest.raises(SignatureRefused, match="signed deployment differ"):
         await _attribute(other, _request(signer))

@@ -8,9 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from http_message_signatures import ContentDigest, HTTPMessageSigner, algorithms
+from http_message_signatures import (
+    ContentDigest,
+    HTTPMessageSigner,
+    HTTPSignatureKeyResolver,
+    algorithms,
+)
 from splitvault_client import RequestSigner, create_signing_key
 
 from shared import signatures
@@ -32,7 +37,7 @@ class _Request:
         self.method, self.url, self.headers = method, url, headers
 
 
-class _Resolver:
+class _Resolver(HTTPSignatureKeyResolver):
     def __init__(self, key: object) -> None:
         self.key = key
 
@@ -94,24 +99,15 @@ def signer(tmp_path: Path) -> RequestSigner:
     return RequestSigner.load(tmp_path / "key.json")
 
 
-def _signed(
-    signer: RequestSigner, *, created: float | None = None, **claims: object
-) -> SignedRequest:
+def _signed(signer: RequestSigner, *, created: float | None = None) -> SignedRequest:
     when = None if created is None else dt.datetime.fromtimestamp(created, dt.UTC)
-    args: dict[str, object] = {"model": "digits", "shapes": SHAPES, "top_k": 3, **claims}
-    headers = signer.headers(
-        str(args["model"]),
-        BODY,
-        args["shapes"],
-        args["top_k"],
-        created=when,  # type: ignore[arg-type]
-    )
+    headers = signer.headers("digits", BODY, SHAPES, 3, created=when)
     found = SignedRequest.from_headers("POST", {k.lower(): v for k, v in headers.items()})
     assert found is not None
     return found
 
 
-def _public(signer: RequestSigner) -> signatures.Ed25519PublicKey:
+def _public(signer: RequestSigner) -> Ed25519PublicKey:
     return load_public_key(signer.public_key())
 
 
