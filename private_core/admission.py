@@ -45,7 +45,7 @@ class Caller:
 
     identity: str
     key_id: str = ""
-    signed: bool = False  # issue 13 item 3 sets this once a customer's signature verifies
+    signed: bool = False  # set once the customer's request signature verifies (attribution)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from private_core.admission import Admission, Caller
+from private_core.attribution import Attributor
 from private_core.batcher import BatchSettings, DynamicBatcher
 from private_core.metrics import PrivateMetrics
 from private_core.model_store import BackStage, ModelStore
@@ -88,10 +89,12 @@ class BackStageRunner:
         *,
         pad: bool = True,
         admission: Admission | None = None,
+        attributor: Attributor | None = None,
     ) -> None:
         self._store = store
         self._batcher = batcher
         self._admission = admission
+        self._attributor = attributor
         self._plans: dict[str, BatchPlan] = {}
         for name, stage in store.loaded.items():
             plan = plan_batching(stage, pad=pad)
@@ -121,9 +124,14 @@ class BackStageRunner:
             raise InvalidInput(
                 f"batch {batch} exceeds this model's limit {stage.config.max_batch_size}"
             )
+        context = QueryContext.of(request)
+        if self._attributor is not None:  # signature checks: refused before any budget or compute
+            context = await self._attributor.attribute(request, stage.manifest, arrays, sizes)
+        if caller is not None and context.attribution == "signed":
+            caller = replace(caller, signed=True)  # counted against the identity's signed budget
         self._admit(caller, request.model, max(batch, 1))
         plan = self._plans[request.model]
-        job = BackRequest(arrays, sizes, batch, int(request.top_k), QueryContext.of(request))
+        job = BackRequest(arrays, sizes, batch, int(request.top_k), context)
         outputs = await self._batcher.submit(
             request.model, job, key=plan.key(stage.manifest.inputs, arrays), rows=max(batch, 1)
         )
@@ -331,6 +339,7 @@ def build_runner(
     metrics: PrivateMetrics,
     settings: PrivateSettings,
     admission: Admission | None = None,
+    attributor: Attributor | None = None,
 ) -> tuple[BackStageRunner, Batcher]:
     """The runner and its batcher, configured from the tier's settings."""
 
@@ -345,5 +354,7 @@ def build_runner(
         concurrent_batches=settings.concurrent_batches,
     )
     batcher: Batcher = DynamicBatcher(executor, batch_settings, observe)
-    runner = BackStageRunner(store, batcher, pad=settings.pad_batches, admission=admission)
+    runner = BackStageRunner(
+        store, batcher, pad=settings.pad_batches, admission=admission, attributor=attributor
+    )
     return runner, batcher

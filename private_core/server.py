@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
+from private_core.attribution import Attributor
 from private_core.auth import IdentityInterceptor, IdentityRule
 from private_core.budgets import Budgets
 from private_core.hardening import protect_process_memory
@@ -23,6 +24,7 @@ from private_core.model_store import ModelStore, load_store
 from private_core.runner import Batcher, build_runner, configure_torch_threads, message_limit
 from private_core.servicer import PrivateInferenceServicer
 from private_core.settings import PrivateSettings
+from private_core.signers import SIGNATURES_DB, SqliteSignatureState
 from private_core.state import require_writable_state
 from private_core.watermark.triggers import TRIGGER_DIR
 from protos import inference_pb2_grpc
@@ -31,6 +33,7 @@ from shared.heap import freeze_startup_objects
 from shared.keys import KeyProvider, LocalFileKeyProvider
 from shared.layout import TierDir
 from shared.logs import get_logger
+from shared.signatures import deployment_id
 from shared.state_files import check_state_dir
 
 log = get_logger(__name__)
@@ -51,6 +54,7 @@ class PrivateServer:
     batcher: Batcher | None = None
     ledger: LedgerService | None = None
     budgets: Budgets | None = None
+    signatures: SqliteSignatureState | None = None
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace_s``, then stop."""
@@ -64,6 +68,8 @@ class PrivateServer:
         self.metrics.stop()
         if self.ledger is not None:
             self.ledger.close()
+        if self.signatures is not None:
+            self.signatures.close()
 
 
 def key_provider(settings: PrivateSettings) -> KeyProvider:
@@ -123,7 +129,10 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
         ],
     )
     budgets = Budgets.open(settings, metrics)
-    runner, batcher = build_runner(store, executor, metrics, settings, budgets.admission)
+    signatures, attributor = build_attributor(settings, tier)
+    runner, batcher = build_runner(
+        store, executor, metrics, settings, budgets.admission, attributor
+    )
     inference_pb2_grpc.add_PrivateInferenceServicer_to_server(
         PrivateInferenceServicer(store, runner, metrics, identities), server
     )
@@ -168,7 +177,17 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
         batcher,
         ledger=ledger,
         budgets=budgets,
+        signatures=signatures,
     )
+
+
+def build_attributor(
+    settings: PrivateSettings, tier: TierDir
+) -> tuple[SqliteSignatureState, Attributor]:
+    """The signature state in the state folder and the checks that use it."""
+    state = SqliteSignatureState(settings.state_dir / SIGNATURES_DB)
+    deployment = deployment_id(tier.ca_cert.read_bytes())
+    return state, Attributor(state, state, deployment, settings.signature_window_s)
 
 
 async def serve(settings: PrivateSettings) -> None:

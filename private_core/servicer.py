@@ -59,7 +59,7 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
 
     def _caller(self, request: inference_pb2.InferRequest, context: Context) -> Caller | None:
         """Who this call counts against: the admitted certificate identity and the key id the
-        public tier asserts. Requests carry no customer signature yet: unsigned."""
+        public tier asserts; ``signed`` is set once the request's signature verifies."""
         if self._identities is None:
             return None
         identity = self._identities.match(peer_identities(context))
@@ -68,8 +68,10 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
         return Caller(identity=identity, key_id=request.key_id)
 
     async def _abort(self, context: Context, model: str, error: SplitVaultError) -> None:
-        """Count the call under the error's code (``ERROR_TABLE``) and end it with that code."""
-        code = mapping_for(error).grpc_code
+        """Count the call under the error's code (``ERROR_TABLE``) and end it with that code
+        (and the error's reason, where the table gives one)."""
+        mapping = mapping_for(error)
+        code = mapping.grpc_code
         self._metrics.observe_request(model, code)
         await context.abort(code, error.message, grpc_trailers(error))
 

@@ -63,6 +63,9 @@ class PrivateSettings(TierSettings):
     log_level: str = "INFO"
     # Log certificate_expiring when a certificate this tier loaded expires within this many days.
     cert_warning_days: float = Field(default=30.0, ge=0)
+    # Customer request signatures: a signature's ``created`` must be within this many seconds
+    # of this tier's clock (either way); its nonce is remembered that long (shared/signatures).
+    signature_window_s: float = Field(default=300.0, gt=0, le=86400)
 
     # The private ledger (private_core/ledger.py), in state_dir/ledger: this replica's segment
     # name (None: the host name, a StatefulSet pod's own) and the certificate identities that

@@ -64,6 +64,7 @@ class InferRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     top_k: _builtins.int
     """For classifiers: how many classes the caller wants; the private tier caps it by the
@@ -76,6 +77,10 @@ class InferRequest(_message.Message):
     """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
+    @_builtins.property
+    def signature(self) -> Global___RequestSignature:
+        """The customer's request signature, forwarded as received (absent for unsigned requests)."""
+
     def __init__(
         self,
         *,
@@ -84,14 +89,55 @@ class InferRequest(_message.Message):
         top_k: _builtins.int = ...,
         request_id: _builtins.str = ...,
         key_id: _builtins.str = ...,
+        signature: Global___RequestSignature | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "key_id", b"key_id", "model", b"model", "request_id", b"request_id", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "key_id", b"key_id", "model", b"model", "request_id", b"request_id", "signature", b"signature", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InferRequest: _TypeAlias = InferRequest  # noqa: Y015
+
+@_typing.final
+class RequestSignature(_message.Message):
+    """An RFC 9421 HTTP message signature made by the customer's own Ed25519 key over the covered
+    parts of its HTTP request (shared/signatures.py); the private tier verifies it against the
+    public key registered for key_id and checks the claims against this InferRequest.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    CONTENT_DIGEST_FIELD_NUMBER: _builtins.int
+    CLAIMS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_INPUT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    content_digest: _builtins.str
+    """RFC 9530 Content-Digest field value"""
+    claims: _builtins.str
+    """Splitvault-Claims field value"""
+    signature_input: _builtins.str
+    """Signature-Input field value"""
+    signature: _builtins.str
+    """Signature field value"""
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        content_digest: _builtins.str = ...,
+        claims: _builtins.str = ...,
+        signature_input: _builtins.str = ...,
+        signature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims", "content_digest", b"content_digest", "method", b"method", "signature", b"signature", "signature_input", b"signature_input"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestSignature: _TypeAlias = RequestSignature  # noqa: Y015
 
 @_typing.final
 class InferResponse(_message.Message):

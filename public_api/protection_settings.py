@@ -71,3 +71,8 @@ class ProtectionSettings(BaseModel):
     audit_aggregate_s: float = Field(default=10.0, gt=0, le=3600)
     # Anchoring of the audit trail in the private tier's ledger (public_api/audit_anchor.py).
     audit_anchor: AnchorSettings = AnchorSettings()
+    # Customer request signatures (public_api.signing): key ids whose unsigned requests are
+    # refused here (401; the private tier refuses them anyway once their signer is registered),
+    # and how far a signature's time may be from this tier's clock, in seconds.
+    require_signature_keys: list[str] = Field(default_factory=list)
+    signature_window_s: float = Field(default=300.0, gt=0, le=86400)

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from public_api.body import OffLoopJsonRoute
 from public_api.context import RequestContext
 from public_api.deps import Admitted, Authenticated, State
+from public_api.signing import forwarded_signature
 from public_api.state import VERSION
 from public_api.v2 import (
     AcceptTerms,
@@ -93,8 +94,17 @@ async def infer(
     context = RequestContext.of(request.scope)
     context.request_id = body.id  # audited with the answer, or with a refusal
     decoded = await state.service.decode(model, body)
+    protection = state.settings.protection
+    signature = forwarded_signature(
+        request.headers,
+        await request.body(),
+        caller.key_id,
+        decoded,
+        required=caller.key_id in protection.require_signature_keys,
+        window_s=protection.signature_window_s,
+    )
     await state.protection.limit(caller, model, decoded.samples)
-    outcome = await state.service.infer(decoded, key_id=caller.key_id)
+    outcome = await state.service.infer(decoded, key_id=caller.key_id, signature=signature)
     specs = state.service.stage(model).manifest.outputs
     await state.protection.record_served(caller, model, outcome, specs)
     context.audited = True

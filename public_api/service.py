@@ -101,8 +101,15 @@ class InferenceService:
             )
         return Decoded(model, request, arrays, max(batch, 1), top_k)
 
-    async def infer(self, decoded: Decoded, *, key_id: str | None = None) -> InferenceOutcome:
-        """Answer a decoded request with the model's restricted output (``key_id``: who asked)."""
+    async def infer(
+        self,
+        decoded: Decoded,
+        *,
+        key_id: str | None = None,
+        signature: inference_pb2.RequestSignature | None = None,
+    ) -> InferenceOutcome:
+        """Answer a decoded request with the model's restricted output (``key_id``: who asked;
+        ``signature``: the customer's, forwarded to the private tier that verifies it)."""
         started = time.perf_counter()
         model, request, arrays = decoded.model, decoded.request, decoded.arrays
         stage = self.stage(model)
@@ -117,6 +124,7 @@ class InferenceService:
                 top_k=decoded.top_k,
                 request_id=request.id or uuid.uuid4().hex,
                 key_id=key_id or "",
+                signature=signature,
             )
         )
         outputs = {tensor.name: from_proto(tensor) for tensor in reply.outputs}

@@ -4,6 +4,7 @@
     ├── InvalidInput          400  INVALID_ARGUMENT
     │   └── PayloadTooLarge   413  INVALID_ARGUMENT
     ├── Unauthenticated       401  UNAUTHENTICATED
+    │   └── SignatureRefused  401  PERMISSION_DENIED (reason "signature", read back as such)
     ├── PermissionDenied      403  PERMISSION_DENIED
     │   ├── TermsNotAccepted  403
     │   └── KeyBlocked        403
@@ -64,6 +65,11 @@ class PayloadTooLarge(InvalidInput):
 
 class Unauthenticated(SplitVaultError):
     """No valid credential was presented."""
+
+
+class SignatureRefused(Unauthenticated):
+    """A customer request signature is missing where one is required, invalid, stale or
+    replayed (``shared.signatures``); the message says which, never key material."""
 
 
 class PermissionDenied(SplitVaultError):
@@ -141,7 +147,9 @@ class ErrorMapping:
     grpc_code: grpc.StatusCode
     read_back: bool = False
     peer_message: str | None = None
-    reason: str | None = None  # sent in trailing metadata: tells apart classes of one code
+    # Sent with the gRPC status as trailing metadata (``grpc_trailers``): tells apart the
+    # classes read back from one code.
+    reason: str | None = None
 
 
 _Code = grpc.StatusCode
@@ -151,6 +159,9 @@ ERROR_TABLE: dict[type[SplitVaultError], ErrorMapping] = {
     # The private tier's only caller is this tier: its refusals are of our identity.
     Unauthenticated: ErrorMapping(401, _Code.UNAUTHENTICATED, read_back=True),
     PermissionDenied: ErrorMapping(403, _Code.PERMISSION_DENIED, read_back=True),
+    SignatureRefused: ErrorMapping(
+        401, _Code.PERMISSION_DENIED, read_back=True, reason="signature"
+    ),
     ModelNotFound: ErrorMapping(404, _Code.NOT_FOUND, read_back=True),
     # The public tier's own limits; from the private tier, RESOURCE_EXHAUSTED is its queue
     # (no reason) or one of its admission budgets (reason in trailing metadata).
@@ -226,17 +237,21 @@ def error_from_grpc(
 ) -> SplitVaultError:
     """The error for a status received from the private tier, by ``FROM_GRPC``.
 
-    A refusal of the caller (UNAUTHENTICATED, PERMISSION_DENIED) is a refusal of this tier's
-    certificate identity: the client gets 503 without the details. A code the table does not
+    A status sent with a ``reason`` of the table and its code is read back as that class, with
+    the private tier's message. Any other refusal of the caller (UNAUTHENTICATED,
+    PERMISSION_DENIED) is a refusal of this tier's certificate identity: the client gets 503
+    without the details. A code the table does not
     read back is an internal error. ``trailers``: the status's trailing metadata (``reason``
     and retry hint, see ``grpc_trailers``).
     """
     values = {key: value for key, value in trailers if isinstance(value, str)}
     reason = values.get(REASON_KEY)
-    cls = FROM_GRPC.get((code, reason)) or FROM_GRPC.get((code, None))
+    cls = FROM_GRPC.get((code, reason)) if reason is not None else None
+    by_reason = cls is not None
+    cls = cls or FROM_GRPC.get((code, None))
     if cls is None:
         return InternalError(f"private tier: unexpected status {code.name}")
-    if issubclass(cls, Unauthenticated | PermissionDenied):
+    if not by_reason and issubclass(cls, Unauthenticated | PermissionDenied):
         return Unavailable(IDENTITY_REFUSED, retry_after_s=5.0)
     mapping = ERROR_TABLE[cls]
     retry_after_s = _retry_hint(values.get(RETRY_AFTER_KEY))

@@ -16,6 +16,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from splitvault.signers import add_signer_commands
+
 if TYPE_CHECKING:  # the stores are imported when a command runs, keeping the CLI quick to start
     from public_api.keys import ApiKey, SqliteKeyStore
 
@@ -43,6 +45,7 @@ def _add_keys(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     revoke.add_argument("--deploy", required=True, type=Path)
     revoke.add_argument("key", metavar="KEY_ID_OR_NAME")
     revoke.set_defaults(run=_keys_revoke)
+    add_signer_commands(actions)  # signer-create, signer-register, signer-remove, signers
 
 
 def _add_audit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -39,10 +39,14 @@ def resolve_scheme(config: WatermarkConfig) -> Scheme:
 
 @dataclass(frozen=True)
 class QueryContext:
-    """Who asked: the request id and API key id the public tier sent (empty if none)."""
+    """Who asked: the request id and API key id the public tier sent (empty if none), and how
+    the key id is known: ``public`` (asserted by the public tier alone) or ``signed`` (by the
+    customer's registered key, verified here; ``signature`` keeps what was verified)."""
 
     request_id: str = ""
     key_id: str = ""
+    attribution: str = "public"
+    signature: Mapping[str, str] | None = None
 
     @classmethod
     def of(cls, request: Any) -> QueryContext:
@@ -114,6 +118,8 @@ class ModelWatermark:
                 answer=int(answered[row]),
                 request_id=context.request_id,
                 key_id=context.key_id,
+                attribution=context.attribution,
+                signature=dict(context.signature or {}),
                 inputs=encode_inputs({n: np.asarray(a)[row] for n, a in inputs.items()}),
             )
             for row in np.flatnonzero(marking.marks.selected)

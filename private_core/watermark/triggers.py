@@ -3,8 +3,9 @@
 Append-only segment files under ``STATE/triggers/MODEL/`` (``STATE``: the private tier's
 ``state_dir``, default ``private/state``). Each record is
 ``u32 length || 12-byte nonce || AES-256-GCM ciphertext`` of a JSON object (time, request id,
-API key id, canonical query id, the model's label, the label answered, and the sample's
-back-stage inputs as received). The record key is derived from the model's watermark key, and
+API key id, canonical query id, the model's label, the label answered, the sample's
+back-stage inputs as received, and how the key id is known: its customer's verified request
+signature, or the public tier's word alone). The record key is derived from the model's watermark key, and
 each record is bound to its model, segment and position as associated data, so a record moved,
 altered, removed from the middle or replayed into another log fails authentication. Retention:
 at most ``max_records`` records and ``max_bytes`` bytes; segments hold a sixteenth of either,
@@ -62,6 +63,10 @@ class TriggerRecord:
     request_id: str = ""
     key_id: str = ""
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # How key_id is known: "public" (the public tier said so; every record made before
+    # signatures) or "signed" (the customer's signature, kept here, verified by this tier).
+    attribution: str = "public"
+    signature: dict[str, str] = field(default_factory=dict)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The sample's back-stage inputs as the private tier received them."""

@@ -17,6 +17,7 @@ from ._exceptions import (
     Unavailable,
 )
 from ._protocol import __version__
+from ._signing import RequestSigner, create_signing_key
 from ._types import ModelMetadata, Prediction, TensorSpec, Terms, TermsAcceptance
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "Prediction",
     "ProtocolError",
     "RateLimited",
+    "RequestSigner",
     "ServerError",
     "SplitVaultClientError",
     "TensorSpec",
@@ -37,4 +39,5 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "__version__",
+    "create_signing_key",
 ]

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
+from dataclasses import replace
+from functools import partial
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import httpx
 import numpy as np
 
 from . import _protocol as proto
 from ._protocol import Call, Inputs, Outcome, StrPath
+from ._signing import RequestSigner
 from ._types import ModelMetadata, Prediction, Terms, TermsAcceptance
 
 
@@ -29,12 +33,25 @@ class _Base:
         backoff: float = 0.2,
         *,
         max_backoff: float = 30.0,
+        signing_key: StrPath | None = None,
     ) -> None:
         retry = proto.RetryPolicy(retries, backoff, max_backoff)
         self._settings = proto.make_settings(
             url, api_key=api_key, ca=ca, cert=cert, timeout=timeout, retry=retry
         )
         self._metadata: dict[str, ModelMetadata] = {}
+        self._signer = None if signing_key is None else RequestSigner.load(signing_key)
+
+    def _infer_call(
+        self, model: str, inputs: Mapping[str, Any], top_k: int | None, rid: str | None
+    ) -> Call:
+        """The inference call, signed when the client holds a signing key."""
+        call = proto.infer_call(model, inputs, top_k=top_k, request_id=rid)
+        if self._signer is None or call.body is None:
+            return call
+        shapes = {name: tuple(np.shape(array)) for name, array in inputs.items()}
+        sign = partial(self._signer.headers, model, call.body, shapes, top_k)
+        return replace(call, signer=sign)
 
     def _remember(self, metadata: ModelMetadata, model: str) -> ModelMetadata:
         self._metadata[model] = metadata
@@ -49,7 +66,9 @@ class Client(_Base):
     presented for mutual TLS. ``retries`` extra tries are made for GETs that failed and for
     other calls that got a 503 or could not connect, waiting ``backoff * 2**n`` seconds or the
     server's Retry-After, at most ``max_backoff``. ``transport`` replaces the network (tests pass
-    an ``httpx.MockTransport``). Errors are ``SplitVaultClientError`` subclasses.
+    an ``httpx.MockTransport``). ``signing_key``: a key file from ``create_signing_key``; every
+    inference request is then signed with it (RFC 9421, Ed25519; the ``signing`` extra). Errors
+    are ``SplitVaultClientError`` subclasses.
     """
 
     def __init__(
@@ -64,8 +83,19 @@ class Client(_Base):
         *,
         max_backoff: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        signing_key: StrPath | None = None,
     ) -> None:
-        super().__init__(url, api_key, ca, cert, timeout, retries, backoff, max_backoff=max_backoff)
+        super().__init__(
+            url,
+            api_key,
+            ca,
+            cert,
+            timeout,
+            retries,
+            backoff,
+            max_backoff=max_backoff,
+            signing_key=signing_key,
+        )
         s = self._settings
         self._http = httpx.Client(
             base_url=s.base_url,
@@ -121,7 +151,7 @@ class Client(_Base):
         """
         if isinstance(inputs, np.ndarray):
             inputs = {proto.single_input_name(self._cached_metadata(model)): inputs}
-        call = proto.infer_call(model, inputs, top_k=top_k, request_id=request_id)
+        call = self._infer_call(model, inputs, top_k, request_id)
         return proto.parse_prediction(self._send(call))
 
     def terms(self) -> Terms:
@@ -151,7 +181,7 @@ class Client(_Base):
     def _attempt(self, call: Call) -> Outcome:
         try:
             return self._http.request(
-                call.method, call.path, content=call.body, headers=call.headers
+                call.method, call.path, content=call.body, headers=call.attempt_headers()
             )
         except httpx.RequestError as exc:
             return exc
@@ -175,8 +205,19 @@ class AsyncClient(_Base):
         *,
         max_backoff: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        signing_key: StrPath | None = None,
     ) -> None:
-        super().__init__(url, api_key, ca, cert, timeout, retries, backoff, max_backoff=max_backoff)
+        super().__init__(
+            url,
+            api_key,
+            ca,
+            cert,
+            timeout,
+            retries,
+            backoff,
+            max_backoff=max_backoff,
+            signing_key=signing_key,
+        )
         s = self._settings
         self._http = httpx.AsyncClient(
             base_url=s.base_url,
@@ -232,7 +273,7 @@ class AsyncClient(_Base):
         """
         if isinstance(inputs, np.ndarray):
             inputs = {proto.single_input_name(await self._cached_metadata(model)): inputs}
-        call = proto.infer_call(model, inputs, top_k=top_k, request_id=request_id)
+        call = self._infer_call(model, inputs, top_k, request_id)
         return proto.parse_prediction(await self._send(call))
 
     async def terms(self) -> Terms:
@@ -262,7 +303,7 @@ class AsyncClient(_Base):
     async def _attempt(self, call: Call) -> Outcome:
         try:
             return await self._http.request(
-                call.method, call.path, content=call.body, headers=call.headers
+                call.method, call.path, content=call.body, headers=call.attempt_headers()
             )
         except httpx.RequestError as exc:
             return exc

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -135,6 +135,8 @@ class Call:
     path: str
     body: bytes | None = None
     accept: frozenset[int] = field(default=_OK)
+    # Headers made anew for each try (a request signature: a fresh time and nonce each time).
+    signer: Callable[[], dict[str, str]] | None = None
 
     @property
     def idempotent(self) -> bool:
@@ -145,6 +147,10 @@ class Call:
     def headers(self) -> dict[str, str]:
         """Headers particular to this call."""
         return {"Content-Type": "application/json"} if self.body is not None else {}
+
+    def attempt_headers(self) -> dict[str, str]:
+        """Headers for one try: ``headers`` and, for a signed call, a new signature."""
+        return {**self.headers, **(self.signer() if self.signer is not None else {})}
 
 
 def model_path(model: str) -> str:

@@ -101,6 +101,7 @@ def test_all_exports_are_the_public_api() -> None:
     errors |= {"RateLimited", "Unavailable", "ServerError", "ProtocolError"}
     results = {"ModelMetadata", "Prediction", "TensorSpec", "Terms", "TermsAcceptance"}
     clients = {"AsyncClient", "Client", "__version__"}
+    clients |= {"RequestSigner", "create_signing_key"}
     assert set(splitvault_client.__all__) == errors | results | clients
     assert len(splitvault_client.__all__) == len(errors | results | clients)
     for name in splitvault_client.__all__:
@@ -427,3 +428,36 @@ def test_client_certificate_is_presented_for_mutual_tls(
             assert client.live() is True
         with Client(url, ca=ca_path) as client, pytest.raises(Unavailable):
             client.live()
+
+
+# --- request signing -----------------------------------------------------------------------
+
+
+def test_a_signing_client_signs_each_try_anew(tmp_path: Path) -> None:
+    """Each try of a signed infer call carries its own nonce and a digest of the body sent."""
+    from http_message_signatures import ContentDigest
+
+    key = tmp_path / "key.json"
+    public_key = splitvault_client.create_signing_key(key, key_id="k_0123abcd", deployment="d1")
+    assert public_key.startswith("ed25519:") and (key.stat().st_mode & 0o777) == 0o600
+    server = FakeServer({"/base/v2/models/digits/infer": [fail(503), ok(CLASSIFICATION)]})
+    pixels = np.zeros((1, 4), np.float32)
+    with server.client(retries=1, backoff=0, signing_key=key) as client:
+        client.predict("digits", {"pixels": pixels}, top_k=2)
+    first, second = server.requests
+    for request in (first, second):
+        assert request.headers["splitvault-claims"] == (
+            'key="k_0123abcd", deployment="d1", model="digits", rows=1, k=2, shapes=("pixels:1x4")'
+        )
+        ContentDigest.verify(request.headers["content-digest"], request.content)
+        assert request.headers["signature-input"].startswith(
+            'sv=("@method" "content-digest" "splitvault-claims");created='
+        )
+    assert first.headers["signature-input"] != second.headers["signature-input"]  # new nonce
+
+
+def test_a_client_without_a_signing_key_sends_no_signature() -> None:
+    server = FakeServer({"/base/v2/models/digits/infer": [ok(CLASSIFICATION)]})
+    with server.client() as client:
+        client.predict("digits", {"pixels": np.zeros((1, 4), np.float32)})
+    assert "signature" not in server.requests[0].headers

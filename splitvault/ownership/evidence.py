@@ -24,6 +24,7 @@ from typing import Any
 
 from private_core.watermark.triggers import TriggerLogError
 from shared.anchors_file import AnchorsFile
+from splitvault.ownership import attribution
 from splitvault.ownership.owner import OwnerModel
 from splitvault.ownership.report_html import render_html
 from splitvault.ownership.verify import Verification
@@ -131,9 +132,12 @@ def monitor_section(deploy: Path, key_id: str) -> dict[str, Any]:
     return {"assessment": asdict(found[0]) if found else None}
 
 
-def trigger_section(owner: OwnerModel, key_id: str, request_ids: set[str]) -> dict[str, Any]:
+def trigger_section(
+    owner: OwnerModel, key_id: str, request_ids: set[str], signers: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The watermark labels the private tier recorded as answered to this key: records with its
-    key id, or without a key id but with the request id of one of its audited requests."""
+    key id, or without a key id but with the request id of one of its audited requests; each
+    labelled by how it is attributed (``splitvault.ownership.attribution``)."""
     kept: list[dict[str, Any]] = []
     try:
         for record in owner.triggers():
@@ -145,7 +149,8 @@ def trigger_section(owner: OwnerModel, key_id: str, request_ids: set[str]) -> di
                 continue
             item = asdict(record)
             del item["inputs"]
-            kept.append({**item, "linked_by": linked})
+            attributed = attribution.label(record, signers or {})
+            kept.append({**item, "linked_by": linked, "attributed": attributed})
     except (TriggerLogError, OSError) as error:
         return {"status": "FAILED", "problem": str(error), "records": kept}
     return {"status": "OK", "problem": None, "records": kept}
@@ -171,7 +176,7 @@ def build_evidence(
         "api_key": keys,
         "audit": audit,
         "monitor": monitor_section(deploy, key_id),
-        "triggers": trigger_section(owner, key_id, request_ids),
+        "triggers": trigger_section(owner, key_id, request_ids, attribution.signer_keys(deploy)),
         "verification": None if verification is None else verification.to_json(),
         "verification_text": None if verification is None else verification.text(),
     }

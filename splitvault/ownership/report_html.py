@@ -120,6 +120,7 @@ def _triggers(section: dict[str, Any]) -> str:
             _when(r["time"]),
             r["request_id"],
             r["linked_by"],
+            r.get("attributed", "public"),
             r["query_id"][:16],
             r["label"],
             r["answer"],
@@ -131,9 +132,20 @@ def _triggers(section: dict[str, Any]) -> str:
     return (
         f"<h2>4. Watermarked answers served to this key{status}</h2>{problem}"
         f"<p>{len(records)} answers carried a watermark label (kept encrypted in the private "
-        "tier).</p>"
+        "tier). Attributed: <b>signed</b>, by the customer's own request signature, verified "
+        "again here; <b>public</b>, by the public tier's word alone (a host that controls it "
+        "could have sent the key id).</p>"
         + _table(
-            ("time", "request id", "linked by", "query id", "model's class", "class answered"), rows
+            (
+                "time",
+                "request id",
+                "linked by",
+                "attributed",
+                "query id",
+                "model's class",
+                "class answered",
+            ),
+            rows,
         )
     )
 
