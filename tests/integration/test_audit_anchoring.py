@@ -32,7 +32,7 @@ from public_api.keys import STATE_DIR, parse_key_id
 from shared.anchor_receipt import AnchorReceipt
 from shared.anchors_file import AnchorsFile
 from shared.keys import LocalFileKeyProvider
-from shared.layout import DeployLayout
+from shared.layout import PUBLIC_REPLICA_PREFIX, DeployLayout
 from shared.manifest import TopKPolicy
 from splitvault.demo import digits
 from splitvault.deploy import init_deployment
@@ -287,7 +287,7 @@ def test_a_conflicting_anchor_from_the_public_identity_is_refused(served: Stack)
         assert backwards.value.code() == grpc.StatusCode.ALREADY_EXISTS
     (event,) = served.private.wait_for_events("audit_anchor_conflict")  # only the one
     assert (event["seq"], event["anchored_head"], event["offered_head"]) == (20, head, forged)
-    assert event["identity"] == "splitvault-public"
+    assert event["identity"] == PUBLIC_REPLICA_PREFIX + "1"  # the first public replica's CN
     served.private.wait_for_events("audit_anchor_out_of_order")
 
 
