@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from shared.layout import BACK_FILE, FRONT_FILE, REFERENCE_FILE, DeployLayout
 from shared.manifest import (
     CONFIG_FILE,
     MANIFEST_FILE,
+    MODEL_NAME_PATTERN,
     DimSpec,
     ModelConfig,
     OutputPolicy,
@@ -43,6 +45,9 @@ from shared.manifest import (
     write_json,
 )
 from shared.tensor_codec import datatype_of
+from splitvault.errors import PackError
+from splitvault.packing.diagnose import check_split_name, check_top_level_names
+from splitvault.packing.shares import private_share
 from splitvault.packing.spec import ModelSpec
 from splitvault.packing.split import StagePair, export_model, split_program
 
@@ -70,10 +75,16 @@ def pack_spec(
     max_batch_size: int = 64,
     show_progress: bool = True,
     watermark: WatermarkConfig | None = None,
+    min_private_share: float | None = None,
 ) -> PackResult:
-    """Trace ``spec``, cut it after ``split`` and write both stages (front plain, back encrypted)."""
-    if split not in dict(spec.module.named_modules()):
-        raise ValueError(f"the model has no submodule {split!r}")
+    """Trace ``spec``, cut it after ``split`` and write both stages (front plain, back encrypted).
+
+    With ``min_private_share``, a cut that keeps less of the parameters private is refused
+    before anything is written.
+    """
+    check_model_name(name)
+    check_top_level_names(child for child, _module in spec.module.named_children())
+    check_split_name(split, (path for path, _module in spec.module.named_modules()))
     with tqdm(total=4, desc=f"pack {name}", unit="step", disable=not show_progress) as steps:
         steps.set_postfix_str("tracing")
         program = export_model(spec)
@@ -89,6 +100,7 @@ def pack_spec(
             spec.value_ranges,
             spec.reference_inputs,
             watermark,
+            min_private_share,
         )
         return _split_and_write(program, options, spec.dynamic_dims, layout, provider, steps)
 
@@ -102,6 +114,7 @@ def pack_program(
     show_progress: bool = True,
 ) -> PackResult:
     """Split a saved ``torch.export`` program (it must carry its example inputs)."""
+    check_model_name(options.name)
     with tqdm(
         total=4, desc=f"pack {options.name}", unit="step", disable=not show_progress
     ) as steps:
@@ -123,6 +136,19 @@ class PackOptions:
     value_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
     reference_inputs: dict[str, torch.Tensor] | None = None
     watermark: WatermarkConfig | None = None
+    min_private_share: float | None = None  # refuse a cut keeping less private (None: any)
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a name the tiers would refuse (it names a folder and a URL path)."""
+    if re.fullmatch(MODEL_NAME_PATTERN, name):
+        return
+    slug = re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-._")[:64] or "my-model"
+    raise PackError(
+        f"invalid model name {name!r}",
+        cause="a name is 1-64 of a-z 0-9 _ . - starting with a letter or digit (a folder, a URL)",
+        fix=f"--name {slug}",
+    )
 
 
 def _split_and_write(
@@ -135,6 +161,8 @@ def _split_and_write(
 ) -> PackResult:
     steps.set_postfix_str("splitting")
     pair = split_program(program, options.split, dim_names)
+    if options.min_private_share is not None:
+        _check_private_share(pair, options.split, options.min_private_share)
     steps.update()
     config = ModelConfig.model_validate(
         {
@@ -289,12 +317,33 @@ def _count(program: ExportedProgram) -> TierCount:
     )
 
 
+def _check_private_share(pair: StagePair, split: str, floor: float) -> None:
+    public, private = _count(pair.front), _count(pair.back)
+    share = private_share(public.parameters, private.parameters)
+    if share < floor:
+        raise PackError(
+            f"a split after {split!r} keeps only {share:.1%} of the parameters private",
+            cause=f"the floor is {floor:.0%}: the rest would sit on the internet-facing host",
+            fix="split at an earlier submodule (`splitvault inspect` lists the shares), or --force",
+        )
+
+
 def _check_labels(config: ModelConfig, pair: StagePair) -> None:
     if config.labels is None:
         return
+    if config.task != "classification":
+        raise PackError(
+            "labels were given for an embedding model",
+            cause="only a classifier's answers carry labels",
+            fix="drop the labels, or pack it as --task classification",
+        )
     classes = _placeholder_vals(pair.back, "outputs")[0].shape[-1]
     if len(config.labels) != classes:
-        raise ValueError(f"{len(config.labels)} labels given for {classes} classes")
+        raise PackError(
+            f"{len(config.labels)} labels given for {classes} classes",
+            cause=f"the model's output has {classes} classes (its last dimension)",
+            fix=f"give exactly {classes} labels, one per line, in class-index order",
+        )
 
 
 def _placeholder_vals(program: ExportedProgram, which: str) -> list[Any]:
