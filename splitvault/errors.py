@@ -31,6 +31,7 @@ class CommandError(Exception):
         self.what = what
         self.cause = cause
         self.fix = fix
+        self.detail = ""  # what a library printed on its way to failing: shown with --verbose
 
     def lines(self) -> list[str]:
         """The three lines ``report`` prints."""
@@ -134,6 +135,8 @@ def settings_error(error: ValidationError, tier: str) -> CommandError:
 def report(error: Exception, out: TextIO, *, verbose: bool) -> None:
     """Print ``error``'s summary; with ``verbose``, its traceback (and its cause's) first."""
     if verbose:
+        if isinstance(error, CommandError) and error.detail:
+            print(error.detail.rstrip("\n"), file=out)
         traceback.print_exception(error, file=out)
     for line in summary_lines(error):
         print(line, file=out)

@@ -41,7 +41,7 @@ def _inspect(args: argparse.Namespace) -> int:
     for line in format_table(shown):
         print(line)
     if skipped:
-        print(f"({skipped} more inside blocks with a skip path around them: --all lists them)")
+        print(f"({skipped} more where several tensors cross, a skip path or a branch: --all)")
     print(
         f"pack warns below {PRIVATE_SHARE_WARNING:.0%} of the parameters private and refuses "
         f"below {PRIVATE_SHARE_FLOOR:.0%} unless --force"

@@ -4,13 +4,16 @@ models it cannot rebuild before tracing them."""
 from __future__ import annotations
 
 import difflib
+import io
 import logging
 import re
+import sys
 import traceback
 import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import fx
@@ -19,6 +22,7 @@ from splitvault.errors import SplitError, TraceError, first_line
 
 _SPECIALISED = re.compile(r"Constraints violated \(([^)]*)\)")
 _CONSTANT = re.compile(r"specialized it to be a constant \((\d+)\)")
+T = TypeVar("T")
 _LIBRARIES = ("/torch/", "/splitvault/", "/site-packages/", "<frozen")
 
 
@@ -33,6 +37,24 @@ def quiet_torch() -> Iterator[None]:
             yield
     finally:
         logging.disable(logging.NOTSET)
+
+
+def traced(export: Callable[[], T]) -> T:
+    """Run ``export`` (a ``torch.export.export`` call); a failure becomes a ``TraceError``.
+
+    torch prints a partial graph to stderr before it raises: that is kept as the error's
+    ``detail`` (shown with ``--verbose``) instead of filling the terminal.
+    """
+    held = io.StringIO()
+    try:
+        with redirect_stderr(held):
+            result = export()
+    except Exception as error:
+        explained = explain_export_error(error)
+        explained.detail = held.getvalue()
+        raise explained from error
+    sys.stderr.write(held.getvalue())
+    return result
 
 
 def reserved_names() -> frozenset[str]:
@@ -59,8 +81,8 @@ def check_split_name(split: str, modules: Iterable[str]) -> None:
     known = [name for name in modules if name]
     if split in known:
         return
-    close = difflib.get_close_matches(split, known, n=3, cutoff=0.5)
-    suggestion = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    close = difflib.get_close_matches(split, known, n=1, cutoff=0.5)
+    suggestion = f"did you mean {close[0]!r}?" if close else ""
     listed = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
     raise SplitError(
         f"the model has no submodule {split!r}" + (f"; {suggestion}" if suggestion else ""),

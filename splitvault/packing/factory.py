@@ -29,7 +29,7 @@ def load_factory(reference: str) -> ModelSpec:
             fix="--factory mymodels:make_model (mymodels.py in this folder) or path/to/file.py:make_model",
         )
     module = _import_file(Path(location)) if _is_path(location) else _import_module(location)
-    factory = _function(module, function_name, reference)
+    factory = _function(module, function_name, location)
     try:
         result = factory()
     except Exception as error:
@@ -121,19 +121,21 @@ def _import_failed(name: str, error: Exception) -> CommandError:
     )
 
 
-def _function(module: ModuleType, name: str, reference: str) -> Callable[[], object]:
+def _function(module: ModuleType, name: str, location: str) -> Callable[[], object]:
     factory = getattr(module, name, None)
     if callable(factory):
         return factory  # type: ignore[no-any-return]
     functions = [
         n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_")
     ]
-    close = difflib.get_close_matches(name, functions, n=3)
-    hint = f"did you mean {', '.join(close)}?" if close else f"functions: {', '.join(functions)}"
+    close = difflib.get_close_matches(name, functions, n=1)
+    listed = ", ".join(functions[:12]) + (", ..." if len(functions) > 12 else "")
     raise CommandError(
-        f"{module.__name__} has no function {name!r} ({reference})",
-        cause=hint if functions else "the module defines no function",
-        fix="name a function of the module that returns the model and an example input",
+        f"{location} has no function {name!r}",
+        cause=f"its functions are {listed}" if functions else "it defines no function",
+        fix=f"--factory {location}:{close[0]}"
+        if close
+        else "name a function of it that returns the model and an example input",
     )
 
 

@@ -7,6 +7,7 @@ convolutions, attention), not element-wise operations.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -117,10 +118,28 @@ def split_candidates(
             public_flops=sum(flops.get(n, 0) for n in compute[: cut + 1]),
             private_flops=sum(flops.get(n, 0) for n in compute[cut + 1 :]),
         )
-        paths = sorted(by_cut[cut], key=lambda p: (p.count("."), p))
         shapes = tuple(_shape(node, names) for node in crossing)
-        candidates.append(Candidate(paths[0], tuple(paths[1:]), shapes, len(crossing) == 1, shares))
-    return candidates
+        candidates.append(
+            Candidate(by_cut[cut][0], tuple(by_cut[cut][1:]), shapes, len(crossing) == 1, shares)
+        )
+    return _merge_equivalent(candidates)
+
+
+def _merge_equivalent(candidates: list[Candidate]) -> list[Candidate]:
+    """One row for neighbouring cuts that differ only by parameter-free nodes (a ReLU): same
+    tensors crossing, same shares; it is named by its shortest submodule path."""
+    merged: list[Candidate] = []
+    for candidate in candidates:
+        last = merged[-1] if merged else None
+        if last and (last.crossing, last.shares) == (candidate.crossing, candidate.shares):
+            paths = sorted(
+                [last.split, *last.aliases, candidate.split, *candidate.aliases],
+                key=lambda p: (p.count("."), p),
+            )
+            merged[-1] = dataclasses.replace(last, split=paths[0], aliases=tuple(paths[1:]))
+        else:
+            merged.append(candidate)
+    return merged
 
 
 def _attrs_of(node: fx.Node) -> set[str]:

@@ -28,7 +28,7 @@ from splitvault.errors import SplitError
 from splitvault.packing.diagnose import (
     check_split_name,
     check_top_level_names,
-    explain_export_error,
+    traced,
 )
 from splitvault.packing.spec import ModelSpec
 
@@ -95,10 +95,7 @@ def export_model(spec: ModelSpec) -> ExportedProgram:
         examples[name] = _at_least_two(example, spec.dims_for(name))
     module = spec.module.eval()
     with torch.no_grad():
-        try:
-            return torch.export.export(module, (), examples, dynamic_shapes=shapes)
-        except Exception as error:
-            raise explain_export_error(error) from error
+        return traced(lambda: torch.export.export(module, (), examples, dynamic_shapes=shapes))
 
 
 def _at_least_two(example: torch.Tensor, dims: Mapping[int, str]) -> torch.Tensor:
