@@ -15,15 +15,9 @@ from shared.keys import LocalFileKeyProvider
 from shared.layout import DeployLayout
 from shared.manifest import BATCH_DIM, LabelPolicy, OutputPolicy, RoundingPolicy, TopKPolicy
 from splitvault.errors import CommandError
-from splitvault.packing.diagnose import quiet_torch
+from splitvault.packing.diagnose import check_model_name, quiet_torch
 from splitvault.packing.factory import load_factory
-from splitvault.packing.pack import (
-    PackOptions,
-    PackResult,
-    check_model_name,
-    pack_program,
-    pack_spec,
-)
+from splitvault.packing.pack import PackOptions, PackResult, pack_program, pack_spec
 from splitvault.packing.shares import PRIVATE_SHARE_FLOOR, PRIVATE_SHARE_WARNING, private_share
 from splitvault.packing.spec import ModelSpec
 

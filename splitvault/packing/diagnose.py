@@ -1,5 +1,5 @@
-"""Turn what ``torch.export`` raises into a ``TraceError`` that names the fix, and catch the
-models it cannot rebuild before tracing them."""
+"""Checks that name the fix: names refused before tracing (model, split, submodules torch
+cannot rebuild), and what ``torch.export`` raises turned into a ``TraceError``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from typing import TypeVar
 import torch
 from torch import fx
 
-from splitvault.errors import SplitError, TraceError, first_line
+from shared.manifest import MODEL_NAME_PATTERN
+from splitvault.errors import PackError, SplitError, TraceError, first_line
 
 _SPECIALISED = re.compile(r"Constraints violated \(([^)]*)\)")
 _CONSTANT = re.compile(r"specialized it to be a constant \((\d+)\)")
@@ -74,6 +75,18 @@ def check_top_level_names(names: Iterable[str]) -> None:
             cause=f"torch's graph module has an attribute {name!r} of its own (a torch bug)",
             fix=f"rename that submodule (e.g. self.{name}_net) and its state_dict keys to match",
         )
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a name the tiers would refuse (it names a folder and a URL path)."""
+    if re.fullmatch(MODEL_NAME_PATTERN, name):
+        return
+    slug = re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-._")[:64] or "my-model"
+    raise PackError(
+        f"invalid model name {name!r}",
+        cause="a name is 1-64 of a-z 0-9 _ . - starting with a letter or digit (a folder, a URL)",
+        fix=f"--name {slug}",
+    )
 
 
 def check_split_name(split: str, modules: Iterable[str]) -> None:

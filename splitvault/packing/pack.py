@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +33,6 @@ from shared.layout import BACK_FILE, FRONT_FILE, REFERENCE_FILE, DeployLayout
 from shared.manifest import (
     CONFIG_FILE,
     MANIFEST_FILE,
-    MODEL_NAME_PATTERN,
     DimSpec,
     ModelConfig,
     OutputPolicy,
@@ -46,8 +44,8 @@ from shared.manifest import (
 )
 from shared.tensor_codec import datatype_of
 from splitvault.errors import PackError
-from splitvault.packing.diagnose import check_split_name, check_top_level_names
-from splitvault.packing.shares import private_share
+from splitvault.packing.diagnose import check_model_name, check_split_name, check_top_level_names
+from splitvault.packing.shares import check_private_share
 from splitvault.packing.spec import ModelSpec
 from splitvault.packing.split import StagePair, export_model, split_program
 
@@ -139,18 +137,6 @@ class PackOptions:
     min_private_share: float | None = None  # refuse a cut keeping less private (None: any)
 
 
-def check_model_name(name: str) -> None:
-    """Refuse a name the tiers would refuse (it names a folder and a URL path)."""
-    if re.fullmatch(MODEL_NAME_PATTERN, name):
-        return
-    slug = re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-._")[:64] or "my-model"
-    raise PackError(
-        f"invalid model name {name!r}",
-        cause="a name is 1-64 of a-z 0-9 _ . - starting with a letter or digit (a folder, a URL)",
-        fix=f"--name {slug}",
-    )
-
-
 def _split_and_write(
     program: ExportedProgram,
     options: PackOptions,
@@ -162,7 +148,10 @@ def _split_and_write(
     steps.set_postfix_str("splitting")
     pair = split_program(program, options.split, dim_names)
     if options.min_private_share is not None:
-        _check_private_share(pair, options.split, options.min_private_share)
+        public, private = _count(pair.front), _count(pair.back)
+        check_private_share(
+            public.parameters, private.parameters, options.split, options.min_private_share
+        )
     steps.update()
     config = ModelConfig.model_validate(
         {
@@ -315,17 +304,6 @@ def _count(program: ExportedProgram) -> TierCount:
         parameters=sum(t.numel() for t in real),
         bytes=sum(t.numel() * t.element_size() for t in real),
     )
-
-
-def _check_private_share(pair: StagePair, split: str, floor: float) -> None:
-    public, private = _count(pair.front), _count(pair.back)
-    share = private_share(public.parameters, private.parameters)
-    if share < floor:
-        raise PackError(
-            f"a split after {split!r} keeps only {share:.1%} of the parameters private",
-            cause=f"the floor is {floor:.0%}: the rest would sit on the internet-facing host",
-            fix="split at an earlier submodule (`splitvault inspect` lists the shares), or --force",
-        )
 
 
 def _check_labels(config: ModelConfig, pair: StagePair) -> None:

@@ -18,7 +18,7 @@ from torch import fx
 from torch.export import ExportedProgram
 from torch.utils.flop_counter import FlopCounterMode
 
-from splitvault.errors import SplitError
+from splitvault.errors import PackError, SplitError
 from splitvault.packing.split import flatten, module_cuts, plan_cut, symbol_table
 
 # `pack` warns below this share of the parameters kept private, and refuses below the floor
@@ -59,6 +59,17 @@ class Candidate:
 def private_share(public_parameters: int, private_parameters: int) -> float:
     """The private tier's share of the parameters (0 when the model has none)."""
     return _share(private_parameters, public_parameters)
+
+
+def check_private_share(public: int, private: int, split: str, floor: float) -> None:
+    """Refuse a cut that keeps less than ``floor`` of the parameters private."""
+    share = private_share(public, private)
+    if share < floor:
+        raise PackError(
+            f"a split after {split!r} keeps only {share:.1%} of the parameters private",
+            cause=f"the floor is {floor:.0%}: the rest would sit on the internet-facing host",
+            fix="split at an earlier submodule (`splitvault inspect` lists the shares), or --force",
+        )
 
 
 def _share(private: int, public: int) -> float:

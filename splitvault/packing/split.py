@@ -398,7 +398,9 @@ def _export_stage(
                 spec[index] = dims[str(dim)]
         shapes.append(spec)
     with torch.no_grad():
-        program = torch.export.export(stage, tuple(examples), dynamic_shapes=tuple(shapes))
+        program = traced(
+            lambda: torch.export.export(stage, tuple(examples), dynamic_shapes=tuple(shapes))
+        )
     program.example_inputs = None  # never ship example data with a stage
     table: dict[str, tuple[str, int, int]] = {}
     users = set(program.graph_signature.user_inputs)
