@@ -57,11 +57,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_verbose(parser: argparse.ArgumentParser, top: bool = True) -> None:
-    """``--verbose`` on every command: a failure prints its traceback too."""
+    """``--verbose`` on every command (unless it has one): a failure prints its traceback too."""
     default: object = False if top else argparse.SUPPRESS
-    parser.add_argument(
-        "--verbose", action="store_true", default=default, help="print tracebacks on failure"
-    )
+    if "--verbose" not in parser._option_string_actions:
+        parser.add_argument(
+            "--verbose", action="store_true", default=default, help="print tracebacks on failure"
+        )
     for action in parser._subparsers._group_actions if parser._subparsers else []:
         for sub in getattr(action, "choices", {}).values():
             _add_verbose(sub, top=False)
