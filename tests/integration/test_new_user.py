@@ -124,6 +124,7 @@ def test_each_model_answers_like_the_original(walk: Walk, name: str, rows: int) 
     expected_indices, expected_scores = _original_top3(PACKS[name][1], inputs)
     with walk.client() as client:
         prediction = client.predict(name, inputs)
+    assert prediction.scores is not None
     np.testing.assert_array_equal(prediction.indices, expected_indices)
     # FP32 activations, scores rounded to 4 decimals.
     np.testing.assert_allclose(prediction.scores, expected_scores, atol=6e-5)
