@@ -1,4 +1,4 @@
-"""``splitvault``: the one command-line entry point (init, pack, serve, health, demo)."""
+"""``splitvault``: the one command-line entry point (init, pack, inspect, serve, health, demo)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from public_api.monitor.cli import add_monitor_commands
 from shared.layout import DeployLayout
 from shared.logs import configure_logging
 from splitvault.admin import add_admin_commands
+from splitvault.errors import exit_status, report, require_tier, settings_error
 from splitvault.ledger_cli import add_ledger_commands
 from splitvault.ownership.cli import add_ownership_commands
 from splitvault.rotation import add_rotation_commands
@@ -23,11 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (FileExistsError, FileNotFoundError, ValueError) as error:
-        print(f"splitvault: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as error:
+        report(error, sys.stderr, verbose=getattr(args, "verbose", False))
+        return exit_status(error)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     init.set_defaults(run=_init)
     _add_pack(commands)
+    _add_inspect(commands)
     _add_serve(commands)
     _add_health(commands)
     add_admin_commands(commands)
@@ -56,7 +60,33 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, help="keep the deployment here (default: temp)")
     demo.add_argument("--skip-minilm", action="store_true", help="only the digits model")
     demo.set_defaults(run=_demo)
+    _add_verbose(parser)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``--verbose`` on every command (unless it has one): a failure prints its traceback too."""
+    default: object = False if top else argparse.SUPPRESS
+    if "--verbose" not in parser._option_string_actions:
+        parser.add_argument(
+            "--verbose", action="store_true", default=default, help="print tracebacks on failure"
+        )
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for sub in getattr(action, "choices", {}).values():
+            _add_verbose(sub, top=False)
+
+
+def _add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    inspect = commands.add_parser(
+        "inspect", help="list a model's split points with the share each keeps private"
+    )
+    source = inspect.add_mutually_exclusive_group(required=True)
+    source.add_argument("--factory", help="module:function or path/to/file.py:function")
+    source.add_argument("--program", type=Path, help="a saved torch.export program (.pt2)")
+    inspect.add_argument(
+        "--all", action="store_true", help="also cuts inside blocks with a skip path"
+    )
+    inspect.set_defaults(run=_inspect)
 
 
 def _add_pack(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,9 +96,14 @@ def _add_pack(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     pack.add_argument("--deploy", required=True, type=Path)
     source = pack.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--factory", help="pkg.module:function returning a ModelSpec or (module, input)"
+        "--factory",
+        help="module:function (from this folder) or path/to/file.py:function returning a "
+        "ModelSpec or (module, example input)",
     )
     source.add_argument("--program", type=Path, help="a saved torch.export program (.pt2)")
+    pack.add_argument(
+        "--force", action="store_true", help="pack even when under 10%% of parameters are private"
+    )
     pack.add_argument("--task", choices=["classification", "embedding"])
     pack.add_argument("--policy", choices=["topk", "label", "rounding"])
     pack.add_argument("--k", type=int, default=3, help="top-k cap (topk policy)")
@@ -151,13 +186,19 @@ def _pack(args: argparse.Namespace) -> int:
     return pack_command(args)
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from splitvault.inspection import inspect_command
+
+    return inspect_command(args)
+
+
 def _serve_private(args: argparse.Namespace) -> int:
     from private_core.admission_store import AdmissionStateError
     from private_core.server import serve
     from private_core.settings import PrivateSettings
     from private_core.state import StateUnwritable
 
-    layout = DeployLayout(args.deploy)
+    layout = require_tier(args.deploy, "private")
     kek_file = args.kek_file or (layout.kek if layout.kek.exists() else None)
     settings = PrivateSettings.load(
         layout.private_config,
@@ -179,16 +220,19 @@ def _serve_public(args: argparse.Namespace) -> int:
     from public_api.server import serve
     from public_api.settings import PublicSettings
 
-    layout = DeployLayout(args.deploy)
-    settings = PublicSettings.load(
-        layout.public_config,
-        secrets_dir=Path("/run/secrets"),
-        tier_dir=layout.public.root,
-        host=args.host,
-        port=args.port,
-        private_addresses=args.private_addresses,
-        insecure_http=args.insecure_http,
-    )
+    layout = require_tier(args.deploy, "public")
+    try:
+        settings = PublicSettings.load(
+            layout.public_config,
+            secrets_dir=Path("/run/secrets"),
+            tier_dir=layout.public.root,
+            host=args.host,
+            port=args.port,
+            private_addresses=args.private_addresses,
+            insecure_http=args.insecure_http,
+        )
+    except ValidationError as error:
+        raise settings_error(error, "public") from error
     configure_logging(settings.log_level, tier="public")
     serve(settings)
     return 0

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from shared.keys import LocalFileKeyProvider
 from shared.layout import DeployLayout
-from shared.manifest import LabelPolicy, OutputPolicy, RoundingPolicy, TopKPolicy
+from shared.manifest import BATCH_DIM, LabelPolicy, OutputPolicy, RoundingPolicy, TopKPolicy
+from splitvault.errors import CommandError
+from splitvault.packing.diagnose import check_model_name, quiet_torch
+from splitvault.packing.factory import load_factory
 from splitvault.packing.pack import PackOptions, PackResult, pack_program, pack_spec
-from splitvault.packing.spec import load_factory
+from splitvault.packing.shares import PRIVATE_SHARE_FLOOR, PRIVATE_SHARE_WARNING, private_share
+from splitvault.packing.spec import ModelSpec
 
 
 def build_policy(kind: str | None, task: str, k: int, decimals: int | None) -> OutputPolicy:
@@ -26,11 +34,26 @@ def build_policy(kind: str | None, task: str, k: int, decimals: int | None) -> O
 
 def pack_command(args: argparse.Namespace) -> int:
     """Run ``splitvault pack`` and print the parameters each tier holds."""
-    layout = DeployLayout(args.deploy)
+    with torch_output(args):
+        return _pack(args)
+
+
+def torch_output(args: argparse.Namespace) -> AbstractContextManager[None]:
+    """torch's own warnings and logs only with ``--verbose``."""
+    return nullcontext() if getattr(args, "verbose", False) else quiet_torch()
+
+
+def _pack(args: argparse.Namespace) -> int:
+    check_model_name(args.name)
+    layout = require_deployment(args.deploy)
     provider = LocalFileKeyProvider.load(layout.kek)
+    labels = read_labels(args.labels) if args.labels else None
+    floor = None if args.force else PRIVATE_SHARE_FLOOR
     if args.factory:
         spec = load_factory(args.factory)
         task = args.task or spec.task
+        spec = dataclasses.replace(spec, task=task, labels=labels or spec.labels)
+        warn_about_spec(spec)
         result = pack_spec(
             spec,
             name=args.name,
@@ -41,10 +64,10 @@ def pack_command(args: argparse.Namespace) -> int:
             transport_datatype=args.transport,
             max_batch_size=args.max_batch,
             show_progress=not args.quiet,
+            min_private_share=floor,
         )
     else:
         task = args.task or "classification"
-        labels = args.labels.read_text("utf-8").split() if args.labels else None
         options = PackOptions(
             args.name,
             args.split,
@@ -53,13 +76,111 @@ def pack_command(args: argparse.Namespace) -> int:
             args.transport,
             args.max_batch,
             labels,
+            min_private_share=floor,
         )
-        program: Any = torch.export.load(args.program)
+        program = load_program(args.program)
+        warn_about_program(program)
         result = pack_program(
             program, options, layout=layout, provider=provider, show_progress=not args.quiet
         )
     print_result(result)
+    warn_about_share(result)
     return 0
+
+
+def require_deployment(root: Path) -> DeployLayout:
+    """The layout of ``root``, refused unless ``splitvault init`` made it."""
+    layout = DeployLayout(root)
+    if not layout.kek.is_file() or not layout.public.root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a deployment folder"
+        raise CommandError(
+            f"--deploy {str(root)!r} {what}",
+            cause=f"no {layout.kek} (written by `splitvault init`)",
+            fix=f"run `splitvault init {root}` first, or pass the folder init created",
+        )
+    return layout
+
+
+def read_labels(path: Path) -> list[str]:
+    """Class labels, one per line in class-index order (blank lines at the end ignored)."""
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except OSError as error:
+        raise CommandError(
+            f"cannot read --labels {str(path)!r}",
+            cause=error.strerror or type(error).__name__,
+            fix="give a text file with one class label per line",
+        ) from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    labels = [line.strip() for line in lines]
+    if "" in labels or not labels:
+        where = f"line {labels.index('') + 1} is blank" if labels else "it is empty"
+        raise CommandError(
+            f"--labels {str(path)!r}: {where}",
+            cause="each line is the label of one class, in class-index order",
+            fix="write one non-empty label per line",
+        )
+    return labels
+
+
+def load_program(path: Path) -> Any:
+    """``torch.export.load``, refused with a fix when the file is not an exported program."""
+    try:
+        return torch.export.load(path)
+    except FileNotFoundError:
+        raise CommandError(
+            f"--program {str(path)!r} does not exist",
+            cause="no such file",
+            fix="save one with torch.export.save(torch.export.export(model, ...), 'model.pt2')",
+        ) from None
+    except Exception as error:
+        raise CommandError(
+            f"--program {str(path)!r} is not a saved torch.export program",
+            cause=f"{type(error).__name__} while loading it",
+            fix="save one with torch.export.save(torch.export.export(model, ...), 'model.pt2')",
+        ) from error
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr."""
+    print(f"splitvault: warning: {message}", file=sys.stderr)
+
+
+def warn_about_spec(spec: ModelSpec) -> None:
+    """Fixed batches and a model left in training mode."""
+    if spec.module.training:
+        warn("the factory returned the model in training mode; it is packed in eval mode")
+    for name, example in spec.example_inputs.items():
+        if 0 not in spec.dims_for(name) and example.dim() > 0:
+            warn(_fixed_batch(name, int(example.shape[0])))
+
+
+def warn_about_program(program: Any) -> None:
+    """Inputs whose batch dimension the export fixed."""
+    users = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in users:
+            shape = node.meta["val"].shape
+            if len(shape) and not isinstance(shape[0], torch.SymInt):
+                warn(_fixed_batch(node.name, int(shape[0])))
+
+
+def _fixed_batch(name: str, size: int) -> str:
+    return (
+        f"input {name!r} has a fixed {BATCH_DIM} of {size}: only requests of exactly {size} rows "
+        f"will be answered; export with dynamic_shapes={{{name!r}: {{0: Dim('batch')}}}}"
+    )
+
+
+def warn_about_share(result: PackResult) -> None:
+    """Say so when most parameters sit on the internet-facing host."""
+    share = private_share(result.public.parameters, result.private.parameters)
+    if share < PRIVATE_SHARE_WARNING:
+        warn(
+            f"only {share:.1%} of the parameters are private (below {PRIVATE_SHARE_WARNING:.0%}); "
+            "`splitvault inspect` lists earlier split points"
+        )
 
 
 def print_result(result: PackResult) -> None:

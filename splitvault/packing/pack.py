@@ -43,6 +43,9 @@ from shared.manifest import (
     write_json,
 )
 from shared.tensor_codec import datatype_of
+from splitvault.errors import PackError
+from splitvault.packing.diagnose import check_model_name, check_split_name, check_top_level_names
+from splitvault.packing.shares import check_private_share
 from splitvault.packing.spec import ModelSpec
 from splitvault.packing.split import StagePair, export_model, split_program
 
@@ -70,10 +73,16 @@ def pack_spec(
     max_batch_size: int = 64,
     show_progress: bool = True,
     watermark: WatermarkConfig | None = None,
+    min_private_share: float | None = None,
 ) -> PackResult:
-    """Trace ``spec``, cut it after ``split`` and write both stages (front plain, back encrypted)."""
-    if split not in dict(spec.module.named_modules()):
-        raise ValueError(f"the model has no submodule {split!r}")
+    """Trace ``spec``, cut it after ``split`` and write both stages (front plain, back encrypted).
+
+    With ``min_private_share``, a cut that keeps less of the parameters private is refused
+    before anything is written.
+    """
+    check_model_name(name)
+    check_top_level_names(child for child, _module in spec.module.named_children())
+    check_split_name(split, (path for path, _module in spec.module.named_modules()))
     with tqdm(total=4, desc=f"pack {name}", unit="step", disable=not show_progress) as steps:
         steps.set_postfix_str("tracing")
         program = export_model(spec)
@@ -89,6 +98,7 @@ def pack_spec(
             spec.value_ranges,
             spec.reference_inputs,
             watermark,
+            min_private_share,
         )
         return _split_and_write(program, options, spec.dynamic_dims, layout, provider, steps)
 
@@ -102,6 +112,7 @@ def pack_program(
     show_progress: bool = True,
 ) -> PackResult:
     """Split a saved ``torch.export`` program (it must carry its example inputs)."""
+    check_model_name(options.name)
     with tqdm(
         total=4, desc=f"pack {options.name}", unit="step", disable=not show_progress
     ) as steps:
@@ -123,6 +134,7 @@ class PackOptions:
     value_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
     reference_inputs: dict[str, torch.Tensor] | None = None
     watermark: WatermarkConfig | None = None
+    min_private_share: float | None = None  # refuse a cut keeping less private (None: any)
 
 
 def _split_and_write(
@@ -135,6 +147,11 @@ def _split_and_write(
 ) -> PackResult:
     steps.set_postfix_str("splitting")
     pair = split_program(program, options.split, dim_names)
+    if options.min_private_share is not None:
+        public, private = _count(pair.front), _count(pair.back)
+        check_private_share(
+            public.parameters, private.parameters, options.split, options.min_private_share
+        )
     steps.update()
     config = ModelConfig.model_validate(
         {
@@ -292,9 +309,19 @@ def _count(program: ExportedProgram) -> TierCount:
 def _check_labels(config: ModelConfig, pair: StagePair) -> None:
     if config.labels is None:
         return
+    if config.task != "classification":
+        raise PackError(
+            "labels were given for an embedding model",
+            cause="only a classifier's answers carry labels",
+            fix="drop the labels, or pack it as --task classification",
+        )
     classes = _placeholder_vals(pair.back, "outputs")[0].shape[-1]
     if len(config.labels) != classes:
-        raise ValueError(f"{len(config.labels)} labels given for {classes} classes")
+        raise PackError(
+            f"{len(config.labels)} labels given for {classes} classes",
+            cause=f"the model's output has {classes} classes (its last dimension)",
+            fix=f"give exactly {classes} labels, one per line, in class-index order",
+        )
 
 
 def _placeholder_vals(program: ExportedProgram, which: str) -> list[Any]:

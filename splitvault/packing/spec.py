@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,26 +41,25 @@ class ModelSpec:
 
 
 def spec_from_factory_result(result: object) -> ModelSpec:
-    """Accept a ``ModelSpec`` or a ``(module, example_input)`` pair from a factory.
+    """Accept a ``ModelSpec`` or ``(module, example)`` from a factory.
 
-    A lone example tensor is bound to the first parameter of the module's ``forward``.
+    The example is a tensor (bound to the first parameter of the module's ``forward``), a
+    tuple of tensors (bound to the first parameters in order) or a dict {parameter: tensor}.
     """
     if isinstance(result, ModelSpec):
         return result
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module):
         module, example = result
+        names = list(inspect.signature(module.forward).parameters)
         if isinstance(example, torch.Tensor):
-            first = next(iter(inspect.signature(module.forward).parameters))
-            return ModelSpec(module=module, example_inputs={first: example})
-        if isinstance(example, Mapping):
+            example = (example,)
+        if isinstance(example, tuple | list) and 0 < len(example) <= len(names):
+            example = dict(zip(names, example, strict=False))
+        if isinstance(example, Mapping) and _all_tensors(example.values()):
             return ModelSpec(module=module, example_inputs=dict(example))
     raise TypeError("a factory must return a ModelSpec or (nn.Module, example tensor or dict)")
 
 
-def load_factory(reference: str) -> ModelSpec:
-    """Import ``pkg.module:function`` and call it."""
-    module_name, _, function_name = reference.partition(":")
-    if not module_name or not function_name:
-        raise ValueError(f"factory {reference!r} must look like pkg.module:function")
-    factory = getattr(importlib.import_module(module_name), function_name)
-    return spec_from_factory_result(factory())
+def _all_tensors(values: Iterable[object]) -> bool:
+    items = list(values)
+    return bool(items) and all(isinstance(v, torch.Tensor) for v in items)

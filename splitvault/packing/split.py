@@ -24,13 +24,27 @@ from torch import fx
 from torch.export import Dim, ExportedProgram
 
 from shared.manifest import BATCH_DIM
+from splitvault.errors import SplitError
+from splitvault.packing.diagnose import (
+    check_split_name,
+    check_top_level_names,
+    traced,
+)
 from splitvault.packing.spec import ModelSpec
 
+__all__ = [
+    "BackInput",
+    "SplitError",
+    "StagePair",
+    "export_model",
+    "flatten",
+    "module_cuts",
+    "plan_cut",
+    "split_program",
+    "symbol_table",
+]
+
 _SYM_SIZE = torch.ops.aten.sym_size.int
-
-
-class SplitError(ValueError):
-    """The model cannot be cut at the requested point."""
 
 
 @dataclass(frozen=True)
@@ -56,21 +70,40 @@ class StagePair:
 
 
 def export_model(spec: ModelSpec) -> ExportedProgram:
-    """Trace ``spec.module`` with dynamic batch (and sequence) dimensions."""
+    """Trace ``spec.module`` with dynamic batch (and sequence) dimensions.
+
+    A dynamic dimension of size 1 in an example (``torch.zeros(1, 64)``) is repeated to 2
+    first: torch.export would otherwise fix it at 1.
+    """
+    check_top_level_names(name for name, _child in spec.module.named_children())
     dims: dict[str, Any] = {}
     shapes: dict[str, dict[int, Any]] = {}
+    examples: dict[str, torch.Tensor] = {}
     for name, example in spec.example_inputs.items():
+        if example.dim() == 0:
+            raise SplitError(
+                f"example input {name!r} must have a batch dimension",
+                cause="a 0-dimensional tensor has no rows to batch",
+                fix="give an example of shape (batch, ...), e.g. torch.zeros(2, 64)",
+            )
         shapes[name] = {}
         for index, dim_name in spec.dims_for(name).items():
             if dim_name not in dims:
                 upper = spec.max_sizes.get(dim_name, 65536)
                 dims[dim_name] = Dim(dim_name, min=1, max=upper)
             shapes[name][index] = dims[dim_name]
-        if example.dim() == 0:
-            raise SplitError(f"example input {name!r} must have a batch dimension")
+        examples[name] = _at_least_two(example, spec.dims_for(name))
     module = spec.module.eval()
     with torch.no_grad():
-        return torch.export.export(module, (), spec.example_inputs, dynamic_shapes=shapes)
+        return traced(lambda: torch.export.export(module, (), examples, dynamic_shapes=shapes))
+
+
+def _at_least_two(example: torch.Tensor, dims: Mapping[int, str]) -> torch.Tensor:
+    """Repeat ``example`` along each of its dynamic dimensions of size 1."""
+    for index in dims:
+        if index < example.dim() and example.shape[index] == 1:
+            example = torch.cat([example, example], dim=index)
+    return example
 
 
 def split_program(
@@ -81,17 +114,12 @@ def split_program(
     ``dim_names`` names the dynamic dimensions of each input ({input: {index: name}}); by
     default dimension 0 is ``batch``.
     """
-    gm = ep.module()
-    _drop_guards(gm)
-    graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    compute = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    gm, placeholders, compute = flatten(ep)
     cut = _cut_index(compute, split)
-    front_set = set(compute[: cut + 1])
-    plan = _plan_back(compute[cut + 1 :], front_set)
+    plan = plan_cut(compute, cut)
     if not plan.crossing:
         raise SplitError(f"nothing computed up to {split!r} is needed after it; pick a later split")
-    symbols = _symbol_table(ep, placeholders, dim_names)
+    symbols = symbol_table(ep, placeholders, dim_names)
     front_gm = _build_front(gm, placeholders, plan.crossing)
     back_gm = _build_back(gm, placeholders, compute[cut + 1 :], plan)
     examples = _example_inputs(ep)
@@ -121,6 +149,34 @@ def split_program(
     )
 
 
+def flatten(ep: ExportedProgram) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:
+    """``ep`` as one graph module without its guard call: the module, its input placeholders
+    and its compute nodes in execution order."""
+    names = [*ep.state_dict, *ep.constants]
+    check_top_level_names({name.split(".")[0] for name in names})
+    gm = ep.module()
+    _drop_guards(gm)
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    compute = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    return gm, placeholders, compute
+
+
+def module_cuts(compute: list[fx.Node]) -> dict[str, int]:
+    """Each submodule path -> the index in ``compute`` of the last node computed inside it."""
+    cuts: dict[str, int] = {}
+    for index, node in enumerate(compute):
+        for path in _module_paths(node):
+            if path:
+                cuts[path] = index
+    return cuts
+
+
+def plan_cut(compute: list[fx.Node], cut: int) -> BackPlan:
+    """What crosses (and what the back recomputes) when the front ends at ``compute[cut]``."""
+    return _plan_back(compute[cut + 1 :], set(compute[: cut + 1]))
+
+
 def _drop_guards(gm: fx.GraphModule) -> None:
     """Remove the shape-guard call that ``ep.module()`` adds; each stage gets its own guards."""
     for node in list(gm.graph.nodes):
@@ -141,18 +197,22 @@ def _cut_index(compute: list[fx.Node], split: str) -> int:
         if any(p == split or p.startswith(split + ".") for p in _module_paths(node))
     ]
     if not inside:
-        known = sorted({p for n in compute for p in _module_paths(n) if p})
-        hint = ", ".join(known[:40])
-        raise SplitError(f"no computation runs inside submodule {split!r}; known: {hint}")
+        check_split_name(split, module_cuts(compute))
+        raise SplitError(f"no computation runs inside submodule {split!r}")
     if inside[-1] == len(compute) - 1:
         raise SplitError(
-            f"submodule {split!r} computes the model's output; nothing would stay private"
+            f"submodule {split!r} computes the model's output; nothing would stay private",
+            cause="the back stage would be empty and the whole model on the public tier",
+            fix="split at an earlier submodule (`splitvault inspect` lists them)",
         )
     return inside[-1]
 
 
 @dataclass
-class _BackPlan:
+class BackPlan:
+    """How a cut wires the back: tensors that cross, request inputs forwarded, nodes and
+    sizes the back recomputes."""
+
     crossing: list[fx.Node] = field(default_factory=list)
     request_inputs: list[fx.Node] = field(default_factory=list)
     recompute: set[fx.Node] = field(default_factory=set)
@@ -174,8 +234,8 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _plan_back(back_nodes: list[fx.Node], front_set: set[fx.Node]) -> _BackPlan:
-    plan = _BackPlan()
+def _plan_back(back_nodes: list[fx.Node], front_set: set[fx.Node]) -> BackPlan:
+    plan = BackPlan()
     crossing: set[fx.Node] = set()
     requests: set[fx.Node] = set()
     sizes: list[fx.Node] = []
@@ -201,7 +261,7 @@ def _plan_back(back_nodes: list[fx.Node], front_set: set[fx.Node]) -> _BackPlan:
 
 
 def _plan_size(
-    size: fx.Node, plan: _BackPlan, crossing: set[fx.Node], requests: set[fx.Node]
+    size: fx.Node, plan: BackPlan, crossing: set[fx.Node], requests: set[fx.Node]
 ) -> None:
     """Read a symbolic size back from a tensor that crosses, or recompute it from sizes."""
     if size in plan.size_from or size in plan.recompute:
@@ -258,7 +318,7 @@ def _build_front(
 
 
 def _build_back(
-    gm: fx.GraphModule, placeholders: list[fx.Node], back_nodes: list[fx.Node], plan: _BackPlan
+    gm: fx.GraphModule, placeholders: list[fx.Node], back_nodes: list[fx.Node], plan: BackPlan
 ) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -287,7 +347,7 @@ def _finish(root: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
     return stage.eval()
 
 
-def _symbol_table(
+def symbol_table(
     ep: ExportedProgram,
     placeholders: list[fx.Node],
     dim_names: Mapping[str, Mapping[int, str]] | None,
@@ -311,7 +371,11 @@ def _symbol_table(
 
 def _example_inputs(ep: ExportedProgram) -> list[torch.Tensor]:
     if ep.example_inputs is None:
-        raise SplitError("the exported program carries no example inputs to trace the stages with")
+        raise SplitError(
+            "the exported program carries no example inputs to trace the stages with",
+            cause="splitvault re-exports each stage from the program's example inputs",
+            fix="export with example args (torch.export.export(model, (x,), ...)) and save that",
+        )
     args, kwargs = ep.example_inputs
     return [*args, *kwargs.values()]
 
@@ -334,7 +398,9 @@ def _export_stage(
                 spec[index] = dims[str(dim)]
         shapes.append(spec)
     with torch.no_grad():
-        program = torch.export.export(stage, tuple(examples), dynamic_shapes=tuple(shapes))
+        program = traced(
+            lambda: torch.export.export(stage, tuple(examples), dynamic_shapes=tuple(shapes))
+        )
     program.example_inputs = None  # never ship example data with a stage
     table: dict[str, tuple[str, int, int]] = {}
     users = set(program.graph_signature.user_inputs)

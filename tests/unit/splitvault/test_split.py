@@ -180,9 +180,9 @@ def test_split_inside_a_residual_block_sends_the_skip_path(
     ("split", "match"),
     [
         ("head", "computes the model's output"),
-        ("encoder.blocks.7", "no computation"),
-        ("nope", "no computation"),
-        ("encoder.blocks.1.mlp.9", "no computation"),
+        ("encoder.blocks.7", "no submodule 'encoder.blocks.7'; did you mean 'encoder.blocks.2'"),
+        ("nope", "no submodule 'nope'"),
+        ("encoder.blocks.1.mlp.9", "did you mean 'encoder.blocks.1.mlp.2'"),
     ],
 )
 def test_nested_bad_split_points(nested_program: ExportedProgram, split: str, match: str) -> None:
