@@ -55,6 +55,7 @@ class PrivateServer:
         if self.batcher is not None:
             await self.batcher.close()
         self.executor.shutdown(wait=True)
+        await asyncio.to_thread(self.store.close)  # trigger records still queued
         self.metrics.stop()
 
 
