@@ -34,6 +34,7 @@ EFFECTS = {
         "while Redis is unreachable, requests are served without rate limits"
     ),
     "protection.audit_enabled": "no audit trail is written",
+    "sealing.enabled": "served request bodies are not sealed for the owner's ownership proofs",
 }
 
 
@@ -47,6 +48,7 @@ def unsafe_settings(settings: PublicSettings) -> list[UnsafeSetting]:
         "protection.monitor_action": "record" if protection.monitor_action == "record" else None,
         "protection.redis_fail_open": "true" if protection.redis_fail_open else None,
         "protection.audit_enabled": None if protection.audit_enabled else "false",
+        "sealing.enabled": None if settings.sealing.enabled else "false",
     }
     return [
         UnsafeSetting(name, value, EFFECTS[name])
