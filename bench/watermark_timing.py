@@ -98,6 +98,8 @@ def deploy(
         "SPLITVAULT_PRIVATE_TORCH_THREADS": "1",
         "SPLITVAULT_PUBLIC_TORCH_THREADS": "1",
         "SPLITVAULT_PUBLIC_PROTECTION__MONITOR_ACTION": "record",
+        "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__RATE_PER_S": "100000",
+        "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__BURST": "100000",
     }
     public, _ = start_both(layout.root, stack, env=env)
     owner = OwnerModel(layout.root, MODEL)
