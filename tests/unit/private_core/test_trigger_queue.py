@@ -130,7 +130,7 @@ def test_a_full_or_failing_queue_refuses_the_answer(tmp_path: Path) -> None:
     deadline = time.monotonic() + 20
     while queue.failure is not None and time.monotonic() < deadline:
         time.sleep(0.01)
-    queue.flush()
+    queue.close()
     assert len(_by_key(blocker / "clf")["k_a"]) == 4
     full = TriggerQueue(TriggerLog(tmp_path / "full", "clf", KEY, 1000, 1 << 20), max_rows=6)
     full._thread = object()  # type: ignore[assignment]  # no writer: the queue only fills

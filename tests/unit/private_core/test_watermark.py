@@ -253,7 +253,7 @@ def test_restrict_keeps_the_label_watermarked_queries(tmp_path: Path) -> None:
     )
     marks = stage.watermark.marking({NAME: acts}, _probabilities(_logits(acts))).marks
     assert marks.selected.any()
-    stage.watermark.triggers.flush()  # written off the request path
+    stage.watermark.close()  # written off the request path, then the writer stops
     records = list(read_triggers(tmp_path / "clf", "clf", KEY))
     rows = np.flatnonzero(marks.selected)
     assert [r.query_id for r in records] == [marks.ids[i].hex() for i in rows]
