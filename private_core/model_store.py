@@ -54,6 +54,12 @@ class ModelStore:
             raise ModelNotReady(f"model {name!r} is not loaded")
         raise ModelNotFound(f"model {name!r} is not deployed")
 
+    def close(self) -> None:
+        """Write the watermark evidence still queued (the trigger logs) and stop its writers."""
+        for stage in self.loaded.values():
+            if stage.watermark is not None:
+                stage.watermark.close()
+
     def status(self) -> dict[str, str | None]:
         """Model name -> None when ready, else the reason it is not."""
         return {**dict.fromkeys(self.loaded), **self.failed}

@@ -51,7 +51,7 @@ def restrict(
     probabilities = torch.softmax(output.to(torch.float64), dim=-1).numpy()
     marking = watermark.marking(inputs, probabilities)
     restricted = apply_policy(stage.config, output, requested_k, marking)
-    if marking.scheme == "label" and marking.marks.selected.any():
+    if marking.scheme == "label":  # every request, marked or not: equal work on both
         top1 = probabilities.argmax(axis=1)
         watermark.record(marking, inputs, top1, restricted[INDICES][:, 0], context)
     return restricted
@@ -88,7 +88,7 @@ def _top_k(
         probabilities = torch.from_numpy(shift_to_class(p, targets, marking.amplitude))
     scores_t, indices_t = torch.topk(probabilities, k, dim=-1)
     indices, scores = indices_t.to(torch.int64).numpy(), scores_t.numpy()
-    if marking is not None and marking.scheme == "label" and marking.marks.selected.any():
+    if marking is not None and marking.scheme == "label":
         p = probabilities.numpy()
         labels = watermark_labels(p.argmax(axis=1), marking.marks.offsets, p.shape[-1])
         indices, scores = relabel_top_k(indices, scores, p, marking.marks.selected, labels)

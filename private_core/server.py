@@ -65,6 +65,7 @@ class PrivateServer:
         if self.budgets is not None:
             await self.budgets.close()
         self.executor.shutdown(wait=True)
+        await asyncio.to_thread(self.store.close)  # trigger records still queued
         self.metrics.stop()
         if self.ledger is not None:
             self.ledger.close()

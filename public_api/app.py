@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from public_api.private_client import PrivateTierClient
 from public_api.protection_factory import build_protection
 from public_api.request_metrics import RequestMetrics
 from public_api.routes import router
+from public_api.sealing import build_sealer
 from public_api.service import InferenceService
 from public_api.settings import PublicSettings
 from public_api.state import VERSION, PublicState
@@ -67,13 +69,16 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             metrics.registry,
         )
         await protection.start()
-        app.state.splitvault = PublicState(settings, service, private, protection, metrics)
+        sealer = build_sealer(settings.state_dir, settings.tier_dir, settings.sealing)
+        app.state.splitvault = PublicState(settings, service, private, protection, metrics, sealer)
         freeze_startup_objects()  # the front stages stay out of the collector's passes
         log.info("public_tier_ready", models=sorted(stages))
         try:
             yield
         finally:
             await protection.close()
+            if sealer is not None:
+                await asyncio.to_thread(sealer.close)
             if anchorer is not None:
                 await anchorer.close()  # after the trail's last write, before the channel closes
             await private.close()

@@ -25,8 +25,9 @@ from public_api.monitor.groups import KeyGroups
 from public_api.monitor.groups_factory import build_groups
 from public_api.protection import Protection
 from public_api.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from public_api.sealing import OWNER_PUBLIC_KEY, terms_clause
 from public_api.settings import PublicSettings
-from public_api.terms import Terms, load_terms
+from public_api.terms import Terms, load_terms, with_clause
 from shared.layout import REFERENCE_FILE, TierDir
 from shared.state_files import private_dir
 
@@ -71,7 +72,10 @@ def _terms(settings: PublicSettings) -> Terms:
             f"no terms of service at {settings.terms_file}: write them there "
             "(splitvault init creates a placeholder) and set protection.terms_version"
         )
-    return load_terms(settings.terms_file, settings.protection.terms_version)
+    terms = load_terms(settings.terms_file, settings.protection.terms_version)
+    if settings.sealing.enabled and (settings.tier_dir / OWNER_PUBLIC_KEY).is_file():
+        return with_clause(terms, terms_clause(settings.sealing))  # what is kept, and how long
+    return terms
 
 
 def _redis_url(settings: PublicSettings) -> str:

@@ -93,6 +93,8 @@ async def infer(
     """Run the model; the answer is restricted by the model's output policy."""
     context = RequestContext.of(request.scope)
     context.request_id = body.id  # audited with the answer, or with a refusal
+    if state.sealer is not None:  # refuse before any work when the body could not be kept
+        state.sealer.check_accepting()
     decoded = await state.service.decode(model, body)
     protection = state.settings.protection
     signature = forwarded_signature(
@@ -105,6 +107,8 @@ async def infer(
     )
     await state.protection.limit(caller, model, decoded.samples)
     outcome = await state.service.infer(decoded, key_id=caller.key_id, signature=signature)
+    if state.sealer is not None:  # the exact bytes received, sealed to the owner's key
+        state.sealer.submit(caller.key_id, model, body.id, await request.body())
     specs = state.service.stage(model).manifest.outputs
     await state.protection.record_served(caller, model, outcome, specs)
     context.audited = True

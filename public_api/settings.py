@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from public_api.protection_settings import ProtectionSettings
+from public_api.sealing_settings import SealingSettings
 from shared.layout import PRIVATE_IDENTITY, DeployLayout
 from shared.settings import TierSettings, configured_state_dir
 
@@ -72,6 +73,8 @@ class PublicSettings(TierSettings):
     # Log certificate_expiring when a certificate this tier loaded expires within this many days.
     cert_warning_days: float = Field(default=30.0, ge=0)
     protection: ProtectionSettings = ProtectionSettings()
+    # Served request bodies sealed to the owner's public key (public_api/sealing.py).
+    sealing: SealingSettings = SealingSettings()
 
     @property
     def client_tls(self) -> Path:

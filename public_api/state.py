@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from public_api.metrics import PublicMetrics
     from public_api.private_client import PrivateTierClient
     from public_api.protection import Protection
+    from public_api.sealing import RequestSealer
     from public_api.service import InferenceService
     from public_api.settings import PublicSettings
 
@@ -37,3 +38,4 @@ class PublicState:
     private: PrivateTierClient
     protection: Protection
     metrics: PublicMetrics
+    sealer: RequestSealer | None = None  # None: bodies are not sealed (no owner key)

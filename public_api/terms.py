@@ -27,6 +27,12 @@ def load_terms(path: Path, version: str) -> Terms:
     return Terms(version=version, text=text, sha256=hashlib.sha256(data).hexdigest())
 
 
+def with_clause(terms: Terms, clause: str) -> Terms:
+    """``terms`` with ``clause`` appended; the hash covers the text as served."""
+    text = terms.text.rstrip("\n") + clause
+    return Terms(terms.version, text, hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
 def link_header(base_url_path: str = "/v1/terms") -> str:
     """The ``Link`` header value every response carries, pointing to the terms."""
     return f'<{base_url_path}>; rel="terms-of-service"'

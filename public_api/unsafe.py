@@ -38,6 +38,7 @@ EFFECTS = {
         "the audit trail is not anchored in the private ledger: whoever controls the public "
         "host can rewrite it undetected"
     ),
+    "sealing.enabled": "served request bodies are not sealed for the owner's ownership proofs",
 }
 
 
@@ -54,6 +55,7 @@ def unsafe_settings(settings: PublicSettings) -> list[UnsafeSetting]:
         "protection.audit_anchor.enabled": (
             "false" if protection.audit_enabled and not protection.audit_anchor.enabled else None
         ),
+        "sealing.enabled": None if settings.sealing.enabled else "false",
     }
     return [
         UnsafeSetting(name, value, EFFECTS[name])

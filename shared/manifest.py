@@ -77,7 +77,7 @@ class WatermarkConfig(_Strict):
     moves ``amplitude`` of probability (capped) from its top-1 class to a keyed other class,
     never changing the top-1 class (top-k policy only). ``auto`` picks ``label``. Queries
     answered with a watermark label are kept encrypted in the private tier, at most
-    ``trigger_max_records`` / ``trigger_max_bytes`` (oldest dropped).
+    ``trigger_max_records`` / ``trigger_max_bytes`` per API key (its oldest dropped).
     """
 
     enabled: bool = False
@@ -85,8 +85,8 @@ class WatermarkConfig(_Strict):
     fraction: float = Field(default=0.05, gt=0.0, le=0.5)
     max_confidence: float = Field(default=0.9, gt=0.0, le=1.0)
     amplitude: float = Field(default=0.1, gt=0.0, le=0.5)
-    trigger_max_records: int = Field(default=1_000_000, ge=1)
-    trigger_max_bytes: int = Field(default=1 << 30, ge=4096)
+    trigger_max_records: int = Field(default=100_000, ge=1)  # per API key
+    trigger_max_bytes: int = Field(default=128 << 20, ge=4096)  # per API key
 
 
 class ModelConfig(_Strict):

@@ -37,12 +37,17 @@ def relabel_top_k(
     labels: npt.NDArray[np.int64],
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """For selected rows: the watermark label first, then the other classes in the model's
-    order; scores stay the model's sorted top-k values, so the answer looks like any other."""
-    indices, scores = indices.copy(), scores.copy()
-    k = indices.shape[1]
-    for row in np.flatnonzero(selected):
-        order = np.argsort(-probabilities[row], kind="stable")
-        label = labels[row]
-        indices[row] = np.concatenate(([label], order[order != label]))[:k]
-        scores[row] = probabilities[row][order][:k]
-    return indices, scores
+    order; scores stay the model's sorted top-k values, so the answer looks like any other.
+
+    Every row is computed whether selected or not (then kept or not), so a marked answer costs
+    exactly the time of an unmarked one.
+    """
+    rows, k = indices.shape
+    if rows == 0:
+        return indices.copy(), scores.copy()
+    order = np.argsort(-probabilities, axis=1, kind="stable")
+    others = order[order != labels[:, None]].reshape(rows, -1)
+    relabelled = np.concatenate((labels[:, None], others), axis=1)[:, :k]
+    sorted_scores = np.take_along_axis(probabilities, order, axis=1)[:, :k]
+    chosen = selected[:, None]
+    return np.where(chosen, relabelled, indices), np.where(chosen, sorted_scores, scores)

@@ -13,7 +13,8 @@ import numpy.typing as npt
 
 from private_core.watermark.keys import WatermarkKey
 from private_core.watermark.marks import QueryMarker, QueryMarks
-from private_core.watermark.triggers import TriggerLog, TriggerRecord, encode_inputs
+from private_core.watermark.trigger_queue import PendingRequest, TriggerQueue
+from private_core.watermark.triggers import TriggerLog
 from shared.manifest import ModelConfig, WatermarkConfig
 
 Scheme = Literal["label", "signal"]
@@ -79,12 +80,14 @@ class ModelWatermark:
         self.triggers = (
             None
             if trigger_dir is None
-            else TriggerLog(
-                trigger_dir / config.name,
-                config.name,
-                key,
-                self.settings.trigger_max_records,
-                self.settings.trigger_max_bytes,
+            else TriggerQueue(
+                TriggerLog(
+                    trigger_dir / config.name,
+                    config.name,
+                    key,
+                    self.settings.trigger_max_records,
+                    self.settings.trigger_max_bytes,
+                )
             )
         )
 
@@ -104,25 +107,28 @@ class ModelWatermark:
         answered: npt.NDArray[np.int64],
         context: QueryContext | None,
     ) -> int:
-        """Keep the label-watermarked samples of one request; returns how many."""
+        """Queue one label-watermarked request for the trigger log, marked rows or not (the
+        same work either way: see ``trigger_queue``); returns how many rows are marked."""
         if self.triggers is None or marking.scheme != "label":
             return 0
         context = context or QueryContext()
-        now = time.time()
-        records = [
-            TriggerRecord(
-                time=now,
-                model=self.model,
-                query_id=marking.marks.ids[row].hex(),
-                label=int(top1[row]),
-                answer=int(answered[row]),
-                request_id=context.request_id,
-                key_id=context.key_id,
+        self.triggers.submit(
+            PendingRequest(
+                time.time(),
+                context.request_id,
+                context.key_id,
+                marking.marks.ids,
+                marking.marks.selected,
+                top1,
+                answered,
+                inputs,
                 attribution=context.attribution,
                 signature=dict(context.signature or {}),
-                inputs=encode_inputs({n: np.asarray(a)[row] for n, a in inputs.items()}),
             )
-            for row in np.flatnonzero(marking.marks.selected)
-        ]
-        self.triggers.append(records)
-        return len(records)
+        )
+        return int(marking.marks.selected.sum())
+
+    def close(self) -> None:
+        """Write the queued trigger records and stop their writer."""
+        if self.triggers is not None:
+            self.triggers.close()

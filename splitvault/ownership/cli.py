@@ -12,8 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from splitvault.ownership.sealed_cli import add_sealing_commands
+
 if TYPE_CHECKING:
     from splitvault.ownership.owner import OwnerModel
+    from splitvault.ownership.sealed import SealedQueries
     from splitvault.ownership.verify import Verification
 
 
@@ -23,6 +26,7 @@ def add_ownership_commands(commands: argparse._SubParsersAction[argparse.Argumen
         "verify-ownership", help="test whether a suspect model was trained on our answers"
     )
     _model_args(verify)
+    verify.add_argument("--key", help="API key id or name: its sealed queries are candidates")
     _suspect_args(verify, required=True)
     verify.add_argument("--json", type=Path, help="also write the result as JSON here")
     verify.set_defaults(run=_verify)
@@ -42,6 +46,7 @@ def add_ownership_commands(commands: argparse._SubParsersAction[argparse.Argumen
     _suspect_args(evidence, required=False)
     evidence.set_defaults(run=_evidence)
     _add_watermark(commands)
+    add_sealing_commands(commands)
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +62,12 @@ def _suspect_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument(
         "--inputs",
         type=Path,
-        required=required,
         help="candidate inputs (.npy, or .npz by input name), fixed before querying the suspect",
+    )
+    parser.add_argument(
+        "--owner-key",
+        type=Path,
+        help="the owner's private key: the key's sealed queries become candidates too",
     )
     parser.add_argument("--suspect-model", help="the model's name at the suspect's endpoint")
     parser.add_argument("--api-key", help="API key for the suspect's endpoint")
@@ -108,11 +117,35 @@ def _owner(args: argparse.Namespace) -> OwnerModel:
     return OwnerModel(args.deploy, args.model, args.kek_file)
 
 
-def _run_verification(args: argparse.Namespace, owner: OwnerModel) -> Verification:
+def _sealed(args: argparse.Namespace, owner: OwnerModel, key_id: str) -> SealedQueries:
+    from splitvault.ownership.sealed import load_owner_key, sealed_queries
+
+    return sealed_queries(args.deploy, key_id, owner, load_owner_key(args.owner_key))
+
+
+def _sources(
+    args: argparse.Namespace, owner: OwnerModel, sealed: SealedQueries | None
+) -> list[tuple[str, Any]]:
+    """The candidate sets, each verified on its own: the key's sealed queries, the inputs."""
+    sources: list[tuple[str, Any]] = []
+    if sealed is not None and sealed.rows:
+        sources.append((f"sealed queries of API key {args.key}", sealed.inputs))
+    if args.inputs is not None:
+        sources.append((f"owner's inputs {args.inputs.name}", owner.read_inputs(args.inputs)))
+    if not sources:
+        raise ValueError(
+            "no candidates: give --inputs, or --key with --owner-key and sealed queries"
+        )
+    return sources
+
+
+def _run_verifications(
+    args: argparse.Namespace, owner: OwnerModel, sources: list[tuple[str, Any]]
+) -> list[tuple[str, Verification]]:
+    """Verify the suspect on each candidate set, alpha shared among them (Bonferroni)."""
     from splitvault.ownership.suspect import RestSuspect, open_suspect
     from splitvault.ownership.verify import verify_ownership
 
-    inputs = owner.read_inputs(args.inputs)
     suspect = open_suspect(
         args.suspect,
         model=args.suspect_model or args.model,
@@ -122,47 +155,91 @@ def _run_verification(args: argparse.Namespace, owner: OwnerModel) -> Verificati
         top_k=owner.classes,
     )
     try:
-        return verify_ownership(
-            owner,
-            suspect,
-            inputs,
-            schemes=args.scheme,
-            alpha=args.alpha,
-            fraction=args.fraction,
-            max_confidence=args.max_confidence,
-        )
+        return [
+            (
+                name,
+                verify_ownership(
+                    owner,
+                    suspect,
+                    inputs,
+                    schemes=args.scheme,
+                    alpha=args.alpha / len(sources),
+                    fraction=args.fraction,
+                    max_confidence=args.max_confidence,
+                ),
+            )
+            for name, inputs in sources
+        ]
     finally:
         if isinstance(suspect, RestSuspect):
             suspect.close()
 
 
+def _key_id(args: argparse.Namespace) -> str:
+    from splitvault.ownership.evidence import key_section
+
+    return str(key_section(args.deploy, args.key)["key"]["key_id"])
+
+
 def _verify(args: argparse.Namespace) -> int:
-    result = _run_verification(args, _owner(args))
-    print(result.text())
+    from splitvault.ownership.evidence import verification_summary
+
+    if (args.key is None) != (args.owner_key is None):
+        raise ValueError("--key and --owner-key go together")
+    owner = _owner(args)
+    sealed = None if args.key is None else _sealed(args, owner, _key_id(args))
+    if sealed is not None:
+        print(_sealed_line(sealed))
+    results = _run_verifications(args, owner, _sources(args, owner, sealed))
+    for name, result in results:
+        print(f"-- candidates: {name}\n{result.text()}")
+    summary = verification_summary(results, args.alpha)
+    if len(results) > 1:
+        print(
+            f"overall: {'CLAIMED' if summary['claimed'] else 'not claimed'} (alpha {args.alpha:.3g} over {len(results)} candidate sets)"
+        )
     if args.json is not None:
-        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n", "utf-8")
-    return 0 if result.claimed else 1
+        data = results[0][1].to_json() if len(results) == 1 else summary
+        args.json.write_text(json.dumps(data, indent=2) + "\n", "utf-8")
+    return 0 if summary["claimed"] else 1
+
+
+def _sealed_line(sealed: SealedQueries) -> str:
+    line = f"sealed queries: {len(sealed.requests)} bodies opened, {sealed.rows} rows"
+    return line + (f"; {len(sealed.problems)} did not open" if sealed.problems else "")
 
 
 def _evidence(args: argparse.Namespace) -> int:
     from splitvault.ownership.evidence import build_evidence, write_evidence
 
-    if (args.suspect is None) != (args.inputs is None):
-        raise ValueError("--suspect and --inputs go together")
+    if args.suspect is None and args.inputs is not None:
+        raise ValueError("--inputs needs --suspect")
     owner = _owner(args)
-    verification = None if args.suspect is None else _run_verification(args, owner)
     from shared.anchors_file import AnchorsFile
 
     anchors = None if args.anchors is None else AnchorsFile.read(args.anchors)
+    sealed = None if args.owner_key is None else _sealed(args, owner, _key_id(args))
+    results = []
+    if args.suspect is not None:
+        results = _run_verifications(args, owner, _sources(args, owner, sealed))
     evidence = build_evidence(
-        args.deploy, args.key, owner, verification, args.flag_threshold, anchors
+        args.deploy,
+        args.key,
+        owner,
+        results,
+        args.flag_threshold,
+        anchors,
+        sealed=sealed,
+        alpha=args.alpha,
     )
     json_path, html_path = write_evidence(evidence, args.out)
     print(
         f"audit trail: {evidence['audit']['status']}; trigger log: {evidence['triggers']['status']}"
     )
-    if verification is not None:
-        print(verification.text())
+    if sealed is not None:
+        print(_sealed_line(sealed))
+    if evidence["verification_text"]:
+        print(evidence["verification_text"])
     print(f"wrote {html_path} and {json_path}")
     return 0
 

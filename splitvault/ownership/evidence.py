@@ -20,14 +20,18 @@ from collections import Counter
 from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from private_core.watermark.triggers import TriggerLogError
 from shared.anchors_file import AnchorsFile
+from shared.manifest import TopKPolicy
 from splitvault.ownership import attribution
 from splitvault.ownership.owner import OwnerModel
 from splitvault.ownership.report_html import render_html
 from splitvault.ownership.verify import Verification
+
+if TYPE_CHECKING:
+    from splitvault.ownership.sealed import SealedQueries
 
 JSON_FILE, HTML_FILE = "evidence.json", "evidence.html"
 
@@ -56,10 +60,15 @@ def key_section(deploy: Path, key: str) -> dict[str, Any]:
 
 
 def audit_section(
-    deploy: Path, key_id: str, flag_threshold: float, anchors: AnchorsFile | None = None
+    deploy: Path,
+    key_id: str,
+    flag_threshold: float,
+    anchors: AnchorsFile | None = None,
+    per_row: int = 1,
 ) -> dict[str, Any]:
     """Chain verification, anchor coverage (against ``anchors``, the private ledger's export),
-    the key's records, and an hourly timeline with monitor flags."""
+    the key's records, and an hourly timeline with monitor flags (``per_row``: classes
+    answered per sample, the policy's k, to count samples)."""
     from public_api.audit import AUDIT_DB, export_records, head, verify_chain
     from public_api.audit_coverage import check_coverage
 
@@ -90,12 +99,14 @@ def audit_section(
         "flag_threshold": flag_threshold,
         "first_flagged": flagged[0]["time"] if flagged else None,
         "first_blocked": blocked[0]["time"] if blocked else None,
-        "timeline": _hourly(records, flag_threshold),
+        "timeline": _hourly(records, flag_threshold, per_row),
         "records": records,
     }
 
 
-def _hourly(records: list[dict[str, Any]], flag_threshold: float) -> list[dict[str, Any]]:
+def _hourly(
+    records: list[dict[str, Any]], flag_threshold: float, per_row: int = 1
+) -> list[dict[str, Any]]:
     buckets: dict[int, dict[str, Any]] = {}
     for record in records:
         hour = int(record["time"] // 3600) * 3600
@@ -104,7 +115,7 @@ def _hourly(records: list[dict[str, Any]], flag_threshold: float) -> list[dict[s
             {"hour": hour, "requests": 0, "samples": 0, "decisions": Counter(), "max_score": 0.0},
         )
         bucket["requests"] += record.get("count", 1)  # an aggregated record stands for more
-        bucket["samples"] += _samples(record["answer"])
+        bucket["samples"] += _samples(record["answer"], per_row)
         bucket["decisions"][record["decision"]] += 1
         bucket["max_score"] = max(bucket["max_score"], record["monitor_score"] or 0.0)
     for bucket in buckets.values():
@@ -113,14 +124,16 @@ def _hourly(records: list[dict[str, Any]], flag_threshold: float) -> list[dict[s
     return [buckets[hour] for hour in sorted(buckets)]
 
 
-def _samples(answer: str | None) -> int:
+def _samples(answer: str | None, per_row: int = 1) -> int:
     if not answer:
         return 0
     try:
         parsed = json.loads(answer)
     except ValueError:
         return 1
-    return len(parsed) if isinstance(parsed, list) else int(parsed.get("shape", [1])[0])
+    if isinstance(parsed, list):  # classifications, flattened: per_row of them a sample
+        return max(1, -(-len(parsed) // per_row))
+    return int(parsed.get("shape", [1])[0])
 
 
 def monitor_section(deploy: Path, key_id: str) -> dict[str, Any]:
@@ -156,19 +169,57 @@ def trigger_section(
     return {"status": "OK", "problem": None, "records": kept}
 
 
+def verification_summary(results: list[tuple[str, Verification]], alpha: float) -> dict[str, Any]:
+    """The verdict over every candidate set (alpha shared among them), its best result and
+    each set's full result."""
+    best: dict[str, Any] | None = None
+    for source, verification in results:
+        for result in verification.results:
+            if best is None or result.p_value < best["p_value"]:
+                best = {
+                    "source": source,
+                    "scheme": result.scheme,
+                    "p_value": result.p_value,
+                    "matches": result.matches,
+                    "trials": result.trials,
+                    "candidates": result.candidates,
+                    "threshold": verification.threshold,
+                }
+    return {
+        "claimed": any(verification.claimed for _, verification in results),
+        "alpha": alpha,
+        "best": best,
+        "sources": [{"source": source, **v.to_json()} for source, v in results],
+    }
+
+
+def sealed_section(sealed: SealedQueries | None, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The key's sealed queries, and how many match a served audit record (input SHA-256)."""
+    if sealed is None:
+        return {"opened": False}
+    served = {r["input_sha256"] for r in records if r["decision"] == "served"}
+    summary = sealed.summary()
+    matched = sum(1 for r in summary["requests"] if r["input_sha256"] in served)
+    return {"opened": True, "matched_audit": matched, **summary}
+
+
 def build_evidence(
     deploy: Path,
     key: str,
     owner: OwnerModel,
-    verification: Verification | None,
+    results: list[tuple[str, Verification]],
     flag_threshold: float,
     anchors: AnchorsFile | None = None,
+    *,
+    sealed: SealedQueries | None = None,
+    alpha: float = 2.0**-64,
 ) -> dict[str, Any]:
     """Everything the report shows, as JSON-serialisable data."""
     keys = key_section(deploy, key)
     key_id = keys["key"]["key_id"]
-    audit = audit_section(deploy, key_id, flag_threshold, anchors)
+    audit = audit_section(deploy, key_id, flag_threshold, anchors, _per_row(owner))
     request_ids = {r["request_id"] for r in audit["records"] if r.get("request_id")}
+    triggers = trigger_section(owner, key_id, request_ids, attribution.signer_keys(deploy))
     return {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": owner.name,
@@ -176,10 +227,29 @@ def build_evidence(
         "api_key": keys,
         "audit": audit,
         "monitor": monitor_section(deploy, key_id),
-        "triggers": trigger_section(owner, key_id, request_ids, attribution.signer_keys(deploy)),
-        "verification": None if verification is None else verification.to_json(),
-        "verification_text": None if verification is None else verification.text(),
+        "triggers": triggers,
+        "marked_by_hour": _marked_by_hour(triggers["records"]),
+        "sealed": sealed_section(sealed, audit["records"]),
+        "verification": verification_summary(results, alpha) if results else None,
+        "verification_text": "\n".join(
+            f"-- candidates: {source}\n{v.text()}" for source, v in results
+        )
+        or None,
     }
+
+
+def _per_row(owner: OwnerModel) -> int:
+    """Classes a top-k answer lists per sample (the policy's k, at most the classes)."""
+    policy = owner.config.policy
+    return min(policy.k, owner.classes) if isinstance(policy, TopKPolicy) else 1
+
+
+def _marked_by_hour(records: list[dict[str, Any]]) -> list[dict[str, int]]:
+    """Watermarked answers served per hour (repeats counted)."""
+    hours: Counter[int] = Counter()
+    for record in records:
+        hours[int(record["time"] // 3600) * 3600] += int(record.get("count", 1))
+    return [{"hour": hour, "marked": count} for hour, count in sorted(hours.items())]
 
 
 def write_evidence(evidence: dict[str, Any], out: Path) -> tuple[Path, Path]:

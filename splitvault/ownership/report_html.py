@@ -7,6 +7,8 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
+from splitvault.ownership.report_svg import timeline_svg
+
 _CSS = """
 body{font-family:Georgia,serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#111}
 h1{font-size:1.5rem}h2{font-size:1.15rem;border-bottom:1px solid #999;margin-top:2rem}
@@ -14,6 +16,9 @@ table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}
 td,th{border:1px solid #bbb;padding:.2rem .5rem;text-align:left;vertical-align:top}
 .ok{color:#064;font-weight:bold}.failed{color:#a00;font-weight:bold}
 code,pre{font-family:monospace;font-size:.85rem}pre{white-space:pre-wrap}
+.verdict{border:3px solid #333;padding:.6rem 1rem;margin:1rem 0}
+.verdict h2{border:none;margin:.2rem 0;font-size:1.4rem}
+.figures td:first-child{font-weight:bold;width:16rem}
 """
 TIMELINE_ROWS = 500
 
@@ -162,12 +167,131 @@ def _verification(evidence: dict[str, Any]) -> str:
     )
 
 
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _verdict_line(verification: dict[str, Any] | None) -> tuple[str, str, str]:
+    """(heading, css class, one-sentence reading) of the verdict."""
+    if verification is None:
+        return "NO SUSPECT TESTED", "failed", "No suspect model was tested for this report."
+    best = verification.get("best") or {}
+    sources = len(verification["sources"])
+    if verification["claimed"]:
+        return (
+            "OWNERSHIP CLAIMED",
+            "ok",
+            f"The suspect model reproduces this model's secret watermark far beyond chance: "
+            f"p-value {_p(best.get('p_value'))}, below the threshold "
+            f"{_p(best.get('threshold'))} (alpha {_p(verification['alpha'])} shared among "
+            f"{sources} candidate set(s) and the tests run).",
+        )
+    return (
+        "OWNERSHIP NOT CLAIMED",
+        "failed",
+        f"The best p-value, {_p(best.get('p_value'))}, is not below the threshold "
+        f"{_p(best.get('threshold'))}: this report does not show the suspect was copied.",
+    )
+
+
+def _served(records: list[dict[str, Any]]) -> tuple[int, int]:
+    served = [b for b in records if b["decisions"].get("served")]
+    return sum(b["decisions"]["served"] for b in served), sum(b["samples"] for b in records)
+
+
+def _figures(evidence: dict[str, Any]) -> list[tuple[str, str]]:
+    audit, triggers = evidence["audit"], evidence["triggers"]
+    verification = evidence.get("verification") or {}
+    best = verification.get("best") or {}
+    records = audit.get("records", [])
+    requests, samples = _served(audit.get("timeline", []))
+    marked = triggers["records"]
+    accepted = evidence["api_key"]["terms_acceptances"]
+    rows = [
+        (
+            "p-value",
+            f"{_p(best.get('p_value'))} ({best.get('scheme', '-')} test, candidates: "
+            f"{best.get('source', '-')})",
+        ),
+        (
+            "marks reproduced",
+            f"{best.get('matches', '-')} of {best.get('trials', '-')} "
+            f"watermarked queries ({best.get('candidates', '-')} distinct candidates)",
+        ),
+        (
+            "budget",
+            f"{requests:,} requests served, {samples:,} samples answered; "
+            f"{len(marked):,} distinct queries answered with a watermark label "
+            f"({sum(r.get('count', 1) for r in marked):,} times)",
+        ),
+        ("key created", _when(evidence["api_key"]["key"]["created_at"])),
+        ("terms accepted", _when(accepted[0]["accepted_at"]) if accepted else "never"),
+        (
+            "first / last request",
+            f"{_when(records[0]['time'] if records else None)} / "
+            f"{_when(records[-1]['time'] if records else None)}",
+        ),
+        (
+            "first flagged / blocked",
+            f"{_when(audit.get('first_flagged'))} / {_when(audit.get('first_blocked'))}",
+        ),
+        ("audit trail / trigger log", f"{audit['status']} / {triggers['status']}"),
+    ]
+    sealed = evidence.get("sealed") or {}
+    if sealed.get("opened"):
+        rows.append(
+            (
+                "sealed queries",
+                f"{sealed['bodies']:,} bodies opened ({sealed['rows']:,} "
+                f"rows), {sealed['matched_audit']:,} match a served audit record; "
+                f"{len(sealed['problems'])} did not open",
+            )
+        )
+    return rows
+
+
+_ATTRIBUTION = (
+    "<ul><li><b>Requests</b> (audit trail): the public tier records the API key it "
+    "authenticated from the request's bearer token, the client address, the SHA-256 of the "
+    "input and the answer, in a hash chain verified above.</li>"
+    "<li><b>Watermarked answers</b> (trigger log): the private tier keeps, encrypted, each "
+    "query it answered with a watermark label, under the API key id the public tier sent with "
+    "the call (linked by key id) or, without one, the request id of an audited request "
+    "(linked by request id); a query asked again is one record with its repeat count.</li>"
+    "<li><b>Sealed queries</b>: the exact body of each served request, sealed by the public "
+    "tier to the owner's public key under the authenticated API key, opened offline with the "
+    "owner's private key; each body's SHA-256 is kept with it (its RFC 9530 Content-Digest "
+    "matches a client's signed request) and its input digest matches the audit record of the "
+    "same request.</li></ul>"
+)
+
+
+def _verdict(evidence: dict[str, Any]) -> str:
+    heading, css, reading = _verdict_line(evidence.get("verification"))
+    figures = "".join(
+        f"<tr><td>{_e(name)}</td><td>{_e(value)}</td></tr>" for name, value in _figures(evidence)
+    )
+    chart = timeline_svg(
+        evidence["audit"].get("timeline", []),
+        evidence.get("marked_by_hour", []),
+        float(evidence["audit"].get("flag_threshold", 0.5)),
+    )
+    return (
+        f'<div class="verdict"><h2>Verdict: <span class="{css}">{heading}</span></h2>'
+        f"<p>{_e(reading)}</p></div>"
+        f'<table class="figures">{figures}</table>'
+        f"<h2>How each record is attributed</h2>{_ATTRIBUTION}"
+        f"<h2>Timeline</h2>{chart}"
+    )
+
+
 def render_html(evidence: dict[str, Any], json_sha256: str) -> str:
     """The whole report."""
     title = f"Evidence: API key {evidence['api_key']['key']['key_id']}, model {evidence['model']}"
     body = "".join(
         (
             f"<h1>{_e(title)}</h1>",
+            _verdict(evidence),
             f"<p>Generated {_e(evidence['generated_at'])}. Watermark key id "
             f"<code>{_e(evidence['watermark_key_id'])}</code>. Data: <code>evidence.json</code>, "
             f"SHA-256 <code>{_e(json_sha256)}</code>.</p>",

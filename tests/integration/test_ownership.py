@@ -156,12 +156,15 @@ def test_watermarked_answers_are_kept_encrypted_with_who_asked(owned: Owned) -> 
     differs = np.flatnonzero(owned.answers != model_labels)
     assert 10 <= len(differs) <= 45  # 5% of 450 queries
     first_ids = {r.query_id for r in records}
-    assert len(first_ids) == len(differs)  # the repeated 64 queries were logged again
+    assert len(first_ids) == len(records) == len(differs)  # one record per (key, query)
+    first_batch = owner.marker().query_ids(owner.back_inputs({"image": owned.images[:64]}))
+    twice = {qid.hex() for qid in first_batch}  # the first 64 queries were asked again
+    assert [r.count for r in records] == [2 if r.query_id in twice else 1 for r in records]
     assert {r.key_id for r in records} == {owned.key_id}  # who asked, from the public tier
     named = {r.request_id for r in records if r.request_id.startswith("q-")}
     assert named and named <= set(owned.request_ids)  # and in which request
     assert all(r.answer != r.label for r in records)
-    raw = b"".join(p.read_bytes() for p in owner.trigger_dir.iterdir())
+    raw = b"".join(p.read_bytes() for p in owner.trigger_dir.rglob("*.svtl"))
     assert records[0].query_id.encode() not in raw and b"request_id" not in raw
 
 

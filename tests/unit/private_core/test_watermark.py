@@ -224,7 +224,7 @@ def test_trigger_log_round_trip_and_retention(tmp_path: Path) -> None:
     reopened = TriggerLog(tmp_path, "clf", KEY, max_records=64, max_bytes=1 << 20)
     reopened.append([_record(200)])
     assert list(read_triggers(tmp_path, "clf", KEY))[-1] == _record(200)
-    for segment in tmp_path.iterdir():
+    for segment in tmp_path.rglob("*.svtl"):
         assert b"k_1" not in segment.read_bytes()  # sealed
 
 
@@ -234,7 +234,7 @@ def test_trigger_log_refuses_tampered_moved_or_foreign_records(tmp_path: Path) -
         list(read_triggers(tmp_path, "other-model", KEY))
     with pytest.raises(TriggerLogError):
         list(read_triggers(tmp_path, "clf", WatermarkKey(bytes(32))))
-    segment = next(tmp_path.iterdir())
+    segment = next(tmp_path.rglob("*.svtl"))
     data = bytearray(segment.read_bytes())
     data[40] ^= 1
     segment.write_bytes(bytes(data))
@@ -253,6 +253,7 @@ def test_restrict_keeps_the_label_watermarked_queries(tmp_path: Path) -> None:
     )
     marks = stage.watermark.marking({NAME: acts}, _probabilities(_logits(acts))).marks
     assert marks.selected.any()
+    stage.watermark.close()  # written off the request path, then the writer stops
     records = list(read_triggers(tmp_path / "clf", "clf", KEY))
     rows = np.flatnonzero(marks.selected)
     assert [r.query_id for r in records] == [marks.ids[i].hex() for i in rows]
