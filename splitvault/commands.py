@@ -59,6 +59,10 @@ def pack_command(args: argparse.Namespace) -> int:
             program, options, layout=layout, provider=provider, show_progress=not args.quiet
         )
     print_result(result)
+    if args.assess_data:
+        from splitvault.assess.cli import pack_assessment_line
+
+        print(pack_assessment_line(args))
     return 0
 
 
