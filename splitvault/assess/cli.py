@@ -56,6 +56,22 @@ def add_budget_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> N
     parser.add_argument(
         f"--{prefix}steps", dest="steps", type=int, default=300, help="Adam steps per thief (300)"
     )
+    parser.add_argument(
+        f"--{prefix}batch-size", dest="batch_size", type=int, default=32, help="(32)"
+    )
+    parser.add_argument(
+        f"--{prefix}max-inputs",
+        dest="max_inputs",
+        type=int,
+        help="use a seeded random subset of this many inputs (default: all)",
+    )
+    parser.add_argument(
+        f"--{prefix}heldout",
+        dest="heldout",
+        type=int,
+        default=1000,
+        help="held-out inputs for fidelity, at most (1000; and at most a quarter of the data)",
+    )
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -70,7 +86,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         budgets=budgets,
         seeds=args.seeds,
         margin=args.margin / 100.0,
-        training=Training(steps=args.steps),
+        max_heldout=args.heldout,
+        max_inputs=args.max_inputs,
+        training=Training(steps=args.steps, batch_size=args.batch_size),
     )
 
 

@@ -33,6 +33,7 @@ class Settings:
     margin: float = 0.05
     heldout_fraction: float = 0.25
     max_heldout: int = 1000
+    max_inputs: int | None = None  # a seeded subset of the data, to bound the time
     training: Training = field(default_factory=Training)
 
     def __post_init__(self) -> None:
@@ -112,6 +113,17 @@ def partition(count: int, settings: Settings) -> tuple[torch.Tensor, torch.Tenso
             f"after holding out {heldout} of {count}; give more data or smaller budgets"
         )
     return pool, order[:heldout]
+
+
+def subset(inputs: Tensors, settings: Settings) -> Tensors:
+    """At most ``settings.max_inputs`` rows, drawn once (seed 0)."""
+    count = len(next(iter(inputs.values())))
+    if settings.max_inputs is None or settings.max_inputs >= count:
+        return inputs
+    keep = torch.from_numpy(
+        np.sort(np.random.default_rng(0).choice(count, settings.max_inputs, replace=False))
+    )
+    return {name: tensor[keep] for name, tensor in inputs.items()}
 
 
 def make_victim(stages: Stages, inputs: Tensors, public_init: Stages | None = None) -> Victim:

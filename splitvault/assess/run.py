@@ -17,6 +17,7 @@ from splitvault.assess.experiment import (
     assess_split,
     make_victim,
     partition,
+    subset,
 )
 from splitvault.assess.stages import Stages, from_deployment, from_pair
 from splitvault.packing.spec import load_factory
@@ -59,6 +60,7 @@ def run_assessment(request: Request) -> Outcome:
         return Outcome(errors, [line for e in errors for line in report.split_table(e)])
     first = valid[0]
     inputs = load_inputs(request.data, first.request_inputs, first.task, request.tokenizer)
+    inputs = subset(inputs, request.settings)
     _, heldout = partition(len(next(iter(inputs.values()))), request.settings)
     public = _public_init(request, [s.split for s in valid])
     lines = [

@@ -15,8 +15,8 @@ from shared.layout import DeployLayout
 from shared.manifest import LabelPolicy
 from splitvault.assess import Request, Settings, Training, run_assessment
 from splitvault.cli import main
-from splitvault.deploy import init_deployment
 from splitvault.demo import digits
+from splitvault.deploy import init_deployment
 from splitvault.packing.pack import pack_spec
 from tests.conftest import DigitsFixture
 
@@ -112,9 +112,7 @@ def test_thieves_starting_from_public_weights_copy_the_model(layout: DeployLayou
     assert min(assessment.results[0].black_box) > 0.95
 
 
-def test_pack_prints_one_assess_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_pack_prints_one_assess_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     deploy = init_deployment(tmp_path / "d").root
     args = ["pack", "--name", "digits", "--split", digits.SPLIT, "--deploy", str(deploy)]
     factory = ["--factory", "splitvault.demo.digits:factory", "--policy", "label"]

@@ -97,9 +97,10 @@ def test_partition_holds_out_and_refuses_a_budget_beyond_the_pool() -> None:
 
 
 def test_fresh_copy_draws_new_weights_and_leaves_the_source() -> None:
-    source = nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4))
+    norm = nn.LayerNorm(4)
+    source = nn.Sequential(nn.Linear(8, 4), norm)
     with torch.no_grad():
-        source[1].weight.fill_(3.0)
+        norm.weight.fill_(3.0)
     before = {n: p.clone() for n, p in source.named_parameters()}
     copy = fresh_copy(source, torch.Generator().manual_seed(0))
     for name, param in source.named_parameters():
