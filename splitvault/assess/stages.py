@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from private_core.model_store import ModelLoadFailure, load_back_stage
 from shared.keys import LocalFileKeyProvider
 from shared.layout import DeployLayout
-from shared.manifest import read_config, read_manifest
+from shared.manifest import BATCH_DIM, DimSpec, TensorSpec, read_config, read_manifest
 from splitvault.packing.split import StagePair
 
 Tensors = dict[str, torch.Tensor]
@@ -38,6 +38,7 @@ class Stages:
     request_inputs: list[str]  # the front's arguments, in order
     front_outputs: list[str]
     back_sources: list[tuple[str, str]]  # ("front", output name) or ("request", input name)
+    max_batch: int = CHUNK  # the stages' guards refuse larger batches
 
     def run_front(self, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """The front's outputs for a batch of request inputs."""
@@ -62,22 +63,22 @@ class Stages:
 
     def outputs(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The whole model's output on every row of ``inputs``, in chunks, without gradients."""
-        count = len(next(iter(inputs.values())))
+        count, size = len(next(iter(inputs.values()))), self.max_batch
         pieces = []
         with torch.inference_mode():
-            for start in range(0, count, CHUNK):
-                chunk = {name: t[start : start + CHUNK] for name, t in inputs.items()}
+            for start in range(0, count, size):
+                chunk = {name: t[start : start + size] for name, t in inputs.items()}
                 pieces.append(self.run_back(self.run_front(chunk), chunk))
         return torch.cat(pieces)
 
     def activations(self, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """The front's outputs on every row of ``inputs`` (what a thief holding the front sees)."""
-        count = len(next(iter(inputs.values())))
+        count, size = len(next(iter(inputs.values()))), self.max_batch
         pieces: list[list[torch.Tensor]] = []
         with torch.inference_mode():
-            for start in range(0, count, CHUNK):
+            for start in range(0, count, size):
                 pieces.append(
-                    self.run_front({n: t[start : start + CHUNK] for n, t in inputs.items()})
+                    self.run_front({n: t[start : start + size] for n, t in inputs.items()})
                 )
         return [torch.cat(parts) for parts in zip(*pieces, strict=True)]
 
@@ -108,7 +109,12 @@ def from_deployment(deploy: Path, name: str, kek_file: Path | None = None) -> St
         request_inputs=[spec.name for spec in manifest.inputs],
         front_outputs=[spec.name for spec in manifest.outputs],
         back_sources=sources,
+        max_batch=min(CHUNK, *_batch_limits(manifest.inputs)),
     )
+
+
+def _batch_limits(specs: list[TensorSpec]) -> list[int]:
+    return [d.max for s in specs for d in s.shape if isinstance(d, DimSpec) and d.name == BATCH_DIM]
 
 
 def from_pair(pair: StagePair, split: str, task: str) -> Stages:
@@ -125,6 +131,9 @@ def from_pair(pair: StagePair, split: str, task: str) -> Stages:
         request_inputs=pair.request_inputs,
         front_outputs=pair.front_outputs,
         back_sources=sources,
+        max_batch=min(
+            CHUNK, *(high for name, _, high in pair.front_dims.values() if name == BATCH_DIM)
+        ),
     )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from splitvault.assess.stages import CHUNK, Stages, Tensors, clone_module, fresh_copy
+from splitvault.assess.stages import Stages, Tensors, clone_module, fresh_copy
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # row indices -> model outputs
 
@@ -85,10 +85,10 @@ def black_box(victim: Victim, rows: torch.Tensor, training: Training, seed: int)
 
 def fidelity(forward: Forward, victim: Victim, rows: torch.Tensor) -> float:
     """Top-1 agreement (classifiers) or mean cosine (embedders) with the model on ``rows``."""
-    outputs = []
+    outputs, size = [], victim.stages.max_batch
     with torch.no_grad():
-        for start in range(0, len(rows), CHUNK):
-            outputs.append(forward(rows[start : start + CHUNK]))
+        for start in range(0, len(rows), size):
+            outputs.append(forward(rows[start : start + size]))
     predicted = torch.cat(outputs)
     if victim.stages.task == "classification":
         agree = predicted.argmax(dim=-1) == victim.labels[rows]
@@ -126,7 +126,7 @@ def _fit(
 ) -> None:
     optimiser = torch.optim.Adam(params, lr=training.learning_rate)  # type: ignore[arg-type]
     targets = victim.targets()
-    batch = min(training.batch_size, len(rows))
+    batch = min(training.batch_size, len(rows), victim.stages.max_batch)
     for _ in range(training.steps):
         pick = rows[torch.randperm(len(rows), generator=generator)[:batch]]
         optimiser.zero_grad()

@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +125,24 @@ def test_pack_prints_one_assess_line(tmp_path: Path, capsys: pytest.CaptureFixtu
         r"budgets 30, 2 seeds\); private tier holds \d+\.\d% of parameters, \d+\.\d% of FLOPs$",
         last,
     )
+
+
+def test_embedders_are_measured_by_mean_cosine(tmp_path: Path) -> None:
+    """A small token model read as an embedder: thieves learn its output vectors."""
+    tokens = torch.randn(240, 6, 12, generator=torch.Generator().manual_seed(3))
+    data = tmp_path / "tokens.npz"
+    np.savez(data, tokens=tokens.numpy())
+    request = Request(
+        data=str(data),
+        factory="tests.support.models:nested_spec",
+        task="embedding",
+        candidates=["encoder.blocks.0"],
+        settings=Settings(budgets=[100], seeds=2, training=Training(steps=80)),
+        show_progress=False,
+    )
+    outcome = run_assessment(request)
+    assert "embedding thieves; 240 natural inputs, 60 held out" in outcome.lines[0]
+    (result,) = outcome.assessments[0].results
+    for cosine in [*result.front_known, *result.black_box]:
+        assert -1.0 <= cosine <= 1.0
+    assert min(result.front_known) > 0.5, result
