@@ -132,22 +132,30 @@ def make_victim(stages: Stages, inputs: Tensors, public_init: Stages | None = No
 
 
 def assess_split(
-    victim: Victim, settings: Settings, progress: Progress | None = None
+    victim: Victim,
+    settings: Settings,
+    progress: Progress | None = None,
+    baseline: dict[tuple[int, int], float] | None = None,
 ) -> SplitAssessment:
-    """Train both thieves for every budget and seed; fidelity on the held-out rows."""
+    """Train both thieves for every budget and seed; fidelity on the held-out rows.
+
+    The black-box thief does not depend on the split: pass one ``baseline`` dict to every
+    candidate's call and it is trained once per (budget, seed), the same for all.
+    """
     pool, heldout = partition(len(victim.outputs), settings)
+    cache = baseline if baseline is not None else {}
     results = []
     for budget in settings.budgets:
         known, blind = [], []
         for seed in range(settings.seeds):
             chosen = np.random.default_rng([seed, budget]).choice(len(pool), budget, replace=False)
             rows = pool[torch.from_numpy(chosen)]
-            known.append(
-                fidelity(front_known(victim, rows, settings.training, seed), victim, heldout)
-            )
-            blind.append(
-                fidelity(black_box(victim, rows, settings.training, seed), victim, heldout)
-            )
+            thief = front_known(victim, rows, settings.training, seed)
+            known.append(fidelity(thief, victim, heldout))
+            if (budget, seed) not in cache:
+                thief = black_box(victim, rows, settings.training, seed)
+                cache[budget, seed] = fidelity(thief, victim, heldout)
+            blind.append(cache[budget, seed])
             if progress is not None:
                 progress()
         results.append(BudgetResult(budget, known, blind))

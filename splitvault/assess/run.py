@@ -67,6 +67,7 @@ def run_assessment(request: Request) -> Outcome:
         report.header(request.model, first.task, _rows(inputs), len(heldout), request.settings)
     ]
     assessments: list[SplitAssessment] = []
+    baseline: dict[tuple[int, int], float] = {}  # black-box fidelity, the same for every split
     total = len(valid) * request.settings.runs_per_split
     with tqdm(total=total, desc="assess", unit="run", disable=not request.show_progress) as bar:
         for split in splits:
@@ -78,7 +79,7 @@ def run_assessment(request: Request) -> Outcome:
                 if start is not None:
                     check_same_architecture(split, start)
                 victim = make_victim(split, inputs, start)
-                assessments.append(assess_split(victim, request.settings, bar.update))
+                assessments.append(assess_split(victim, request.settings, bar.update, baseline))
             lines += report.split_table(assessments[-1])
     if request.candidates:
         lines.append(report.recommendation(assessments))
