@@ -14,6 +14,7 @@ from public_api.monitor.cli import add_monitor_commands
 from shared.layout import DeployLayout
 from shared.logs import configure_logging
 from splitvault.admin import add_admin_commands
+from splitvault.assess.cli import add_assess_command, add_budget_arguments
 from splitvault.errors import exit_status, report, require_tier, settings_error
 from splitvault.ledger_cli import add_ledger_commands
 from splitvault.ownership.cli import add_ownership_commands
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     add_monitor_commands(commands)
     add_ownership_commands(commands)
     add_ledger_commands(commands)
+    add_assess_command(commands)
     demo = commands.add_parser("demo", help="pack and serve the two demo models, compare answers")
     demo.add_argument("--workdir", type=Path, help="keep the deployment here (default: temp)")
     demo.add_argument("--skip-minilm", action="store_true", help="only the digits model")
@@ -112,6 +114,10 @@ def _add_pack(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     pack.add_argument("--transport", choices=["FP16", "FP32"], default="FP16")
     pack.add_argument("--max-batch", type=int, default=64)
     pack.add_argument("--quiet", action="store_true", help="no progress bars")
+    pack.add_argument(
+        "--assess-data", help="natural inputs (see `assess --data`): print one assess line"
+    )
+    add_budget_arguments(pack, prefix="assess-")
     pack.set_defaults(run=_pack)
 
 

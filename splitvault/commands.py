@@ -85,6 +85,10 @@ def _pack(args: argparse.Namespace) -> int:
         )
     print_result(result)
     warn_about_share(result)
+    if args.assess_data:
+        from splitvault.assess.cli import pack_assessment_line
+
+        print(pack_assessment_line(args))
     return 0
 
 
