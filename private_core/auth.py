@@ -20,6 +20,9 @@ from shared.logs import get_logger
 
 log = get_logger(__name__)
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Read-only model status (names, ready, reasons): also for the health identities, so that
+# `splitvault health private` can say which model failed and why.
+MODEL_STATUS_METHOD = "/splitvault.v1.PrivateInference/ModelStatus"
 Handler = Any  # grpc.RpcMethodHandler; the stubs type it for the sync API only
 
 
@@ -46,6 +49,8 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return None
         method = handler_call_details.method
         allowed = self._health_allowed if method.startswith(HEALTH_PREFIX) else self._allowed
+        if method == MODEL_STATUS_METHOD:
+            allowed = self._allowed | self._health_allowed
         return _guarded(handler, allowed, method)
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\rsplitvault.v1\"E\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"w\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.splitvault.v1.Tensor\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\"V\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x07outputs\x18\x02 \x03(\x0b\x32\x15.splitvault.v1.Tensor\x12\x0e\n\x06policy\x18\x03 \x01(\t\"#\n\x12ModelStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\":\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"A\n\x13ModelStatusResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.splitvault.v1.ModelStatus\"R\n\rAnchorRequest\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04head\x18\x03 \x01(\t\x12\x14\n\x0crecord_count\x18\x04 \x01(\x04\"\xb3\x01\n\rAnchorReceipt\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04head\x18\x03 \x01(\t\x12\x14\n\x0crecord_count\x18\x04 \x01(\x04\x12\x13\n\x0b\x61nchored_at\x18\x05 \x01(\x01\x12\x12\n\nreplica_id\x18\x06 \x01(\t\x12\x13\n\x0b\x61nchored_by\x18\x07 \x01(\t\x12\x0e\n\x06signer\x18\x08 \x01(\t\x12\x11\n\tsignature\x18\t \x01(\x0c\x32\xac\x01\n\x10PrivateInference\x12\x42\n\x05Infer\x12\x1b.splitvault.v1.InferRequest\x1a\x1c.splitvault.v1.InferResponse\x12T\n\x0bModelStatus\x12!.splitvault.v1.ModelStatusRequest\x1a\".splitvault.v1.ModelStatusResponse2Z\n\rPrivateLedger\x12I\n\x0b\x41nchorAudit\x12\x1c.splitvault.v1.AnchorRequest\x1a\x1c.splitvault.v1.AnchorReceiptb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\rsplitvault.v1\"E\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x8b\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.splitvault.v1.Tensor\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x12\n\npairing_id\x18\x06 \x01(\t\"V\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x07outputs\x18\x02 \x03(\x0b\x32\x15.splitvault.v1.Tensor\x12\x0e\n\x06policy\x18\x03 \x01(\t\"#\n\x12ModelStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"N\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\npairing_id\x18\x04 \x01(\t\"A\n\x13ModelStatusResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.splitvault.v1.ModelStatus\"R\n\rAnchorRequest\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04head\x18\x03 \x01(\t\x12\x14\n\x0crecord_count\x18\x04 \x01(\x04\"\xb3\x01\n\rAnchorReceipt\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04head\x18\x03 \x01(\t\x12\x14\n\x0crecord_count\x18\x04 \x01(\x04\x12\x13\n\x0b\x61nchored_at\x18\x05 \x01(\x01\x12\x12\n\nreplica_id\x18\x06 \x01(\t\x12\x13\n\x0b\x61nchored_by\x18\x07 \x01(\t\x12\x0e\n\x06signer\x18\x08 \x01(\t\x12\x11\n\tsignature\x18\t \x01(\x0c\x32\xac\x01\n\x10PrivateInference\x12\x42\n\x05Infer\x12\x1b.splitvault.v1.InferRequest\x1a\x1c.splitvault.v1.InferResponse\x12T\n\x0bModelStatus\x12!.splitvault.v1.ModelStatusRequest\x1a\".splitvault.v1.ModelStatusResponse2Z\n\rPrivateLedger\x12I\n\x0b\x41nchorAudit\x12\x1c.splitvault.v1.AnchorRequest\x1a\x1c.splitvault.v1.AnchorReceiptb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=110
-  _globals['_INFERREQUEST']._serialized_start=112
-  _globals['_INFERREQUEST']._serialized_end=231
-  _globals['_INFERRESPONSE']._serialized_start=233
-  _globals['_INFERRESPONSE']._serialized_end=319
-  _globals['_MODELSTATUSREQUEST']._serialized_start=321
-  _globals['_MODELSTATUSREQUEST']._serialized_end=356
-  _globals['_MODELSTATUS']._serialized_start=358
-  _globals['_MODELSTATUS']._serialized_end=416
-  _globals['_MODELSTATUSRESPONSE']._serialized_start=418
-  _globals['_MODELSTATUSRESPONSE']._serialized_end=483
-  _globals['_ANCHORREQUEST']._serialized_start=485
-  _globals['_ANCHORREQUEST']._serialized_end=567
-  _globals['_ANCHORRECEIPT']._serialized_start=570
-  _globals['_ANCHORRECEIPT']._serialized_end=749
-  _globals['_PRIVATEINFERENCE']._serialized_start=752
-  _globals['_PRIVATEINFERENCE']._serialized_end=924
-  _globals['_PRIVATELEDGER']._serialized_start=926
-  _globals['_PRIVATELEDGER']._serialized_end=1016
+  _globals['_INFERREQUEST']._serialized_start=113
+  _globals['_INFERREQUEST']._serialized_end=252
+  _globals['_INFERRESPONSE']._serialized_start=254
+  _globals['_INFERRESPONSE']._serialized_end=340
+  _globals['_MODELSTATUSREQUEST']._serialized_start=342
+  _globals['_MODELSTATUSREQUEST']._serialized_end=377
+  _globals['_MODELSTATUS']._serialized_start=379
+  _globals['_MODELSTATUS']._serialized_end=457
+  _globals['_MODELSTATUSRESPONSE']._serialized_start=459
+  _globals['_MODELSTATUSRESPONSE']._serialized_end=524
+  _globals['_ANCHORREQUEST']._serialized_start=526
+  _globals['_ANCHORREQUEST']._serialized_end=608
+  _globals['_ANCHORRECEIPT']._serialized_start=611
+  _globals['_ANCHORRECEIPT']._serialized_end=790
+  _globals['_PRIVATEINFERENCE']._serialized_start=793
+  _globals['_PRIVATEINFERENCE']._serialized_end=965
+  _globals['_PRIVATELEDGER']._serialized_start=967
+  _globals['_PRIVATELEDGER']._serialized_end=1057
 # @@protoc_insertion_point(module_scope)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from public_api.errors import install_error_handlers
 from public_api.front import FrontRunner, load_front_stages, message_limit
 from public_api.limits import BodySizeLimit, LinkHeader
 from public_api.metrics import PublicMetrics
+from public_api.models import ModelSet
 from public_api.openapi import install_openapi
 from public_api.outcomes import Outcomes
 from public_api.private_client import PrivateTierClient
@@ -57,7 +59,14 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
         front = FrontRunner(executor, settings.front_inline_below_ms / 1000)
         for stage in stages.values():
             front.calibrate(stage)
-        service = InferenceService(stages, front, private, max_elements=settings.max_elements)
+        models = ModelSet(stages, private)
+        service = InferenceService(
+            stages,
+            front,
+            private,
+            max_elements=settings.max_elements,
+            on_not_ready=models.refresh_soon,
+        )
         protection = build_protection(settings, stages, metrics)
         anchorer = start_anchoring(
             protection.audit,
@@ -67,12 +76,14 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             metrics.registry,
         )
         await protection.start()
-        app.state.splitvault = PublicState(settings, service, private, protection, metrics)
+        app.state.splitvault = PublicState(settings, service, private, protection, metrics, models)
+        startup_check = asyncio.get_running_loop().create_task(models.check_at_startup())
         freeze_startup_objects()  # the front stages stay out of the collector's passes
         log.info("public_tier_ready", models=sorted(stages))
         try:
             yield
         finally:
+            startup_check.cancel()
             await protection.close()
             if anchorer is not None:
                 await anchorer.close()  # after the trail's last write, before the channel closes
@@ -80,6 +91,10 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             executor.shutdown(wait=True)
 
     app = FastAPI(
+        # Swagger UI and ReDoc load their scripts from a public CDN: off unless asked for
+        # (the OpenAPI document itself is served either way, at /openapi.json).
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url="/redoc" if settings.docs_enabled else None,
         title="splitvault",
         version=VERSION,
         summary="Open Inference Protocol v2 endpoint of a split, protected model.",

@@ -68,6 +68,9 @@ class PublicSettings(TierSettings):
     # Log certificate_expiring when a certificate this tier loaded expires within this many days.
     cert_warning_days: float = Field(default=30.0, ge=0)
     protection: ProtectionSettings = ProtectionSettings()
+    # Swagger UI (/docs) and ReDoc (/redoc) pages; they load their scripts from a public CDN
+    # (jsDelivr), so they are off by default. /openapi.json is served either way.
+    docs_enabled: bool = False
 
     @property
     def terms_file(self) -> Path:

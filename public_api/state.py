@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from public_api.metrics import PublicMetrics
+    from public_api.models import ModelSet
     from public_api.private_client import PrivateTierClient
     from public_api.protection import Protection
     from public_api.service import InferenceService
@@ -37,3 +38,4 @@ class PublicState:
     private: PrivateTierClient
     protection: Protection
     metrics: PublicMetrics
+    models: ModelSet  # each model as both tiers hold it (public_api/models.py)

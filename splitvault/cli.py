@@ -103,11 +103,18 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    health = commands.add_parser("health", help="probe a tier (exit 0 when ready)")
+    health = commands.add_parser(
+        "health", help="probe a tier: print ready or why not (exit 0 only when ready)"
+    )
     tiers = health.add_subparsers(dest="tier", required=True)
     private = tiers.add_parser("private")
     private.add_argument("--deploy", required=True, type=Path)
     private.add_argument("--address", default="127.0.0.1:50051")
+    private.add_argument(
+        "--live",
+        action="store_true",
+        help="exit 0 when the tier answers at all, ready or not (a liveness probe)",
+    )
     private.set_defaults(run=_health_private)
     public = tiers.add_parser("public")
     public.add_argument("--deploy", required=True, type=Path)
@@ -185,14 +192,22 @@ def _serve_public(args: argparse.Namespace) -> int:
 def _health_private(args: argparse.Namespace) -> int:
     from splitvault.probes import probe_private
 
-    return 0 if probe_private(DeployLayout(args.deploy), args.address) else 1
+    probe = probe_private(DeployLayout(args.deploy), args.address)
+    _print_probe(probe.ready, probe.reasons)
+    return 0 if probe.ready or (args.live and probe.answered) else 1
+
+
+def _print_probe(ready: bool, reasons: list[str]) -> None:
+    print("ready" if ready else f"not ready: {reasons[0] if reasons else 'no reason given'}")
+    for reason in reasons[1:]:
+        print(f"  {reason}")
 
 
 def _health_public(args: argparse.Namespace) -> int:
     from splitvault.probes import check_public
 
     health = check_public(DeployLayout(args.deploy), args.url, args.metrics_url)
-    print("ready" if health.ready else "not ready")
+    _print_probe(health.probe.ready, health.probe.reasons)
     if health.unsafe is None:
         print(f"unsafe settings: unknown (no answer from {args.metrics_url})")
     elif health.unsafe:
