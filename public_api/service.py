@@ -157,6 +157,10 @@ class InferenceService:
             },
         )
 
+    def _not_ready(self) -> None:
+        if self._on_not_ready is not None:
+            self._on_not_ready()
+
     async def _call_private(
         self, request: inference_pb2.InferRequest
     ) -> inference_pb2.InferResponse:
@@ -169,10 +173,15 @@ class InferenceService:
         model = request.model
         try:
             return await self._private.infer(request)
-        except (ModelNotFound, ModelNotReady):
-            if self._on_not_ready is not None:
-                self._on_not_ready()
-            raise ModelNotReady(f"model {model!r} is not ready", retry_after_s=1.0) from None
+        except ModelNotReady:
+            self._not_ready()
+            raise
+        except ModelNotFound:
+            self._not_ready()
+            raise ModelNotReady(
+                f"model {model!r} is not ready (the private tier does not hold it)",
+                retry_after_s=1.0,
+            ) from None
         except InvalidInput as error:
             log.warning("private_refused_activations", model=model, detail=error.message)
             raise InvalidInput(

@@ -13,6 +13,7 @@ from shared.layout import DeployLayout
 from shared.logs import configure_logging
 from splitvault.admin import add_admin_commands
 from splitvault.ledger_cli import add_ledger_commands
+from splitvault.models_cli import add_models_commands
 from splitvault.ownership.cli import add_ownership_commands
 from splitvault.rotation import add_rotation_commands
 
@@ -46,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     add_monitor_commands(commands)
     add_ownership_commands(commands)
     add_ledger_commands(commands)
+    # --- i-ops: model management and local development ---
+    add_models_commands(commands)
+    up = commands.add_parser("up", help="run both tiers on loopback for local development")
+    up.add_argument("--deploy", required=True, type=Path)
+    up.add_argument("--port", type=int, default=8443, help="the public tier's HTTPS port")
+    up.set_defaults(run=_up)
     demo = commands.add_parser("demo", help="pack and serve the two demo models, compare answers")
     demo.add_argument("--workdir", type=Path, help="keep the deployment here (default: temp)")
     demo.add_argument("--skip-minilm", action="store_true", help="only the digits model")
@@ -217,6 +224,12 @@ def _health_public(args: argparse.Namespace) -> int:
             effect = EFFECTS.get(setting, "switches a protection off")
             print(f"WARNING: unsafe setting {setting} = {value}: {effect}")
     return 0 if health.ready else 1
+
+
+def _up(args: argparse.Namespace) -> int:
+    from splitvault.up import run_up
+
+    return run_up(args.deploy, args.port)
 
 
 def _demo(args: argparse.Namespace) -> int:
