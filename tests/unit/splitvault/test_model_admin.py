@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from private_core.watermark.keys import WATERMARK_KEY_FILE
-from shared.layout import DeployLayout
+from shared.layout import DeployLayout, TierDir
 from shared.manifest import (
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -41,7 +42,11 @@ def _write(
         watermark=WatermarkConfig(enabled=True, scheme="signal"),
     )
     count = TierCount(parameters=1, bytes=4)
-    for tier, stage in ((layout.public, "front"), (layout.private, "back")):
+    stages: tuple[tuple[TierDir, Literal["front", "back"]], ...] = (
+        (layout.public, "front"),
+        (layout.private, "back"),
+    )
+    for tier, stage in stages:
         if tiers not in ("both", stage):
             continue
         folder = tier.model(name)
