@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from types import FrameType
 
 from splitvault.launcher import TierProcess, start_tier, wait_for
 
@@ -13,7 +15,8 @@ LOOPBACK = "127.0.0.1"
 
 def run_up(deploy: Path, port: int) -> int:
     """Start the private tier, then the public one on ``LOOPBACK:port``; stop both when either
-    exits or on Ctrl-C. Returns 1 when a tier stopped on its own."""
+    exits, on Ctrl-C or on SIGTERM. Returns 1 when a tier stopped on its own."""
+    signal.signal(signal.SIGTERM, _interrupt)
     with ExitStack() as stack:
         private = start_tier(
             ["serve", "private", "--deploy", str(deploy), "--host", LOOPBACK, "--port", "0"],
@@ -43,6 +46,10 @@ def run_up(deploy: Path, port: int) -> int:
                 print(f"the {name} tier stopped (exit {tier.process.returncode}); its last lines:")
                 print("\n".join(tier.lines[-20:]))
         return 1
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def _logged(tier: TierProcess, event: str) -> bool:
