@@ -22,6 +22,9 @@ from shared.logs import get_logger
 
 log = get_logger(__name__)
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Read-only model status (names, ready, reasons): also for the health identities, so that
+# `splitvault health private` can say which model failed and why.
+MODEL_STATUS_METHOD = "/splitvault.v1.PrivateInference/ModelStatus"
 Handler = Any  # grpc.RpcMethodHandler; the stubs type it for the sync API only
 
 
@@ -46,6 +49,11 @@ class IdentityRule:
     def of(cls, rule: IdentityRule | Collection[str]) -> IdentityRule:
         """``rule`` itself, or a rule admitting exactly the names given."""
         return rule if isinstance(rule, IdentityRule) else cls(frozenset(rule))
+
+    def __or__(self, other: IdentityRule) -> IdentityRule:
+        """A rule admitting whom either rule admits."""
+        prefixes = self.prefixes + tuple(p for p in other.prefixes if p not in self.prefixes)
+        return IdentityRule(self.names | other.names, prefixes)
 
     def match(self, identities: Iterable[str]) -> str | None:
         """The first of ``identities`` this rule admits, or None."""
@@ -76,6 +84,8 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return None
         method = handler_call_details.method
         allowed = self._health_allowed if method.startswith(HEALTH_PREFIX) else self._allowed
+        if method == MODEL_STATUS_METHOD:
+            allowed = self._allowed | self._health_allowed
         return _guarded(handler, allowed, method)
 
 

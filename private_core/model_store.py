@@ -24,6 +24,7 @@ from shared.keys import KeyProvider
 from shared.layout import TierDir
 from shared.logs import get_logger
 from shared.manifest import ModelConfig, StageManifest, read_config, read_manifest
+from shared.pairing import mismatch_reason
 from shared.settings import default_state_dir
 
 log = get_logger(__name__)
@@ -45,6 +46,8 @@ class ModelStore:
 
     loaded: dict[str, BackStage] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    # (model, front pairing id) pairs already logged as mismatched: one log line each.
+    _mismatches: set[tuple[str, str]] = field(default_factory=set)
 
     def get(self, name: str) -> BackStage:
         """The loaded model ``name``, or ``ModelNotFound`` / ``ModelNotReady``."""
@@ -59,6 +62,27 @@ class ModelStore:
         for stage in self.loaded.values():
             if stage.watermark is not None:
                 stage.watermark.close()
+
+    def check_pairing(self, name: str, front_pairing_id: str) -> None:
+        """``ModelNotReady`` unless the request's front stage was packed with this back stage.
+
+        A mismatch is the operator's (one tier restarted after a re-pack), never the client's:
+        logged once per front id as ``model_pairing_mismatch``, answered as not ready.
+        """
+        stage = self.get(name)
+        back = stage.manifest.pairing_id
+        reason = mismatch_reason(name, front_pairing_id or None, back)
+        if reason is None:
+            return
+        if (name, front_pairing_id) not in self._mismatches:
+            self._mismatches.add((name, front_pairing_id))
+            log.error("model_pairing_mismatch", model=name, reason=reason)
+        raise ModelNotReady(f"model {name!r} is not ready (its tiers hold different packs)")
+
+    def pairing_id(self, name: str) -> str:
+        """The loaded back stage's pairing id ('' when not loaded or packed without one)."""
+        stage = self.loaded.get(name)
+        return "" if stage is None else stage.manifest.pairing_id or ""
 
     def status(self) -> dict[str, str | None]:
         """Model name -> None when ready, else the reason it is not."""
@@ -89,6 +113,7 @@ def load_store(tier: TierDir, provider: KeyProvider, trigger_dir: Path | None = 
             model=stage.config.name,
             parameters=stage.manifest.tiers["private"].parameters,
             watermark=None if stage.watermark is None else stage.watermark.scheme,
+            pairing_id=stage.manifest.pairing_id,
         )
     return store
 

@@ -151,7 +151,7 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     port = server.add_secure_port(f"{settings.host}:{settings.port}", server_credentials(tier))
     freeze_startup_objects()  # before serving: the models stay out of the collector's passes
     await server.start()
-    status = health_pb2.HealthCheckResponse.SERVING
+    status = _serving_status(store)
     await health_servicer.set("", status)
     await health_servicer.set(SERVICE_NAME, status)
     await health_servicer.set(LEDGER_SERVICE, ledger.health_status)
@@ -189,6 +189,19 @@ def build_attributor(
     state = SqliteSignatureState(settings.state_dir / SIGNATURES_DB)
     deployment = deployment_id(tier.ca_cert.read_bytes())
     return state, Attributor(state, state, deployment, settings.signature_window_s)
+
+
+def _serving_status(store: ModelStore) -> Any:
+    """SERVING only when every deployed model loaded: a tier that lost a model (a stale KEK, a
+    tampered file) must not pass its probes. Still serves the models it holds."""
+    if not store.failed:
+        return health_pb2.HealthCheckResponse.SERVING
+    log.error(
+        "private_tier_not_serving",
+        reason=f"{len(store.failed)} model(s) failed to load",
+        failed=dict(sorted(store.failed.items())),
+    )
+    return health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def serve(settings: PrivateSettings) -> None:

@@ -46,6 +46,7 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
         self, request: inference_pb2.InferRequest, context: Context
     ) -> inference_pb2.InferResponse:
         try:
+            self._store.check_pairing(request.model, request.pairing_id)
             response = await self._runner.infer(request, self._caller(request, context))
         except SplitVaultError as error:
             await self._abort(context, request.model, error)
@@ -86,6 +87,7 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
                     name=name,
                     ready=name in statuses and statuses[name] is None,
                     reason=statuses.get(name) or ("" if name in statuses else "not deployed"),
+                    pairing_id=self._store.pairing_id(name),
                 )
                 for name in names
             ]

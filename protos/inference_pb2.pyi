@@ -65,6 +65,7 @@ class InferRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    PAIRING_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     top_k: _builtins.int
     """For classifiers: how many classes the caller wants; the private tier caps it by the
@@ -74,6 +75,10 @@ class InferRequest(_message.Message):
     key_id: _builtins.str
     """The API key id the public tier admitted the request with (empty without keys); the
     private tier keeps it with watermarked answers (the trigger set).
+    """
+    pairing_id: _builtins.str
+    """The pairing id of the front stage that made these activations (both manifests carry it,
+    written by one `pack`); the private tier refuses a request whose id is not its back's.
     """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]: ...
@@ -90,10 +95,11 @@ class InferRequest(_message.Message):
         request_id: _builtins.str = ...,
         key_id: _builtins.str = ...,
         signature: Global___RequestSignature | None = ...,
+        pairing_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "key_id", b"key_id", "model", b"model", "request_id", b"request_id", "signature", b"signature", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "key_id", b"key_id", "model", b"model", "pairing_id", b"pairing_id", "request_id", b"request_id", "signature", b"signature", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -192,20 +198,24 @@ class ModelStatus(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    PAIRING_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     ready: _builtins.bool
     reason: _builtins.str
     """Why the model is not ready, safe to show an operator (never key material)."""
+    pairing_id: _builtins.str
+    """The loaded back stage's pairing id (empty when the model is not loaded)."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         ready: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        pairing_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "ready", b"ready", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "pairing_id", b"pairing_id", "ready", b"ready", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

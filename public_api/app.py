@@ -17,6 +17,7 @@ from public_api.errors import install_error_handlers
 from public_api.front import FrontRunner, load_front_stages, message_limit
 from public_api.limits import BodySizeLimit, LinkHeader
 from public_api.metrics import PublicMetrics
+from public_api.models import ModelSet
 from public_api.openapi import install_openapi
 from public_api.outcomes import Outcomes
 from public_api.private_client import PrivateTierClient
@@ -59,7 +60,14 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
         front = FrontRunner(executor, settings.front_inline_below_ms / 1000)
         for stage in stages.values():
             front.calibrate(stage)
-        service = InferenceService(stages, front, private, max_elements=settings.max_elements)
+        models = ModelSet(stages, private)
+        service = InferenceService(
+            stages,
+            front,
+            private,
+            max_elements=settings.max_elements,
+            on_not_ready=models.refresh_soon,
+        )
         protection = build_protection(settings, stages, metrics)
         anchorer = start_anchoring(
             protection.audit,
@@ -70,12 +78,16 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
         )
         await protection.start()
         sealer = build_sealer(settings.state_dir, settings.tier_dir, settings.sealing)
-        app.state.splitvault = PublicState(settings, service, private, protection, metrics, sealer)
+        app.state.splitvault = PublicState(
+            settings, service, private, protection, metrics, models, sealer
+        )
+        startup_check = asyncio.get_running_loop().create_task(models.check_at_startup())
         freeze_startup_objects()  # the front stages stay out of the collector's passes
         log.info("public_tier_ready", models=sorted(stages))
         try:
             yield
         finally:
+            startup_check.cancel()
             await protection.close()
             if sealer is not None:
                 await asyncio.to_thread(sealer.close)
@@ -85,6 +97,10 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             executor.shutdown(wait=True)
 
     app = FastAPI(
+        # Swagger UI and ReDoc load their scripts from a public CDN: off unless asked for
+        # (the OpenAPI document itself is served either way, at /openapi.json).
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url="/redoc" if settings.docs_enabled else None,
         title="splitvault",
         version=VERSION,
         summary="Open Inference Protocol v2 endpoint of a split, protected model.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -15,6 +16,16 @@ from shared.errors import SplitVaultError, error_from_grpc
 from shared.layout import TierDir
 
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+@dataclass(frozen=True)
+class BackStatus:
+    """A back stage as the private tier reports it: loaded or why not (for operators), and
+    its pairing id ('' when not loaded or packed without one)."""
+
+    ready: bool
+    reason: str
+    pairing_id: str
 
 
 def channel_target(addresses: list[str]) -> str:
@@ -87,15 +98,18 @@ class PrivateTierClient:
             raise mapped from None
         return receipt
 
-    async def model_status(self, model: str = "") -> dict[str, tuple[bool, str]]:
-        """Model name -> (ready, reason) as the private tier reports it."""
+    async def model_status(self, model: str = "") -> dict[str, BackStatus]:
+        """Model name -> its back stage's status as the private tier reports it."""
         try:
             reply = await self._stub.ModelStatus(
                 inference_pb2.ModelStatusRequest(model=model), timeout=self._timeout
             )
         except grpc.aio.AioRpcError as error:
             raise _mapped(error) from None
-        return {status.name: (status.ready, status.reason) for status in reply.models}
+        return {
+            status.name: BackStatus(status.ready, status.reason, status.pairing_id)
+            for status in reply.models
+        }
 
     async def serving(self, timeout_s: float = 1.0) -> bool:
         """Whether the private tier's health service reports SERVING."""

@@ -11,14 +11,18 @@ from public_api.body import OffLoopJsonRoute
 from public_api.context import RequestContext
 from public_api.deps import Admitted, Authenticated, State
 from public_api.signing import forwarded_signature
-from public_api.state import VERSION
+from public_api.state import VERSION, PublicState
 from public_api.v2 import (
     AcceptTerms,
     AcceptTermsResponse,
     ErrorBody,
     InferenceRequest,
     InferenceResponse,
+    ModelEntry,
+    ModelList,
     ModelMetadata,
+    RepositoryIndexEntry,
+    RepositoryIndexRequest,
     ServerMetadata,
     TermsBody,
 )
@@ -38,15 +42,23 @@ async def live() -> dict[str, bool]:
 
 @router.get("/v2/health/ready", tags=["health"], responses={503: {"model": ErrorBody}})
 async def ready(state: State) -> JSONResponse:
-    """Ready when the front stages are loaded and the private tier reports SERVING."""
+    """Ready when the private tier reports SERVING and every model is ready in both tiers."""
     serving = bool(state.service.stages) and await state.private.serving()
     state.metrics.set_private_ready(serving)
-    if serving:
+    if not serving:
+        return _not_ready({"ready": False, "error": "private tier not serving"}, state)
+    models = await state.models.states()
+    waiting = [model for model in models if not model.ready]
+    if not waiting:
         return JSONResponse({"ready": True})
+    # No model names: this route answers without an API key (the log names them).
+    error = f"{len(waiting)} of {len(models)} models not ready (see the log: model_sets_differ)"
+    return _not_ready({"ready": False, "error": error}, state)
+
+
+def _not_ready(body: dict[str, Any], state: PublicState) -> JSONResponse:
     return JSONResponse(
-        {"ready": False, "error": "private tier not serving"},
-        status_code=503,
-        headers={"Retry-After": str(state.settings.retry_after_s)},
+        body, status_code=503, headers={"Retry-After": str(state.settings.retry_after_s)}
     )
 
 
@@ -66,14 +78,48 @@ async def model_metadata(
 
 @router.get("/v2/models/{model}/ready", tags=["health"], responses=_ERRORS)
 async def model_ready(state: State, _caller: Authenticated, model: str = ModelName) -> JSONResponse:
-    """Ready when both stages of the model are loaded."""
-    if await state.service.model_ready(model):
+    """Ready when both stages of the model are loaded and come from one pack."""
+    state.service.stage(model)  # 404 for a model this tier does not hold
+    found = await state.models.state(model)
+    if found.ready:
         return JSONResponse({"name": model, "ready": True})
-    return JSONResponse(
-        {"name": model, "ready": False, "error": f"model {model!r} is not ready"},
-        status_code=503,
-        headers={"Retry-After": str(state.settings.retry_after_s)},
+    error = f"model {model!r} is not ready: {found.reason}"
+    return _not_ready({"name": model, "ready": False, "error": error}, state)
+
+
+@router.get("/v2/models", tags=["metadata"], responses=_ERRORS)
+async def model_list(state: State, _caller: Authenticated) -> ModelList:
+    """Every model this endpoint serves, ready in both tiers or not (with the reason)."""
+    return ModelList(
+        models=[
+            ModelEntry(
+                name=model.name,
+                versions=["1"],
+                platform="splitvault",
+                ready=model.ready,
+                reason=model.reason or None,
+            )
+            for model in await state.models.states()
+        ]
     )
+
+
+@router.post("/v2/repository/index", tags=["metadata"], responses=_ERRORS)
+async def repository_index(
+    state: State, _caller: Authenticated, body: RepositoryIndexRequest | None = None
+) -> list[RepositoryIndexEntry]:
+    """Triton's model repository index: every model with its state (``ready``: ready only)."""
+    only_ready = body is not None and body.ready
+    return [
+        RepositoryIndexEntry(
+            name=model.name,
+            version="1",
+            state="READY" if model.ready else "UNAVAILABLE",
+            reason=model.reason,
+        )
+        for model in await state.models.states()
+        if model.ready or not only_ready
+    ]
 
 
 @router.post(

@@ -11,6 +11,7 @@ import asyncio
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +25,13 @@ from public_api.v2 import (
     ModelMetadata,
     ResponseOutput,
 )
-from shared.errors import InvalidInput, ModelNotFound
+from shared.errors import InvalidInput, ModelNotFound, ModelNotReady
+from shared.logs import get_logger
 from shared.manifest import BATCH_DIM, MAX_TOP_K, DimSpec, ModelConfig, TensorSpec, TopKPolicy
 from shared.tensor_codec import array_from_json, from_proto, to_proto
 from shared.validation import check_tensors
 
+log = get_logger(__name__)
 CLASSIFICATION, EMBEDDING = "classification", "embedding"
 # A request declaring more elements than this is decoded in a worker thread, not on the loop.
 OFFLOAD_ELEMENTS = 64 * 1024
@@ -68,11 +71,14 @@ class InferenceService:
         private: PrivateTierClient,
         *,
         max_elements: int,
+        on_not_ready: Callable[[], None] | None = None,
     ) -> None:
+        """``on_not_ready``: called when the private tier answers that a model is not ready."""
         self.stages = stages
         self._front = front
         self._private = private
         self._max_elements = max_elements
+        self._on_not_ready = on_not_ready
 
     def stage(self, model: str) -> FrontStage:
         """The front stage of ``model`` or ``ModelNotFound``."""
@@ -117,7 +123,7 @@ class InferenceService:
         front_done = time.perf_counter()
         tensors = [to_proto(name, value) for name, value in activations.items()]
         tensors += [to_proto(name, arrays[name]) for name in stage.manifest.forward_inputs]
-        reply = await self._private.infer(
+        reply = await self._call_private(
             inference_pb2.InferRequest(
                 model=model,
                 inputs=tensors,
@@ -125,6 +131,7 @@ class InferenceService:
                 request_id=request.id or uuid.uuid4().hex,
                 key_id=key_id or "",
                 signature=signature,
+                pairing_id=stage.manifest.pairing_id or "",
             )
         )
         outputs = {tensor.name: from_proto(tensor) for tensor in reply.outputs}
@@ -155,15 +162,39 @@ class InferenceService:
                 "task": config.task,
                 "policy": config.policy.model_dump(),
                 "labels": config.labels,
-                "split": config.split,
             },
         )
 
-    async def model_ready(self, model: str) -> bool:
-        """Whether the front is loaded here and the back is loaded in the private tier."""
-        self.stage(model)
-        statuses = await self._private.model_status(model)
-        return statuses.get(model, (False, ""))[0]
+    def _not_ready(self) -> None:
+        if self._on_not_ready is not None:
+            self._on_not_ready()
+
+    async def _call_private(
+        self, request: inference_pb2.InferRequest
+    ) -> inference_pb2.InferResponse:
+        """The private tier's answer; its refusals told in the client's terms.
+
+        This tier holds the front stage, so a back stage the private tier lacks or refuses is
+        the deployment's fault: 503, never 404. Activations it refuses are described without
+        the stages' internal tensor names (logged for the operator).
+        """
+        model = request.model
+        try:
+            return await self._private.infer(request)
+        except ModelNotReady:
+            self._not_ready()
+            raise
+        except ModelNotFound:
+            self._not_ready()
+            raise ModelNotReady(
+                f"model {model!r} is not ready (the private tier does not hold it)",
+                retry_after_s=1.0,
+            ) from None
+        except InvalidInput as error:
+            log.warning("private_refused_activations", model=model, detail=error.message)
+            raise InvalidInput(
+                f"model {model!r} cannot process this input (its front-stage output was refused)"
+            ) from None
 
     def _decode(self, request: InferenceRequest) -> dict[str, Any]:
         arrays: dict[str, Any] = {}

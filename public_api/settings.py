@@ -75,6 +75,9 @@ class PublicSettings(TierSettings):
     protection: ProtectionSettings = ProtectionSettings()
     # Served request bodies sealed to the owner's public key (public_api/sealing.py).
     sealing: SealingSettings = SealingSettings()
+    # Swagger UI (/docs) and ReDoc (/redoc) pages; they load their scripts from a public CDN
+    # (jsDelivr), so they are off by default. /openapi.json is served either way.
+    docs_enabled: bool = False
 
     @property
     def client_tls(self) -> Path:

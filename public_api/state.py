@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from public_api.metrics import PublicMetrics
+    from public_api.models import ModelSet
     from public_api.private_client import PrivateTierClient
     from public_api.protection import Protection
     from public_api.sealing import RequestSealer
@@ -38,4 +39,5 @@ class PublicState:
     private: PrivateTierClient
     protection: Protection
     metrics: PublicMetrics
+    models: ModelSet  # each model as both tiers hold it (public_api/models.py)
     sealer: RequestSealer | None = None  # None: bodies are not sealed (no owner key)

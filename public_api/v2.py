@@ -76,6 +76,37 @@ class ModelMetadata(BaseModel):
     parameters: dict[str, Any]
 
 
+class ModelEntry(BaseModel):
+    """One model of ``GET /v2/models``: ready in both tiers, or why not."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    ready: bool
+    reason: str | None = None
+
+
+class ModelList(BaseModel):
+    """``GET /v2/models``: every model this endpoint serves."""
+
+    models: list[ModelEntry]
+
+
+class RepositoryIndexRequest(BaseModel):
+    """``POST /v2/repository/index`` body (Triton's model repository extension)."""
+
+    ready: bool = False  # only the models ready for inference
+
+
+class RepositoryIndexEntry(BaseModel):
+    """One model of Triton's repository index."""
+
+    name: str
+    version: str
+    state: str  # READY or UNAVAILABLE
+    reason: str
+
+
 class ServerMetadata(BaseModel):
     """``GET /v2``."""
 

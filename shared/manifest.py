@@ -142,6 +142,10 @@ class StageManifest(_Strict):
     torch_version: str
     # Front stage only: request inputs the public tier passes to the back stage as they came.
     forward_inputs: list[str] = Field(default_factory=list)
+    # The same in the front and back manifests of one `pack` (shared/pairing.py); a model whose
+    # tiers hold different ids was re-packed and only one tier restarted. None: packed before
+    # pairing ids existed (served, with a warning).
+    pairing_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
 
 
 def write_json(path: Path, model: BaseModel) -> None:

@@ -63,7 +63,7 @@ def _add_audit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify.set_defaults(run=_audit_verify)
     export = actions.add_parser("export", help="one key's records as JSON lines")
     export.add_argument("--deploy", required=True, type=Path)
-    export.add_argument("--key", required=True, metavar="KEY_ID")
+    export.add_argument("--key", required=True, metavar="KEY_ID_OR_NAME")
     export.add_argument("--out", type=Path, help="write to this file (default: stdout)")
     export.set_defaults(run=_audit_export)
 
@@ -152,13 +152,17 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _audit_export(args: argparse.Namespace) -> int:
+    from public_api.key_lookup import find_key
+
+    key = find_key(state_dir(args.deploy), args.key)  # UnknownKey (exit 2) if none
     path = _audit_path(args.deploy)
     if args.out is None:
-        _write_lines(path, args.key, sys.stdout)
+        count = _write_lines(path, key.key_id, sys.stdout)
+        print(f"{count} records of {key.key_id} (name {key.name!r})", file=sys.stderr)
         return 0
     with args.out.open("w", encoding="utf-8") as out:
-        count = _write_lines(path, args.key, out)
-    print(f"wrote {count} records of {args.key} to {args.out}")
+        count = _write_lines(path, key.key_id, out)
+    print(f"wrote {count} records of {key.key_id} (name {key.name!r}) to {args.out}")
     return 0
 
 

@@ -17,6 +17,7 @@ from splitvault.admin import add_admin_commands
 from splitvault.assess.cli import add_assess_command, add_budget_arguments
 from splitvault.errors import exit_status, report, require_tier, settings_error
 from splitvault.ledger_cli import add_ledger_commands
+from splitvault.models_cli import add_models_commands
 from splitvault.ownership.cli import add_ownership_commands
 from splitvault.rotation import add_rotation_commands
 
@@ -58,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     add_ownership_commands(commands)
     add_ledger_commands(commands)
     add_assess_command(commands)
+    # model management and local development
+    add_models_commands(commands)
+    up = commands.add_parser("up", help="run both tiers on loopback for local development")
+    up.add_argument("--deploy", required=True, type=Path)
+    up.add_argument("--port", type=int, default=8443, help="the public tier's HTTPS port")
+    up.set_defaults(run=_up)
     demo = commands.add_parser("demo", help="pack and serve the two demo models, compare answers")
     demo.add_argument("--workdir", type=Path, help="keep the deployment here (default: temp)")
     demo.add_argument("--skip-minilm", action="store_true", help="only the digits model")
@@ -150,11 +157,18 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    health = commands.add_parser("health", help="probe a tier (exit 0 when ready)")
+    health = commands.add_parser(
+        "health", help="probe a tier: print ready or why not (exit 0 only when ready)"
+    )
     tiers = health.add_subparsers(dest="tier", required=True)
     private = tiers.add_parser("private")
     private.add_argument("--deploy", required=True, type=Path)
     private.add_argument("--address", default="127.0.0.1:50051")
+    private.add_argument(
+        "--live",
+        action="store_true",
+        help="exit 0 when the tier answers at all, ready or not (a liveness probe)",
+    )
     private.set_defaults(run=_health_private)
     public = tiers.add_parser("public")
     public.add_argument("--deploy", required=True, type=Path)
@@ -247,14 +261,22 @@ def _serve_public(args: argparse.Namespace) -> int:
 def _health_private(args: argparse.Namespace) -> int:
     from splitvault.probes import probe_private
 
-    return 0 if probe_private(DeployLayout(args.deploy), args.address) else 1
+    probe = probe_private(DeployLayout(args.deploy), args.address)
+    _print_probe(probe.ready, probe.reasons)
+    return 0 if probe.ready or (args.live and probe.answered) else 1
+
+
+def _print_probe(ready: bool, reasons: list[str]) -> None:
+    print("ready" if ready else f"not ready: {reasons[0] if reasons else 'no reason given'}")
+    for reason in reasons[1:]:
+        print(f"  {reason}")
 
 
 def _health_public(args: argparse.Namespace) -> int:
     from splitvault.probes import check_public
 
     health = check_public(DeployLayout(args.deploy), args.url, args.metrics_url)
-    print("ready" if health.ready else "not ready")
+    _print_probe(health.probe.ready, health.probe.reasons)
     if health.unsafe is None:
         print(f"unsafe settings: unknown (no answer from {args.metrics_url})")
     elif health.unsafe:
@@ -264,6 +286,12 @@ def _health_public(args: argparse.Namespace) -> int:
             effect = EFFECTS.get(setting, "switches a protection off")
             print(f"WARNING: unsafe setting {setting} = {value}: {effect}")
     return 0 if health.ready else 1
+
+
+def _up(args: argparse.Namespace) -> int:
+    from splitvault.up import run_up
+
+    return run_up(args.deploy, args.port)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -197,3 +197,7 @@ def print_result(result: PackResult) -> None:
         f"  private tier: {result.private.parameters:>12,} parameters  -> {result.back_path} "
         f"(encrypted, {share:.1f}% of the model)"
     )
+    print(
+        f"pairing id {result.pairing_id}: restart both tiers (a tier still serving an earlier "
+        f"pack of {result.config.name!r} reports the model not ready until it restarts)"
+    )

@@ -36,7 +36,7 @@ def add_monitor_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     actions = monitor.add_subparsers(dest="action", required=True)
     show = actions.add_parser("show", help="each key's score, level and reasons")
     show.add_argument("--deploy", required=True, type=Path)
-    show.add_argument("--key", metavar="KEY_ID", help="only this key")
+    show.add_argument("--key", metavar="KEY_ID_OR_NAME", help="only this key")
     show.add_argument("--groups", action="store_true", help="key groups instead of keys")
     show.set_defaults(run=_show)
     for action, what in (
@@ -47,12 +47,27 @@ def add_monitor_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         command = actions.add_parser(action, help=what)
         command.add_argument("--deploy", required=True, type=Path)
         target = command.add_mutually_exclusive_group(required=True)
-        target.add_argument("key", metavar="KEY_ID", nargs="?")
+        target.add_argument("--key", metavar="KEY_ID_OR_NAME", help="an API key")
         target.add_argument("--group", metavar="GROUP_ID", help="a group from show --groups")
+        # The positional form of earlier versions, kept working (same as --key).
+        target.add_argument("key_arg", metavar="KEY_ID_OR_NAME", nargs="?", help=argparse.SUPPRESS)
         command.set_defaults(run=_clear if action == "clear" else _order, order=action)
 
 
+def _key_id(args: argparse.Namespace) -> str | None:
+    """The id of the key named by ``--key`` (or the positional form), by id or name;
+    ``UnknownKey`` (the CLI's exit 2) for a key the key store does not hold."""
+    from public_api.key_lookup import find_key
+    from public_api.settings import public_state_dir
+
+    given = args.key if args.key is not None else getattr(args, "key_arg", None)
+    if given is None:
+        return None
+    return find_key(public_state_dir(args.deploy), given).key_id
+
+
 def _show(args: argparse.Namespace) -> int:
+    args.key = _key_id(args)
     if args.groups:
         return _show_groups(args)
     assessments = read_assessments(monitor_log_path(args.deploy), args.key)
@@ -92,6 +107,8 @@ def _show_groups(args: argparse.Namespace) -> int:
 
 def _order(args: argparse.Namespace) -> int:
     path = monitor_log_path(args.deploy)
+    if args.group is None:
+        args.key = _key_id(args)
     members: tuple[str, ...] = (args.key,)
     if args.group is not None:
         found = [group for group in read_groups(path) if group.group_id == args.group]
@@ -110,6 +127,7 @@ def _order(args: argparse.Namespace) -> int:
 def _clear(args: argparse.Namespace) -> int:
     if args.group is not None:
         return _order(args)
+    args.key = _key_id(args)
     SqliteAssessmentLog(monitor_log_path(args.deploy)).request_clear(args.key)
     print(
         f"clear requested for {args.key}: a running public tier applies it within seconds "

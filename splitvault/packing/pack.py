@@ -42,6 +42,7 @@ from shared.manifest import (
     WatermarkConfig,
     write_json,
 )
+from shared.pairing import pairing_id
 from shared.tensor_codec import datatype_of
 from splitvault.errors import PackError
 from splitvault.packing.diagnose import check_model_name, check_split_name, check_top_level_names
@@ -59,6 +60,7 @@ class PackResult:
     private: TierCount
     front_path: Path
     back_path: Path
+    pairing_id: str = ""  # the same in both manifests: both tiers must serve this pack
 
 
 def pack_spec(
@@ -203,6 +205,10 @@ def _write_stages(
     steps.set_postfix_str("writing front")
     front_dir, back_dir = layout.public.model(config.name), layout.private.model(config.name)
     front_bytes = _serialize(pair.front)
+    back_bytes = _serialize(pair.back)
+    pairing = pairing_id(
+        hashlib.sha256(front_bytes).hexdigest(), hashlib.sha256(back_bytes).hexdigest()
+    )
     front_path = front_dir / FRONT_FILE
     with _atomic_open(front_path) as out:
         out.write(front_bytes)
@@ -217,12 +223,12 @@ def _write_stages(
         tiers=tiers,
         torch_version=torch.__version__,
         forward_inputs=[b.name for b in pair.back_inputs if b.source.startswith("request:")],
+        pairing_id=pairing,
     )
     # The public tier is not told how answers are watermarked.
     _write_model_files(front_dir, config.model_copy(update={"watermark": None}), front_manifest)
     steps.update()
     steps.set_postfix_str("encrypting back")
-    back_bytes = _serialize(pair.back)
     back_path = back_dir / BACK_FILE
     bar = tqdm(
         total=len(back_bytes),
@@ -244,13 +250,14 @@ def _write_stages(
         outputs=_tensor_specs(pair.back, "outputs", pair),
         tiers=tiers,
         torch_version=torch.__version__,
+        pairing_id=pairing,
     )
     del back_bytes
     if config.task == "classification":
         ensure_watermark_key(back_dir, provider)
     _write_model_files(back_dir, config, back_manifest)
     steps.update()
-    return PackResult(config, public, private, front_path, back_path)
+    return PackResult(config, public, private, front_path, back_path, pairing)
 
 
 def ensure_watermark_key(back_dir: Path, provider: KeyProvider) -> WatermarkKey:

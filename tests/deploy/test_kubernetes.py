@@ -233,6 +233,10 @@ def test_probes_check_health_endpoints(base: dict[tuple[str, str], Resource]) ->
     private = _pod(base, "splitvault-private")["containers"][0]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert private[probe]["exec"]["command"][:5] == HEALTH_PRIVATE, probe
+    # Ready only when every model loaded; alive (not restarted) while the tier answers at all.
+    assert "--live" not in private["readinessProbe"]["exec"]["command"]
+    for probe in ("startupProbe", "livenessProbe"):
+        assert private[probe]["exec"]["command"][-1] == "--live", probe
     public = _pod(base, "splitvault-public")["containers"][0]
     paths = {probe: public[probe]["httpGet"] for probe in ("readinessProbe", "livenessProbe")}
     assert paths["readinessProbe"]["path"] == "/v2/health/ready"

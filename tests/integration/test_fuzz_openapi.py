@@ -48,6 +48,8 @@ OPERATIONS = [
     ("GET", "/v2"),
     ("GET", "/v2/models/{model}"),
     ("GET", "/v2/models/{model}/ready"),
+    ("GET", "/v2/models"),
+    ("POST", "/v2/repository/index"),
     ("POST", "/v2/models/{model}/infer"),
     ("GET", "/v1/terms"),
     ("POST", "/v1/terms/accept"),

@@ -12,6 +12,8 @@ from public_api.routes import router
 def test_every_route_that_needs_a_key_is_guarded_and_inference_is_audited() -> None:
     guarded = {(g.route.path, g.inference) for g in guarded_routes(router.routes)}
     assert guarded == {
+        ("/v2/models", False),
+        ("/v2/repository/index", False),
         ("/v2/models/{model}", False),
         ("/v2/models/{model}/ready", False),
         ("/v2/models/{model}/infer", True),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from bench.attacks import (
     PerturbationAttacker,
     benign_clients,
 )
+from public_api.keys import KEYS_DB, SqliteKeyStore
 from public_api.monitor import (
     Assessment,
     ExtractionMonitor,
@@ -410,15 +412,18 @@ async def test_assessment_log_cli_show_and_clear(
 ) -> None:
     (tmp_path / "public").mkdir()
     path = monitor_log_path(tmp_path)
+    # The CLI refuses keys the key store does not hold (a name or a typo is no phantom key).
+    with closing(SqliteKeyStore(path.parent / KEYS_DB)) as store:
+        key_id = store.create("acme")[0].key_id
     log = SqliteAssessmentLog(path)
     monitor, clock = make_monitor(world, MonitorConfig(clear_poll_s=0.0), log=log)
     attacker = NaturalAttacker(world.digits.data.test_x, Pacing(BUDGET, 20, 2.0, seed=3))
-    outcome = await run(monitor, clock, "k_3f9a1c2b", attacker, world)
+    outcome = await run(monitor, clock, key_id, attacker, world)
     assert outcome.blocked_at is not None
 
     found = read_assessments(path)  # its own connection, as another process would
     assert [(a.key_id, a.level, a.queries) for a in found] == [
-        ("k_3f9a1c2b", "blocked", outcome.blocked_at)
+        (key_id, "blocked", outcome.blocked_at)
     ]
     assert found[0].reasons == outcome.last.reasons if outcome.last else False
 
@@ -427,12 +432,15 @@ async def test_assessment_log_cli_show_and_clear(
     args = parser.parse_args(["monitor", "show", "--deploy", str(tmp_path)])
     assert args.run(args) == 0
     shown = capsys.readouterr().out
-    assert "k_3f9a1c2b" in shown and "blocked" in shown and "OOD: " in shown
+    assert key_id in shown and "blocked" in shown and "OOD: " in shown
 
-    args = parser.parse_args(["monitor", "clear", "--deploy", str(tmp_path), "k_3f9a1c2b"])
+    args = parser.parse_args(["monitor", "clear", "--deploy", str(tmp_path), "--key", "acmee"])
+    with pytest.raises(ValueError, match="no API key with id or name 'acmee'"):
+        args.run(args)
+    args = parser.parse_args(["monitor", "clear", "--deploy", str(tmp_path), "--key", "acme"])
     assert args.run(args) == 0
-    assert (await monitor.current("k_3f9a1c2b")).level == "ok"  # the tier picked the request up
-    assert read_assessments(path, "k_3f9a1c2b")[0].level == "ok"
+    assert (await monitor.current(key_id)).level == "ok"  # the tier picked the request up
+    assert read_assessments(path, key_id)[0].level == "ok"
 
 
 async def test_redis_store_round_trip(world: World, redis_server: RedisServer) -> None:

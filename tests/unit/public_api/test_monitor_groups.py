@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from bench.attacks import (
     PerturbationAttacker,
     benign_clients,
 )
+from public_api.keys import KEYS_DB, SqliteKeyStore
 from public_api.monitor import ExtractionMonitor, MonitorConfig
 from public_api.monitor.cli import add_monitor_commands, monitor_log_path
 from public_api.monitor.group_addresses import MemoryAddressBook, RedisAddressBook
@@ -243,17 +245,20 @@ async def test_operator_orders_and_cli(
 ) -> None:
     (tmp_path / "public").mkdir()
     path = monitor_log_path(tmp_path)
+    # The CLI refuses keys the key store does not hold: the lone key is a real one.
+    with closing(SqliteKeyStore(path.parent / KEYS_DB)) as store:
+        lone = store.create("lone")[0].key_id
     monitor, clock = make_monitor(world, MonitorConfig())
     groups = KeyGroups(monitor, MemoryAddressBook(), GroupLog(path), clock=clock)
     images = world.digits.data.test_x[:30]
-    for key in ("k_aaaaaaa1", "k_aaaaaaa2", "k_bbbbbbbb"):
+    for key in ("k_aaaaaaa1", "k_aaaaaaa2", lone):
         answer = world.answer(images)
         await monitor.observe(
             key, MODEL, {"image": images}, world.activations(images), answer.indices, FRONT_SPECS
         )
     groups.note("k_aaaaaaa1", "192.0.2.1")
     groups.note("k_aaaaaaa2", "192.0.2.1")
-    groups.note("k_bbbbbbbb", "192.0.2.2")
+    groups.note(lone, "192.0.2.2")
     (record,) = await groups.run_once()
     assert record.members == ("k_aaaaaaa1", "k_aaaaaaa2") and record.level == "ok"
 
@@ -273,14 +278,16 @@ async def test_operator_orders_and_cli(
 
     assert cli("block", "--group", record.group_id)[0] == 0
     await groups.run_once()
-    for key, level in (("k_aaaaaaa1", "blocked"), ("k_aaaaaaa2", "blocked"), ("k_bbbbbbbb", "ok")):
+    for key, level in (("k_aaaaaaa1", "blocked"), ("k_aaaaaaa2", "blocked"), (lone, "ok")):
         assert (await monitor.current(key)).level == level
     assert read_groups(path)[0].group_id == record.group_id
 
-    assert cli("throttle", "k_bbbbbbbb")[0] == 0
+    with pytest.raises(ValueError, match="no API key"):
+        cli("throttle", "k_unknown1")
+    assert cli("throttle", "--key", "lone")[0] == 0  # by name
     assert cli("clear", "--group", record.group_id)[0] == 0
     await groups.run_once()
-    for key, level in (("k_aaaaaaa1", "ok"), ("k_aaaaaaa2", "ok"), ("k_bbbbbbbb", "throttled")):
+    for key, level in (("k_aaaaaaa1", "ok"), ("k_aaaaaaa2", "ok"), (lone, "throttled")):
         assert (await monitor.current(key)).level == level
 
 

@@ -116,14 +116,14 @@ def test_invalid_requests_raise_the_errors_the_cli_maps(
         _run("audit", "verify", "--deploy", str(deploy))
 
 
-def _audit(deploy: Path) -> Path:
+def _audit(deploy: Path, keys: tuple[str, str] = ("k_0000000a", "k_0000000b")) -> Path:
     path = deploy / "public" / "state" / "audit.sqlite3"
     with AuditTrail.open(path) as trail:
         for i in range(6):
             trail.append(
                 AuditRecord(
                     time=1_700_000_000.0 + i,
-                    key_id=("k_0000000a", "k_0000000b")[i % 2],
+                    key_id=keys[i % 2],
                     client="10.0.0.1",
                     model="digits",
                     input_sha256="ab" * 32,
@@ -155,17 +155,29 @@ def test_audit_verify_passes_then_fails_after_tampering(
 def test_audit_export_writes_one_keys_records_as_json_lines(
     deploy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _audit(deploy)
-    assert _run("audit", "export", "--deploy", str(deploy), "--key", "k_0000000b") == 0
-    lines = capsys.readouterr().out.splitlines()
-    records = [json.loads(line) for line in lines]
+    first, _ = _create(deploy, capsys, "--name", "alice")
+    second, _ = _create(deploy, capsys, "--name", "bob")
+    _audit(deploy, (first, second))
+    assert _run("audit", "export", "--deploy", str(deploy), "--key", second) == 0
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
     assert [record["seq"] for record in records] == [2, 4, 6]
-    assert {record["key_id"] for record in records} == {"k_0000000b"}
+    assert {record["key_id"] for record in records} == {second}
     assert all(len(record["hash"]) == 64 for record in records)
+    assert f"3 records of {second} (name 'bob')" in captured.err
     out_file = deploy / "evidence.jsonl"
-    argv = ("audit", "export", "--deploy", str(deploy), "--key", "k_0000000a")
+    argv = ("audit", "export", "--deploy", str(deploy), "--key", "alice")  # by name
     assert _run(*argv, "--out", str(out_file)) == 0
-    assert f"wrote 3 records of k_0000000a to {out_file}" in capsys.readouterr().out
+    assert f"wrote 3 records of {first} (name 'alice') to {out_file}" in capsys.readouterr().out
     exported = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [record["seq"] for record in exported] == [1, 3, 5]
     assert exported[1]["prev_hash"] == records[0]["hash"]
+
+
+def test_audit_export_of_an_unknown_key_fails(
+    deploy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _create(deploy, capsys, "--name", "alice")
+    _audit(deploy)
+    with pytest.raises(ValueError, match="no API key with id or name 'alcie'"):
+        _run("audit", "export", "--deploy", str(deploy), "--key", "alcie")
