@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -10,7 +11,6 @@ import torch
 from fastapi import FastAPI
 
 from public_api.admission import Admission
-from public_api.audit import AUDIT_DB
 from public_api.audit_anchor import start_anchoring
 from public_api.errors import install_error_handlers
 from public_api.front import FrontRunner, load_front_stages, message_limit
@@ -25,6 +25,7 @@ from public_api.routes import router
 from public_api.service import InferenceService
 from public_api.settings import PublicSettings
 from public_api.state import VERSION, PublicState
+from public_api.state_backend import open_state
 from public_api.terms import link_header
 from shared.heap import freeze_startup_objects
 from shared.layout import TierDir
@@ -58,10 +59,11 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
         for stage in stages.values():
             front.calibrate(stage)
         service = InferenceService(stages, front, private, max_elements=settings.max_elements)
-        protection = build_protection(settings, stages, metrics)
+        state = open_state(settings)  # SQLite in state_dir, or the replicas' PostgreSQL
+        protection = build_protection(settings, stages, metrics, state)
         anchorer = start_anchoring(
             protection.audit,
-            settings.state_dir / AUDIT_DB,
+            state.receipts,
             private.anchor_audit,
             settings.protection.audit_anchor,
             metrics.registry,
@@ -76,6 +78,7 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             await protection.close()
             if anchorer is not None:
                 await anchorer.close()  # after the trail's last write, before the channel closes
+            await asyncio.to_thread(state.close)
             await private.close()
             executor.shutdown(wait=True)
 

@@ -7,7 +7,7 @@ bash scripts/setup.sh
 
 # System tools some tests use; installed only when missing and only when we may (root).
 declare -A needs=(
-    [redis-server]=redis-server [docker-compose]=docker-compose [ip]=iproute2 [unshare]=util-linux
+    [redis-server]=redis-server [initdb]=postgresql [docker-compose]=docker-compose [ip]=iproute2 [unshare]=util-linux
 )
 missing=()
 for cmd in "${!needs[@]}"; do
