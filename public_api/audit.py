@@ -50,7 +50,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from public_api import audit_receipts
-from public_api.audit_source import GENESIS_HASH, TrailSource, as_source, sqlite_head
+from public_api.audit_source import GENESIS_HASH as GENESIS_HASH  # re-exported
+from public_api.audit_source import TrailSource, as_source, sqlite_head
 from shared.errors import Unavailable
 from shared.logs import get_logger
 from shared.state_files import private_file
