@@ -11,7 +11,6 @@ import torch
 from fastapi import FastAPI
 
 from public_api.admission import Admission
-from public_api.audit import AUDIT_DB
 from public_api.audit_anchor import start_anchoring
 from public_api.errors import install_error_handlers
 from public_api.front import FrontRunner, load_front_stages, message_limit
@@ -28,6 +27,7 @@ from public_api.sealing import build_sealer
 from public_api.service import InferenceService
 from public_api.settings import PublicSettings
 from public_api.state import VERSION, PublicState
+from public_api.state_backend import open_state
 from public_api.terms import link_header
 from shared.heap import freeze_startup_objects
 from shared.layout import TierDir
@@ -68,10 +68,11 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             max_elements=settings.max_elements,
             on_not_ready=models.refresh_soon,
         )
-        protection = build_protection(settings, stages, metrics)
+        state = open_state(settings)  # SQLite in state_dir, or the replicas' PostgreSQL
+        protection = build_protection(settings, stages, metrics, state)
         anchorer = start_anchoring(
             protection.audit,
-            settings.state_dir / AUDIT_DB,
+            state.receipts,
             private.anchor_audit,
             settings.protection.audit_anchor,
             metrics.registry,
@@ -93,6 +94,7 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
                 await asyncio.to_thread(sealer.close)
             if anchorer is not None:
                 await anchorer.close()  # after the trail's last write, before the channel closes
+            await asyncio.to_thread(state.close)
             await private.close()
             executor.shutdown(wait=True)
 

@@ -42,21 +42,21 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from public_api import audit_receipts
+from public_api.audit_source import GENESIS_HASH as GENESIS_HASH  # re-exported
+from public_api.audit_source import TrailSource, as_source, sqlite_head
 from shared.errors import Unavailable
 from shared.logs import get_logger
 from shared.state_files import private_file
 
 AUDIT_DB = "audit.sqlite3"
-GENESIS_HASH = "0" * 64
 DECISIONS = frozenset(
     {
         "served",
@@ -136,14 +136,57 @@ _INSERT = (
     "monitor_score, request_id, count, prev_hash, hash) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_SELECT_ALL = (
-    "SELECT seq, time, key_id, client, model, input_sha256, answer, decision, status, "
-    "monitor_score, request_id, count, prev_hash, hash FROM audit ORDER BY seq"
-)
-_SELECT_KEY = (
-    "SELECT seq, time, key_id, client, model, input_sha256, answer, decision, status, "
-    "monitor_score, request_id, count, prev_hash, hash FROM audit WHERE key_id = ? ORDER BY seq"
-)
+
+
+class TrailStorage(Protocol):
+    """Where a writer commits its records: SQLite here, PostgreSQL in ``public_api.pg_audit``."""
+
+    def commit(self, batch: list[AuditRecord]) -> tuple[int, str]:
+        """Chain ``batch`` on the stored head and commit it in one transaction (rolled back on
+        failure); returns the new head's seq and hash."""
+        ...
+
+    def close(self) -> None:
+        """Release the storage."""
+        ...
+
+
+def chain_rows(
+    batch: list[AuditRecord], seq: int, prev_hash: str
+) -> tuple[list[tuple[Any, ...]], int, str]:
+    """Rows ``(seq, *fields, prev_hash, hash)`` of ``batch`` chained after ``(seq, prev_hash)``,
+    and the new head."""
+    rows = []
+    for record in batch:
+        seq += 1
+        values = dict(zip(_FIELDS, _values_of(record), strict=True))
+        digest = record_hash(seq, values, prev_hash)
+        rows.append((seq, *values.values(), prev_hash, digest))
+        prev_hash = digest
+    return rows, seq, prev_hash
+
+
+class SqliteTrailStorage:
+    """``TrailStorage`` in one SQLite file (another process may share it)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def commit(self, batch: list[AuditRecord]) -> tuple[int, str]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            # Read the head inside the write lock: another process may share this file.
+            rows, seq, prev_hash = chain_rows(batch, *sqlite_head(self._db))
+            self._db.executemany(_INSERT, rows)
+            self._db.execute("COMMIT")
+        except Exception:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        return seq, prev_hash
+
+    def close(self) -> None:
+        self._db.close()
 
 
 @dataclass(frozen=True)
@@ -238,7 +281,7 @@ class AuditTrail:
 
     def __init__(
         self,
-        db: sqlite3.Connection,
+        storage: TrailStorage,
         *,
         batch_size: int,
         flush_interval_s: float,
@@ -248,7 +291,7 @@ class AuditTrail:
         buffer_max: int = 10_000,
         aggregate_s: float = 10.0,
     ) -> None:
-        self._db = db
+        self._storage = storage
         self._tally = RefusalTally(aggregate_s)
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
@@ -293,10 +336,6 @@ class AuditTrail:
         ``on_failure`` and ``buffer_max`` say what happens while writes fail (see the module);
         tallied refusals are recorded every ``aggregate_s`` seconds.
         """
-        if batch_size < 1 or max_pending < 1 or buffer_max < 1:
-            raise ValueError("batch_size, max_pending and buffer_max must be at least 1")
-        if on_failure not in ("refuse", "buffer"):
-            raise ValueError(f"unknown audit failure policy {on_failure!r}")
         private_file(path)  # 0600 before SQLite creates it 0644
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
@@ -306,12 +345,45 @@ class AuditTrail:
             db.executescript(_SCHEMA)
             _migrate(db)
             chain_id = audit_receipts.prepare(db)
-            committed = _head(db)
+            committed = sqlite_head(db)
         except sqlite3.Error:
             db.close()
             raise
+        return cls.begin(
+            SqliteTrailStorage(db),
+            chain_id,
+            committed,
+            batch_size=batch_size,
+            flush_interval_s=flush_interval_s,
+            max_pending=max_pending,
+            retry_interval_s=retry_interval_s,
+            on_failure=on_failure,
+            buffer_max=buffer_max,
+            aggregate_s=aggregate_s,
+        )
+
+    @classmethod
+    def begin(
+        cls,
+        storage: TrailStorage,
+        chain_id: str,
+        committed: tuple[int, str],
+        *,
+        batch_size: int = 256,
+        flush_interval_s: float = 0.05,
+        max_pending: int = 100_000,
+        retry_interval_s: float = 1.0,
+        on_failure: FailurePolicy = "refuse",
+        buffer_max: int = 10_000,
+        aggregate_s: float = 10.0,
+    ) -> AuditTrail:
+        """A trail writing to ``storage`` (chain ``chain_id``, head ``committed``), started."""
+        if batch_size < 1 or max_pending < 1 or buffer_max < 1:
+            raise ValueError("batch_size, max_pending and buffer_max must be at least 1")
+        if on_failure not in ("refuse", "buffer"):
+            raise ValueError(f"unknown audit failure policy {on_failure!r}")
         trail = cls(
-            db,
+            storage,
             batch_size=batch_size,
             flush_interval_s=flush_interval_s,
             max_pending=max_pending,
@@ -414,7 +486,7 @@ class AuditTrail:
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise Unavailable(f"audit writer still busy after {timeout}s ({self.pending} pending)")
-        self._db.close()
+        self._storage.close()
         if self._unwritten:
             raise Unavailable(
                 f"audit trail closed with {self._unwritten} records unwritten: {self._failure}"
@@ -488,18 +560,7 @@ class AuditTrail:
     def _write(self, batch: list[AuditRecord]) -> bool:
         """Chain and commit ``batch`` in one transaction; on failure, record why and keep it."""
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            # Read the head inside the write lock: another process may share this file.
-            seq, prev_hash = _head(self._db)
-            rows = []
-            for record in batch:
-                seq += 1
-                values = dict(zip(_FIELDS, _values_of(record), strict=True))
-                digest = record_hash(seq, values, prev_hash)
-                rows.append((seq, *values.values(), prev_hash, digest))
-                prev_hash = digest
-            self._db.executemany(_INSERT, rows)
-            self._db.execute("COMMIT")
+            seq, prev_hash = self._storage.commit(batch)
         except Exception as error:
             self._fail(f"{type(error).__name__}: {error}")
             return False
@@ -515,11 +576,6 @@ class AuditTrail:
         return True
 
     def _fail(self, reason: str) -> None:
-        try:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-        except sqlite3.Error as error:
-            reason = f"{reason}; rollback failed: {error}"
         if reason != self._failure:
             log.error(
                 "audit_write_failed", reason=reason, pending=self.pending, policy=self._on_failure
@@ -547,45 +603,25 @@ def _migrate(db: sqlite3.Connection) -> None:
                 raise
 
 
-def _head(db: sqlite3.Connection) -> tuple[int, str]:
-    row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-    return (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
-
-
-def _read_only(path: Path) -> sqlite3.Connection:
-    """A read-only connection; ``FileNotFoundError`` instead of creating a missing file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no audit trail at {path}")
-    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-
-
-def _select(db: sqlite3.Connection, query: str) -> str:
-    """``query`` for this file: a trail from before ``count`` reads 1 in its place."""
-    columns = {row[1] for row in db.execute("PRAGMA table_info(audit)")}
-    return query if "count" in columns or not columns else query.replace(", count,", ", 1,")
-
-
-def head(path: Path) -> tuple[int, str]:
+def head(trail: Path | TrailSource) -> tuple[int, str]:
     """The last record's seq and hash (``(0, GENESIS_HASH)`` when empty): the value to anchor."""
-    with closing(_read_only(path)) as db:
-        return _head(db)
+    return as_source(trail).head()
 
 
-def verify_chain(path: Path) -> VerifyResult:
+def verify_chain(trail: Path | TrailSource) -> VerifyResult:
     """Check seq numbering, every ``prev_hash`` link and every hash; stop at the first problem."""
-    with closing(_read_only(path)) as db:
-        try:
-            total = int(db.execute("SELECT count(*) FROM audit").fetchone()[0])
-        except sqlite3.OperationalError as error:
-            return VerifyResult(False, 0, None, f"the audit table cannot be read: {error}")
-        expected, prev_hash = 1, GENESIS_HASH
-        rows = db.execute(_select(db, _SELECT_ALL))
-        for seq, *values, stored_prev, stored_hash in rows:
-            problem = _row_problem(seq, values, stored_prev, stored_hash, expected, prev_hash)
-            if problem is not None:
-                bad = expected if seq != expected else seq
-                return VerifyResult(False, total, bad, problem)
-            expected, prev_hash = seq + 1, stored_hash
+    source = as_source(trail)
+    try:
+        total = source.count()
+    except sqlite3.OperationalError as error:
+        return VerifyResult(False, 0, None, f"the audit table cannot be read: {error}")
+    expected, prev_hash = 1, GENESIS_HASH
+    for seq, *values, stored_prev, stored_hash in source.rows():
+        problem = _row_problem(seq, values, stored_prev, stored_hash, expected, prev_hash)
+        if problem is not None:
+            bad = expected if seq != expected else seq
+            return VerifyResult(False, total, bad, problem)
+        expected, prev_hash = seq + 1, stored_hash
     return VerifyResult(True, total)
 
 
@@ -612,12 +648,11 @@ def _row_problem(
     return None
 
 
-def export_records(path: Path, key_id: str) -> Iterator[dict[str, Any]]:
+def export_records(trail: Path | TrailSource, key_id: str) -> Iterator[dict[str, Any]]:
     """Every record of ``key_id`` in seq order, as JSON-serialisable dicts with their hashes."""
     names = ("seq", *_FIELDS, "prev_hash", "hash")
-    with closing(_read_only(path)) as db:
-        for row in db.execute(_select(db, _SELECT_KEY), (key_id,)):
-            yield _hashed(dict(zip(names, row, strict=True)))
+    for row in as_source(trail).key_rows(key_id):
+        yield _hashed(dict(zip(names, row, strict=True)))
 
 
 def input_digest(arrays: dict[str, np.ndarray[Any, Any]]) -> str:

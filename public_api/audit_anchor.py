@@ -23,15 +23,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import closing
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from protos import inference_pb2
-from public_api import audit_receipts
 from public_api.anchor_settings import AnchorSettings
 from public_api.audit import AuditTrail
+from public_api.audit_receipts import ReceiptStore, SqliteReceipts
 from shared.anchor_receipt import AnchorReceipt
 from shared.errors import InternalError, SplitVaultError, Unavailable
 from shared.logs import get_logger
@@ -46,20 +45,19 @@ class AuditAnchorer:
     def __init__(
         self,
         trail: AuditTrail,
-        path: Path,
+        receipts: ReceiptStore,
         call: AnchorCall,
         settings: AnchorSettings,
         registry: CollectorRegistry,
     ) -> None:
         self._trail = trail
-        self._path = path
+        self._receipts = receipts
         self._call = call
         self._settings = settings
         self._lock = threading.Lock()
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        with closing(_connect(path)) as db:
-            self._anchored = audit_receipts.last_anchored(db, trail.chain_id)
+        self._anchored = receipts.last_anchored(trail.chain_id)
         self._since: float | None = None  # monotonic time the oldest unanchored record came
         if trail.committed_head[0] > self._anchored:
             self._since = time.monotonic()
@@ -82,13 +80,13 @@ class AuditAnchorer:
     def start(
         cls,
         trail: AuditTrail,
-        path: Path,
+        receipts: ReceiptStore,
         call: AnchorCall,
         settings: AnchorSettings,
         registry: CollectorRegistry,
     ) -> AuditAnchorer:
-        """Start anchoring ``trail`` (the database at ``path``) through ``call``."""
-        anchorer = cls(trail, path, call, settings, registry)
+        """Start anchoring ``trail`` through ``call``, keeping receipts in ``receipts``."""
+        anchorer = cls(trail, receipts, call, settings, registry)
         trail.add_commit_listener(anchorer._committed)
         trail.add_admission_gate(anchorer.refusal)
         anchorer._task = asyncio.create_task(anchorer._run(), name="audit-anchorer")
@@ -167,15 +165,11 @@ class AuditAnchorer:
             receipt = AnchorReceipt.from_proto(reply)
             if (receipt.chain_id, receipt.seq, receipt.head) != (chain_id, seq, head):
                 raise InternalError("the private tier's receipt is for another anchor")
-            await asyncio.to_thread(self._store, receipt)
+            await asyncio.to_thread(self._receipts.store, receipt)
         except (SplitVaultError, sqlite3.Error, TimeoutError) as error:
             self._failed(getattr(error, "message", None) or f"{type(error).__name__}: {error}")
             return
         self._succeeded(receipt)
-
-    def _store(self, receipt: AnchorReceipt) -> None:
-        with closing(_connect(self._path)) as db, db:
-            audit_receipts.store(db, receipt)
 
     def _succeeded(self, receipt: AnchorReceipt) -> None:
         with self._lock:
@@ -200,15 +194,9 @@ class AuditAnchorer:
         self._failing = reason
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=5.0)
-    db.execute("PRAGMA busy_timeout=5000")
-    return db
-
-
 def start_anchoring(
     trail: AuditTrail | None,
-    path: Path,
+    receipts: Path | ReceiptStore,
     call: AnchorCall,
     settings: AnchorSettings,
     registry: CollectorRegistry,
@@ -216,4 +204,5 @@ def start_anchoring(
     """The anchorer of ``trail``, started; ``None`` without a trail or with anchoring off."""
     if trail is None or not settings.enabled:
         return None
-    return AuditAnchorer.start(trail, path, call, settings, registry)
+    store = SqliteReceipts(receipts) if isinstance(receipts, Path) else receipts
+    return AuditAnchorer.start(trail, store, call, settings, registry)

@@ -16,14 +16,13 @@ anything, since whoever controls the public host can delete them.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from public_api.audit import verify_chain
 from public_api.audit_receipts import read_chain_id, read_receipts
+from public_api.audit_source import TrailSource, as_source
 from shared.anchor_receipt import AnchorReceipt
 from shared.anchors_file import AnchorsFile
 
@@ -66,9 +65,12 @@ class Coverage:
         return out + self.notes
 
 
-def check_coverage(path: Path, anchors: AnchorsFile | None, chain: str | None = None) -> Coverage:
-    """Check the trail at ``path`` against ``anchors`` (and its own receipts); ``chain``: the
-    chain id the trail must have (default: the one it holds)."""
+def check_coverage(
+    trail: Path | TrailSource, anchors: AnchorsFile | None, chain: str | None = None
+) -> Coverage:
+    """Check ``trail`` (a SQLite file, or a chain in PostgreSQL) against ``anchors`` (and its own
+    receipts); ``chain``: the chain id the trail must have (default: the one it holds)."""
+    path = as_source(trail)
     result = verify_chain(path)
     chain_id = read_chain_id(path)
     coverage = Coverage(result.records, chain_id, anchors is not None)
@@ -118,7 +120,7 @@ def _trusted_anchors(anchors: AnchorsFile, coverage: Coverage) -> list[AnchorRec
 
 
 def _receipts(
-    path: Path,
+    path: TrailSource,
     chain_id: str | None,
     hashes: dict[int, str],
     anchors: AnchorsFile | None,
@@ -169,14 +171,6 @@ def _covered(anchors: Iterable[AnchorReceipt], hashes: dict[int, str], coverage:
     return covered if not coverage.problems else 0
 
 
-def _hashes(path: Path, seqs: set[int]) -> dict[int, str]:
+def _hashes(path: TrailSource, seqs: set[int]) -> dict[int, str]:
     """The stored hash of each record in ``seqs`` that the trail has."""
-    if not seqs:
-        return {}
-    found = {}
-    with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-        for seq in sorted(seqs):
-            row = db.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()
-            if row is not None:
-                found[seq] = str(row[0])
-    return found
+    return path.hashes(seqs) if seqs else {}

@@ -15,7 +15,9 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Protocol
 
+from public_api.audit_source import TrailSource, as_source
 from shared.anchor_receipt import AnchorReceipt
 
 _SCHEMA = """
@@ -59,35 +61,47 @@ def last_anchored(db: sqlite3.Connection, chain_id: str) -> int:
     return int(row[0] or 0)
 
 
-def read_chain_id(path: Path) -> str | None:
-    """The chain id of the trail at ``path`` (``None``: a trail from before anchoring)."""
-    with closing(_read_only(path)) as db:
-        if not _has_table(db, "audit_meta"):
-            return None
-        row = db.execute("SELECT value FROM audit_meta WHERE name = 'chain_id'").fetchone()
-        return None if row is None else str(row[0])
+class ReceiptStore(Protocol):
+    """Where the anchorer keeps receipts: beside the records of its chain."""
+
+    def last_anchored(self, chain_id: str) -> int:
+        """The highest record of ``chain_id`` with a receipt (0: none)."""
+        ...
+
+    def store(self, receipt: AnchorReceipt) -> None:
+        """Keep ``receipt`` (a retry of the same anchor replaces it)."""
+        ...
 
 
-def read_receipts(path: Path) -> Iterator[tuple[int, str, AnchorReceipt | str]]:
+class SqliteReceipts:
+    """``ReceiptStore`` in the SQLite trail file at ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def last_anchored(self, chain_id: str) -> int:
+        with closing(self._connect()) as db:
+            return last_anchored(db, chain_id)
+
+    def store(self, receipt: AnchorReceipt) -> None:
+        with closing(self._connect()) as db, db:
+            store(db, receipt)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=5.0)
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
+
+
+def read_chain_id(trail: Path | TrailSource) -> str | None:
+    """The chain id of the trail (``None``: a trail from before anchoring)."""
+    return as_source(trail).chain_id()
+
+
+def read_receipts(trail: Path | TrailSource) -> Iterator[tuple[int, str, AnchorReceipt | str]]:
     """(seq, stored head, receipt) per row; a receipt that does not parse comes as why."""
-    with closing(_read_only(path)) as db:
-        if not _has_table(db, "audit_anchors"):
-            return
-        for seq, head, text in db.execute(
-            "SELECT seq, head, receipt FROM audit_anchors ORDER BY seq"
-        ).fetchall():
-            try:
-                yield int(seq), str(head), AnchorReceipt.from_json(json.loads(text))
-            except (ValueError, TypeError) as error:
-                yield int(seq), str(head), f"receipt {seq} does not parse: {error}"
-
-
-def _has_table(db: sqlite3.Connection, name: str) -> bool:
-    query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
-    return db.execute(query, (name,)).fetchone() is not None
-
-
-def _read_only(path: Path) -> sqlite3.Connection:
-    if not path.is_file():
-        raise FileNotFoundError(f"no audit trail at {path}")
-    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    for seq, head, text in as_source(trail).receipts():
+        try:
+            yield seq, head, AnchorReceipt.from_json(json.loads(text))
+        except (ValueError, TypeError) as error:
+            yield seq, head, f"receipt {seq} does not parse: {error}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from contextlib import closing
 from pathlib import Path
 
-from public_api.keys import KEYS_DB, ApiKey, SqliteKeyStore
+from public_api.keys import KEYS_DB, ApiKey, KeyStore, SqliteKeyStore
 
 
 class UnknownKey(ValueError):
@@ -19,9 +19,14 @@ def find_key(state_dir: Path, key_id_or_name: str) -> ApiKey:
     if not path.exists():
         raise UnknownKey(f"no API key with id or name {key_id_or_name!r} (no key store at {path})")
     with closing(SqliteKeyStore(path)) as store:
-        key = store.get(key_id_or_name)
-        if key is None:
-            key = next((k for k in store.list() if k.name == key_id_or_name), None)
+        return find_in(store, key_id_or_name)
+
+
+def find_in(store: KeyStore, key_id_or_name: str) -> ApiKey:
+    """The key of ``store`` whose id (first) or name is ``key_id_or_name``; ``UnknownKey``."""
+    key = store.get(key_id_or_name)
+    if key is None:
+        key = next((k for k in store.list() if k.name == key_id_or_name), None)
     if key is None:
         raise UnknownKey(f"no API key with id or name {key_id_or_name!r}")
     return key

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from public_api.audit import AUDIT_DB, AuditTrail
 from public_api.front import FrontStage
 from public_api.key_cache import KeyCache
-from public_api.keys import KEYS_DB, KeyStore, SqliteKeyStore
+from public_api.keys import KeyStore
 from public_api.metrics import PublicMetrics
 from public_api.monitor import (
     ExtractionMonitor,
@@ -27,18 +26,22 @@ from public_api.protection import Protection
 from public_api.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from public_api.sealing import OWNER_PUBLIC_KEY, terms_clause
 from public_api.settings import PublicSettings
+from public_api.state_backend import StateStores, open_state
 from public_api.terms import Terms, load_terms, with_clause
 from shared.layout import REFERENCE_FILE, TierDir
-from shared.state_files import private_dir
 
 
 def build_protection(
-    settings: PublicSettings, stages: Mapping[str, FrontStage], metrics: PublicMetrics
+    settings: PublicSettings,
+    stages: Mapping[str, FrontStage],
+    metrics: PublicMetrics,
+    state: StateStores | None = None,
 ) -> Protection:
-    """The gate for this tier, with every store in ``settings.state_dir`` or Redis."""
+    """The gate for this tier: keys and audit in ``state`` (default: ``open_state``), the
+    monitor's log in ``settings.state_dir``, limits in memory or Redis."""
     config = settings.protection
-    private_dir(settings.state_dir)
-    keys = SqliteKeyStore(settings.state_dir / KEYS_DB) if config.require_api_key else None
+    state = state if state is not None else open_state(settings)
+    keys = state.keys
     monitor = _monitor(settings, stages, keys)
     groups: KeyGroups | None = None
     if monitor is not None and config.groups_enabled:
@@ -50,19 +53,10 @@ def build_protection(
         terms=_terms(settings),
         limiter=_limiter(settings),
         monitor=monitor,
-        audit=_audit(settings) if config.audit_enabled else None,
+        audit=state.audit,
         metrics=metrics,
         key_cache=KeyCache(ttl_s=config.key_cache_s),
         groups=groups,
-    )
-
-
-def _audit(settings: PublicSettings) -> AuditTrail:
-    return AuditTrail.open(
-        settings.state_dir / AUDIT_DB,
-        on_failure=settings.protection.audit_on_failure,
-        buffer_max=settings.protection.audit_buffer_max,
-        aggregate_s=settings.protection.audit_aggregate_s,
     )
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -78,6 +80,16 @@ class PublicSettings(TierSettings):
     # Swagger UI (/docs) and ReDoc (/redoc) pages; they load their scripts from a public CDN
     # (jsDelivr), so they are off by default. /openapi.json is served either way.
     docs_enabled: bool = False
+    # Where API keys, terms acceptances, monitor decisions and the audit trail live
+    # (public_api/state_backend.py): "sqlite" in state_dir, for one host; "postgres" in one
+    # PostgreSQL database every replica shares, its DSN read from the secret file
+    # postgres_dsn_file. replica_name names this replica's audit chain there (default: the
+    # host name, a pod's name in Kubernetes); postgres_timeout_s bounds a connection or a wait
+    # for one, after which requests get 503 + Retry-After.
+    state_backend: Literal["sqlite", "postgres"] = "sqlite"
+    postgres_dsn_file: Path | None = None
+    replica_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
+    postgres_timeout_s: float = Field(default=2.0, gt=0, le=60)
 
     @property
     def client_tls(self) -> Path:
@@ -98,6 +110,12 @@ class PublicSettings(TierSettings):
                 raise ValueError(
                     f"trusted proxy {proxy!r} must be an IP address or a CIDR network"
                 ) from None
+        return self
+
+    @model_validator(mode="after")
+    def _postgres_has_dsn(self) -> PublicSettings:
+        if self.state_backend == "postgres" and self.postgres_dsn_file is None:
+            raise ValueError("state_backend 'postgres' needs postgres_dsn_file (the DSN's file)")
         return self
 
     @model_validator(mode="after")

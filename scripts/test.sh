@@ -8,6 +8,7 @@ bash scripts/setup.sh
 # System tools some tests use; installed only when missing and only when we may (root).
 declare -A needs=(
     [redis-server]=redis-server [docker-compose]=docker-compose [ip]=iproute2 [unshare]=util-linux
+    [initdb]=postgresql  # three public replicas on one PostgreSQL
     [chromium]=chromium [pdftotext]=poppler-utils  # the evidence report rendered headless
 )
 missing=()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TextIO
 from splitvault.signers import add_signer_commands
 
 if TYPE_CHECKING:  # the stores are imported when a command runs, keeping the CLI quick to start
-    from public_api.keys import ApiKey, SqliteKeyStore
+    from public_api.keys import ApiKey, KeyStore
 
 
 def add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,6 +33,7 @@ def _add_keys(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="issue a key (its secret is printed once)")
     create.add_argument("--deploy", required=True, type=Path)
+    _dsn_option(create)
     create.add_argument("--name", required=True)
     create.add_argument("--rate", type=float, help="samples per second (overrides the model's)")
     create.add_argument("--burst", type=int, help="burst, in samples (overrides the model's)")
@@ -40,9 +41,11 @@ def _add_keys(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     create.set_defaults(run=_keys_create)
     listing = actions.add_parser("list", help="every key, its limits and accepted terms")
     listing.add_argument("--deploy", required=True, type=Path)
+    _dsn_option(listing)
     listing.set_defaults(run=_keys_list)
     revoke = actions.add_parser("revoke", help="revoke a key by id or name")
     revoke.add_argument("--deploy", required=True, type=Path)
+    _dsn_option(revoke)
     revoke.add_argument("key", metavar="KEY_ID_OR_NAME")
     revoke.set_defaults(run=_keys_revoke)
     add_signer_commands(actions)  # signer-create, signer-register, signer-remove, signers
@@ -60,11 +63,13 @@ def _add_audit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "host): records an anchor covers must match it",
     )
     verify.add_argument("--chain", help="the chain id the trail must have (default: its own)")
+    _dsn_option(verify)
     verify.set_defaults(run=_audit_verify)
     export = actions.add_parser("export", help="one key's records as JSON lines")
     export.add_argument("--deploy", required=True, type=Path)
     export.add_argument("--key", required=True, metavar="KEY_ID_OR_NAME")
     export.add_argument("--out", type=Path, help="write to this file (default: stdout)")
+    _dsn_option(export)
     export.set_defaults(run=_audit_export)
 
 
@@ -76,10 +81,19 @@ def state_dir(deploy: Path) -> Path:
     return public_state_dir(deploy)
 
 
-def _key_store(deploy: Path) -> SqliteKeyStore:
-    from public_api.keys import KEYS_DB, SqliteKeyStore
+def _dsn_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dsn-file",
+        type=Path,
+        help="a file holding the PostgreSQL DSN of the replicas' shared state (default: the "
+        "public tier's state_backend and postgres_dsn_file settings)",
+    )
 
-    return SqliteKeyStore(state_dir(deploy) / KEYS_DB)
+
+def _key_store(args: argparse.Namespace) -> KeyStore:
+    from splitvault.state_access import open_key_store
+
+    return open_key_store(args.deploy, args.dsn_file)
 
 
 def _audit_path(deploy: Path) -> Path:
@@ -89,7 +103,7 @@ def _audit_path(deploy: Path) -> Path:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    with closing(_key_store(args.deploy)) as store:
+    with closing(_key_store(args)) as store:
         key, secret = store.create(
             args.name, rate_per_s=args.rate, burst=args.burst, daily_quota=args.quota
         )
@@ -100,7 +114,7 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 
 def _keys_list(args: argparse.Namespace) -> int:
-    with closing(_key_store(args.deploy)) as store:
+    with closing(_key_store(args)) as store:
         rows = [
             (
                 key.key_id,
@@ -120,7 +134,7 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 
 def _keys_revoke(args: argparse.Namespace) -> int:
-    with closing(_key_store(args.deploy)) as store:
+    with closing(_key_store(args)) as store:
         try:
             key = store.revoke(args.key)
         except KeyError:
@@ -134,9 +148,14 @@ def _audit_verify(args: argparse.Namespace) -> int:
     from public_api.audit import head
     from public_api.audit_coverage import check_coverage
     from shared.anchors_file import AnchorsFile
+    from splitvault.audit_pg_cli import verify_postgres
+    from splitvault.state_access import configured_dsn
 
-    path = _audit_path(args.deploy)
     anchors = None if args.anchors is None else AnchorsFile.read(args.anchors)
+    dsn = configured_dsn(args.deploy, args.dsn_file)
+    if dsn is not None:
+        return verify_postgres(dsn, anchors, args.chain)
+    path = _audit_path(args.deploy)
     coverage = check_coverage(path, anchors, args.chain)
     if not coverage.ok:
         print(f"audit trail {path} FAILED verification: {coverage.problems[0]}")
@@ -152,18 +171,30 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _audit_export(args: argparse.Namespace) -> int:
-    from public_api.key_lookup import find_key
+    from public_api.key_lookup import find_in
+    from splitvault.state_access import configured_dsn, open_key_store
 
-    key = find_key(state_dir(args.deploy), args.key)  # UnknownKey (exit 2) if none
-    path = _audit_path(args.deploy)
+    dsn = configured_dsn(args.deploy, args.dsn_file)
+    with closing(open_key_store(args.deploy, args.dsn_file)) as store:
+        key = find_in(store, args.key)  # UnknownKey (exit 2) if none
+    path = _audit_path(args.deploy) if dsn is None else None
     if args.out is None:
-        count = _write_lines(path, key.key_id, sys.stdout)
+        count = _write_any(path, dsn, key.key_id, sys.stdout)
         print(f"{count} records of {key.key_id} (name {key.name!r})", file=sys.stderr)
         return 0
     with args.out.open("w", encoding="utf-8") as out:
-        count = _write_lines(path, key.key_id, out)
+        count = _write_any(path, dsn, key.key_id, out)
     print(f"wrote {count} records of {key.key_id} (name {key.name!r}) to {args.out}")
     return 0
+
+
+def _write_any(path: Path | None, dsn: str | None, key_id: str, out: TextIO) -> int:
+    from splitvault.audit_pg_cli import export_postgres
+
+    if dsn is not None:
+        return export_postgres(dsn, key_id, out)
+    assert path is not None
+    return _write_lines(path, key_id, out)
 
 
 def _write_lines(path: Path, key_id: str, out: TextIO) -> int:
