@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
 
+from private_core.activation_monitor import ActivationMonitor
+from private_core.auth import peer_identities
 from private_core.metrics import PrivateMetrics
 from private_core.model_store import ModelStore
 from private_core.runner import BackStageRunner
@@ -20,15 +23,29 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
     """Implements ``splitvault.v1.PrivateInference``."""
 
-    def __init__(self, store: ModelStore, runner: BackStageRunner, metrics: PrivateMetrics) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        runner: BackStageRunner,
+        metrics: PrivateMetrics,
+        monitor: ActivationMonitor | None = None,
+    ) -> None:
         self._store = store
         self._runner = runner
         self._metrics = metrics
+        self._monitor = monitor
 
     async def Infer(
         self, request: inference_pb2.InferRequest, context: Context
     ) -> inference_pb2.InferResponse:
         try:
+            # Activation monitor, before batching: refuse or slow a crafted-looking stream.
+            if self._monitor is not None:
+                verdict = self._monitor.check(request, peer_identities(context))
+                if verdict.error is not None:
+                    raise verdict.error
+                if verdict.delay_s > 0:
+                    await asyncio.sleep(verdict.delay_s)
             response = await self._runner.infer(request)
         except SplitVaultError as error:
             await self._abort(context, request.model, error)

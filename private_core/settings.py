@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from private_core.monitor_settings import ActivationMonitorSettings
 from shared.layout import PRIVATE_IDENTITY, PUBLIC_IDENTITY, DeployLayout
 from shared.settings import TierSettings, configured_state_dir
 
@@ -17,7 +18,9 @@ ENV_PREFIX = "SPLITVAULT_PRIVATE_"
 class PrivateSettings(TierSettings):
     """Where the private tier's folder and KEK are, how it listens and whom it serves."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid"
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
@@ -54,6 +57,9 @@ class PrivateSettings(TierSettings):
     log_level: str = "INFO"
     # Log certificate_expiring when a certificate this tier loaded expires within this many days.
     cert_warning_days: float = Field(default=30.0, ge=0)
+    # The activation monitor (private_core/activation_monitor.py): [activation_monitor] in
+    # private.toml, SPLITVAULT_PRIVATE_ACTIVATION_MONITOR__ACTION=alert, ...
+    activation_monitor: ActivationMonitorSettings = Field(default_factory=ActivationMonitorSettings)
 
     @model_validator(mode="after")
     def _needs_a_kek(self) -> PrivateSettings:

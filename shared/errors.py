@@ -6,7 +6,8 @@
     ├── Unauthenticated       401  UNAUTHENTICATED
     ├── PermissionDenied      403  PERMISSION_DENIED
     │   ├── TermsNotAccepted  403
-    │   └── KeyBlocked        403
+    │   ├── KeyBlocked        403
+    │   └── ActivationsRefused 403 (the private tier's activation monitor, one key's stream)
     ├── ModelNotFound         404  NOT_FOUND
     ├── RateLimited           429  RESOURCE_EXHAUSTED
     │   └── QuotaExceeded     429
@@ -69,6 +70,16 @@ class KeyBlocked(PermissionDenied):
     """The API key was blocked (suspected model extraction)."""
 
 
+class ActivationsRefused(PermissionDenied):
+    """The private tier's activation monitor refused one API key's stream of activations."""
+
+
+# The private tier's status details for ``ActivationsRefused``; the public tier reads a
+# PERMISSION_DENIED with exactly these details back as that error (403), any other as a
+# refusal of its own identity (503).
+ACTIVATIONS_REFUSED = "requests of this API key were refused by the private tier's monitor"
+
+
 class ModelNotFound(SplitVaultError):
     """No model of that name is deployed."""
 
@@ -128,6 +139,7 @@ ERROR_TABLE: dict[type[SplitVaultError], ErrorMapping] = {
     # The private tier's only caller is this tier: its refusals are of our identity.
     Unauthenticated: ErrorMapping(401, _Code.UNAUTHENTICATED, read_back=True),
     PermissionDenied: ErrorMapping(403, _Code.PERMISSION_DENIED, read_back=True),
+    ActivationsRefused: ErrorMapping(403, _Code.PERMISSION_DENIED),
     ModelNotFound: ErrorMapping(404, _Code.NOT_FOUND, read_back=True),
     # Rate limits live in the public tier: RESOURCE_EXHAUSTED from the private tier is its queue.
     RateLimited: ErrorMapping(429, _Code.RESOURCE_EXHAUSTED),
@@ -177,12 +189,15 @@ def error_from_grpc(code: grpc.StatusCode, details: str) -> SplitVaultError:
     """The error for a status received from the private tier, by ``FROM_GRPC``.
 
     A refusal of the caller (UNAUTHENTICATED, PERMISSION_DENIED) is a refusal of this tier's
-    certificate identity: the client gets 503 without the details. A code the table does not
+    certificate identity: the client gets 503 without the details; except the activation
+    monitor's refusal of one key (``ACTIVATIONS_REFUSED``), which that key gets as a 403. A code the table does not
     read back is an internal error.
     """
     cls = FROM_GRPC.get(code)
     if cls is None:
         return InternalError(f"private tier: unexpected status {code.name}")
+    if cls is PermissionDenied and details == ACTIVATIONS_REFUSED:
+        return ActivationsRefused(ACTIVATIONS_REFUSED)
     if issubclass(cls, Unauthenticated | PermissionDenied):
         return Unavailable(IDENTITY_REFUSED, retry_after_s=5.0)
     mapping = ERROR_TABLE[cls]
