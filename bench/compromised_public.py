@@ -17,7 +17,7 @@ monitor off, where 20,000 uniform-noise queries are all answered. Benign checks:
 digits and 10,000 augmented ones, never alerted. Last, the monitor's CPU cost: natural rows,
 one per request, 32 concurrent, to the tier with the monitor on and to one with it off.
 
-Run from the repository root:  .venv/bin/python bench/compromised_public.py   (about 6 minutes)
+Run from the repository root:  .venv/bin/python bench/compromised_public.py   (35 minutes on a busy 2-core host)
 """
 
 # ruff: noqa: E402 - the repository root goes on sys.path before the project imports.
