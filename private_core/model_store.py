@@ -15,6 +15,12 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from private_core.activation_profile import (
+    PROFILE_FILE,
+    ActivationProfile,
+    ProfileError,
+    load_profile,
+)
 from private_core.watermark.engine import ModelWatermark
 from private_core.watermark.keys import WATERMARK_KEY_FILE, WatermarkKeyError, load_key
 from private_core.watermark.triggers import TRIGGER_DIR
@@ -32,12 +38,14 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True)
 class BackStage:
-    """A loaded back stage: its config, manifest, callable module and watermark (if on)."""
+    """A loaded back stage: its config, manifest, callable module, watermark (if on) and the
+    activation monitor's reference profile (if ``pack`` made one)."""
 
     config: ModelConfig
     manifest: StageManifest
     module: torch.nn.Module
     watermark: ModelWatermark | None = None
+    activation_profile: ActivationProfile | None = None
 
 
 @dataclass
@@ -158,7 +166,31 @@ def load_back_stage(
     finally:
         del plaintext
     watermark = _load_watermark(folder, config, provider, trigger_dir)
-    return BackStage(config=config, manifest=manifest, module=program.module(), watermark=watermark)
+    return BackStage(
+        config=config,
+        manifest=manifest,
+        module=program.module(),
+        watermark=watermark,
+        activation_profile=_load_activation_profile(folder, manifest, provider),
+    )
+
+
+def _load_activation_profile(
+    folder: Path, manifest: StageManifest, provider: KeyProvider
+) -> ActivationProfile | None:
+    """The sealed reference profile, None when there is none; one that fails fails the model."""
+    path = folder / PROFILE_FILE
+    if not path.exists():
+        return None
+    try:
+        return load_profile(path, provider, manifest)
+    except OSError as error:
+        raise ModelLoadFailure(
+            f"model {manifest.model!r}: cannot read {PROFILE_FILE} ({error.strerror})"
+        ) from None
+    except (DecryptionError, ProfileError) as error:
+        message = error.message if isinstance(error, DecryptionError) else str(error)
+        raise ModelLoadFailure(f"model {manifest.model!r}: activation profile: {message}") from None
 
 
 def _load_watermark(

@@ -10,7 +10,7 @@ the mean pooling); a model that would change its answer is batched by identical 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -110,7 +110,10 @@ class BackStageRunner:
             )
 
     async def infer(
-        self, request: inference_pb2.InferRequest, caller: Caller | None = None
+        self,
+        request: inference_pb2.InferRequest,
+        caller: Caller | None = None,
+        judge: Judge | None = None,
     ) -> inference_pb2.InferResponse:
         """Check one request, count it against ``caller``'s budgets, run it in a batch and
         restrict its answer. A bad or refused request never reaches the batcher."""
@@ -130,6 +133,8 @@ class BackStageRunner:
         if caller is not None and context.attribution == "signed":
             caller = replace(caller, signed=True)  # counted against the identity's signed budget
         self._admit(caller, request.model, max(batch, 1))
+        if judge is not None:  # the activation monitor sees only valid, admitted requests
+            await judge(request)
         plan = self._plans[request.model]
         job = BackRequest(arrays, sizes, batch, int(request.top_k), context)
         outputs = await self._batcher.submit(
@@ -147,6 +152,9 @@ class BackStageRunner:
         if caller is None:  # fail closed: a call with budgets but no identity is a bug
             raise InternalError("no caller identity to count the request against")
         self._admission.admit(caller, model, samples)
+
+
+Judge = Callable[[inference_pb2.InferRequest], Awaitable[None]]
 
 
 def _decode(request: inference_pb2.InferRequest) -> dict[str, Any]:

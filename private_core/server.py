@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
+from private_core.activation_monitor import ActivationMonitor, monitored_models
 from private_core.attribution import Attributor
 from private_core.auth import IdentityInterceptor, IdentityRule
 from private_core.budgets import Budgets
@@ -134,8 +135,20 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     runner, batcher = build_runner(
         store, executor, metrics, settings, budgets.admission, attributor
     )
+    monitor = None
+    if not settings.activation_monitor.enabled or settings.activation_monitor.action == "record":
+        log.warning(
+            "unsafe_setting",
+            setting="activation_monitor",
+            enabled=settings.activation_monitor.enabled,
+            action=settings.activation_monitor.action,
+        )
+    if settings.activation_monitor.enabled:
+        monitor = ActivationMonitor(
+            settings.activation_monitor, monitored_models(store.loaded), metrics.registry
+        )
     inference_pb2_grpc.add_PrivateInferenceServicer_to_server(
-        PrivateInferenceServicer(store, runner, metrics, identities), server
+        PrivateInferenceServicer(store, runner, metrics, identities, monitor), server
     )
     ledger = add_ledger_service(
         server,

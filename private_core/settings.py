@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from private_core.admission_settings import AdmissionSettings
+from private_core.monitor_settings import ActivationMonitorSettings
 from shared.layout import PRIVATE_IDENTITY, PUBLIC_IDENTITY, PUBLIC_REPLICA_PREFIX, DeployLayout
 from shared.settings import TierSettings, configured_state_dir
 
@@ -72,6 +73,9 @@ class PrivateSettings(TierSettings):
     # may anchor the public tier's audit trail there.
     replica_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
     anchor_identities: list[str] = Field(default_factory=lambda: [PUBLIC_IDENTITY])
+    # The activation monitor (private_core/activation_monitor.py): [activation_monitor] in
+    # private.toml, SPLITVAULT_PRIVATE_ACTIVATION_MONITOR__ACTION=alert, ...
+    activation_monitor: ActivationMonitorSettings = Field(default_factory=ActivationMonitorSettings)
 
     @model_validator(mode="after")
     def _needs_a_kek(self) -> PrivateSettings:

@@ -7,7 +7,8 @@
     │   └── SignatureRefused  401  PERMISSION_DENIED (reason "signature", read back as such)
     ├── PermissionDenied      403  PERMISSION_DENIED
     │   ├── TermsNotAccepted  403
-    │   └── KeyBlocked        403
+    │   ├── KeyBlocked        403
+    │   └── ActivationsRefused 403 (the private tier's activation monitor, one key's stream)
     ├── ModelNotFound         404  NOT_FOUND
     ├── RateLimited           429  RESOURCE_EXHAUSTED
     │   ├── QuotaExceeded     429
@@ -82,6 +83,16 @@ class TermsNotAccepted(PermissionDenied):
 
 class KeyBlocked(PermissionDenied):
     """The API key was blocked (suspected model extraction)."""
+
+
+class ActivationsRefused(PermissionDenied):
+    """The private tier's activation monitor refused one API key's stream of activations."""
+
+
+# The private tier's status details for ``ActivationsRefused``; the public tier reads a
+# PERMISSION_DENIED with exactly these details back as that error (403), any other as a
+# refusal of its own identity (503).
+ACTIVATIONS_REFUSED = "requests of this API key were refused by the private tier's monitor"
 
 
 class ModelNotFound(SplitVaultError):
@@ -162,6 +173,14 @@ ERROR_TABLE: dict[type[SplitVaultError], ErrorMapping] = {
     SignatureRefused: ErrorMapping(
         401, _Code.PERMISSION_DENIED, read_back=True, reason="signature"
     ),
+    # The private tier's activation monitor refusing one key's stream: that key gets 403.
+    ActivationsRefused: ErrorMapping(
+        403,
+        _Code.PERMISSION_DENIED,
+        read_back=True,
+        peer_message=ACTIVATIONS_REFUSED,
+        reason="activations",
+    ),
     ModelNotFound: ErrorMapping(404, _Code.NOT_FOUND, read_back=True),
     # The public tier's own limits; from the private tier, RESOURCE_EXHAUSTED is its queue
     # (no reason) or one of its admission budgets (reason in trailing metadata).
@@ -238,11 +257,12 @@ def error_from_grpc(
     """The error for a status received from the private tier, by ``FROM_GRPC``.
 
     A status sent with a ``reason`` of the table and its code is read back as that class, with
-    the private tier's message. Any other refusal of the caller (UNAUTHENTICATED,
+    the private tier's message (a customer's bad signature: 401; the activation monitor's
+    refusal of one key: 403). Any other refusal of the caller (UNAUTHENTICATED,
     PERMISSION_DENIED) is a refusal of this tier's certificate identity: the client gets 503
-    without the details. A code the table does not
-    read back is an internal error. ``trailers``: the status's trailing metadata (``reason``
-    and retry hint, see ``grpc_trailers``).
+    without the details. A code the table does not read back is an internal error.
+    ``trailers``: the status's trailing metadata (``reason`` and retry hint, see
+    ``grpc_trailers``).
     """
     values = {key: value for key, value in trailers if isinstance(value, str)}
     reason = values.get(REASON_KEY)

@@ -20,6 +20,10 @@ import torch
 from torch.export import ExportedProgram
 from tqdm import tqdm
 
+from private_core.activation_profile import PROFILE_FILE as ACTIVATION_PROFILE_FILE
+from private_core.activation_profile import build_profile as build_activation_profile
+from private_core.activation_profile import features_of as activation_features
+from private_core.activation_profile import save_profile as save_activation_profile
 from private_core.watermark.keys import (
     WATERMARK_KEY_FILE,
     WatermarkKey,
@@ -40,10 +44,11 @@ from shared.manifest import (
     TensorSpec,
     TierCount,
     WatermarkConfig,
+    read_manifest,
     write_json,
 )
 from shared.pairing import pairing_id
-from shared.tensor_codec import datatype_of
+from shared.tensor_codec import datatype_of, numpy_dtype
 from splitvault.errors import PackError
 from splitvault.packing.diagnose import check_model_name, check_split_name, check_top_level_names
 from splitvault.packing.shares import check_private_share
@@ -169,26 +174,66 @@ def _split_and_write(
     )
     result = _write_stages(pair, config, options.value_ranges, layout, provider, steps)
     if options.reference_inputs is not None:
-        _write_reference_profile(pair, options.reference_inputs, result.front_path.parent)
+        outputs = _front_outputs(pair, options.reference_inputs)
+        _write_reference_profile(pair, outputs, result.front_path.parent)
+        _write_activation_profile(pair, outputs, config, result.back_path.parent, provider)
     return result
 
 
-def _write_reference_profile(
-    pair: StagePair, inputs: dict[str, torch.Tensor], front_dir: Path
-) -> None:
-    """Profile natural data in front-activation space, for the extraction monitor."""
-    from public_api.monitor import build_profile, features_of, save_profile
-
+def _front_outputs(pair: StagePair, inputs: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
+    """The front stage's outputs on natural reference data, in chunks of 256 samples."""
     module = pair.front.module()
     count = len(next(iter(inputs.values())))
-    features = []
+    chunks = []
     with torch.inference_mode():
         for start in range(0, count, 256):
             args = [inputs[name][start : start + 256] for name in pair.request_inputs]
             outputs = module(*args)
-            activations = {n: t.numpy() for n, t in zip(pair.front_outputs, outputs, strict=True)}
-            features.append(features_of(activations, _tensor_specs(pair.front, "outputs", pair)))
+            chunks.append({n: t.numpy() for n, t in zip(pair.front_outputs, outputs, strict=True)})
+    return chunks
+
+
+def _write_reference_profile(
+    pair: StagePair, outputs: list[dict[str, np.ndarray]], front_dir: Path
+) -> None:
+    """Profile natural data in front-activation space, for the extraction monitor."""
+    from public_api.monitor import build_profile, features_of, save_profile
+
+    specs = _tensor_specs(pair.front, "outputs", pair)
+    features = [features_of(activations, specs) for activations in outputs]
     save_profile(build_profile(np.concatenate(features)), front_dir / REFERENCE_FILE)
+
+
+def _write_activation_profile(
+    pair: StagePair,
+    outputs: list[dict[str, np.ndarray]],
+    config: ModelConfig,
+    back_dir: Path,
+    provider: KeyProvider,
+) -> None:
+    """Profile natural activations as the private tier receives them (the transport datatype),
+    sealed under the KEK next to the back stage, for the private tier's activation monitor."""
+    manifest = read_manifest(back_dir)
+    wire = numpy_dtype(config.transport_datatype)
+    sources = {spec.source: spec.name for spec in manifest.inputs}
+    features = [
+        activation_features(
+            {
+                sources[f"front:{name}"]: array.astype(wire) if array.dtype.kind == "f" else array
+                for name, array in chunk.items()
+                if f"front:{name}" in sources
+            },
+            manifest.inputs,
+        )
+        for chunk in outputs
+    ]
+    save_activation_profile(
+        build_activation_profile(np.concatenate(features)),
+        back_dir / ACTIVATION_PROFILE_FILE,
+        provider,
+        model=config.name,
+        back_sha256=manifest.sha256,
+    )
 
 
 def _write_stages(

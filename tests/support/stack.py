@@ -35,11 +35,16 @@ OPEN_PROTECTION: dict[str, object] = {
 }
 
 
+# The private tier's activation monitor only records too: tests send zeros and noise on purpose.
+PRIVATE_MONITOR_RECORDS = {"SPLITVAULT_PRIVATE_ACTIVATION_MONITOR__ACTION": "record"}
+
+
 def tier_env(**protection: object) -> dict[str, str]:
-    """The environment of a test tier: one torch thread per tier and ``OPEN_PROTECTION``, with
-    ``protection`` overriding it (``key_limits__burst=5``; dicts and lists become JSON)."""
+    """The environment of a test tier: one torch thread per tier, ``OPEN_PROTECTION`` and
+    ``PRIVATE_MONITOR_RECORDS``, with ``protection`` overriding it (``key_limits__burst=5``;
+    dicts and lists become JSON)."""
     settings = {**OPEN_PROTECTION, **protection}
-    env = dict(THREADS)
+    env = {**THREADS, **PRIVATE_MONITOR_RECORDS}
     for name, value in settings.items():
         text = json.dumps(value) if isinstance(value, dict | list) else str(value)
         env[f"{PROTECTION}{name.upper()}"] = text

@@ -1,0 +1,305 @@
+"""The private tier's activation-space monitor: is a caller's stream of activations natural?
+
+Whoever owns the public host holds its client certificate and the plaintext front, and can send
+the private tier any activations it likes. Before batching, every ``Infer`` request's rows are
+scored against the model's reference profile (``private_core.activation_profile``) and folded
+into two streams: the caller's certificate identity and the API key id it asserts (recorded as
+asserted: a compromised public tier may name any). A stream that looks crafted (noise, rows off
+the manifold, perturbation sweeps, crafted rows mixed into natural ones) is alerted, then
+throttled or refused, per ``ActivationMonitorSettings``.
+
+A request's rows count for its key's stream; they count for the identity's stream only while
+that key is below alert, so that one customer sending odd inputs through an honest public tier
+is refused alone, while crafted rows spread over many asserted key ids add up for the identity.
+Natural activations of natural inputs look natural by construction: only budgets bound those.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Summary
+
+from private_core.activation_profile import (
+    STATISTICS,
+    ActivationProfile,
+    Floats,
+    features_of,
+    raw_statistics,
+)
+from private_core.activation_streams import (
+    LEVEL_NAMES,
+    OK,
+    REFUSE,
+    RowEvidence,
+    Stream,
+    StreamTable,
+)
+from private_core.monitor_settings import ActivationMonitorSettings
+from protos import inference_pb2
+from shared.errors import ACTIVATIONS_REFUSED, ActivationsRefused, PermissionDenied
+from shared.logs import get_logger
+from shared.manifest import BATCH_DIM, DimSpec, TensorSpec
+from shared.tensor_codec import from_proto
+
+log = get_logger(__name__)
+PROJECTION_DIM = 32
+# Without a profile, the near-duplicate unit is this share of a row's own norm.
+NO_PROFILE_UNIT = 0.3
+TIER_REFUSED = "activation monitor: this tier's stream of activations is refused"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do with one request: refuse it with ``error``, or answer after ``delay_s``."""
+
+    error: PermissionDenied | None = None
+    delay_s: float = 0.0
+
+
+PASS = Verdict()
+
+
+class RowScorer:
+    """Turns one model's activation rows into ``RowEvidence`` (scores in reference units)."""
+
+    def __init__(
+        self,
+        profile: ActivationProfile | None,
+        dim: int,
+        rng: np.random.Generator,
+        distance_tolerance: float = 1.0,
+    ) -> None:
+        self.profile = profile
+        # A secret projection per process: a sweep cannot hide in directions it drops.
+        self._projection = (
+            rng.standard_normal((dim, PROJECTION_DIM)) / PROJECTION_DIM**0.5
+        ).astype(np.float32)
+        if profile is not None:
+            low, median, high = profile.quantiles.T
+            self._median = median
+            self._up = np.maximum(high - median, 1e-6)
+            self._up[: STATISTICS.index("zero")] *= distance_tolerance
+            self._down = np.maximum(median - low, 1e-6)
+            self._down[: STATISTICS.index("zero")] = np.inf  # far only above the median
+            self._centre = profile.mean @ self._projection
+            if not profile.zero_active:
+                self._up[STATISTICS.index("zero")] = self._down[-1] = np.inf
+
+    def evidence(
+        self, features: Floats, weight: float, settings: ActivationMonitorSettings
+    ) -> RowEvidence:
+        """Scores, outlier flags, projections and near-duplicate units of ``features`` rows."""
+        projected = features @ self._projection
+        if self.profile is None:
+            zeros = np.zeros(len(features), np.float32)
+            norms = np.sqrt(np.einsum("ij,ij->i", features, features))
+            scales = np.maximum(norms * NO_PROFILE_UNIT, 1e-6).astype(np.float32)
+            return RowEvidence(zeros, zeros > 0, projected, scales, weight)
+        projected -= self._centre  # small numbers: distances lose no precision
+        raw = raw_statistics(self.profile, features)
+        above = (raw - self._median) / self._up
+        below = (self._median - raw) / self._down
+        scores = np.maximum(above, below).max(axis=1).astype(np.float32)
+        scales = np.full(len(features), self.profile.nn_scale, np.float32)
+        return RowEvidence(scores, scores > settings.outlier_score, projected, scales, weight)
+
+
+@dataclass
+class _Model:
+    specs: Sequence[TensorSpec]
+    scorer: RowScorer
+    identities: StreamTable
+    keys: StreamTable
+
+
+class ActivationMonitor:
+    """Scores each request's activations per (identity, model) and (key id, model)."""
+
+    def __init__(
+        self,
+        settings: ActivationMonitorSettings,
+        models: Mapping[str, tuple[Sequence[TensorSpec], ActivationProfile | None]],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.settings = settings
+        self._rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+        self._models: dict[str, _Model] = {}
+        self._metrics = _MonitorMetrics(registry)
+        for name, (specs, profile) in models.items():
+            dim = _feature_dim(specs)
+            if dim is None:
+                log.info("private_monitor_skipped", model=name, reason="no float activations")
+                continue
+            if profile is None:
+                log.warning("private_monitor_without_profile", model=name, signals=["sweeps"])
+            elif profile.dim != dim:
+                raise ValueError(
+                    f"model {name!r}: the activation profile has dimension "
+                    f"{profile.dim}, the back stage takes {dim}"
+                )
+            self._metrics.profile.labels(name).set(0 if profile is None else 1)
+            window = settings.window
+            self._models[name] = _Model(
+                specs,
+                RowScorer(profile, dim, self._rng, settings.distance_tolerance),
+                StreamTable(settings.max_streams, PROJECTION_DIM, window),
+                StreamTable(settings.max_streams, PROJECTION_DIM, window),
+            )
+
+    def check(self, request: inference_pb2.InferRequest, identities: Sequence[str]) -> Verdict:
+        """Score one request (``InvalidInput`` if its tensors do not fit the model)."""
+        model = self._models.get(request.model)
+        if model is None:
+            return PASS
+        started = time.perf_counter()
+        identity = ",".join(sorted(identities))
+        key = model.keys.get((identity, request.key_id))
+        tier = model.identities.get(identity)
+        if key.level < REFUSE and tier.level < REFUSE:
+            self._score(request, model, identity, key, tier)
+        verdict = self._verdict(request.model, key, tier)
+        self._metrics.seconds.labels(request.model).observe(time.perf_counter() - started)
+        return verdict
+
+    def _score(
+        self,
+        request: inference_pb2.InferRequest,
+        model: _Model,
+        identity: str,
+        key: Stream,
+        tier: Stream,
+    ) -> None:
+        arrays = {tensor.name: from_proto(tensor) for tensor in request.inputs}
+        rows = _rows(model.specs, arrays)  # the runner validated them before asking
+        if rows == 0:
+            return
+        analysed = min(rows, self.settings.rows_per_call)
+        if analysed < rows:  # rows drawn with a secret seed: none can be hidden at known places
+            picked = np.sort(self._rng.choice(rows, analysed, replace=False))
+            arrays = {name: array[picked] for name, array in arrays.items()}
+        features = features_of(arrays, model.specs)
+        evidence = model.scorer.evidence(features, rows / analysed, self.settings)
+        before = key.level
+        self._fold(key, evidence)
+        self._note(request.model, "key", request.key_id, before, key)
+        if key.level == OK:
+            before = tier.level
+            self._fold(tier, evidence)
+            self._note(request.model, "identity", identity, before, tier)
+
+    def _fold(self, stream: Stream, evidence: RowEvidence) -> None:
+        near = stream.near_duplicates(evidence, self.settings)
+        stream.update(evidence, near, self.settings)
+        stream.remember(evidence.projected)
+
+    def _note(self, model: str, scope: str, name: str, before: int, stream: Stream) -> None:
+        """Count a level change, and log it unless the action is ``record``."""
+        if stream.level == before:
+            return
+        level = LEVEL_NAMES[stream.level]
+        self._metrics.flagged.labels(model, scope, level).inc()
+        if self.settings.action != "record":
+            log.warning(
+                "private_monitor_alert",
+                model=model,
+                scope=scope,
+                # A key id is what the caller asserted, not proven.
+                **({"key_id_asserted": name} if scope == "key" else {"identity": name}),
+                level=level,
+                action=self.settings.action,
+                **stream.reason(),
+            )
+
+    def _verdict(self, model: str, key: Stream, tier: Stream) -> Verdict:
+        if max(key.level, tier.level) < REFUSE or self.settings.action in ("record", "alert"):
+            return PASS
+        scope = "key" if key.level == REFUSE else "identity"
+        if self.settings.action == "throttle":
+            self._metrics.throttled.labels(model, scope).inc()
+            return Verdict(delay_s=self.settings.throttle_delay_s)
+        self._metrics.refused.labels(model, scope).inc()
+        if scope == "key":
+            return Verdict(ActivationsRefused(ACTIVATIONS_REFUSED))
+        return Verdict(PermissionDenied(TIER_REFUSED))
+
+    def level(self, model: str, identity: str, key_id: str | None = None) -> str:
+        """The level of a stream (``ok`` when unknown): for tests and operators."""
+        entry = self._models[model]
+        stream = (
+            entry.identities.peek(identity)
+            if key_id is None
+            else entry.keys.peek((identity, key_id))
+        )
+        return LEVEL_NAMES[stream.level if stream is not None else OK]
+
+
+def _feature_dim(specs: Sequence[TensorSpec]) -> int | None:
+    """Length of the feature vector of one sample, or None when there is nothing to score."""
+    try:
+        zeros = {
+            spec.name: np.zeros(
+                [1, *(1 if not isinstance(d, int) else d for d in spec.shape[1:])], np.float32
+            )
+            for spec in specs
+        }
+        return int(features_of(zeros, specs).shape[1])
+    except ValueError:
+        return None
+
+
+class _MonitorMetrics:
+    """The monitor's series in the tier's registry (labels bounded by models and scopes)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.flagged = Counter(
+            "splitvault_private_monitor_level_changes_total",
+            "Activation streams reaching a level, by model, scope (identity or key) and level.",
+            ["model", "scope", "level"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            "splitvault_private_monitor_refused_total",
+            "Requests refused by the activation monitor, by model and scope.",
+            ["model", "scope"],
+            registry=registry,
+        )
+        self.throttled = Counter(
+            "splitvault_private_monitor_throttled_total",
+            "Requests delayed by the activation monitor, by model and scope.",
+            ["model", "scope"],
+            registry=registry,
+        )
+        self.seconds = Summary(
+            "splitvault_private_monitor_seconds",
+            "Time the activation monitor spent per request.",
+            ["model"],
+            registry=registry,
+        )
+        self.profile = Gauge(
+            "splitvault_private_monitor_profile",
+            "1 when the model's activation profile is loaded, 0 when it runs without one.",
+            ["model"],
+            registry=registry,
+        )
+
+
+def _rows(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> int:
+    """Samples in a validated request: the size of its batch dimension (0 if it has none)."""
+    for spec in specs:
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, DimSpec) and dim.name == BATCH_DIM and spec.name in arrays:
+                return int(np.asarray(arrays[spec.name]).shape[axis])
+    return 0
+
+
+def monitored_models(stages: Mapping[str, Any]) -> dict[str, tuple[Sequence[TensorSpec], Any]]:
+    """Back-stage input specs and activation profile of each loaded ``BackStage``."""
+    return {
+        name: (stage.manifest.inputs, stage.activation_profile) for name, stage in stages.items()
+    }

@@ -1,0 +1,232 @@
+"""The private tier's reference profile of natural activations, computed by ``pack``.
+
+``pack`` runs the front stage on the model's natural reference data, casts the activations to
+the transport datatype (what the private tier receives) and keeps, per model:
+
+* ``mean`` and a PCA ``basis`` (rows) with per-component ``variances``: the first ``whitened``
+  components give a Mahalanobis distance, the squared residual outside them the rest;
+* a ``bank`` of reference rows in PCA coordinates, for a nearest-neighbour distance (natural
+  activations lie on clusters; noise with the reference's mean and covariance fills the gaps);
+* per row statistic ("ood", "knn", "zero" = share of exact zeros, which post-ReLU activations
+  have and noise lacks) its median and 1% / 99% quantiles on reference rows not in the bank;
+* ``nn_scale``: the median distance from a reference row to its nearest other one, the unit of
+  the near-duplicate (perturbation sweep) test.
+
+The file is ``activations.npz.enc`` in the model's private folder, sealed under the KEK like the
+back stage (``shared.crypto``) and bound to the model name and the back stage's hash: a profile
+that does not authenticate, or belongs to another model or pack, fails the model's load.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.crypto import decrypt_bytes, encrypt_stream
+from shared.keys import KeyProvider
+from shared.manifest import DimSpec, StageManifest, TensorSpec
+
+PROFILE_FILE = "activations.npz.enc"
+PROFILE_VERSION = 1
+STATISTICS = ("ood", "knn", "zero")
+FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64"})
+Floats = npt.NDArray[np.float32]
+
+
+class ProfileError(ValueError):
+    """A profile file is malformed or belongs to another model or pack."""
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """Natural activations of one model in feature space (see the module docstring)."""
+
+    mean: Floats  # (d,)
+    basis: Floats  # (k, d), orthonormal rows
+    variances: Floats  # (k,)
+    whitened: int  # the first components used for the Mahalanobis part
+    inside_scale: float
+    residual_scale: float
+    bank: Floats  # (n, k) PCA coordinates of reference rows
+    quantiles: Floats  # (len(STATISTICS), 3): q01, median, q99 on held-back reference rows
+    nn_scale: float
+
+    @property
+    def dim(self) -> int:
+        """Length of the feature vectors this profile describes."""
+        return int(self.mean.shape[0])
+
+    @property
+    def zero_active(self) -> bool:
+        """Whether exact zeros are typical of this model's activations (post-ReLU)."""
+        low, median, high = self.quantiles[STATISTICS.index("zero")]
+        return bool(median >= 0.02 and high > low)
+
+
+def features_of(arrays: Mapping[str, Any], specs: Sequence[TensorSpec]) -> Floats:
+    """One float32 vector per sample, (batch, d), from the back-stage inputs the front sent.
+
+    Floating inputs with a ``front:`` source only; a dynamic dimension after the batch (a
+    sequence) is mean-pooled first.
+    """
+    parts: list[Floats] = []
+    for spec in specs:
+        if spec.datatype not in FLOAT_DATATYPES or not (spec.source or "").startswith("front:"):
+            continue
+        array = np.asarray(arrays[spec.name], dtype=np.float32)
+        if any(isinstance(dim, DimSpec) for dim in spec.shape[1:]):
+            array = array.mean(axis=1)
+        parts.append(array.reshape(array.shape[0], -1))
+    if not parts:
+        raise ValueError("the back stage takes no floating activation from the front")
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def build_profile(
+    features: npt.NDArray[Any], *, components: int = 32, whitened: int = 16, bank: int = 1024
+) -> ActivationProfile:
+    """Profile of natural reference features (n, d); n should be a few hundred or more."""
+    data = np.asarray(features, dtype=np.float64)
+    if data.ndim != 2 or len(data) < 4 * whitened:
+        raise ValueError(f"need (n, d) features with n >= {4 * whitened}, got {data.shape}")
+    order = np.random.default_rng(0).permutation(len(data))
+    size = min(bank, len(data) // 2)
+    banked, held = data[order[:size]], data[order[size:]]
+    mean = data.mean(axis=0)
+    _, singular, vectors = np.linalg.svd(data - mean, full_matrices=False)
+    k = min(components, vectors.shape[0])
+    variances = np.maximum(singular[:k] ** 2 / (len(data) - 1), 1e-12)
+    unit = ActivationProfile(
+        mean=mean.astype(np.float32),
+        basis=vectors[:k].astype(np.float32),
+        variances=variances.astype(np.float32),
+        whitened=min(whitened, k),
+        inside_scale=1.0,
+        residual_scale=1.0,
+        bank=np.zeros((0, k), np.float32),
+        quantiles=np.ones((len(STATISTICS), 3), np.float32),
+        nn_scale=1.0,
+    )
+    held32 = held.astype(np.float32)
+    inside, outside = mahalanobis_parts(unit, held32)
+    scaled = _replace(
+        unit,
+        inside_scale=max(float(np.quantile(inside, 0.99)), 1e-12),
+        residual_scale=max(float(np.quantile(outside, 0.99)), 1e-12),
+        bank=coordinates(unit, banked.astype(np.float32)),
+        nn_scale=_median_nearest(data),
+    )
+    raw = raw_statistics(scaled, held32)
+    quantiles = np.quantile(raw, [0.01, 0.5, 0.99], axis=0).T.astype(np.float32)
+    return _replace(scaled, quantiles=quantiles)
+
+
+def coordinates(profile: ActivationProfile, features: Floats) -> Floats:
+    """PCA coordinates of each row, (batch, k)."""
+    return np.asarray((features - profile.mean) @ profile.basis.T, dtype=np.float32)
+
+
+def mahalanobis_parts(
+    profile: ActivationProfile, features: Floats, coords: Floats | None = None
+) -> tuple[Floats, Floats]:
+    """Squared Mahalanobis distance in the first ``whitened`` components; squared residual."""
+    if coords is None:
+        coords = coordinates(profile, features)
+    inner = coords[:, : profile.whitened]
+    inside = np.sum(inner**2 / profile.variances[: profile.whitened], axis=1)
+    centred = features - profile.mean
+    residual = np.maximum(np.einsum("ij,ij->i", centred, centred) - np.sum(inner**2, axis=1), 0)
+    return inside, residual
+
+
+def raw_statistics(profile: ActivationProfile, features: Floats) -> Floats:
+    """Per row: OOD distance, nearest-neighbour distance to the bank, share of zeros; (n, 3)."""
+    coords = coordinates(profile, features)
+    inside, outside = mahalanobis_parts(profile, features, coords)
+    ood = np.maximum(inside / profile.inside_scale, outside / profile.residual_scale)
+    bank = profile.bank
+    squared = (
+        np.einsum("ij,ij->i", coords, coords)[:, None]
+        + np.einsum("ij,ij->i", bank, bank)[None, :]
+        - 2.0 * coords @ bank.T
+    )
+    nearest = np.partition(squared, 2, axis=1)[:, :3] if bank.shape[0] > 3 else squared
+    knn = np.sqrt(np.maximum(nearest, 0.0)).mean(axis=1)
+    zero = np.count_nonzero(features == 0, axis=1) / max(features.shape[1], 1)
+    return np.stack([ood, knn, zero], axis=1).astype(np.float32)
+
+
+def _median_nearest(data: npt.NDArray[np.float64], limit: int = 2048) -> float:
+    rows = data[:limit].astype(np.float32)
+    norms = np.einsum("ij,ij->i", rows, rows)
+    squared = norms[:, None] + norms[None, :] - 2.0 * rows @ rows.T
+    np.fill_diagonal(squared, np.inf)
+    nearest = np.sqrt(np.maximum(squared.min(axis=1), 0.0))
+    return max(float(np.median(nearest)), 1e-6)
+
+
+def _replace(profile: ActivationProfile, **changes: Any) -> ActivationProfile:
+    values = {field.name: getattr(profile, field.name) for field in fields(profile)}
+    return ActivationProfile(**{**values, **changes})
+
+
+def save_profile(
+    profile: ActivationProfile, path: Path, provider: KeyProvider, *, model: str, back_sha256: str
+) -> None:
+    """Seal the profile under the KEK, bound to ``model`` and its back stage's hash."""
+    arrays = {field.name: np.asarray(getattr(profile, field.name)) for field in fields(profile)}
+    buffer = io.BytesIO()
+    arrays.update(
+        version=np.asarray(PROFILE_VERSION),
+        model=np.asarray(model),
+        back_sha256=np.asarray(back_sha256),
+    )
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle in kwargs
+    sealed = io.BytesIO()
+    encrypt_stream(buffer.getvalue(), sealed, provider)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_bytes(sealed.getvalue())
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def load_profile(path: Path, provider: KeyProvider, manifest: StageManifest) -> ActivationProfile:
+    """Open a sealed profile of ``manifest``'s model; ``DecryptionError`` or ``ProfileError``."""
+    plaintext = decrypt_bytes(path.read_bytes(), provider)
+    try:
+        with np.load(io.BytesIO(plaintext), allow_pickle=False) as data:
+            found = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as error:
+        raise ProfileError(f"{path.name} is not a profile ({error})") from None
+    names = {
+        "version",
+        "model",
+        "back_sha256",
+        *(field.name for field in fields(ActivationProfile)),
+    }
+    if names - set(found) or int(found["version"]) != PROFILE_VERSION:
+        raise ProfileError(f"{path.name}: not a version {PROFILE_VERSION} activation profile")
+    if str(found["model"]) != manifest.model or str(found["back_sha256"]) != manifest.sha256:
+        raise ProfileError(f"{path.name} belongs to another model or an earlier pack")
+    floats = {
+        name: found[name].astype(np.float32) for name in ("mean", "basis", "variances", "bank")
+    }
+    profile = ActivationProfile(
+        **floats,
+        whitened=int(found["whitened"]),
+        inside_scale=float(found["inside_scale"]),
+        residual_scale=float(found["residual_scale"]),
+        quantiles=found["quantiles"].astype(np.float32),
+        nn_scale=float(found["nn_scale"]),
+    )
+    if profile.basis.shape[1] != profile.dim or profile.bank.shape[1] != profile.basis.shape[0]:
+        raise ProfileError(f"{path.name}: inconsistent shapes")
+    return profile

@@ -1,0 +1,162 @@
+"""Per-stream state of the activation monitor: two CUSUM statistics, a level and a window of
+recent rows (in a random projection) for the near-duplicate test. Pure NumPy, no I/O."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from private_core.monitor_settings import ActivationMonitorSettings
+
+OK, ALERT, REFUSE = 0, 1, 2
+LEVEL_NAMES = ("ok", "alert", "refuse")
+Floats = npt.NDArray[np.float32]
+Bools = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class RowEvidence:
+    """One request's analysed rows: scores, outlier flags, projections, and how many rows of
+    the request each analysed row stands for (``weight`` >= 1 when rows were sampled)."""
+
+    scores: Floats
+    outliers: Bools
+    projected: Floats
+    scales: Floats  # per row: the distance unit of the near-duplicate test
+    weight: float
+
+
+@dataclass
+class Stream:
+    """One (scope, name, model) stream: statistics, level and recent rows."""
+
+    window: Floats
+    shift: float = 0.0
+    rows: float = 0.0
+    level: int = OK
+    seen: float = 0.0
+    outliers: float = 0.0
+    near: float = 0.0
+    filled: int = 0
+    head: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def near_duplicates(self, evidence: RowEvidence, settings: ActivationMonitorSettings) -> Bools:
+        """Rows within the near band of a recent row or of another row of this request."""
+        rows = evidence.projected.astype(np.float64)
+        recent = np.concatenate([self.window[: self.filled], rows])
+        squared = (
+            np.einsum("ij,ij->i", rows, rows)[:, None]
+            + np.einsum("ij,ij->i", recent, recent)[None, :]
+            - 2.0 * rows @ recent.T
+        )
+        distance = np.sqrt(np.maximum(squared, 0.0)) / evidence.scales[:, None]
+        distance[np.arange(len(rows)), self.filled + np.arange(len(rows))] = np.inf  # itself
+        band = (distance >= settings.near_low) & (distance < settings.near_high)
+        return np.asarray(band.any(axis=1))
+
+    def remember(self, projected: Floats) -> None:
+        """Add rows to the ring window."""
+        size = len(self.window)
+        if size == 0:
+            return
+        for row in projected[-size:]:
+            self.window[self.head] = row
+            self.head = (self.head + 1) % size
+            self.filled = min(self.filled + 1, size)
+
+    def update(
+        self, evidence: RowEvidence, near: Bools, settings: ActivationMonitorSettings
+    ) -> int:
+        """Fold one request's rows into the statistics; the new level (never lower)."""
+        weight = evidence.weight
+        capped = np.minimum(evidence.scores, settings.shift_cap) - settings.shift_drift
+        suspect = evidence.outliers | near
+        hit = math.log(settings.crafted_rate / settings.benign_rate)
+        miss = math.log((1 - settings.crafted_rate) / (1 - settings.benign_rate))
+        self.shift, shift_peak = cusum(self.shift, weight * capped)
+        self.rows, rows_peak = cusum(self.rows, weight * np.where(suspect, hit, miss))
+        self.seen += weight * len(suspect)
+        self.outliers += weight * int(evidence.outliers.sum())
+        self.near += weight * int(near.sum())
+        self.level = max(self.level, level_of(shift_peak, rows_peak, settings))
+        if self.level == REFUSE:  # sticky: its rows are no longer needed
+            self.window, self.filled, self.head = self.window[:0], 0, 0
+        return self.level
+
+    def reason(self) -> dict[str, float]:
+        """What the stream's statistics say, for the alert log."""
+        return {
+            "shift": round(self.shift, 2),
+            "rows": round(self.rows, 2),
+            "samples": round(self.seen),
+            "outlier_share": round(self.outliers / max(self.seen, 1.0), 4),
+            "near_duplicate_share": round(self.near / max(self.seen, 1.0), 4),
+        }
+
+
+def cusum(start: float, steps: npt.NDArray[np.floating[Any]]) -> tuple[float, float]:
+    """Page's CUSUM ``s = max(0, s + step)`` over ``steps`` from ``start``: (end, peak).
+
+    Vectorised: with ``c`` the running sum, ``s_i = c_i - min(-start, min_{j<=i} c_j)``.
+    """
+    if len(steps) == 0:
+        return start, start
+    running = np.cumsum(steps, dtype=np.float64)
+    path = running - np.minimum.accumulate(np.minimum(running, -start))
+    return float(path[-1]), float(path.max())
+
+
+def level_of(shift: float, rows: float, settings: ActivationMonitorSettings) -> int:
+    """The level the two statistics reach."""
+    if shift >= settings.shift_refuse or rows >= settings.rows_refuse:
+        return REFUSE
+    if shift >= settings.shift_alert or rows >= settings.rows_alert:
+        return ALERT
+    return OK
+
+
+class StreamTable:
+    """Streams by key, at most ``limit`` below the refusal level: the least recently used one
+    goes first, an alerted one only when none is below alert. Refused streams (without their
+    window: a few hundred bytes) are kept up to 100 times ``limit``, so new names cannot wash
+    out a refusal."""
+
+    def __init__(self, limit: int, width: int, window: int) -> None:
+        self._streams: OrderedDict[Hashable, Stream] = OrderedDict()
+        self._limit, self._width, self._window = limit, width, window
+
+    def get(self, key: Hashable) -> Stream:
+        """The stream for ``key``, created when new."""
+        stream = self._streams.get(key)
+        if stream is not None:
+            self._streams.move_to_end(key)
+            return stream
+        if len(self._streams) >= self._limit:
+            self._evict()
+        stream = Stream(window=np.zeros((self._window, self._width), np.float32))
+        self._streams[key] = stream
+        return stream
+
+    def peek(self, key: Hashable) -> Stream | None:
+        """The stream for ``key`` if it exists (not marked as used)."""
+        return self._streams.get(key)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def _evict(self) -> None:
+        refused = sum(stream.level == REFUSE for stream in self._streams.values())
+        if len(self._streams) - refused < self._limit and refused < 100 * self._limit:
+            return
+        for wanted in (OK, ALERT, REFUSE):
+            for key, stream in self._streams.items():
+                if stream.level == wanted:
+                    del self._streams[key]
+                    return

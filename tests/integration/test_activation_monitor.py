@@ -1,0 +1,189 @@
+"""The private tier's activation monitor against a compromised public host (issue 13, item 2).
+
+A module-scoped deployment of the digits model runs the private tier with the
+monitor refusing; each test calls it directly over mutual TLS with the public tier's own client
+certificate, as whoever owns the public host can, under an API key id of its own. A public tier
+in front of it shows how a key the monitor refused is answered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from protos import inference_pb2, inference_pb2_grpc
+from shared.errors import ACTIVATIONS_REFUSED
+from shared.keys import LocalFileKeyProvider
+from shared.layout import FRONT_FILE, PRIVATE_IDENTITY, DeployLayout
+from shared.manifest import TopKPolicy, read_manifest
+from shared.tensor_codec import to_proto
+from splitvault.demo import digits
+from splitvault.deploy import init_deployment
+from splitvault.packing.pack import pack_spec
+from tests.conftest import DigitsFixture, issue_key
+from tests.support.processes import TierProcess, start_private, start_public
+from tests.support.stack import THREADS, https, image_request, poll, tier_env
+
+pytestmark = pytest.mark.slow
+
+MODEL, BATCH = "digits", 16
+ENV = {**THREADS, "SPLITVAULT_PRIVATE_METRICS_PORT": "0"}  # the monitor at its default: refuse
+
+
+@dataclass
+class Attacker:
+    """The private tier, reached with the public tier's certificate, and the plaintext front."""
+
+    stub: inference_pb2_grpc.PrivateInferenceStub
+    front: torch.nn.Module
+    input_name: str
+    private: TierProcess
+    layout: DeployLayout
+
+    def activations(self, images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            (output,) = self.front(torch.from_numpy(images))
+            return np.asarray(output.numpy(), dtype=np.float16)
+
+    def send(self, rows: np.ndarray, key: str) -> int | None:
+        """``rows`` in requests of ``BATCH``; samples sent when the first was refused."""
+        for start in range(0, len(rows), BATCH):
+            part = rows[start : start + BATCH]
+            request = inference_pb2.InferRequest(
+                model=MODEL, inputs=[to_proto(self.input_name, part)], key_id=key
+            )
+            code = _code(self.stub.Infer, request)
+            if code is not None:
+                assert code == grpc.StatusCode.PERMISSION_DENIED, code
+                return start + len(part)
+        return None
+
+    def alerts(self, key: str) -> list[dict[str, Any]]:
+        return [
+            event
+            for event in self.private.events()
+            if event.get("event") == "private_monitor_alert" and event.get("key_id_asserted") == key
+        ]
+
+
+def _code(call: Callable[..., object], request: object) -> grpc.StatusCode | None:
+    """The status code ``call(request)`` failed with; None when it succeeded."""
+    try:
+        call(request, timeout=30)
+    except grpc.RpcError as error:
+        code: grpc.StatusCode = error.code()
+        return code
+    return None
+
+
+@pytest.fixture(scope="module")
+def attacker(
+    digits_model: DigitsFixture, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Attacker]:
+    layout = init_deployment(tmp_path_factory.mktemp("actmon") / "d")
+    provider = LocalFileKeyProvider.load(layout.kek)
+    pack_spec(
+        digits_model.spec,
+        name=MODEL,
+        split=digits.SPLIT,
+        layout=layout,
+        provider=provider,
+        policy=TopKPolicy(k=3),
+        show_progress=False,
+    )
+    private = start_private(layout.root, env=ENV)
+    tls = layout.public.tls
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=layout.public.ca_cert.read_bytes(),
+        private_key=(tls / "client.key").read_bytes(),
+        certificate_chain=(tls / "client.crt").read_bytes(),
+    )
+    options = [("grpc.ssl_target_name_override", PRIVATE_IDENTITY)]
+    front = torch.export.load(str(layout.public.model(MODEL) / FRONT_FILE)).module()
+    (spec,) = read_manifest(layout.private.model(MODEL)).inputs
+    try:
+        with grpc.secure_channel(f"127.0.0.1:{private.port}", credentials, options=options) as ch:
+            yield Attacker(
+                inference_pb2_grpc.PrivateInferenceStub(ch), front, spec.name, private, layout
+            )
+    finally:
+        private.stop()
+
+
+def _uniform(attacker: Attacker, n: int, seed: int) -> np.ndarray:
+    shape = attacker.activations(np.zeros((1, 1, 8, 8), np.float32)).shape[1:]
+    return np.random.default_rng(seed).uniform(0, 4, (n, *shape)).astype(np.float16)
+
+
+def test_the_sealed_profile_is_loaded(attacker: Attacker) -> None:
+    assert (attacker.layout.private.model(MODEL) / "activations.npz.enc").is_file()
+    assert not any(
+        e.get("event") == "private_monitor_without_profile" for e in attacker.private.events()
+    )
+
+
+def test_uniform_noise_is_alerted_within_200_and_refused_within_1000(attacker: Attacker) -> None:
+    refused_at = attacker.send(_uniform(attacker, 2000, 1), "noise")
+    assert refused_at is not None and refused_at <= 1000
+    poll(lambda: bool(attacker.alerts("noise")), "an alert for the noise stream")
+    (alert, *_) = attacker.alerts("noise")
+    assert alert["samples"] <= 200, alert
+    # Refused for good: natural activations under that key id are refused too.
+    natural = attacker.activations(np.asarray(digits.load_data().test_x[:BATCH]))
+    assert attacker.send(natural, "noise") == BATCH
+
+
+def test_natural_activations_of_held_out_digits_are_never_alerted(attacker: Attacker) -> None:
+    held_out = digits.load_data().test_x
+    rows = np.concatenate([attacker.activations(held_out)] * 3)
+    assert attacker.send(rows, "natural") is None
+    assert attacker.alerts("natural") == []
+
+
+def test_a_mixed_stream_with_ten_percent_noise_is_alerted(attacker: Attacker) -> None:
+    held_out = digits.load_data().test_x
+    rows = np.concatenate([attacker.activations(held_out)] * 4)
+    crafted = np.random.default_rng(2).random(len(rows)) < 0.1
+    rows[crafted] = _uniform(attacker, int(crafted.sum()), 3)
+    attacker.send(rows, "mixed")
+    poll(lambda: bool(attacker.alerts("mixed")), "an alert for the mixed stream")
+    (alert, *_) = attacker.alerts("mixed")
+    assert alert["samples"] <= 200, alert
+
+
+def test_a_perturbation_sweep_is_alerted(attacker: Attacker) -> None:
+    base = attacker.activations(np.asarray(digits.load_data().test_x[:8])).astype(np.float32)
+    rng = np.random.default_rng(4)
+    lines = []
+    for row in base:  # 64 steps along a random direction from each of 8 natural activations
+        direction = rng.standard_normal(row.shape).astype(np.float32)
+        direction *= 0.05 / np.linalg.norm(direction)
+        lines.append(row + np.arange(64)[:, None, None, None] * direction)
+    refused_at = attacker.send(np.concatenate(lines).astype(np.float16), "sweep")
+    assert refused_at is not None and refused_at <= 512
+    poll(lambda: bool(attacker.alerts("sweep")), "an alert for the sweep")
+
+
+def test_the_public_tier_answers_a_refused_key_with_403(
+    attacker: Attacker, digits_model: DigitsFixture
+) -> None:
+    key = issue_key(attacker.layout, "noisy")
+    public = start_public(attacker.layout.root, attacker.private.port, env=tier_env())
+    try:
+        noise = np.random.default_rng(5).uniform(0, 1, (BATCH, 1, 8, 8)).astype(np.float32)
+        with https(attacker.layout, public.port, key) as http:
+            replies = [
+                http.post(f"/v2/models/{MODEL}/infer", json=image_request(noise)) for _ in range(8)
+            ]
+    finally:
+        public.stop()
+    refused = [r for r in replies if r.status_code != 200]
+    assert refused, "noise images were never refused"
+    assert {r.status_code for r in refused} == {403}
+    assert refused[-1].json() == {"error": ACTIVATIONS_REFUSED}

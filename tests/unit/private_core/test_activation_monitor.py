@@ -1,0 +1,200 @@
+"""The activation monitor's statistics, profile file and stream attribution, on synthetic
+post-ReLU activations: natural rows are ReLU of a few clustered latent factors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from private_core.activation_monitor import ActivationMonitor, RowScorer
+from private_core.activation_profile import (
+    ActivationProfile,
+    ProfileError,
+    build_profile,
+    load_profile,
+    save_profile,
+)
+from private_core.activation_streams import cusum
+from private_core.monitor_settings import ActivationMonitorSettings
+from protos import inference_pb2
+from shared.crypto import DecryptionError
+from shared.errors import ACTIVATIONS_REFUSED, ActivationsRefused, PermissionDenied
+from shared.keys import LocalFileKeyProvider
+from shared.manifest import DimSpec, StageManifest, TensorSpec
+from shared.tensor_codec import to_proto
+
+DIM, IDENTITY = 64, ["splitvault-public"]
+SPECS = [
+    TensorSpec(
+        name="act",
+        datatype="FP16",
+        shape=[DimSpec(name="batch", min=1, max=1024), DIM],
+        source="front:act",
+    )
+]
+MIXING = np.random.default_rng(0).standard_normal((8, DIM)).astype(np.float32)
+CENTRES = np.random.default_rng(1).standard_normal((10, 8)).astype(np.float32) * 2
+
+
+def natural(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    latent = CENTRES[rng.integers(10, size=n)] + 0.4 * rng.standard_normal((n, 8))
+    return np.maximum(latent @ MIXING, 0).astype(np.float16)
+
+
+def noise(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 6, (n, DIM)).astype(np.float16)
+
+
+@pytest.fixture(scope="module")
+def profile() -> ActivationProfile:
+    return build_profile(natural(1500, 2).astype(np.float32))
+
+
+def monitor(profile: ActivationProfile | None, **settings: Any) -> ActivationMonitor:
+    return ActivationMonitor(
+        ActivationMonitorSettings(**settings), {"m": (SPECS, profile)}, CollectorRegistry()
+    )
+
+
+def request(rows: np.ndarray, key: str) -> inference_pb2.InferRequest:
+    return inference_pb2.InferRequest(model="m", inputs=[to_proto("act", rows)], key_id=key)
+
+
+def send(mon: ActivationMonitor, rows: np.ndarray, key: str, batch: int = 16) -> int | None:
+    """Send ``rows`` in batches; the samples sent when the first request was refused."""
+    for start in range(0, len(rows), batch):
+        verdict = mon.check(request(rows[start : start + batch], key), IDENTITY)
+        if verdict.error is not None:
+            return start + batch
+    return None
+
+
+def test_vectorised_cusum_equals_the_recursion() -> None:
+    steps = np.random.default_rng(3).normal(-0.2, 1.0, 500)
+    state, peak = 1.5, 1.5
+    for step in steps:
+        state = max(0.0, state + step)
+        peak = max(peak, state)
+    assert cusum(1.5, steps) == pytest.approx((state, peak))
+
+
+def test_natural_rows_score_low_and_noise_high(profile: ActivationProfile) -> None:
+    scorer = RowScorer(profile, DIM, np.random.default_rng(0), 2.0)
+    settings = ActivationMonitorSettings()
+    held_out = scorer.evidence(natural(500, 9).astype(np.float32), 1.0, settings)
+    crafted = scorer.evidence(noise(500, 9).astype(np.float32), 1.0, settings)
+    assert np.quantile(held_out.scores, 0.99) < 1.5
+    assert crafted.scores.min() > settings.outlier_score
+    assert not held_out.outliers.any() and crafted.outliers.all()
+
+
+def test_a_noise_stream_is_refused_and_a_natural_one_never_alerted(
+    profile: ActivationProfile,
+) -> None:
+    mon = monitor(profile)
+    assert send(mon, natural(5000, 4), "natural") is None
+    assert mon.level("m", IDENTITY[0], "natural") == "ok"
+    refused_at = send(mon, noise(2000, 5), "noise")
+    assert refused_at is not None and refused_at <= 200
+    assert mon.level("m", IDENTITY[0]) == "ok"  # one key's noise is that key's alone
+    assert send(mon, natural(200, 6), "other") is None
+
+
+def test_exact_repeats_are_not_a_sweep_but_tiny_steps_are(profile: ActivationProfile) -> None:
+    mon = monitor(profile)
+    rows = natural(100, 7)
+    assert send(mon, np.concatenate([rows] * 20), "repeats") is None
+    base = natural(1, 8).astype(np.float32)
+    direction = np.random.default_rng(8).standard_normal(DIM).astype(np.float32)
+    steps = 0.02 * profile.nn_scale * np.arange(1000)[:, None] / np.linalg.norm(direction)
+    sweep = (base + (steps % (0.5 * profile.nn_scale)) * direction).astype(np.float16)
+    refused_at = send(mon, sweep, "sweep")
+    assert refused_at is not None and refused_at <= 1000
+
+
+def test_crafted_rows_spread_over_many_key_ids_refuse_the_identity(
+    profile: ActivationProfile,
+) -> None:
+    mon = monitor(profile)
+    crafted = noise(2000, 10)
+    verdicts = [
+        mon.check(request(crafted[i : i + 2], f"k{i}"), IDENTITY) for i in range(0, 2000, 2)
+    ]
+    refused = [v.error for v in verdicts if v.error is not None]
+    assert refused and type(refused[-1]) is PermissionDenied
+    assert mon.level("m", IDENTITY[0]) == "refuse"
+
+
+def test_key_refusal_reads_back_as_a_403_for_that_key(profile: ActivationProfile) -> None:
+    from shared.errors import error_from_grpc, grpc_trailers, mapping_for
+
+    mon = monitor(profile)
+    send(mon, noise(500, 11), "k")
+    verdict = mon.check(request(natural(4, 12), "k"), IDENTITY)
+    assert isinstance(verdict.error, ActivationsRefused)
+    code = mapping_for(verdict.error).grpc_code
+    received = error_from_grpc(code, verdict.error.message, grpc_trailers(verdict.error))
+    assert isinstance(received, ActivationsRefused) and mapping_for(received).http_status == 403
+    assert received.message == ACTIVATIONS_REFUSED
+
+
+@pytest.mark.parametrize("action", ["record", "alert"])
+def test_record_and_alert_never_refuse(profile: ActivationProfile, action: str) -> None:
+    mon = monitor(profile, action=action)
+    assert send(mon, noise(500, 13), "k") is None
+    assert mon.level("m", IDENTITY[0], "k") == "refuse"
+
+
+def test_throttle_delays_instead_of_refusing(profile: ActivationProfile) -> None:
+    mon = monitor(profile, action="throttle", throttle_delay_s=0.5)
+    send(mon, noise(500, 14), "k")
+    verdict = mon.check(request(natural(1, 15), "k"), IDENTITY)
+    assert verdict.error is None and verdict.delay_s == 0.5
+
+
+def test_without_a_profile_only_sweeps_are_judged() -> None:
+    mon = ActivationMonitor(ActivationMonitorSettings(), {"m": (SPECS, None)}, CollectorRegistry())
+    assert send(mon, noise(1000, 16), "noise") is None
+    base = natural(1, 17).astype(np.float32)
+    sweep = (base * (1 + 0.001 * np.arange(400)[:, None])).astype(np.float16)
+    assert send(mon, sweep, "sweep") is not None
+
+
+def _manifest(model: str = "m", sha: str = "ab" * 32) -> StageManifest:
+    return StageManifest(
+        model=model,
+        stage="back",
+        file="back.pt2.enc",
+        encrypted=True,
+        sha256=sha,
+        inputs=SPECS,
+        outputs=[],
+        tiers={},
+        torch_version="x",
+    )
+
+
+def test_profile_is_sealed_and_bound_to_its_model(
+    profile: ActivationProfile, tmp_path: Path
+) -> None:
+    provider = LocalFileKeyProvider.from_bytes(bytes(32))
+    path = tmp_path / "activations.npz.enc"
+    save_profile(profile, path, provider, model="m", back_sha256="ab" * 32)
+    loaded = load_profile(path, provider, _manifest())
+    assert np.array_equal(loaded.bank, profile.bank) and loaded.nn_scale == profile.nn_scale
+    with pytest.raises(ProfileError):
+        load_profile(path, provider, _manifest(model="other"))
+    with pytest.raises(ProfileError):
+        load_profile(path, provider, _manifest(sha="cd" * 32))
+    with pytest.raises(DecryptionError):
+        load_profile(path, LocalFileKeyProvider.from_bytes(bytes([1]) * 32), _manifest())
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(DecryptionError):
+        load_profile(path, provider, _manifest())
