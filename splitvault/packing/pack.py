@@ -145,13 +145,20 @@ def _split_and_write(
             "transport_datatype": options.transport_datatype,
             "labels": options.labels,
             "max_batch_size": options.max_batch_size,
-            "watermark": options.watermark,
+            "watermark": _default_watermark(options),
         }
     )
     result = _write_stages(pair, config, options.value_ranges, layout, provider, steps)
     if options.reference_inputs is not None:
         _write_reference_profile(pair, options.reference_inputs, result.front_path.parent)
     return result
+
+
+def _default_watermark(options: PackOptions) -> WatermarkConfig | None:
+    """Classifiers are watermarked unless the spec says otherwise (issue 14)."""
+    if options.watermark is None and options.task == "classification":
+        return WatermarkConfig()
+    return options.watermark
 
 
 def _write_reference_profile(
