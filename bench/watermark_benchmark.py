@@ -127,6 +127,7 @@ def deploy(net: nn.Module, workdir: Path, stack: ExitStack) -> Deployed:
         "SPLITVAULT_PUBLIC_PROTECTION__MONITOR_ACTION": "record",
         "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__RATE_PER_S": "100000",
         "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__BURST": "100000",
+        "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__DAILY_QUOTA": "1000000000",
     }
     public, _ = start_both(layout.root, stack, env=env)
     keys = SqliteKeyStore(layout.public.root / "state" / "keys.sqlite3")
