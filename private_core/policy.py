@@ -5,8 +5,9 @@ the label alone; an embedding model answers with rounded values. Rounded values 
 so their decimal form stays short and exact on the way to JSON.
 
 A model with a watermark (``config.watermark``) is marked here, before rounding: the label
-watermark answers a keyed share of the queries the model is unsure of with a keyed other class
-(first in the top-k, the model's sorted scores kept), the signal watermark moves a little probability from the top-1
+watermark answers the queries the model is unsure of in keyed regions with the runner-up (or,
+with per-query marks, a keyed share of them with a keyed other class), first in the top-k with
+the model's sorted scores kept; the signal watermark moves a little probability from the top-1
 class to a keyed other class in every answer, never changing the top-1 class. See
 ``private_core.watermark``.
 """
@@ -90,11 +91,11 @@ def _top_k(
     indices, scores = indices_t.to(torch.int64).numpy(), scores_t.numpy()
     if marking is not None and marking.scheme == "label":
         p = probabilities.numpy()
-        labels = watermark_labels(p.argmax(axis=1), marking.marks.offsets, p.shape[-1])
+        labels = marking.labels(p.argmax(axis=1), p.shape[-1])
         indices, scores = relabel_top_k(indices, scores, p, marking.marks.selected, labels)
     return {INDICES: indices, SCORES: np.round(scores, policy.decimals)}
 
 
 def _relabel(top1: npt.NDArray[np.int64], marking: Marking, classes: int) -> npt.NDArray[np.int64]:
-    labels = watermark_labels(top1, marking.marks.offsets, classes)
+    labels = marking.labels(top1, classes)
     return np.where(marking.marks.selected, labels, top1)

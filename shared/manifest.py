@@ -69,24 +69,34 @@ OutputPolicy = Annotated[TopKPolicy | LabelPolicy | RoundingPolicy, Field(discri
 
 
 class WatermarkConfig(_Strict):
-    """Ownership watermark of a classifier's answers, applied in the private tier.
+    """Ownership watermark of a classifier's answers, applied in the private tier (on by default).
 
-    ``label``: a keyed share ``fraction`` of the queries whose top-1 probability is below
-    ``max_confidence`` is answered with a keyed other class (top-k and label policies);
-    ``max_confidence = 1`` makes every query eligible (plain DAWN). ``signal``: every answer
-    moves ``amplitude`` of probability (capped) from its top-1 class to a keyed other class,
-    never changing the top-1 class (top-k policy only). ``auto`` picks ``label``. Queries
-    answered with a watermark label are kept encrypted in the private tier, at most
+    ``label`` with ``marks = "region"`` (the default): in a keyed share ``region_fraction`` of
+    the regions of a keyed partition of the back-stage input space (``region_dims`` keyed
+    projections in cells of ``region_cell``, with the model's top two classes), queries whose
+    top-1 probability leads the runner-up by less than ``max_margin`` are answered with the
+    runner-up (``private_core.watermark.regions``). ``marks = "query"``: per-query (DAWN-style)
+    marks, a keyed share ``fraction`` of the queries whose top-1 probability is below
+    ``max_confidence`` answered with a keyed other class (``max_confidence = 1``: plain DAWN).
+    ``signal``: every answer moves ``amplitude`` of probability (capped) from its top-1 class to a
+    keyed other class, never changing the top-1 class (top-k policy only). ``auto`` picks
+    ``label``. Marked answers are kept encrypted in the private tier, at most
     ``trigger_max_records`` / ``trigger_max_bytes`` per API key (its oldest dropped).
     """
 
-    enabled: bool = False
+    enabled: bool = True
     scheme: Literal["label", "signal", "auto"] = "auto"
     fraction: float = Field(default=0.05, gt=0.0, le=0.5)
     max_confidence: float = Field(default=0.9, gt=0.0, le=1.0)
     amplitude: float = Field(default=0.1, gt=0.0, le=0.5)
     trigger_max_records: int = Field(default=100_000, ge=1)  # per API key
     trigger_max_bytes: int = Field(default=128 << 20, ge=4096)  # per API key
+    # Region marks (issue 14): the defaults were measured in bench/watermark_benchmark.py.
+    marks: Literal["region", "query"] = "region"
+    region_fraction: float = Field(default=0.3, gt=0.0, le=0.5)
+    region_dims: int = Field(default=4, ge=1, le=16)
+    region_cell: float = Field(default=0.5, gt=0.0)
+    max_margin: float = Field(default=0.5, gt=0.0, le=1.0)
 
 
 class ModelConfig(_Strict):

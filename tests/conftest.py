@@ -19,7 +19,7 @@ from public_api.keys import KEYS_DB, STATE_DIR, SqliteKeyStore
 from public_api.terms import load_terms
 from shared.keys import LocalFileKeyProvider
 from shared.layout import DeployLayout
-from shared.manifest import LabelPolicy, RoundingPolicy, TopKPolicy
+from shared.manifest import LabelPolicy, RoundingPolicy, TopKPolicy, WatermarkConfig
 from splitvault.demo import digits, minilm
 from splitvault.deploy import init_deployment
 from splitvault.packing.pack import pack_spec
@@ -113,10 +113,19 @@ class Deployment:
 def deployment(
     tmp_path_factory: pytest.TempPathFactory, digits_model: DigitsFixture, minilm_spec: ModelSpec
 ) -> Deployment:
-    """digits (top-3, FP16), digits-label (label only, FP32), nested (top-2, FP32), minilm."""
+    """digits (top-3, FP16), digits-label (label only, FP32), nested (top-2, FP32), minilm.
+
+    The classifiers are packed with the watermark off: tests compare their answers with the
+    unsplit model (tests/unit/private_core/test_watermark_regions.py covers the marks)."""
     layout = init_deployment(tmp_path_factory.mktemp("deploy") / "d")
     provider = LocalFileKeyProvider.load(layout.kek)
-    pack = functools.partial(pack_spec, layout=layout, provider=provider, show_progress=False)
+    pack = functools.partial(
+        pack_spec,
+        layout=layout,
+        provider=provider,
+        show_progress=False,
+        watermark=WatermarkConfig(enabled=False),
+    )
     pack(digits_model.spec, name="digits", split=digits.SPLIT, policy=TopKPolicy(k=3))
     pack(
         digits_model.spec,
@@ -132,7 +141,13 @@ def deployment(
         policy=TopKPolicy(k=2, decimals=6),
         transport_datatype="FP32",
     )
-    pack(minilm_spec, name="minilm", split=minilm.SPLIT, policy=RoundingPolicy(decimals=5))
+    pack(
+        minilm_spec,
+        name="minilm",
+        split=minilm.SPLIT,
+        policy=RoundingPolicy(decimals=5),
+        watermark=None,
+    )
     return Deployment(layout, provider, issue_key(layout, "tests"))
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import numpy.typing as npt
 
 from private_core.watermark.keys import WatermarkKey
-from private_core.watermark.marks import QueryMarker, QueryMarks
+from private_core.watermark.marks import QueryMarker, QueryMarks, watermark_labels
+from private_core.watermark.regions import RegionMarker, top_two, unsure
 from private_core.watermark.trigger_queue import PendingRequest, TriggerQueue
 from private_core.watermark.triggers import TriggerLog
 from shared.manifest import ModelConfig, WatermarkConfig
@@ -64,6 +65,18 @@ class Marking:
     scheme: Scheme
     marks: QueryMarks
     amplitude: float
+    runner_up: npt.NDArray[np.int64] | None = None  # region marks: the class answered
+
+    def labels(self, top1: npt.NDArray[np.int64], classes: int) -> npt.NDArray[np.int64]:
+        """The label answered for each selected sample (region: the runner-up)."""
+        if self.runner_up is not None:
+            return self.runner_up
+        return watermark_labels(top1, self.marks.offsets, classes)
+
+
+def region_marker(key: WatermarkKey, settings: WatermarkConfig) -> RegionMarker:
+    """The region partition and selection of ``settings`` under ``key``."""
+    return RegionMarker(key, settings.region_fraction, settings.region_dims, settings.region_cell)
 
 
 class ModelWatermark:
@@ -77,6 +90,7 @@ class ModelWatermark:
         self.model, self.settings, self.key = config.name, config.watermark, key
         self.scheme = resolve_scheme(self.settings)
         self.marker = QueryMarker(key, self.settings.fraction)
+        self.regions = region_marker(key, self.settings)
         self.triggers = (
             None
             if trigger_dir is None
@@ -94,6 +108,12 @@ class ModelWatermark:
     def marking(self, inputs: Mapping[str, Any], probabilities: npt.NDArray[np.float64]) -> Marking:
         """The decisions for one request's samples; ``probabilities`` are the model's own."""
         marks = self.marker.marks(inputs)
+        if self.scheme == "label" and self.settings.marks == "region":
+            pairs = top_two(probabilities)
+            chosen = self.regions.selected(self.regions.regions(inputs, pairs))
+            selected = chosen & unsure(probabilities, self.settings.max_margin)
+            marking = Marking(self.scheme, replace(marks, selected=selected), 0.0, pairs[:, 1])
+            return marking
         if self.scheme == "label":
             uncertain = eligible(probabilities, self.settings.max_confidence)
             marks = replace(marks, selected=marks.selected & uncertain)

@@ -15,7 +15,7 @@ import torch
 
 from shared.keys import LocalFileKeyProvider
 from shared.layout import DeployLayout
-from shared.manifest import RoundingPolicy, TopKPolicy
+from shared.manifest import RoundingPolicy, TopKPolicy, WatermarkConfig
 from splitvault.commands import print_result
 from splitvault.demo import digits
 from splitvault.deploy import init_deployment
@@ -36,15 +36,17 @@ def run_demo(workdir: Path | None, *, include_minilm: bool = True) -> int:
         print("== 2. splitvault pack: a digits CNN trained now, and all-MiniLM-L6-v2")
         data = digits.load_data()
         digits_spec = _train_digits(data)
+        # Watermark off: the demo compares every answer with the unsplit model (issue 14).
         print_result(pack_spec(digits_spec, name="digits", split=digits.SPLIT, layout=layout,
-                               provider=provider, policy=TopKPolicy(k=3)))  # fmt: skip
+                               provider=provider, policy=TopKPolicy(k=3),
+                               watermark=WatermarkConfig(enabled=False)))  # fmt: skip
         minilm_spec = _pack_minilm(layout, provider) if include_minilm else None
         api_key = _create_key(layout)
         print("== 3. splitvault serve private / serve public (mutual TLS between them)")
         with _running_tiers(layout) as url:
             print(f"   public endpoint {url} (Open Inference Protocol v2)")
             _accept_terms(url, layout, api_key)
-            print("== 4. answers of the two-tier system next to the unsplit model")
+            print("== 4. answers of the two-tier system next to the unsplit model (watermark off)")
             ok = _compare_digits(url, layout, api_key, digits_spec, data)
             if minilm_spec is not None:
                 ok = _compare_minilm(url, layout, api_key, minilm_spec) and ok

@@ -20,9 +20,10 @@ import torch
 
 from private_core.model_store import BackStage, ModelLoadFailure, load_back_stage
 from private_core.settings import private_state_dir
-from private_core.watermark.engine import eligible
+from private_core.watermark.engine import eligible, region_marker
 from private_core.watermark.keys import WATERMARK_KEY_FILE, WatermarkKey, load_key
 from private_core.watermark.marks import QueryMarker, QueryMarks
+from private_core.watermark.regions import top_two, unsure
 from private_core.watermark.triggers import (
     TRIGGER_DIR,
     TriggerRecord,
@@ -40,6 +41,16 @@ CHUNK = 256
 
 
 @dataclass(frozen=True)
+class RegionCandidates:
+    """The candidates the model is unsure of, with their region and its selection."""
+
+    rows: npt.NDArray[np.int64]  # indices into the distinct candidates
+    ids: list[bytes]  # region id of each
+    selected: npt.NDArray[np.bool_]  # its region's keyed selection bit
+    runner_up: npt.NDArray[np.int64]  # the class a marked answer gave
+
+
+@dataclass(frozen=True)
 class Candidates:
     """Distinct candidate queries (first occurrence of each canonical id) and what the watermark
     did to them."""
@@ -49,6 +60,7 @@ class Candidates:
     eligible: npt.NDArray[np.bool_]  # queries the label watermark could select
     probabilities: npt.NDArray[np.float64]  # the model's own, unwatermarked
     received: int  # candidate rows before removing repeats
+    regions: RegionCandidates | None = None  # region marks: where the test votes
 
     @property
     def labels(self) -> npt.NDArray[np.int64]:
@@ -161,13 +173,33 @@ class OwnerModel:
         probabilities = self.probabilities(kept)
         uncertain = eligible(probabilities, max_confidence or self.settings.max_confidence)
         marks = marker.marks(kept)
+        selected = marks.selected & uncertain
+        regions = self.region_candidates(kept, probabilities)
+        if regions is not None:  # what the private tier marked (and logged)
+            selected = np.zeros(len(keep), dtype=bool)
+            selected[regions.rows] = regions.selected
         return Candidates(
             inputs={name: array[keep] for name, array in inputs.items()},
-            marks=replace(marks, selected=marks.selected & uncertain),
+            marks=replace(marks, selected=selected),
             eligible=uncertain,
             probabilities=probabilities,
             received=len(ids),
+            regions=regions,
         )
+
+    def region_candidates(
+        self, back_inputs: Arrays, probabilities: npt.NDArray[np.float64]
+    ) -> RegionCandidates | None:
+        """Region ids and selection of the unsure candidates (``None`` with per-query marks).
+
+        Uses the partition and selection subkeys only."""
+        if self.settings.marks != "region":
+            return None
+        rows = np.flatnonzero(unsure(probabilities, self.settings.max_margin))
+        pairs = top_two(probabilities[rows])
+        marker = region_marker(self.key, self.settings)
+        ids = marker.regions({n: a[rows] for n, a in back_inputs.items()}, pairs)
+        return RegionCandidates(rows, ids, marker.selected(ids), pairs[:, 1])
 
     def _front(self, inputs: Arrays) -> Arrays:
         args = [torch.from_numpy(inputs[spec.name]) for spec in self.front_manifest.inputs]

@@ -11,6 +11,16 @@ suspect's match rate on the unselected eligible queries. A conservative binomial
 bound (match probability at most ``1 / (classes - 1)`` for any independent model) is reported
 too; it needs no control queries but far more triggers for the same confidence.
 
+Region marks (the label watermark's default). The unit is the distinct keyed region, never the
+candidate: candidates of one region are answered alike, so counting them as independent trials
+would give false p-values. Among the candidates the model is unsure of, each distinct region
+casts one vote: whether the suspect's most frequent answer over the region's candidates is the
+model's runner-up. The regions' selection bits are independent keyed coins (one HMAC per
+region, under a subkey of their own) and the votes depend only on the suspect, the candidates
+and the partition, so for a suspect made without our answers the selected regions are a
+uniformly random subset of the voting regions: the number of runner-up votes among them is
+hypergeometric (Fisher's exact test, one-sided, at the region level).
+
 Signal watermark. Every answer moved some probability from the model's class ``y(x)`` to a
 keyed other class ``t(x)``, uniform over the ``classes - 1`` others. The suspect *matches* ``x``
 when its best class other than ``y(x)`` is ``t(x)``. Independent of the key, that happens with
@@ -78,6 +88,45 @@ def label_test(
         claimed=p < alpha,
         p_bound=bound,
         note="" if trials else "no candidate query was selected for the label watermark",
+    )
+
+
+def region_votes(
+    regions: list[bytes], answers: npt.NDArray[np.int64], runner_up: npt.NDArray[np.int64]
+) -> tuple[list[bytes], npt.NDArray[np.bool_]]:
+    """One vote per distinct region: is the suspect's most frequent answer over the region's
+    candidates (ties: the lower class) the runner-up the region was marked with?"""
+    counts: dict[bytes, dict[int, int]] = {}
+    target: dict[bytes, int] = {}
+    for region, answer, second in zip(regions, answers.tolist(), runner_up.tolist(), strict=True):
+        tally = counts.setdefault(region, {})
+        tally[answer] = tally.get(answer, 0) + 1
+        target[region] = second
+    distinct = list(counts)
+    votes = [min(counts[r], key=lambda c: (-counts[r][c], c)) == target[r] for r in distinct]
+    return distinct, np.array(votes, dtype=bool)
+
+
+def region_test(
+    selected: npt.NDArray[np.bool_], votes: npt.NDArray[np.bool_], alpha: float = DEFAULT_ALPHA
+) -> SchemeResult:
+    """Fisher's exact test over regions: are runner-up votes over-represented among the selected?"""
+    total, hits, trials = len(votes), int(votes.sum()), int(selected.sum())
+    k = int((selected & votes).sum())
+    controls = total - trials
+    p = float(stats.hypergeom.sf(k - 1, total, hits, trials)) if trials else 1.0
+    return SchemeResult(
+        scheme="label",
+        test="Fisher exact over regions (one vote per region), one-sided",
+        candidates=total,
+        trials=trials,
+        matches=k,
+        match_rate=k / trials if trials else float("nan"),
+        chance_rate=float(votes[~selected].mean()) if controls else float("nan"),
+        p_value=p,
+        alpha=alpha,
+        claimed=p < alpha,
+        note="" if trials else "no region the candidates fall in was selected",
     )
 
 

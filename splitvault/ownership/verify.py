@@ -20,8 +20,15 @@ import numpy.typing as npt
 from private_core.watermark.engine import resolve_scheme
 from private_core.watermark.marks import watermark_labels
 from private_core.watermark.triggers import TriggerLogError
-from splitvault.ownership.owner import Arrays, Candidates, OwnerModel
-from splitvault.ownership.stats import DEFAULT_ALPHA, SchemeResult, label_test, signal_test
+from splitvault.ownership.owner import Arrays, Candidates, OwnerModel, RegionCandidates
+from splitvault.ownership.stats import (
+    DEFAULT_ALPHA,
+    SchemeResult,
+    label_test,
+    region_test,
+    region_votes,
+    signal_test,
+)
 from splitvault.ownership.suspect import Suspect
 
 SchemeChoice = Literal["auto", "label", "signal", "all"]
@@ -160,6 +167,8 @@ def _test(
     alpha: float,
 ) -> SchemeResult:
     y, marks = candidates.labels, candidates.marks
+    if scheme == "label" and candidates.regions is not None:
+        return _region_test(candidates.regions, ranking, alpha)
     if scheme == "label":  # among the queries the watermark could have selected
         wanted = watermark_labels(y, marks.offsets, classes)
         matches = ranking[:, 0] == wanted
@@ -169,6 +178,17 @@ def _test(
     runner_up = np.array([_first_other(row, label) for row, label in zip(ranking, y, strict=True)])
     ranked = runner_up >= 0
     return signal_test(runner_up[ranked] == wanted[ranked], classes, alpha)
+
+
+def _region_test(
+    regions: RegionCandidates, ranking: npt.NDArray[np.int64], alpha: float
+) -> SchemeResult:
+    """One vote per distinct region among the unsure candidates (``stats.region_test``)."""
+    answers = ranking[regions.rows, 0]
+    distinct, votes = region_votes(regions.ids, answers, regions.runner_up)
+    chosen = dict(zip(regions.ids, regions.selected.tolist(), strict=True))
+    selected = np.array([chosen[r] for r in distinct], dtype=bool)
+    return region_test(selected, votes, alpha)
 
 
 def _first_other(row: npt.NDArray[np.int64], label: int) -> int:

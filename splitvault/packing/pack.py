@@ -169,7 +169,7 @@ def _split_and_write(
             "transport_datatype": options.transport_datatype,
             "labels": options.labels,
             "max_batch_size": options.max_batch_size,
-            "watermark": options.watermark,
+            "watermark": _default_watermark(options),
         }
     )
     result = _write_stages(pair, config, options.value_ranges, layout, provider, steps)
@@ -178,6 +178,13 @@ def _split_and_write(
         _write_reference_profile(pair, outputs, result.front_path.parent)
         _write_activation_profile(pair, outputs, config, result.back_path.parent, provider)
     return result
+
+
+def _default_watermark(options: PackOptions) -> WatermarkConfig | None:
+    """Classifiers are watermarked unless the spec says otherwise (issue 14)."""
+    if options.watermark is None and options.task == "classification":
+        return WatermarkConfig()
+    return options.watermark
 
 
 def _front_outputs(pair: StagePair, inputs: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:

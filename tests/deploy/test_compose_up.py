@@ -39,7 +39,7 @@ from splitvault_client import Client
 
 from shared.keys import LocalFileKeyProvider
 from shared.layout import DeployLayout
-from shared.manifest import TopKPolicy
+from shared.manifest import TopKPolicy, WatermarkConfig
 from splitvault.demo import digits
 from splitvault.packing.pack import pack_spec
 from splitvault.packing.spec import ModelSpec
@@ -196,6 +196,7 @@ def _prepare_deployment(root: Path) -> tuple[DeployLayout, ModelSpec, np.ndarray
         provider=provider,
         policy=TopKPolicy(k=3),
         show_progress=False,
+        watermark=WatermarkConfig(enabled=False),  # answers are compared with the unsplit model
     )
     return layout, spec, data.test_x
 

@@ -89,7 +89,9 @@ def owned(tmp_path_factory: pytest.TempPathFactory, digits_model: DigitsFixture)
         provider=LocalFileKeyProvider.load(layout.kek),
         policy=LabelPolicy(),
         show_progress=False,
-        watermark=WatermarkConfig(enabled=True, scheme="label", fraction=0.05, max_confidence=1),
+        watermark=WatermarkConfig(
+            enabled=True, marks="query", scheme="label", fraction=0.05, max_confidence=1
+        ),
     )
     secret = issue_key(layout, "suspect-maker")
     images = digits_model.data.test_x

@@ -148,7 +148,9 @@ def _pack_watermarked(layout: DeployLayout, digits_model: DigitsFixture) -> byte
         provider=provider,
         policy=TopKPolicy(k=3),
         show_progress=False,
-        watermark=WatermarkConfig(enabled=True, scheme="label", max_confidence=1.0, fraction=0.5),
+        watermark=WatermarkConfig(
+            enabled=True, marks="query", scheme="label", max_confidence=1.0, fraction=0.5
+        ),
     )
     return load_key(layout.private.model("digits-wm") / WATERMARK_KEY_FILE, provider).secret
 

@@ -58,6 +58,9 @@ def _probabilities(logits: torch.Tensor) -> np.ndarray:
 
 
 def _config(policy: TopKPolicy | LabelPolicy, **watermark: object) -> ModelConfig:
+    """Per-query (DAWN-style) marks unless ``marks`` says otherwise; region marks have their
+    own tests (test_watermark_regions.py)."""
+    watermark = {"marks": "query", **watermark}
     return ModelConfig(
         name="clf",
         split="features.1",
