@@ -95,7 +95,9 @@ def request_for(layout: DeployLayout, model: str) -> inference_pb2.InferRequest:
         for spec, tensor in zip(stage.manifest.outputs, outputs, strict=True)
     ]
     tensors += [to_proto(name, inputs[name]) for name in stage.manifest.forward_inputs]
-    return inference_pb2.InferRequest(model=model, inputs=tensors)
+    return inference_pb2.InferRequest(
+        model=model, inputs=tensors, pairing_id=stage.manifest.pairing_id or ""
+    )
 
 
 async def closed_loop(

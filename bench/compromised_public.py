@@ -86,6 +86,8 @@ class Attacker:
         self.stub = inference_pb2_grpc.PrivateInferenceStub(self.channel)
         self.front = torch.export.load(str(layout.public.model(MODEL) / FRONT_FILE)).module()
         (self.spec,) = read_manifest(layout.private.model(MODEL)).inputs
+        # The pairing id is in the public manifest: the attacker holds the public folder.
+        self.pairing_id = read_manifest(layout.public.model(MODEL)).pairing_id or ""
 
     def activations(self, images: np.ndarray) -> np.ndarray:
         parts = []
@@ -98,7 +100,11 @@ class Attacker:
     def ask(self, rows: np.ndarray, key: str) -> np.ndarray | None:
         """Soft targets (top-3 scores, renormalised) for ``rows``; None when refused."""
         request = inference_pb2.InferRequest(
-            model=MODEL, inputs=[to_proto(self.spec.name, rows)], key_id=key, top_k=3
+            model=MODEL,
+            inputs=[to_proto(self.spec.name, rows)],
+            key_id=key,
+            top_k=3,
+            pairing_id=self.pairing_id,
         )
         try:
             reply = self.stub.Infer(request, timeout=60)

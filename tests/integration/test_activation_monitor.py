@@ -27,6 +27,7 @@ from splitvault.demo import digits
 from splitvault.deploy import init_deployment
 from splitvault.packing.pack import pack_spec
 from tests.conftest import DigitsFixture, issue_key
+from tests.support.deployments import pairing_id
 from tests.support.processes import TierProcess, start_private, start_public
 from tests.support.stack import THREADS, https, image_request, poll, tier_env
 
@@ -56,7 +57,10 @@ class Attacker:
         for start in range(0, len(rows), BATCH):
             part = rows[start : start + BATCH]
             request = inference_pb2.InferRequest(
-                model=MODEL, inputs=[to_proto(self.input_name, part)], key_id=key
+                model=MODEL,
+                inputs=[to_proto(self.input_name, part)],
+                key_id=key,
+                pairing_id=pairing_id(self.layout, MODEL),
             )
             code = _code(self.stub.Infer, request)
             if code is not None:

@@ -28,6 +28,7 @@ from shared.layout import PRIVATE_IDENTITY, DeployLayout
 from shared.manifest import DimSpec, read_manifest
 from shared.tensor_codec import MAX_RANK
 from tests.conftest import Tiers, issue_key
+from tests.support.deployments import pairing_id
 from tests.support.processes import TierProcess, start_public
 from tests.support.stack import copy_deployment, https, poll, rss_mib, tier_env
 
@@ -463,9 +464,10 @@ def test_malformed_activations_get_a_clear_status(
     stub: inference_pb2_grpc.PrivateInferenceStub, activation: inference_pb2.Tensor, tiers: Tiers
 ) -> None:
     refused: dict[str, tuple[grpc.StatusCode, str]] = {}
+    paired = pairing_id(tiers.deployment.layout, "digits")  # public: any caller can send it
     for name, (fields, _, _) in _malformed(activation).items():
         request = inference_pb2.InferRequest(
-            **{"model": "digits", "inputs": [activation], **fields}
+            **{"model": "digits", "inputs": [activation], "pairing_id": paired, **fields}
         )
         with pytest.raises(grpc.RpcError) as caught:
             stub.Infer(request, timeout=10)
@@ -474,6 +476,7 @@ def test_malformed_activations_get_a_clear_status(
         got, details = refused[name]
         assert got == code, (name, got, details)
         assert word.lower() in details.lower(), (name, details)
-    ok = stub.Infer(inference_pb2.InferRequest(model="digits", inputs=[activation]), timeout=10)
+    good = inference_pb2.InferRequest(model="digits", inputs=[activation], pairing_id=paired)
+    ok = stub.Infer(good, timeout=10)
     assert [output.name for output in ok.outputs] == ["indices", "scores"]
     assert tiers.private.process.poll() is None

@@ -34,7 +34,7 @@ from shared.manifest import DimSpec, read_manifest
 from splitvault.deploy import add_public_replica, load_ca
 from splitvault.pki import issue_certificate
 from tests.conftest import Deployment, DigitsFixture, issue_key
-from tests.support.deployments import copy_deployment
+from tests.support.deployments import copy_deployment, pairing_id
 from tests.support.inprocess import GatedPool, ThreadedPrivateTier
 from tests.support.processes import TierProcess, start_private, start_public
 from tests.support.stack import https, image_request, poll, tier_env
@@ -115,7 +115,9 @@ def _request(layout: DeployLayout, model: str, rows: int = ROWS, **extra: Any) -
     tensor = inference_pb2.Tensor(
         name=name, datatype=datatype, shape=list(array.shape), data=array.tobytes()
     )
-    return inference_pb2.InferRequest(model=model, inputs=[tensor], **extra)
+    return inference_pb2.InferRequest(
+        model=model, inputs=[tensor], pairing_id=pairing_id(layout, model), **extra
+    )
 
 
 def _flood(stub: Any, request: Any, limit: int = 200) -> tuple[int, grpc.RpcError]:

@@ -99,8 +99,11 @@ def test_a_missing_state_folder_is_created_private(deploy: Path, tmp_path: Path)
     tier = start_private(deploy, env={**ENV, "SPLITVAULT_PRIVATE_STATE_DIR": str(state)})
     try:
         assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700
-        # The write probe is gone; only the private ledger (0700) was made there.
-        assert [p.name for p in state.iterdir()] == ["ledger"]
-        assert (state / "ledger").stat().st_mode & 0o777 == 0o700
+        # The write probe is gone; only the tier's own state was made there, none of it
+        # readable by other users.
+        names = {p.name for p in state.iterdir()}
+        assert "ledger" in names and not any(n.startswith(".write-probe") for n in names)
+        for path in state.rglob("*"):
+            assert path.stat().st_mode & 0o077 == 0, path
     finally:
         tier.stop()

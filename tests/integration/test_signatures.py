@@ -38,6 +38,7 @@ from splitvault.demo import digits
 from splitvault.deploy import init_deployment
 from splitvault.packing.pack import pack_spec
 from tests.conftest import DigitsFixture, issue_key
+from tests.support.deployments import pairing_id
 from tests.support.processes import TierProcess, start_private, start_public, wait_for
 from tests.support.stack import REPO_ROOT, https, image_request, tier_env
 
@@ -93,7 +94,9 @@ def signed(
         provider=LocalFileKeyProvider.load(layout.kek),
         policy=TopKPolicy(k=3),
         show_progress=False,
-        watermark=WatermarkConfig(enabled=True, scheme="label", fraction=0.5, max_confidence=1),
+        watermark=WatermarkConfig(
+            enabled=True, scheme="label", marks="query", fraction=0.5, max_confidence=1
+        ),
     )
     signer_key, bearer_key = issue_key(layout, "signer"), issue_key(layout, "bearer")
     signer_id, bearer_id = parse_key_id(signer_key), parse_key_id(bearer_key)
@@ -122,6 +125,19 @@ def signed(
 
 
 def _triggers(layout: DeployLayout, key_id: str) -> list[TriggerRecord]:
+    """The key's trigger records once the private tier's writer thread (it writes queued
+    records every 50 ms) has caught up: some found, and the same count three reads running."""
+    deadline = time.monotonic() + 30
+    found, same = _read_triggers(layout, key_id), 0
+    while (not found or same < 3) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        again = _read_triggers(layout, key_id)
+        same = same + 1 if len(again) == len(found) else 0
+        found = again
+    return found
+
+
+def _read_triggers(layout: DeployLayout, key_id: str) -> list[TriggerRecord]:
     key = load_key(
         layout.private.model(MODEL) / WATERMARK_KEY_FILE, LocalFileKeyProvider.load(layout.kek)
     )
@@ -188,6 +204,7 @@ def _request(
         request_id=f"redteam-{time.monotonic_ns()}",
         key_id=key_id,
         signature=signature,
+        pairing_id=pairing_id(s.layout, MODEL),
     )
 
 

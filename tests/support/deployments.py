@@ -29,3 +29,12 @@ def copy_deployment(
 
     shutil.copytree(source.root, target, ignore=ignore)
     return DeployLayout(target)
+
+
+def pairing_id(deploy: Path | DeployLayout, model: str) -> str:
+    """The pairing id the public tier sends with ``model``'s activations (its front manifest;
+    public, so a caller holding the public folder sends it too). '' when packed without one."""
+    from shared.manifest import read_manifest
+
+    layout = deploy if isinstance(deploy, DeployLayout) else DeployLayout(deploy)
+    return read_manifest(layout.public.model(model)).pairing_id or ""
