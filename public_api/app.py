@@ -14,6 +14,7 @@ from public_api.audit import AUDIT_DB
 from public_api.audit_anchor import start_anchoring
 from public_api.errors import install_error_handlers
 from public_api.front import FrontRunner, load_front_stages, message_limit
+from public_api.grpc_ingress_server import start_grpc_ingress
 from public_api.limits import BodySizeLimit, LinkHeader
 from public_api.metrics import PublicMetrics
 from public_api.openapi import install_openapi
@@ -67,12 +68,17 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             metrics.registry,
         )
         await protection.start()
-        app.state.splitvault = PublicState(settings, service, private, protection, metrics)
+        state = app.state.splitvault = PublicState(settings, service, private, protection, metrics)
+        ingress = None
+        if settings.grpc_port is not None:
+            ingress = await start_grpc_ingress(settings, state, settings.grpc_port)
         freeze_startup_objects()  # the front stages stay out of the collector's passes
         log.info("public_tier_ready", models=sorted(stages))
         try:
             yield
         finally:
+            if ingress is not None:
+                await ingress.stop(settings.shutdown_grace_s)
             await protection.close()
             if anchorer is not None:
                 await anchorer.close()  # after the trail's last write, before the channel closes
