@@ -14,6 +14,7 @@ from public_api.admission import Admission
 from public_api.audit_anchor import start_anchoring
 from public_api.errors import install_error_handlers
 from public_api.front import FrontRunner, load_front_stages, message_limit
+from public_api.grpc_ingress_server import start_grpc_ingress
 from public_api.limits import BodySizeLimit, LinkHeader
 from public_api.metrics import PublicMetrics
 from public_api.models import ModelSet
@@ -79,16 +80,21 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
         )
         await protection.start()
         sealer = build_sealer(settings.state_dir, settings.tier_dir, settings.sealing)
-        app.state.splitvault = PublicState(
+        tier = app.state.splitvault = PublicState(
             settings, service, private, protection, metrics, models, sealer
         )
         startup_check = asyncio.get_running_loop().create_task(models.check_at_startup())
+        ingress = None
+        if settings.grpc_port is not None:
+            ingress = await start_grpc_ingress(settings, tier, settings.grpc_port)
         freeze_startup_objects()  # the front stages stay out of the collector's passes
         log.info("public_tier_ready", models=sorted(stages))
         try:
             yield
         finally:
             startup_check.cancel()
+            if ingress is not None:
+                await ingress.stop(settings.shutdown_grace_s)
             await protection.close()
             if sealer is not None:
                 await asyncio.to_thread(sealer.close)

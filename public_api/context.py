@@ -42,6 +42,8 @@ class RequestContext:
     audited: bool = False
     overloaded: bool = False  # the connection limit was reached when the request arrived
     closed: Closed | None = None
+    # The tensor bytes after the JSON header (binary tensor data extension), once split off.
+    binary: memoryview | None = None
 
     @property
     def inference(self) -> bool:

@@ -7,9 +7,18 @@ from typing import Any
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 
+from public_api.binary import (
+    EXTENSION,
+    HEADER_LENGTH,
+    MEDIA_TYPE,
+    binary_answer,
+    input_buffers,
+    wants_binary,
+)
 from public_api.body import OffLoopJsonRoute
 from public_api.context import RequestContext
 from public_api.deps import Admitted, Authenticated, State
+from public_api.pipeline import serve_inference
 from public_api.signing import forwarded_signature
 from public_api.state import VERSION, PublicState
 from public_api.v2 import (
@@ -27,7 +36,10 @@ from public_api.v2 import (
     TermsBody,
 )
 
-router = APIRouter(route_class=OffLoopJsonRoute)
+# A body without a Content-Type is read as JSON, as stock v2 clients (tritonclient) send it.
+# Every route with a body needs an API key in a header, which no browser sends cross-origin
+# without a preflight, so this opens no form-post path.
+router = APIRouter(route_class=OffLoopJsonRoute, strict_content_type=False)
 ModelName = Path(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 429, 500, 503)
@@ -65,7 +77,9 @@ def _not_ready(body: dict[str, Any], state: PublicState) -> JSONResponse:
 @router.get("/v2", tags=["metadata"])
 async def server_metadata() -> ServerMetadata:
     """Server name, version and protocol extensions."""
-    return ServerMetadata(name="splitvault", version=VERSION, extensions=["classification"])
+    return ServerMetadata(
+        name="splitvault", version=VERSION, extensions=["classification", EXTENSION]
+    )
 
 
 @router.get("/v2/models/{model}", tags=["metadata"], responses=_ERRORS)
@@ -126,6 +140,7 @@ async def repository_index(
     "/v2/models/{model}/infer",
     tags=["inference"],
     responses=_ERRORS,
+    response_model=InferenceResponse,  # or raw bytes after JSON, when the request asks so
     response_model_exclude_none=True,
 )
 async def infer(
@@ -135,13 +150,15 @@ async def infer(
     request: Request,
     response: Response,
     model: str = ModelName,
-) -> InferenceResponse:
-    """Run the model; the answer is restricted by the model's output policy."""
+) -> InferenceResponse | Response:
+    """Run the model; the answer is restricted by the model's output policy. Tensors may come
+    and go as raw bytes after the JSON (the binary tensor data extension)."""
     context = RequestContext.of(request.scope)
     context.request_id = body.id  # audited with the answer, or with a refusal
     if state.sealer is not None:  # refuse before any work when the body could not be kept
         state.sealer.check_accepting()
-    decoded = await state.service.decode(model, body)
+    raw = None if context.binary is None else input_buffers(body, context.binary)
+    decoded = await state.service.decode(model, body, raw)
     protection = state.settings.protection
     signature = forwarded_signature(
         request.headers,
@@ -151,13 +168,13 @@ async def infer(
         required=caller.key_id in protection.require_signature_keys,
         window_s=protection.signature_window_s,
     )
-    await state.protection.limit(caller, model, decoded.samples)
-    outcome = await state.service.infer(decoded, key_id=caller.key_id, signature=signature)
-    if state.sealer is not None:  # the exact bytes received, sealed to the owner's key
-        state.sealer.submit(caller.key_id, model, body.id, await request.body())
-    specs = state.service.stage(model).manifest.outputs
-    await state.protection.record_served(caller, model, outcome, specs)
+    sealed = await request.body() if state.sealer is not None else None
+    outcome = await serve_inference(state, caller, decoded, signature, sealed, body.id or "")
     context.audited = True
+    if wants_binary(body):
+        answer = binary_answer(outcome.response)
+        headers = {**caller.headers, HEADER_LENGTH: str(answer.header_length)}
+        return Response(answer.body, media_type=MEDIA_TYPE, headers=headers)
     response.headers.update(caller.headers)
     return outcome.response
 

@@ -11,7 +11,7 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,13 +28,14 @@ from public_api.v2 import (
 from shared.errors import InvalidInput, ModelNotFound, ModelNotReady
 from shared.logs import get_logger
 from shared.manifest import BATCH_DIM, MAX_TOP_K, DimSpec, ModelConfig, TensorSpec, TopKPolicy
-from shared.tensor_codec import array_from_json, from_proto, to_proto
+from shared.tensor_codec import array_from_bytes, array_from_json, from_proto, to_proto
 from shared.validation import check_tensors
 
 log = get_logger(__name__)
 CLASSIFICATION, EMBEDDING = "classification", "embedding"
 # A request declaring more elements than this is decoded in a worker thread, not on the loop.
 OFFLOAD_ELEMENTS = 64 * 1024
+Buffer = bytes | memoryview  # a raw tensor's bytes
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,11 @@ class InferenceService:
         except KeyError:
             raise ModelNotFound(f"model {model!r} is not deployed") from None
 
-    async def decode(self, model: str, request: InferenceRequest) -> Decoded:
-        """Check ``request`` against ``model`` and decode its tensors (400, 404, 413).
+    async def decode(
+        self, model: str, request: InferenceRequest, raw: Mapping[str, Buffer] | None = None
+    ) -> Decoded:
+        """Check ``request`` against ``model`` and decode its tensors (400, 404, 413);
+        ``raw``: the bytes of the inputs sent as raw tensors, by input name.
 
         Large requests are decoded in a worker thread, so that they do not stall the loop.
         """
@@ -96,9 +100,9 @@ class InferenceService:
         top_k = _requested_k(request)
         declared = sum(math.prod(item.shape) for item in request.inputs if item.shape)
         if declared > OFFLOAD_ELEMENTS:
-            arrays = await asyncio.to_thread(self._decode, request)
+            arrays = await asyncio.to_thread(self._decode, request, raw or {})
         else:
-            arrays = self._decode(request)
+            arrays = self._decode(request, raw or {})
         sizes = check_tensors(stage.manifest.inputs, arrays)
         batch = sizes.get(BATCH_DIM, 0)
         if batch > stage.config.max_batch_size:
@@ -196,15 +200,23 @@ class InferenceService:
                 f"model {model!r} cannot process this input (its front-stage output was refused)"
             ) from None
 
-    def _decode(self, request: InferenceRequest) -> dict[str, Any]:
+    def _decode(self, request: InferenceRequest, raw: Mapping[str, Buffer]) -> dict[str, Any]:
         arrays: dict[str, Any] = {}
+        limit = self._max_elements
         for item in request.inputs:
             if item.name in arrays:
                 raise InvalidInput(f"input {item.name!r} appears twice")
             try:
-                arrays[item.name] = array_from_json(
-                    item.data, item.datatype, item.shape, max_elements=self._max_elements
-                )
+                if item.name in raw:
+                    arrays[item.name] = array_from_bytes(
+                        raw[item.name], item.datatype, item.shape, max_elements=limit
+                    )
+                elif item.data is not None:
+                    arrays[item.name] = array_from_json(
+                        item.data, item.datatype, item.shape, max_elements=limit
+                    )
+                else:
+                    raise InvalidInput("no data (and no binary_data_size)")
             except InvalidInput as error:
                 raise type(error)(f"input {item.name!r}: {error.message}") from None
         return arrays

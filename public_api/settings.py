@@ -50,6 +50,11 @@ class PublicSettings(TierSettings):
     # Port 0 binds a free port (logged in public_tier_listening); None: no metrics listener.
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=9465, ge=0, le=65535)
+    # The v2 gRPC inference service (tritonclient.grpc and other Open Inference Protocol
+    # clients) on host:grpc_port, over TLS with the HTTPS certificate, behind the same keys,
+    # terms, limits, monitor and audit. 0 binds a free port (logged in grpc_ingress_listening);
+    # None (default): no gRPC ingress.
+    grpc_port: int | None = Field(default=None, ge=0, le=65535)
     request_timeout_s: float = Field(default=5.0, gt=0, le=300)
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_elements: int = Field(default=4 * 1024 * 1024, ge=1)

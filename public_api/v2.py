@@ -10,12 +10,13 @@ _NAME = Field(min_length=1, max_length=256)
 
 
 class RequestInput(BaseModel):
-    """One input tensor; ``data`` is row-major, flat or nested."""
+    """One input tensor; ``data`` is row-major, flat or nested. Without ``data``, the tensor's
+    bytes follow the JSON (binary tensor data extension: ``parameters.binary_data_size``)."""
 
     name: str = _NAME
     shape: list[int] = Field(max_length=16)
     datatype: str = Field(max_length=16)
-    data: list[Any]
+    data: list[Any] | None = None
     parameters: dict[str, Any] | None = None
 
 

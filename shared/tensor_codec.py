@@ -1,13 +1,17 @@
 """The one tensor codec: Open Inference Protocol v2 datatypes, JSON data and raw-bytes tensors.
 
-REST requests carry JSON numbers; the gRPC hop carries raw little-endian bytes. Both decode to
-NumPy arrays here, with every check a hostile client could trip turned into ``InvalidInput``.
+REST requests carry JSON numbers, or raw bytes with the binary tensor data extension; the v2
+gRPC ingress carries raw bytes or typed contents; the hop between the tiers carries raw
+little-endian bytes. All decode to NumPy arrays here, with every check a hostile client could
+trip turned into ``InvalidInput``. ``BYTES`` tensors (the classification answers) are encoded
+here too: each element a 4-byte little-endian length, then its bytes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -96,6 +100,54 @@ def array_from_json(data: Any, datatype: str, shape: Sequence[int], *, max_eleme
     if dtype.kind == "f" and not np.isfinite(array).all():
         raise InvalidInput("data holds NaN or infinite values")
     return array
+
+
+def array_from_bytes(
+    data: bytes | memoryview, datatype: str, shape: Sequence[int], *, max_elements: int
+) -> Any:
+    """Decode a client's raw tensor (little-endian, row-major) of ``shape``, without copying.
+
+    Refuses what ``array_from_json`` refuses: sizes over ``max_elements``, a byte count that
+    does not match the shape, and non-finite floats.
+    """
+    dtype = numpy_dtype(datatype)
+    _check_shape(shape, max_elements)
+    expected = element_count(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidInput(
+            f"{len(data)} bytes of data but shape {list(shape)} of {datatype} needs {expected}"
+        )
+    array = np.frombuffer(data, dtype=dtype).reshape(tuple(shape))
+    if dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInput("data holds NaN or infinite values")
+    return array
+
+
+def _check_shape(shape: Sequence[int], max_elements: int) -> None:
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"{len(shape)} dimensions; at most {MAX_RANK} are allowed")
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"shape {list(shape)} has a negative dimension")
+    if element_count(shape) > max_elements:
+        raise PayloadTooLarge(
+            f"shape {list(shape)} has {element_count(shape)} elements; limit {max_elements}"
+        )
+
+
+def raw_bytes(array: Any) -> bytes:
+    """An array as raw tensor bytes: little-endian, row-major, in its v2 datatype."""
+    arr = np.asarray(array)
+    return np.asarray(arr, dtype=_NUMPY_BY_DATATYPE[datatype_of(arr.dtype)], order="C").tobytes()
+
+
+def bytes_tensor(elements: Iterable[str | bytes]) -> bytes:
+    """A v2 ``BYTES`` tensor as raw bytes: each element's length (4 bytes, little-endian), then
+    the element (strings as UTF-8)."""
+    parts = []
+    for element in elements:
+        data = element.encode() if isinstance(element, str) else element
+        parts += [struct.pack("<I", len(data)), data]
+    return b"".join(parts)
 
 
 def to_proto(name: str, array: Any) -> inference_pb2.Tensor:

@@ -193,15 +193,21 @@ def test_non_utf8_in_path_and_headers_is_refused(hostile: Hostile) -> None:
 
 @pytest.mark.parametrize(
     "content_type",
-    [None, "application/xml", "multipart/form-data; boundary=x", "application/octet-stream"],
+    ["application/xml", "multipart/form-data; boundary=x", "application/octet-stream"],
 )
-def test_wrong_content_types_are_400(hostile: Hostile, content_type: str | None) -> None:
+def test_wrong_content_types_are_400(hostile: Hostile, content_type: str) -> None:
     content = json.dumps(_digits()).encode()
-    headers = {} if content_type is None else {"content-type": content_type}
     with hostile.http() as http:
-        reply = http.post(DIGITS, content=content, headers=headers)
+        reply = http.post(DIGITS, content=content, headers={"content-type": content_type})
         _assert_error(reply, 400)
         _assert_serving(http)
+
+
+def test_no_content_type_is_read_as_json(hostile: Hostile) -> None:
+    """As stock v2 clients (tritonclient) send it (issue 16)."""
+    with hostile.http() as http:
+        reply = http.post(DIGITS, content=json.dumps(_digits()).encode())
+        assert reply.status_code == 200, reply.text
 
 
 # --- slow and idle clients ----------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 Each test sends what the red team sent and checks the fix; each failed against the code before
 it. Every ingress gets the same checks: ``INGRESSES`` lists the ways to ask for an inference
-(today the REST v2 infer route), and a new ingress is one more line there.
+(the REST v2 infer route, with JSON tensors and with binary ones), and a new ingress is one
+more line there. (The v2 gRPC ingress is not listed: these attacks speak HTTP/1.1 from chosen
+source addresses; tests/integration/test_triton_clients.py covers its keys, terms, limits in
+samples and audit.)
 
 A module-scoped copy of the session deployment (without MiniLM) runs one private tier and two
 public tiers on the same state folder: ``strict``, with tight per-address limits (12 samples
@@ -68,36 +71,62 @@ KEYS: dict[str, dict[str, Any]] = {
     "nat-b": {},
     "outcomes": {},
 }
+# Keys whose limits a test spends: one copy per ingress ("burst-64@rest-v2-infer").
+SPENT = ("burst-64", "quota-100")
 
 
 # --- ingresses ----------------------------------------------------------------------------
 
 
+# Binary tensor requests pad their JSON header to this many bytes (JSON allows the trailing
+# spaces), so that a request head can declare the header's length without seeing the body.
+BINARY_HEADER_BYTES = 4096
+
+
 @dataclass(frozen=True)
 class Ingress:
-    """One way to ask the public tier for an inference: where, and in which body."""
+    """One way to ask the public tier for an inference: where, and in which body.
+
+    ``binary``: tensors as raw bytes after a JSON header, without a Content-Type (as
+    tritonclient sends them: the binary tensor data extension)."""
 
     name: str
     target: Callable[[str], str]  # model -> request target
     body: Callable[[np.ndarray, dict[str, Any]], dict[str, Any]]  # images, parameters -> JSON
+    binary: bool = False
 
     def encode(self, images: np.ndarray, **parameters: Any) -> bytes:
-        return json.dumps(self.body(images, parameters)).encode()
+        document = self.body(images, parameters)
+        if not self.binary:
+            return json.dumps(document).encode()
+        raw = b""
+        for tensor in document["inputs"]:
+            data = np.asarray(tensor.pop("data"), dtype=np.float32).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(data)}
+            raw += data
+        return json.dumps(document).encode().ljust(BINARY_HEADER_BYTES) + raw
+
+    def headers(self) -> dict[str, str]:
+        """The headers that say what the body is."""
+        if self.binary:
+            return {"Inference-Header-Content-Length": str(BINARY_HEADER_BYTES)}
+        return {"Content-Type": "application/json"}
 
     def post(
         self, http: httpx.Client, images: np.ndarray, key: str | None = None, **parameters: Any
     ) -> httpx.Response:
         """The request through ``http``, sending ``key`` (none: no ``Authorization``)."""
-        headers = {"Content-Type": "application/json"}
+        headers = self.headers()
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"
         content = self.encode(images, **parameters)
         return http.post(self.target(MODEL), content=content, headers=headers)
 
     def head(self, length: int, key: str | None = None, **headers: str) -> bytes:
-        """The request line and headers of a request with a ``length``-byte JSON body."""
+        """The request line and headers of a request with a ``length``-byte body."""
         lines = [f"POST {self.target(MODEL)} HTTP/1.1", "Host: localhost"]
-        lines += ["Content-Type: application/json", f"Content-Length: {length}"]
+        lines += [f"{name}: {value}" for name, value in self.headers().items()]
+        lines += [f"Content-Length: {length}"]
         lines += [] if key is None else [f"Authorization: Bearer {key}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
@@ -109,6 +138,7 @@ def _v2_body(images: np.ndarray, parameters: dict[str, Any]) -> dict[str, Any]:
 
 INGRESSES = [
     Ingress("rest-v2-infer", lambda model: f"/v2/models/{model}/infer", _v2_body),
+    Ingress("rest-v2-binary", lambda model: f"/v2/models/{model}/infer", _v2_body, binary=True),
 ]
 each_ingress = pytest.mark.parametrize("ingress", INGRESSES, ids=lambda i: i.name)
 
@@ -168,7 +198,9 @@ class Stack:
 def stack(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("redteam") / "d"
     layout = copy_deployment(deployment.layout, root, keep_public_state=False)
-    keys = {name: issue_key(layout, name, **limits) for name, limits in KEYS.items()}
+    names = dict(KEYS)
+    names |= {f"{name}@{ingress.name}": KEYS[name] for name in SPENT for ingress in INGRESSES}
+    keys = {name: issue_key(layout, name, **limits) for name, limits in names.items()}
     private = start_private(layout.root, env=tier_env())
     tiers: list[TierProcess] = []
     try:
@@ -412,7 +444,7 @@ def test_the_per_address_limit_counts_samples_of_every_key_at_that_address(
 
 @each_ingress
 def test_the_burst_counts_samples(stack: Stack, ingress: Ingress) -> None:
-    key = stack.keys["burst-64"]
+    key = stack.keys[f"burst-64@{ingress.name}"]
     with stack.http(stack.open, stack.address()) as http:
         full = ingress.post(http, _images(64), key)
         more = ingress.post(http, _images(2), key)
@@ -424,7 +456,7 @@ def test_the_burst_counts_samples(stack: Stack, ingress: Ingress) -> None:
 
 @each_ingress
 def test_the_daily_quota_counts_samples(stack: Stack, ingress: Ingress) -> None:
-    key = stack.keys["quota-100"]
+    key = stack.keys[f"quota-100@{ingress.name}"]
     with stack.http(stack.open, stack.address()) as http:
         statuses = [ingress.post(http, _images(n), key).status_code for n in (64, 32, 8, 4, 1)]
     assert statuses == [200, 200, 429, 200, 429]  # 64 + 32 + 4 = 100

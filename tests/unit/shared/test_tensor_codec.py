@@ -12,7 +12,9 @@ from shared.errors import InvalidInput, PayloadTooLarge
 from shared.tensor_codec import (
     MAX_RANK,
     NUMERIC_DATATYPES,
+    array_from_bytes,
     array_from_json,
+    bytes_tensor,
     datatype_of,
     element_count,
     from_proto,
@@ -241,3 +243,34 @@ def test_scalar_shape() -> None:
     array = array_from_json([3.5], "FP32", [], max_elements=BIG)
     assert array.shape == ()
     assert float(array) == 3.5
+
+
+# --- raw tensors from clients (binary tensor data extension, v2 gRPC) --------------------
+
+
+def test_array_from_bytes_reads_little_endian_row_major() -> None:
+    data = np.arange(6, dtype="<f4").tobytes()
+    array = array_from_bytes(data, "FP32", [2, 3], max_elements=100)
+    np.testing.assert_array_equal(array, np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+@pytest.mark.parametrize(
+    ("data", "shape", "error", "says"),
+    [
+        (b"\0" * 8, [3], InvalidInput, "8 bytes"),
+        (np.array([np.inf], "<f4").tobytes(), [1], InvalidInput, "NaN or infinite"),
+        (b"", [-1], InvalidInput, "negative"),
+        (b"\0" * 4 * 101, [101], PayloadTooLarge, "limit 100"),
+        (b"", [1] * 33, InvalidInput, "dimensions"),
+    ],
+    ids=["size", "inf", "negative", "too-many", "rank"],
+)
+def test_array_from_bytes_refuses(
+    data: bytes, shape: list[int], error: type[Exception], says: str
+) -> None:
+    with pytest.raises(error, match=says):
+        array_from_bytes(data, "FP32", shape, max_elements=100)
+
+
+def test_bytes_tensor_prefixes_each_element_with_its_length() -> None:
+    assert bytes_tensor(["ab", b"c"]) == b"\x02\0\0\0ab\x01\0\0\0c"

@@ -1,0 +1,35 @@
+"""What every ingress does with an admitted, decoded request: limits, inference, monitor, audit.
+
+The REST route and the v2 gRPC servicer both end here, so that a request costs the same
+samples, is seen by the same monitor and leaves the same audit record whichever way it came.
+"""
+
+from __future__ import annotations
+
+from protos import inference_pb2
+from public_api.protection import Caller
+from public_api.service import Decoded, InferenceOutcome
+from public_api.state import PublicState
+
+
+async def serve_inference(
+    state: PublicState,
+    caller: Caller,
+    decoded: Decoded,
+    signature: inference_pb2.RequestSignature | None,
+    sealed_body: bytes | None = None,
+    request_id: str = "",
+) -> InferenceOutcome:
+    """Charge the request's samples (429), answer it, let the monitor see it and audit it.
+    ``sealed_body``: the exact bytes received, sealed to the owner's key once answered (REST
+    bodies; the owner's verifier reads v2 JSON bodies)."""
+    sealer = state.sealer if sealed_body is not None else None
+    if sealer is not None:  # refuse before any work when the body could not be kept
+        sealer.check_accepting()
+    await state.protection.limit(caller, decoded.model, decoded.samples)
+    outcome = await state.service.infer(decoded, key_id=caller.key_id, signature=signature)
+    if sealer is not None and sealed_body is not None:
+        sealer.submit(caller.key_id, decoded.model, request_id, sealed_body)
+    specs = state.service.stage(decoded.model).manifest.outputs
+    await state.protection.record_served(caller, decoded.model, outcome, specs)
+    return outcome
