@@ -156,6 +156,8 @@ class InferenceService:
                 "policy": config.policy.model_dump(),
                 "labels": config.labels,
                 "split": config.split,
+                # The most rows one request may carry; the SDK's predict(chunk=True) reads it.
+                "max_batch_size": config.max_batch_size,
             },
         )
 
