@@ -35,6 +35,8 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _MAX_ERROR_TEXT = 300
 # TLS alerts by which a server refuses the client's certificate (or its absence).
 _CLIENT_REFUSED = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")
+# The server answered something that is not TLS, or no protocol version both sides speak.
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE")
 _TIMEOUTS: dict[type[httpx.TimeoutException], tuple[str, str]] = {
     httpx.ConnectTimeout: ("connect", "no connection to {host} within {s}"),
     httpx.ReadTimeout: ("read", "{host} sent no answer within {s} (it may still be working)"),
@@ -120,12 +122,15 @@ def request_error(exc: httpx.RequestError) -> SplitVaultClientError:
 
 
 def tls_failure(exc: BaseException) -> ssl.SSLError | None:
-    """The TLS handshake error behind ``exc``, if one is: a refused certificate, a TLS alert,
-    a server that does not speak TLS. A connection merely closed mid-TLS is not one."""
+    """The TLS configuration error behind ``exc``, if one is: a refused certificate, a TLS
+    alert from the server, a server that does not speak TLS. Other TLS errors (a connection
+    closed mid-handshake) stay transient."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, ssl.SSLCertVerificationError) or type(current) is ssl.SSLError:
+        if isinstance(current, ssl.SSLCertVerificationError) or (
+            type(current) is ssl.SSLError and _configuration_reason(current)
+        ):
             return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
@@ -149,6 +154,15 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
+def _configuration_reason(error: ssl.SSLError) -> bool:
+    reason = _reason(error)
+    return "ALERT" in reason or any(name in reason for name in _NOT_TLS)
+
+
+def _reason(error: ssl.SSLError) -> str:
+    return str(getattr(error, "reason", None) or error.strerror or error)
+
+
 def _tls_message(error: ssl.SSLError) -> str:
     if isinstance(error, ssl.SSLCertVerificationError):
         why = getattr(error, "verify_message", None) or error.strerror or str(error)
@@ -157,7 +171,7 @@ def _tls_message(error: ssl.SSLError) -> str:
             "CA certificate that issued it (a splitvault deployment's public/tls/ca.crt) and a "
             "URL whose host the certificate names (splitvault init --public-host HOST)"
         )
-    reason = str(getattr(error, "reason", None) or error.strerror or error)
+    reason = _reason(error)
     if any(alert in reason for alert in _CLIENT_REFUSED):
         return (
             f"TLS: the server refused this client ({reason}); pass cert=(certificate, key) "
@@ -165,7 +179,7 @@ def _tls_message(error: ssl.SSLError) -> str:
         )
     if "WRONG_VERSION_NUMBER" in reason:
         return f"TLS: the server does not speak TLS on this port ({reason}); is it http://?"
-    return f"TLS handshake failed ({reason}); check ca= and cert="
+    return f"TLS handshake refused ({reason}); check ca=, cert= and the server's TLS settings"
 
 
 def _timeout_message(exc: httpx.TimeoutException) -> str:

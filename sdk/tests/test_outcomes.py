@@ -162,6 +162,7 @@ def _caused_by(error: httpx.TransportError, cause: BaseException) -> httpx.Trans
         (ssl.SSLCertVerificationError(1, "certificate verify failed"), "pass ca="),
         (ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] alert"), "pass cert="),
         (ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"), "http://"),
+        (ssl.SSLError(1, "[SSL: SSLV3_ALERT_HANDSHAKE_FAILURE] alert"), "TLS settings"),
     ],
 )
 def test_tls_failures_are_configuration_errors_never_retried(cause: ssl.SSLError, fix: str) -> None:
@@ -173,8 +174,15 @@ def test_tls_failures_are_configuration_errors_never_retried(cause: ssl.SSLError
         assert not outcomes.retryable(GET, failure)
 
 
-def test_a_connection_closed_during_tls_is_unavailable_not_a_tls_error() -> None:
-    failure = _caused_by(httpx.ConnectError("eof"), ssl.SSLEOFError(8, "EOF occurred"))
+@pytest.mark.parametrize(
+    "cause",
+    [
+        ssl.SSLEOFError(8, "[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred"),
+        ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] bad record mac"),
+    ],
+)
+def test_other_tls_errors_are_transient(cause: ssl.SSLError) -> None:
+    failure = _caused_by(httpx.ConnectError("tls"), cause)
     assert type(outcomes.request_error(failure)) is Unavailable
     assert outcomes.retryable(GET, failure)
 
