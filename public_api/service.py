@@ -166,6 +166,8 @@ class InferenceService:
                 "task": config.task,
                 "policy": config.policy.model_dump(),
                 "labels": config.labels,
+                # The most rows one request may carry; the SDK's predict(chunk=True) reads it.
+                "max_batch_size": config.max_batch_size,
             },
         )
 

@@ -40,8 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     init = commands.add_parser("init", help="create a deployment folder (CA, certificates, KEK)")
     init.add_argument("deploy", type=Path)
-    init.add_argument("--public-host", action="append", default=[], help="extra public DNS name")
-    init.add_argument("--private-host", action="append", default=[], help="extra private DNS name")
+    init.add_argument("--public-host", action="append", default=[], help="public DNS name or IP")
+    init.add_argument("--private-host", action="append", default=[], help="private DNS name or IP")
     init.add_argument(
         "--public-replicas",
         type=int,

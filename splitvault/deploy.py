@@ -7,6 +7,7 @@ private tier's budgets bound what one compromised replica can ask: the first's i
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from shared.keys import LocalFileKeyProvider
 from shared.layout import PRIVATE_IDENTITY, PUBLIC_IDENTITY, PUBLIC_REPLICA_PREFIX, DeployLayout
 from splitvault.pki import CertKeyPair, create_ca, issue_certificate, write_ca_cert_only
 
+_LOOPBACK_IPS = ("127.0.0.1", "::1")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _PUBLIC_TOML = """\
 # Public tier settings; SPLITVAULT_PUBLIC_* environment variables override them.
@@ -101,21 +103,22 @@ def init_deployment(
 def _issue_tier_certificates(
     layout: DeployLayout, ca: CertKeyPair, public_hosts: Sequence[str], private_hosts: Sequence[str]
 ) -> None:
-    loopback = {"dns_names": ["localhost"], "ip_addresses": ["127.0.0.1", "::1"]}
+    public_dns, public_ips = host_names(public_hosts)
     public_server = issue_certificate(
         ca,
         PUBLIC_IDENTITY,
-        dns_names=["localhost", "public", *public_hosts],
-        ip_addresses=loopback["ip_addresses"],
+        dns_names=["localhost", "public", *public_dns],
+        ip_addresses=[*_LOOPBACK_IPS, *public_ips],
         server=True,
         client=False,
     )
     public_client = _replica_certificate(ca, replica_identity(1))
+    private_dns, private_ips = host_names(private_hosts)
     private_server = issue_certificate(
         ca,
         PRIVATE_IDENTITY,
-        dns_names=[PRIVATE_IDENTITY, "private", "localhost", *private_hosts],
-        ip_addresses=loopback["ip_addresses"],
+        dns_names=[PRIVATE_IDENTITY, "private", "localhost", *private_dns],
+        ip_addresses=[*_LOOPBACK_IPS, *private_ips],
         server=True,
         client=True,
     )
@@ -124,6 +127,22 @@ def _issue_tier_certificates(
     private_server.write(layout.private.tls / "server.crt", layout.private.tls / "server.key")
     write_ca_cert_only(ca, layout.public.ca_cert)
     write_ca_cert_only(ca, layout.private.ca_cert)
+
+
+def host_names(hosts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``--public-host``/``--private-host`` values split into DNS names and IP addresses: a
+    client checks an IP address only against the certificate's IP entries."""
+    dns_names: list[str] = []
+    ip_addresses: list[str] = []
+    for host in hosts:
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            dns_names.append(host)
+            continue
+        if str(address) not in _LOOPBACK_IPS:
+            ip_addresses.append(str(address))
+    return dns_names, ip_addresses
 
 
 def replica_identity(number: int) -> str:

@@ -1,7 +1,7 @@
 """Python client for splitvault model servers (Open Inference Protocol v2 over REST).
 
 with Client("https://models.example", api_key="...") as client:
-    prediction = client.predict("resnet", images, top_k=5)
+    prediction = client.predict("resnet", images, top_k=5, chunk=True)
 """
 
 from ._client import AsyncClient, Client
@@ -13,10 +13,13 @@ from ._exceptions import (
     RateLimited,
     ServerError,
     SplitVaultClientError,
+    Timeout,
+    TLSError,
     Unauthorized,
     Unavailable,
 )
 from ._protocol import __version__
+from ._settings import InsecureTransportWarning
 from ._signing import RequestSigner, create_signing_key
 from ._types import ModelMetadata, Prediction, TensorSpec, Terms, TermsAcceptance
 
@@ -25,6 +28,7 @@ __all__ = [
     "BadRequest",
     "Client",
     "Forbidden",
+    "InsecureTransportWarning",
     "ModelMetadata",
     "ModelNotFound",
     "Prediction",
@@ -33,9 +37,11 @@ __all__ = [
     "RequestSigner",
     "ServerError",
     "SplitVaultClientError",
+    "TLSError",
     "TensorSpec",
     "Terms",
     "TermsAcceptance",
+    "Timeout",
     "Unauthorized",
     "Unavailable",
     "__version__",

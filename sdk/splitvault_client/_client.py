@@ -14,9 +14,17 @@ import httpx
 import numpy as np
 
 from . import _protocol as proto
-from ._protocol import Call, Inputs, Outcome, StrPath
+from ._chunking import ChunkedPredict, chunk_size
+from ._exceptions import RateLimited
+from ._inputs import Array, conform
+from ._outcomes import Outcome, RetryPolicy, settle
+from ._protocol import Call, Inputs
+from ._settings import StrPath, make_settings
 from ._signing import RequestSigner
 from ._types import ModelMetadata, Prediction, Terms, TermsAcceptance
+
+# Client.__init__ -> _Base.__init__ -> make_settings: warnings point at the caller's line.
+_CALLER = 3
 
 
 class _Base:
@@ -35,12 +43,27 @@ class _Base:
         max_backoff: float = 30.0,
         signing_key: StrPath | None = None,
     ) -> None:
-        retry = proto.RetryPolicy(retries, backoff, max_backoff)
-        self._settings = proto.make_settings(
-            url, api_key=api_key, ca=ca, cert=cert, timeout=timeout, retry=retry
+        retry = RetryPolicy(retries, backoff, max_backoff)
+        self._settings = make_settings(
+            url, api_key=api_key, ca=ca, cert=cert, timeout=timeout, retry=retry, stacklevel=_CALLER
         )
         self._metadata: dict[str, ModelMetadata] = {}
         self._signer = None if signing_key is None else RequestSigner.load(signing_key)
+
+    def __repr__(self) -> str:
+        key = ", api_key=[secure]" if "Authorization" in self._settings.headers else ""
+        signed = ", signing_key=[secure]" if self._signer is not None else ""
+        return f"{type(self).__name__}({self._settings.base_url!r}{key}{signed})"
+
+    def _plan(
+        self, metadata: ModelMetadata, inputs: Inputs, chunk: bool | int
+    ) -> tuple[dict[str, Array], ChunkedPredict | None]:
+        """The inputs in the model's datatypes, and the chunks to send them in (or none)."""
+        arrays = conform(metadata, inputs)
+        size = chunk_size(metadata, arrays, chunk)
+        if size is None:
+            return arrays, None
+        return arrays, ChunkedPredict(arrays, size, max_wait=self._settings.retry.max_backoff)
 
     def _infer_call(
         self, model: str, inputs: Mapping[str, Any], top_k: int | None, rid: str | None
@@ -61,14 +84,16 @@ class _Base:
 class Client(_Base):
     """Blocking client for a splitvault server (Open Inference Protocol v2 over REST).
 
-    ``url`` is the server's base URL. ``api_key`` is sent as a bearer token. TLS is verified
-    against ``ca`` (a PEM file) or certifi's bundle; ``cert`` is a ``(cert_file, key_file)`` pair
-    presented for mutual TLS. ``retries`` extra tries are made for GETs that failed and for
-    other calls that got a 503 or could not connect, waiting ``backoff * 2**n`` seconds or the
-    server's Retry-After, at most ``max_backoff``. ``transport`` replaces the network (tests pass
-    an ``httpx.MockTransport``). ``signing_key``: a key file from ``create_signing_key``; every
-    inference request is then signed with it (RFC 9421, Ed25519; the ``signing`` extra). Errors
-    are ``SplitVaultClientError`` subclasses.
+    ``url`` is the server's base URL (``http://`` to another machine draws an
+    ``InsecureTransportWarning``). ``api_key`` is sent as a bearer token and masked in every
+    repr. TLS is verified against ``ca`` (a PEM file) or certifi's bundle; ``cert`` is a
+    ``(cert_file, key_file)`` pair presented for mutual TLS; a TLS failure raises ``TLSError``.
+    ``timeout`` (seconds) bounds connecting and each read (``Timeout``). ``retries`` extra tries
+    are made for GETs that failed and for other calls that got a 503 or could not connect,
+    waiting ``backoff * 2**n`` seconds or the server's Retry-After, at most ``max_backoff``.
+    ``transport`` replaces the network (tests pass an ``httpx.MockTransport``). ``signing_key``:
+    a key file from ``create_signing_key``; every inference request is then signed with it
+    (RFC 9421, Ed25519; the ``signing`` extra). Errors are ``SplitVaultClientError`` subclasses.
     """
 
     def __init__(
@@ -144,15 +169,27 @@ class Client(_Base):
         *,
         top_k: int | None = None,
         request_id: str | None = None,
+        chunk: bool | int = False,
     ) -> Prediction:
         """Run ``model`` on a NumPy array (single-input models) or a dict of name -> array.
 
-        ``top_k`` asks a classifier for its k best classes.
+        Inputs are converted to the model's declared datatypes where nothing that matters is
+        lost (float64 -> FP32), else refused here with the fix. ``top_k`` asks a classifier for
+        its k best classes. ``chunk=True`` sends more rows than the model takes at once as
+        several requests of at most its ``max_batch_size`` rows (``chunk=N``: at most N), one
+        after another, and joins the answers; without it such a call raises ``ValueError``.
         """
-        if isinstance(inputs, np.ndarray):
-            inputs = {proto.single_input_name(self._cached_metadata(model)): inputs}
-        call = self._infer_call(model, inputs, top_k, request_id)
-        return proto.parse_prediction(self._send(call))
+        arrays, chunks = self._plan(self._cached_metadata(model), inputs, chunk)
+        if chunks is None:
+            call = self._infer_call(model, arrays, top_k, request_id)
+            return proto.parse_prediction(self._send(call))
+        while (part := chunks.pending()) is not None:
+            call = self._infer_call(model, part, top_k, chunks.chunk_id(request_id))
+            try:
+                chunks.answered(self._send(call))
+            except RateLimited as refused:
+                time.sleep(chunks.refused(refused))
+        return proto.prediction_from_json(chunks.merged(request_id))
 
     def terms(self) -> Terms:
         """The server's current terms of use."""
@@ -169,7 +206,7 @@ class Client(_Base):
         attempt = 0
         while True:
             outcome = self._attempt(call)
-            result = proto.settle(call, outcome)
+            result = settle(call, outcome)
             if isinstance(result, httpx.Response):
                 return result
             delay = self._settings.retry.delay(call, attempt, outcome)
@@ -266,15 +303,20 @@ class AsyncClient(_Base):
         *,
         top_k: int | None = None,
         request_id: str | None = None,
+        chunk: bool | int = False,
     ) -> Prediction:
-        """Run ``model`` on a NumPy array (single-input models) or a dict of name -> array.
-
-        ``top_k`` asks a classifier for its k best classes.
-        """
-        if isinstance(inputs, np.ndarray):
-            inputs = {proto.single_input_name(await self._cached_metadata(model)): inputs}
-        call = self._infer_call(model, inputs, top_k, request_id)
-        return proto.parse_prediction(await self._send(call))
+        """Run ``model`` on a NumPy array or a dict of name -> array (see ``Client.predict``)."""
+        arrays, chunks = self._plan(await self._cached_metadata(model), inputs, chunk)
+        if chunks is None:
+            call = self._infer_call(model, arrays, top_k, request_id)
+            return proto.parse_prediction(await self._send(call))
+        while (part := chunks.pending()) is not None:
+            call = self._infer_call(model, part, top_k, chunks.chunk_id(request_id))
+            try:
+                chunks.answered(await self._send(call))
+            except RateLimited as refused:
+                await asyncio.sleep(chunks.refused(refused))
+        return proto.prediction_from_json(chunks.merged(request_id))
 
     async def terms(self) -> Terms:
         """The server's current terms of use."""
@@ -291,7 +333,7 @@ class AsyncClient(_Base):
         attempt = 0
         while True:
             outcome = await self._attempt(call)
-            result = proto.settle(call, outcome)
+            result = settle(call, outcome)
             if isinstance(result, httpx.Response):
                 return result
             delay = self._settings.retry.delay(call, attempt, outcome)

@@ -1,43 +1,31 @@
 """Open Inference Protocol v2 over REST, with no I/O: both clients build and read requests here.
 
-A ``Call`` says what to send; ``settle`` turns what came back (a response or an httpx error)
-into either the response or the error to raise; ``RetryPolicy.delay`` says whether and when to
-try again. The ``parse_*`` functions turn successful responses into result objects.
+A ``Call`` says what to send (``_outcomes`` says what came back amounts to). The ``parse_*``
+functions turn successful responses into result objects.
 """
 
 from __future__ import annotations
 
-import email.utils
 import json
-import math
-import os
-import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
-import certifi
 import httpx
 import numpy as np
 import numpy.typing as npt
 
-from ._exceptions import ProtocolError, SplitVaultClientError, Unavailable, error_for_status
+from ._exceptions import ProtocolError
 from ._types import ModelMetadata, Prediction, Task, TensorSpec, Terms, TermsAcceptance
 
 __version__ = "0.1.0"
 
-StrPath = str | os.PathLike[str]
 Inputs = npt.NDArray[Any] | Mapping[str, npt.NDArray[Any]]
-Outcome = httpx.Response | httpx.RequestError
 T = TypeVar("T")
 
 _OK = frozenset({200})
 _HEALTH = frozenset({200, 503})  # 503 answers "not ready"; it is not a failure of the call
-_RETRY_STATUS_IDEMPOTENT = frozenset({429, 502, 503, 504})
-_RETRY_STATUS_OTHER = frozenset({503})
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _DATATYPE_BY_KIND_SIZE = {
     ("b", 1): "BOOL",
     ("u", 1): "UINT8",
@@ -52,76 +40,6 @@ _DATATYPE_BY_KIND_SIZE = {
     ("f", 4): "FP32",
     ("f", 8): "FP64",
 }
-_MAX_ERROR_TEXT = 300
-
-
-# --- connection settings -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how long to wait before trying a failed call again."""
-
-    retries: int = 0
-    backoff: float = 0.2
-    max_backoff: float = 30.0
-
-    def delay(self, call: Call, attempt: int, outcome: Outcome) -> float | None:
-        """Seconds to wait before try ``attempt + 1`` (0-based), or ``None`` to give up.
-
-        The server's Retry-After hint wins over exponential backoff; both are capped.
-        """
-        if attempt >= self.retries or not retryable(call, outcome):
-            return None
-        hint = None
-        if isinstance(outcome, httpx.Response):
-            hint = parse_retry_after(outcome.headers.get("Retry-After"))
-        wait = self.backoff * 2**attempt if hint is None else hint
-        return min(wait, self.max_backoff)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Validated constructor arguments shared by ``Client`` and ``AsyncClient``."""
-
-    base_url: str
-    headers: dict[str, str]
-    timeout: float
-    verify: ssl.SSLContext
-    retry: RetryPolicy
-
-
-def make_settings(
-    url: str,
-    *,
-    api_key: str | None,
-    ca: StrPath | None,
-    cert: tuple[StrPath, StrPath] | None,
-    timeout: float,
-    retry: RetryPolicy,
-) -> Settings:
-    """Check the client's arguments and build its headers and TLS context."""
-    if httpx.URL(url).scheme not in ("http", "https"):
-        raise ValueError(f"url must start with http:// or https://, got {url!r}")
-    if not timeout > 0:
-        raise ValueError("timeout must be positive")
-    if retry.retries < 0 or retry.backoff < 0 or retry.max_backoff < 0:
-        raise ValueError("retries, backoff and max_backoff must not be negative")
-    headers = {"Accept": "application/json", "User-Agent": f"splitvault-client/{__version__}"}
-    if api_key is not None:
-        if not api_key.strip():
-            raise ValueError("api_key must not be empty")
-        headers["Authorization"] = f"Bearer {api_key}"
-    return Settings(url, headers, timeout, ssl_context(ca, cert), retry)
-
-
-def ssl_context(ca: StrPath | None, cert: tuple[StrPath, StrPath] | None) -> ssl.SSLContext:
-    """A verifying TLS context trusting ``ca`` (else certifi's bundle), presenting ``cert``."""
-    context = ssl.create_default_context(cafile=certifi.where() if ca is None else os.fspath(ca))
-    if cert is not None:
-        certfile, keyfile = cert
-        context.load_cert_chain(os.fspath(certfile), os.fspath(keyfile))
-    return context
 
 
 # --- requests ------------------------------------------------------------------------------
@@ -136,7 +54,7 @@ class Call:
     body: bytes | None = None
     accept: frozenset[int] = field(default=_OK)
     # Headers made anew for each try (a request signature: a fresh time and nonce each time).
-    signer: Callable[[], dict[str, str]] | None = None
+    signer: Callable[[], dict[str, str]] | None = field(default=None, repr=False)
 
     @property
     def idempotent(self) -> bool:
@@ -230,6 +148,14 @@ def tensor_json(name: str, array: npt.NDArray[Any]) -> dict[str, Any]:
     }
 
 
+def numpy_dtype(datatype: str) -> np.dtype[Any] | None:
+    """The NumPy dtype of a v2 datatype (FP32 -> float32), ``None`` for one without (BYTES)."""
+    for (kind, size), name in _DATATYPE_BY_KIND_SIZE.items():
+        if name == datatype:
+            return np.dtype("bool" if kind == "b" else f"{kind}{size}")
+    return None
+
+
 def datatype_of(dtype: np.dtype[Any]) -> str:
     """The v2 datatype name of a NumPy dtype (float32 -> FP32, bool -> BOOL, ...)."""
     try:
@@ -252,94 +178,6 @@ def _encode(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
 
-# --- outcomes and errors -------------------------------------------------------------------
-
-
-def settle(call: Call, outcome: Outcome) -> httpx.Response | SplitVaultClientError:
-    """The response if ``call`` got an answer, else the error it amounts to."""
-    if isinstance(outcome, httpx.RequestError):
-        return request_error(outcome)
-    if outcome.status_code in call.accept:
-        return outcome
-    return error_from_response(outcome)
-
-
-def retryable(call: Call, outcome: Outcome) -> bool:
-    """Whether trying ``call`` again may help and cannot run it twice against the caller's will.
-
-    GETs are repeated after any transport failure or a 429/502/503/504; other calls only after
-    a 503 or a failure to connect (the request was never sent). A certificate the client refuses
-    will be refused again, so it is never retried.
-    """
-    if isinstance(outcome, httpx.Response):
-        allowed = _RETRY_STATUS_IDEMPOTENT if call.idempotent else _RETRY_STATUS_OTHER
-        return outcome.status_code in allowed
-    if not isinstance(outcome, httpx.TransportError) or _certificate_refused(outcome):
-        return False
-    return call.idempotent or isinstance(outcome, _NOT_SENT)
-
-
-def error_from_response(response: httpx.Response) -> SplitVaultClientError:
-    """The error for a non-success response, with the server's message and Retry-After hint."""
-    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-    return error_for_status(response.status_code, _error_message(response), retry_after=retry_after)
-
-
-def request_error(exc: httpx.RequestError) -> SplitVaultClientError:
-    """The error for a request that got no usable response (``Unavailable`` if unreachable)."""
-    detail = str(exc) or type(exc).__name__
-    error: SplitVaultClientError
-    if _certificate_refused(exc):
-        error = Unavailable(f"TLS certificate verification failed: {detail}")
-    elif isinstance(exc, httpx.TransportError):
-        error = Unavailable(f"cannot reach the server: {detail}")
-    else:
-        error = ProtocolError(f"unreadable response: {detail}")
-    error.__cause__ = exc
-    return error
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date); ``None`` if absent/bad."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
-    return max(0.0, seconds) if math.isfinite(seconds) else None
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        doc = response.json()
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict):
-        for key in ("error", "detail"):
-            if isinstance(doc.get(key), str):
-                return str(doc[key])
-    text = response.text.strip()[:_MAX_ERROR_TEXT]
-    return text or response.reason_phrase or "no message"
-
-
-def _certificate_refused(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ssl.SSLCertVerificationError):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
 # --- responses -----------------------------------------------------------------------------
 
 
@@ -350,13 +188,16 @@ def parse_health(response: httpx.Response) -> bool:
 
 def parse_metadata(response: httpx.Response) -> ModelMetadata:
     """A ``ModelMetadata`` from ``GET /v2/models/{name}``."""
-    doc = _json_object(response)
+    doc = json_object(response)
     params = _get(doc, "parameters", dict)
     task = _task(_get(params, "task", str))
     labels = params.get("labels")
     policy = params.get("policy") or {}
     if not isinstance(policy, dict):
         raise ProtocolError("field 'policy' is not an object")
+    max_batch = params.get("max_batch_size")
+    if max_batch is not None and not (_is_int(max_batch) and max_batch >= 1):
+        raise ProtocolError(f"max_batch_size must be a positive integer, got {max_batch!r}")
     return ModelMetadata(
         name=_get(doc, "name", str),
         versions=tuple(_str_list(doc.get("versions", []), "versions")),
@@ -367,12 +208,17 @@ def parse_metadata(response: httpx.Response) -> ModelMetadata:
         policy=policy,
         labels=None if labels is None else tuple(_str_list(labels, "labels")),
         raw=doc,
+        max_batch_size=max_batch,
     )
 
 
 def parse_prediction(response: httpx.Response) -> Prediction:
     """A ``Prediction`` from an infer response holding a classification or embedding output."""
-    doc = _json_object(response)
+    return prediction_from_json(json_object(response))
+
+
+def prediction_from_json(doc: dict[str, Any]) -> Prediction:
+    """A ``Prediction`` from an infer response's JSON object."""
     outputs = {out.get("name"): out for out in _get(doc, "outputs", list) if isinstance(out, dict)}
     model_name = _get(doc, "model_name", str)
     request_id = doc.get("id")
@@ -389,13 +235,13 @@ def parse_prediction(response: httpx.Response) -> Prediction:
 
 def parse_terms(response: httpx.Response) -> Terms:
     """``Terms`` from ``GET /v1/terms``."""
-    doc = _json_object(response)
+    doc = json_object(response)
     return Terms(_get(doc, "version", str), _get(doc, "text", str), _get(doc, "sha256", str))
 
 
 def parse_acceptance(response: httpx.Response) -> TermsAcceptance:
     """``TermsAcceptance`` from ``POST /v1/terms/accept``."""
-    doc = _json_object(response)
+    doc = json_object(response)
     return TermsAcceptance(_get(doc, "accepted", bool), _get(doc, "version", str))
 
 
@@ -461,7 +307,7 @@ def _task(value: str) -> Task:
     raise ProtocolError(f"unknown task {value!r}")
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any]:
+def json_object(response: httpx.Response) -> dict[str, Any]:
     try:
         doc = response.json()
     except ValueError:

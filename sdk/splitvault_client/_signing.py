@@ -17,7 +17,7 @@ import json
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ class RequestSigner:
 
     key_id: str
     deployment: str
-    private_key: Any  # cryptography's Ed25519PrivateKey
+    private_key: Any = field(repr=False)  # cryptography's Ed25519PrivateKey
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RequestSigner:

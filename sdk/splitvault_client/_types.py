@@ -22,7 +22,8 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ModelMetadata:
-    """What ``GET /v2/models/{name}`` says about a model."""
+    """What ``GET /v2/models/{name}`` says about a model; ``max_batch_size`` is the most rows
+    one request may carry (``None`` when the server does not say)."""
 
     name: str
     versions: tuple[str, ...]
@@ -33,6 +34,7 @@ class ModelMetadata:
     policy: dict[str, Any]
     labels: tuple[str, ...] | None
     raw: dict[str, Any] = field(repr=False, compare=False)
+    max_batch_size: int | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import socket
 import ssl
 import threading
 import time
@@ -27,6 +28,8 @@ from splitvault_client import (
     RateLimited,
     ServerError,
     SplitVaultClientError,
+    Timeout,
+    TLSError,
     Unauthorized,
     Unavailable,
 )
@@ -54,6 +57,12 @@ CLASSIFICATION = {
         }
     ],
 }
+ENC_METADATA = METADATA | {
+    "name": "enc",
+    "inputs": [{"name": "ids", "datatype": "INT64", "shape": [-1, 2]}],
+    "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, 2]}],
+    "parameters": {"task": "embedding", "policy": {}, "labels": None},
+}
 EMBEDDING = {
     "model_name": "enc",
     "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [1, 2], "data": [0.5, -1]}],
@@ -70,10 +79,14 @@ def fail(status: int, retry_after: str | None = None) -> httpx.Response:
 
 
 class FakeServer:
-    """Answers each path from a script (the last answer repeats) and records every request."""
+    """Answers each path from a script (the last answer repeats) and records every request.
+
+    The metadata of ``digits`` and ``enc`` is served unless ``routes`` says otherwise.
+    """
 
     def __init__(self, routes: dict[str, list[Answer]]) -> None:
-        self.routes = {path: list(answers) for path, answers in routes.items()}
+        models = {f"/base/v2/models/{doc['name']}": [ok(doc)] for doc in (METADATA, ENC_METADATA)}
+        self.routes = {path: list(answers) for path, answers in (models | routes).items()}
         self.requests: list[httpx.Request] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -89,16 +102,20 @@ class FakeServer:
     def paths(self) -> list[str]:
         return [request.url.path for request in self.requests]
 
+    def inferences(self) -> list[httpx.Request]:
+        return [request for request in self.requests if request.url.path.endswith("/infer")]
+
     def client(self, **kwargs: Any) -> Client:
-        return Client("http://server/base", transport=httpx.MockTransport(self), **kwargs)
+        return Client("http://localhost/base", transport=httpx.MockTransport(self), **kwargs)
 
     def async_client(self, **kwargs: Any) -> AsyncClient:
-        return AsyncClient("http://server/base", transport=httpx.MockTransport(self), **kwargs)
+        return AsyncClient("http://localhost/base", transport=httpx.MockTransport(self), **kwargs)
 
 
 def test_all_exports_are_the_public_api() -> None:
     errors = {"SplitVaultClientError", "BadRequest", "Unauthorized", "Forbidden", "ModelNotFound"}
     errors |= {"RateLimited", "Unavailable", "ServerError", "ProtocolError"}
+    errors |= {"Timeout", "TLSError", "InsecureTransportWarning"}
     results = {"ModelMetadata", "Prediction", "TensorSpec", "Terms", "TermsAcceptance"}
     clients = {"AsyncClient", "Client", "__version__"}
     clients |= {"RequestSigner", "create_signing_key"}
@@ -108,6 +125,10 @@ def test_all_exports_are_the_public_api() -> None:
         assert getattr(splitvault_client, name) is not None
     for cls in (BadRequest, Unauthorized, Forbidden, ModelNotFound, RateLimited, ServerError):
         assert issubclass(cls, SplitVaultClientError)
+    # A timeout is a kind of "cannot answer now"; a TLS failure is a configuration error.
+    assert issubclass(splitvault_client.Timeout, Unavailable)
+    assert issubclass(splitvault_client.TLSError, SplitVaultClientError)
+    assert not issubclass(splitvault_client.TLSError, Unavailable)
 
 
 # --- request building ----------------------------------------------------------------------
@@ -118,7 +139,7 @@ def test_infer_request_carries_json_body_bearer_and_prefix() -> None:
     pixels = np.array([[0, 0.5, 1, 0]], dtype=np.float32)
     with server.client(api_key="secret") as client:
         prediction = client.predict("digits", {"pixels": pixels}, top_k=2, request_id="r1")
-    (request,) = server.requests
+    (request,) = server.inferences()
     assert request.method == "POST"
     assert request.headers["Authorization"] == "Bearer secret"
     assert request.headers["Content-Type"] == "application/json"
@@ -250,7 +271,7 @@ def test_infer_is_retried_after_503_and_after_failing_to_connect() -> None:
     server = FakeServer({"/base/v2/models/digits/infer": infer})
     with server.client(retries=2, backoff=0) as client:
         client.predict("digits", {"pixels": np.zeros((1, 4), dtype=np.float32)})
-    assert len(server.requests) == 3
+    assert len(server.inferences()) == 3
 
 
 @pytest.mark.parametrize("answer", [fail(500), fail(429), httpx.ReadTimeout("slow")])
@@ -258,7 +279,7 @@ def test_infer_is_not_retried_once_it_may_have_run(answer: Answer) -> None:
     server = FakeServer({"/base/v2/models/digits/infer": [answer, ok(CLASSIFICATION)]})
     with server.client(retries=3, backoff=0) as client, pytest.raises(SplitVaultClientError):
         client.predict("digits", {"pixels": np.zeros((1, 4), dtype=np.float32)})
-    assert len(server.requests) == 1
+    assert len(server.inferences()) == 1
 
 
 def test_connection_failure_is_unavailable_with_its_cause() -> None:
@@ -322,7 +343,7 @@ async def test_async_embedding_terms_and_health() -> None:
             await client.accept_terms("v")
     assert prediction.embeddings is not None and prediction.embeddings.dtype == np.float32
     assert prediction.embeddings.tolist() == [[0.5, -1.0]]
-    assert json.loads(server.requests[0].content)["inputs"][0]["datatype"] == "INT64"
+    assert json.loads(server.inferences()[0].content)["inputs"][0]["datatype"] == "INT64"
 
 
 @pytest.mark.asyncio
@@ -396,10 +417,11 @@ def test_tls_server_is_verified_against_the_given_ca(ca: tuple[trustme.CA, Path]
     with https_server(authority) as url:
         with Client(url, ca=ca_path) as client:
             assert client.live() is True
-        with Client(url, retries=2) as client, pytest.raises(Unavailable) as caught:
-            client.live()  # certifi's bundle does not know the test CA
-    assert "certificate" in caught.value.message
+        with Client(url, retries=2) as client, pytest.raises(TLSError) as caught:
+            client.live()  # certifi's bundle does not know the test CA: not retried
+    assert "certificate" in caught.value.message and "pass ca=" in caught.value.message
     assert isinstance(caught.value.__cause__, httpx.ConnectError)
+    assert not isinstance(caught.value, Unavailable)
 
 
 @pytest.mark.asyncio
@@ -411,7 +433,7 @@ async def test_async_tls_server_is_verified_against_the_given_ca(
         async with AsyncClient(url, ca=str(ca_path)) as client:
             assert await client.live() is True
         async with AsyncClient(url) as client:
-            with pytest.raises(Unavailable, match="certificate"):
+            with pytest.raises(TLSError, match="certificate"):
                 await client.live()
 
 
@@ -426,8 +448,31 @@ def test_client_certificate_is_presented_for_mutual_tls(
     with https_server(authority, require_client_cert=True) as url:
         with Client(url, ca=ca_path, cert=(cert_path, key_path)) as client:
             assert client.live() is True
-        with Client(url, ca=ca_path) as client, pytest.raises(Unavailable):
+        with Client(url, ca=ca_path) as client, pytest.raises(TLSError, match="pass cert="):
             client.live()
+
+
+def test_a_server_that_accepts_and_never_answers_is_a_timeout() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # the kernel accepts; no reply
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with Client(url, timeout=0.2) as client, pytest.raises(Timeout) as caught:
+            client.live()
+    assert caught.value.message == (
+        "127.0.0.1 sent no answer within 0.2 s (it may still be working); "
+        "Client(timeout=...) sets the limit"
+    )
+    assert isinstance(caught.value, Unavailable) and isinstance(
+        caught.value.__cause__, httpx.ReadTimeout
+    )
+
+
+@pytest.mark.asyncio
+async def test_async_timeouts_are_timeouts_too() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        async with AsyncClient(url, timeout=0.2) as client:
+            with pytest.raises(Timeout, match=r"sent no answer within 0\.2 s"):
+                await client.ready()
 
 
 # --- request signing -----------------------------------------------------------------------
@@ -444,7 +489,7 @@ def test_a_signing_client_signs_each_try_anew(tmp_path: Path) -> None:
     pixels = np.zeros((1, 4), np.float32)
     with server.client(retries=1, backoff=0, signing_key=key) as client:
         client.predict("digits", {"pixels": pixels}, top_k=2)
-    first, second = server.requests
+    first, second = server.inferences()
     for request in (first, second):
         assert request.headers["splitvault-claims"] == (
             'key="k_0123abcd", deployment="d1", model="digits", rows=1, k=2, shapes=("pixels:1x4")'

@@ -1,12 +1,9 @@
-"""Request building, response parsing, error mapping and retry decisions, with no network."""
+"""Request building and response parsing, with no network."""
 
 from __future__ import annotations
 
 import json
 import math
-import ssl
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
 from typing import Any
 
 import httpx
@@ -14,16 +11,8 @@ import numpy as np
 import pytest
 
 from splitvault_client import (
-    BadRequest,
-    Forbidden,
-    ModelNotFound,
     ProtocolError,
-    RateLimited,
-    ServerError,
-    SplitVaultClientError,
     TensorSpec,
-    Unauthorized,
-    Unavailable,
 )
 from splitvault_client import _protocol as proto
 
@@ -132,28 +121,6 @@ def test_get_calls_are_idempotent_and_bodiless() -> None:
     assert accept.body is not None and json.loads(accept.body) == {"version": "v2"}
 
 
-def test_settings_carry_bearer_and_refuse_bad_arguments() -> None:
-    retry = proto.RetryPolicy()
-    settings = proto.make_settings(
-        "https://h", api_key="k1", ca=None, cert=None, timeout=5, retry=retry
-    )
-    assert settings.headers["Authorization"] == "Bearer k1"
-    assert settings.verify.verify_mode.name == "CERT_REQUIRED"
-    plain = proto.make_settings(
-        "http://h", api_key=None, ca=None, cert=None, timeout=5, retry=retry
-    )
-    assert "Authorization" not in plain.headers
-    for kwargs in ({"url": "ftp://h"}, {"timeout": 0}, {"api_key": " "}):
-        args: dict[str, Any] = {"url": "http://h", "api_key": None, "timeout": 1.0} | kwargs
-        with pytest.raises(ValueError):
-            proto.make_settings(args.pop("url"), ca=None, cert=None, retry=retry, **args)
-    with pytest.raises(ValueError):
-        bad_retry = proto.RetryPolicy(retries=-1)
-        proto.make_settings(
-            "http://h", api_key=None, ca=None, cert=None, timeout=1, retry=bad_retry
-        )
-
-
 # --- response parsing ----------------------------------------------------------------------
 
 
@@ -251,113 +218,3 @@ def test_terms_and_acceptance_are_parsed() -> None:
     assert (terms.version, terms.text, terms.sha256) == ("v1", "Be nice", "ab")
     accepted = proto.parse_acceptance(response(200, {"accepted": True, "version": "v1"}))
     assert accepted.accepted and accepted.version == "v1"
-
-
-# --- errors --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("status", "cls"),
-    [
-        (400, BadRequest),
-        (413, BadRequest),
-        (401, Unauthorized),
-        (403, Forbidden),
-        (404, ModelNotFound),
-        (429, RateLimited),
-        (503, Unavailable),
-        (500, ServerError),
-        (502, ServerError),
-        (418, SplitVaultClientError),
-    ],
-)
-def test_error_statuses_map_to_classes(status: int, cls: type[SplitVaultClientError]) -> None:
-    error = proto.error_from_response(
-        response(status, {"error": "nope"}, headers={"Retry-After": "7"})
-    )
-    assert type(error) is cls
-    assert error.status == status and error.message == "nope" and error.retry_after == 7.0
-    assert str(error) == f"{status}: nope"
-
-
-def test_error_message_falls_back_to_body_text_or_reason() -> None:
-    text = httpx.Response(500, content=b"upstream exploded", request=REQUEST)
-    assert proto.error_from_response(text).message == "upstream exploded"
-    assert proto.error_from_response(response(502)).message == "Bad Gateway"
-    assert proto.error_from_response(response(422, {"detail": "bad field"})).message == "bad field"
-
-
-def test_retry_after_parsing() -> None:
-    assert proto.parse_retry_after(None) is None
-    assert proto.parse_retry_after("2") == 2.0
-    assert proto.parse_retry_after("0.5") == 0.5
-    assert proto.parse_retry_after("-3") == 0.0
-    assert proto.parse_retry_after("soon") is None
-    assert proto.parse_retry_after("nan") is None
-    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
-    seconds = proto.parse_retry_after(later)
-    assert seconds is not None and 25 < seconds <= 30
-    assert proto.parse_retry_after("Mon, 01 Jan 2001 00:00:00 GMT") == 0.0
-
-
-def test_connection_errors_map_to_unavailable_with_their_cause() -> None:
-    cause = httpx.ConnectError("refused")
-    error = proto.request_error(cause)
-    assert type(error) is Unavailable and error.status is None and error.__cause__ is cause
-    assert "refused" in error.message
-    decoding = proto.request_error(httpx.DecodingError("bad gzip"))
-    assert type(decoding) is ProtocolError
-
-
-# --- retry decisions -----------------------------------------------------------------------
-
-GET = proto.metadata_call("m")
-POST = proto.infer_call("m", {"x": np.zeros(1)})
-
-
-def test_backoff_grows_exponentially_and_is_capped() -> None:
-    policy = proto.RetryPolicy(retries=5, backoff=0.5, max_backoff=3.0)
-    failure = response(503)
-    assert [policy.delay(GET, n, failure) for n in range(6)] == [0.5, 1.0, 2.0, 3.0, 3.0, None]
-
-
-def test_retry_after_wins_over_backoff_up_to_the_cap() -> None:
-    policy = proto.RetryPolicy(retries=3, backoff=0.1, max_backoff=10.0)
-    assert policy.delay(POST, 0, response(503, headers={"Retry-After": "4"})) == 4.0
-    assert policy.delay(POST, 0, response(503, headers={"Retry-After": "99"})) == 10.0
-
-
-def test_no_retries_by_default() -> None:
-    assert proto.RetryPolicy().delay(GET, 0, response(503)) is None
-
-
-@pytest.mark.parametrize(
-    ("call", "outcome", "expected"),
-    [
-        (GET, response(503), True),
-        (GET, response(429), True),
-        (GET, response(502), True),
-        (GET, response(500), False),
-        (GET, response(404), False),
-        (GET, httpx.ReadTimeout("slow"), True),
-        (GET, httpx.ConnectError("refused"), True),
-        (POST, response(503), True),
-        (POST, response(429), False),
-        (POST, response(502), False),
-        (POST, response(500), False),
-        (POST, httpx.ConnectError("refused"), True),
-        (POST, httpx.ConnectTimeout("slow"), True),
-        (POST, httpx.ReadTimeout("slow"), False),
-        (POST, httpx.RemoteProtocolError("closed"), False),
-        (GET, httpx.DecodingError("bad gzip"), False),
-    ],
-)
-def test_what_is_retried(call: proto.Call, outcome: proto.Outcome, expected: bool) -> None:
-    assert proto.retryable(call, outcome) is expected
-
-
-def test_certificate_failures_are_not_retried() -> None:
-    error = httpx.ConnectError("verify failed")
-    error.__cause__ = ssl.SSLCertVerificationError("certificate verify failed")
-    assert not proto.retryable(GET, error)
-    assert "certificate" in proto.request_error(error).message
