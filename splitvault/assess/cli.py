@@ -76,7 +76,8 @@ def add_budget_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> N
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """The experiment settings from parsed arguments."""
-    from splitvault.assess import Settings, Training
+    from splitvault.assess.experiment import Settings
+    from splitvault.assess.thieves import Training
 
     try:
         budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
@@ -94,8 +95,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def pack_assessment_line(args: argparse.Namespace) -> str:
     """The one assess line ``pack --assess-data`` prints for the model it just packed."""
-    from splitvault.assess import Request, run_assessment
     from splitvault.assess.report import one_line
+    from splitvault.assess.run import Request, run_assessment
 
     request = Request(
         data=args.assess_data,
@@ -108,7 +109,7 @@ def pack_assessment_line(args: argparse.Namespace) -> str:
 
 
 def _assess(args: argparse.Namespace) -> int:
-    from splitvault.assess import Request, run_assessment
+    from splitvault.assess.run import Request, run_assessment
 
     settings = settings_from(args)
     candidates = [c.strip() for c in (args.candidates or "").split(",") if c.strip()]

@@ -14,7 +14,9 @@ import torch
 from shared.keys import LocalFileKeyProvider
 from shared.layout import DeployLayout
 from shared.manifest import LabelPolicy
-from splitvault.assess import Request, Settings, Training, run_assessment
+from splitvault.assess.experiment import Settings
+from splitvault.assess.run import Request, run_assessment
+from splitvault.assess.thieves import Training
 from splitvault.cli import main
 from splitvault.demo import digits
 from splitvault.deploy import init_deployment
