@@ -173,12 +173,19 @@ def _samples(answer: str | None, per_row: int = 1) -> int:
     return int(parsed.get("shape", [1])[0])
 
 
-def monitor_section(deploy: Path, key_id: str) -> dict[str, Any]:
-    """The extraction monitor's latest assessment of the key."""
+def monitor_section(deploy: Path, key_id: str, dsn: str | None = None) -> dict[str, Any]:
+    """The extraction monitor's latest assessment of the key (its log stays on each replica:
+    with ``dsn``, a host without a public state folder has none to show)."""
     from public_api.monitor import read_assessments
     from public_api.monitor.cli import MONITOR_DB
 
-    found = read_assessments(_state(deploy) / MONITOR_DB, key_id)
+    try:
+        state = _state(deploy)
+    except FileNotFoundError:
+        if dsn is None:
+            raise
+        return {"assessment": None}
+    found = read_assessments(state / MONITOR_DB, key_id)
     return {"assessment": asdict(found[0]) if found else None}
 
 
@@ -265,7 +272,7 @@ def build_evidence(
         "watermark_key_id": owner.key.key_id,
         "api_key": keys,
         "audit": audit,
-        "monitor": monitor_section(deploy, key_id),
+        "monitor": monitor_section(deploy, key_id, dsn),
         "triggers": triggers,
         "marked_by_hour": _marked_by_hour(triggers["records"]),
         "sealed": sealed_section(sealed, audit["records"]),
