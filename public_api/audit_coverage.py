@@ -16,7 +16,7 @@ anything, since whoever controls the public host can delete them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,10 +66,15 @@ class Coverage:
 
 
 def check_coverage(
-    trail: Path | TrailSource, anchors: AnchorsFile | None, chain: str | None = None
+    trail: Path | TrailSource,
+    anchors: AnchorsFile | None,
+    chain: str | None = None,
+    siblings: Collection[str] = (),
 ) -> Coverage:
     """Check ``trail`` (a SQLite file, or a chain in PostgreSQL) against ``anchors`` (and its own
-    receipts); ``chain``: the chain id the trail must have (default: the one it holds)."""
+    receipts); ``chain``: the chain id the trail must have (default: the one it holds);
+    ``siblings``: other chains stored beside it (PostgreSQL's per-replica chains), whose anchors
+    do not mean this trail was replaced: a chain of records not anchored yet is "not covered"."""
     path = as_source(trail)
     result = verify_chain(path)
     chain_id = read_chain_id(path)
@@ -82,7 +87,7 @@ def check_coverage(
         coverage.problems.append(f"the trail's chain id is {chain_id}, not {chain}")
     mine = [anchor for anchor in trusted if anchor.chain_id == wanted]
     others = sorted({anchor.chain_id for anchor in trusted} - {wanted})
-    if anchors is not None and not mine and others:
+    if anchors is not None and not mine and set(others) - set(siblings):
         coverage.problems.append(
             f"the private ledger holds no anchor of this trail's chain {chain_id}, but anchors "
             f"chain(s) {', '.join(others)}: the trail was replaced (or pass --chain)"

@@ -23,13 +23,14 @@ def verify_postgres(dsn: str, anchors: AnchorsFile | None, only_chain: str | Non
 
     failed = 0
     with postgres(dsn) as conn:
+        present = {c for _, c in chains(conn)}
         found = [(r, c) for r, c in chains(conn) if only_chain in (None, c)]
         if only_chain is not None and not found:
             print(f"audit chain {only_chain} FAILED verification: not in the database")
             return 1
         for replica, chain_id in found:
             source = PgTrailSource(conn, chain_id, f"chain {chain_id} (replica {replica})")
-            coverage = check_coverage(source, anchors)
+            coverage = check_coverage(source, anchors, siblings=present)
             status = "OK" if coverage.ok else "FAILED verification"
             print(f"audit {source.name} {status}: {coverage.records} records")
             for line in coverage.lines():
@@ -37,7 +38,7 @@ def verify_postgres(dsn: str, anchors: AnchorsFile | None, only_chain: str | Non
             seq, digest = head(source)
             print(f"  head: record {seq}, hash {digest}")
             failed += not coverage.ok
-        missing = _anchored_elsewhere(anchors, {c for _, c in chains(conn)})
+        missing = _anchored_elsewhere(anchors, present)
     for chain_id in [] if only_chain else missing:
         print(
             f"audit chain {chain_id} FAILED: the private ledger anchors it, the database lacks it"

@@ -20,6 +20,7 @@ from splitvault.ledger_cli import add_ledger_commands
 from splitvault.models_cli import add_models_commands
 from splitvault.ownership.cli import add_ownership_commands
 from splitvault.rotation import add_rotation_commands
+from splitvault.state_cli import add_state_commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     add_monitor_commands(commands)
     add_ownership_commands(commands)
     add_ledger_commands(commands)
+    add_state_commands(commands)  # state migrate (issue 15)
     add_assess_command(commands)
     # model management and local development
     add_models_commands(commands)

@@ -43,6 +43,12 @@ def add_ownership_commands(commands: argparse._SubParsersAction[argparse.Argumen
         help="the private ledger's anchors (`splitvault ledger export-anchors`): says which "
         "records an anchor covers",
     )
+    evidence.add_argument(
+        "--dsn-file",
+        type=Path,
+        help="the replicas' shared PostgreSQL DSN file (default: the public tier's "
+        "state_backend and postgres_dsn_file settings)",
+    )
     _suspect_args(evidence, required=False)
     evidence.set_defaults(run=_evidence)
     _add_watermark(commands)
@@ -177,8 +183,10 @@ def _run_verifications(
 
 def _key_id(args: argparse.Namespace) -> str:
     from splitvault.ownership.evidence import key_section
+    from splitvault.state_access import configured_dsn
 
-    return str(key_section(args.deploy, args.key)["key"]["key_id"])
+    dsn = configured_dsn(args.deploy, getattr(args, "dsn_file", None))
+    return str(key_section(args.deploy, args.key, dsn)["key"]["key_id"])
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -211,6 +219,7 @@ def _sealed_line(sealed: SealedQueries) -> str:
 
 def _evidence(args: argparse.Namespace) -> int:
     from splitvault.ownership.evidence import build_evidence, write_evidence
+    from splitvault.state_access import configured_dsn
 
     if args.suspect is None and args.inputs is not None:
         raise ValueError("--inputs needs --suspect")
@@ -231,6 +240,7 @@ def _evidence(args: argparse.Namespace) -> int:
         anchors,
         sealed=sealed,
         alpha=args.alpha,
+        dsn=configured_dsn(args.deploy, args.dsn_file),
     )
     json_path, html_path = write_evidence(evidence, args.out)
     print(

@@ -45,9 +45,13 @@ def _state(deploy: Path) -> Path:
     return state
 
 
-def key_section(deploy: Path, key: str) -> dict[str, Any]:
-    """The key (by id or name) and every terms acceptance it made."""
+def key_section(deploy: Path, key: str, dsn: str | None = None) -> dict[str, Any]:
+    """The key (by id or name) and every terms acceptance it made (``dsn``: in PostgreSQL)."""
     from public_api.keys import KEYS_DB, SqliteKeyStore
+    from splitvault.state_evidence import pg_key_section
+
+    if dsn is not None:
+        return pg_key_section(dsn, key)
 
     path = _state(deploy) / KEYS_DB
     if not path.is_file():
@@ -65,13 +69,16 @@ def audit_section(
     flag_threshold: float,
     anchors: AnchorsFile | None = None,
     per_row: int = 1,
+    dsn: str | None = None,
 ) -> dict[str, Any]:
     """Chain verification, anchor coverage (against ``anchors``, the private ledger's export),
     the key's records, and an hourly timeline with monitor flags (``per_row``: classes
-    answered per sample, the policy's k, to count samples)."""
+    answered per sample, the policy's k, to count samples); ``dsn``: every chain in PostgreSQL."""
     from public_api.audit import AUDIT_DB, export_records, head, verify_chain
     from public_api.audit_coverage import check_coverage
 
+    if dsn is not None:
+        return _pg_audit_section(dsn, key_id, flag_threshold, anchors, per_row)
     path = _state(deploy) / AUDIT_DB
     if not path.is_file():
         return {"status": "FAILED", "problem": f"no audit trail at {path}", "records": []}
@@ -82,8 +89,6 @@ def audit_section(
         for record in export_records(path, key_id)
     ]
     seq, digest = head(path)
-    flagged = [r for r in records if (r["monitor_score"] or 0.0) >= flag_threshold]
-    blocked = [r for r in records if r["decision"] == "blocked"]
     return {
         "status": "OK" if result.ok and coverage.ok else "FAILED",
         "problem": result.problem or (coverage.problems[0] if coverage.problems else None),
@@ -96,6 +101,38 @@ def audit_section(
         "first_bad_seq": result.first_bad_seq,
         "trail_records": result.records,
         "head": {"seq": seq, "hash": digest},
+        **_timeline(records, flag_threshold, per_row),
+    }
+
+
+def _pg_audit_section(
+    dsn: str, key_id: str, flag_threshold: float, anchors: AnchorsFile | None, per_row: int
+) -> dict[str, Any]:
+    """``audit_section`` over every replica's chain in PostgreSQL (``chains``: each one)."""
+    from splitvault.state_evidence import pg_audit_records
+
+    checked, records = pg_audit_records(dsn, key_id, anchors)
+    problems = [f"chain {c['chain_id']}: {p}" for c in checked for p in c["problems"]]
+    return {
+        "status": "OK" if checked and not problems else "FAILED",
+        "problem": problems[0] if problems else (None if checked else "no audit chain"),
+        "anchoring": {
+            "verified_against_ledger": anchors is not None,
+            "covered_through": {c["chain_id"]: c.get("covered_through", 0) for c in checked},
+            "problems": problems,
+            "statement": [line for c in checked for line in c.get("statement", [])],
+        },
+        "first_bad_seq": next((c["first_bad_seq"] for c in checked if not c["ok"]), None),
+        "trail_records": sum(c["records"] for c in checked),
+        "chains": checked,
+        **_timeline(records, flag_threshold, per_row),
+    }
+
+
+def _timeline(records: list[dict[str, Any]], flag_threshold: float, per_row: int) -> dict[str, Any]:
+    flagged = [r for r in records if (r["monitor_score"] or 0.0) >= flag_threshold]
+    blocked = [r for r in records if r["decision"] == "blocked"]
+    return {
         "flag_threshold": flag_threshold,
         "first_flagged": flagged[0]["time"] if flagged else None,
         "first_blocked": blocked[0]["time"] if blocked else None,
@@ -136,12 +173,19 @@ def _samples(answer: str | None, per_row: int = 1) -> int:
     return int(parsed.get("shape", [1])[0])
 
 
-def monitor_section(deploy: Path, key_id: str) -> dict[str, Any]:
-    """The extraction monitor's latest assessment of the key."""
+def monitor_section(deploy: Path, key_id: str, dsn: str | None = None) -> dict[str, Any]:
+    """The extraction monitor's latest assessment of the key (its log stays on each replica:
+    with ``dsn``, a host without a public state folder has none to show)."""
     from public_api.monitor import read_assessments
     from public_api.monitor.cli import MONITOR_DB
 
-    found = read_assessments(_state(deploy) / MONITOR_DB, key_id)
+    try:
+        state = _state(deploy)
+    except FileNotFoundError:
+        if dsn is None:
+            raise
+        return {"assessment": None}
+    found = read_assessments(state / MONITOR_DB, key_id)
     return {"assessment": asdict(found[0]) if found else None}
 
 
@@ -213,11 +257,13 @@ def build_evidence(
     *,
     sealed: SealedQueries | None = None,
     alpha: float = 2.0**-64,
+    dsn: str | None = None,
 ) -> dict[str, Any]:
-    """Everything the report shows, as JSON-serialisable data."""
-    keys = key_section(deploy, key)
+    """Everything the report shows, as JSON-serialisable data (``dsn``: keys and audit trail
+    in the replicas' shared PostgreSQL)."""
+    keys = key_section(deploy, key, dsn)
     key_id = keys["key"]["key_id"]
-    audit = audit_section(deploy, key_id, flag_threshold, anchors, _per_row(owner))
+    audit = audit_section(deploy, key_id, flag_threshold, anchors, _per_row(owner), dsn)
     request_ids = {r["request_id"] for r in audit["records"] if r.get("request_id")}
     triggers = trigger_section(owner, key_id, request_ids, attribution.signer_keys(deploy))
     return {
@@ -226,7 +272,7 @@ def build_evidence(
         "watermark_key_id": owner.key.key_id,
         "api_key": keys,
         "audit": audit,
-        "monitor": monitor_section(deploy, key_id),
+        "monitor": monitor_section(deploy, key_id, dsn),
         "triggers": triggers,
         "marked_by_hour": _marked_by_hour(triggers["records"]),
         "sealed": sealed_section(sealed, audit["records"]),

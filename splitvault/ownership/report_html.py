@@ -71,6 +71,16 @@ def _audit(section: dict[str, Any]) -> str:
             f"<p class='failed'>The hash chain FAILED verification: {_e(section['problem'])}. "
             "The timeline below comes from a trail that was altered and is not evidence.</p>"
         )
+    elif "chains" in section:  # PostgreSQL: one chain per replica
+        heads = "".join(
+            f"<li>chain {_e(c['chain_id'])} (replica {_e(c['replica'])}): {_e(c['records'])} "
+            f"records, head record {_e(c['head']['seq'])}, hash <code>{_e(c['head']['hash'])}"
+            "</code></li>"
+            for c in section["chains"]
+        )
+        parts.append(
+            f"<p>{_e(section['trail_records'])} records, chains intact:</p><ul>{heads}</ul>"
+        )
     else:
         head = section["head"]
         parts.append(

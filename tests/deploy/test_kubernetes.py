@@ -73,6 +73,9 @@ def _render(folder: Path) -> list[Resource]:
     for patch in kustomization.get("patches", []):
         change = _documents(folder / patch["path"])[0]
         target = next(r for r in resources if _key(r) == _key(change))
+        if change.get("$patch") == "delete":
+            resources.remove(target)
+            continue
         _merge(target, change)
     for replicas in kustomization.get("replicas", []):
         next(r for r in resources if r["metadata"]["name"] == replicas["name"])["spec"][

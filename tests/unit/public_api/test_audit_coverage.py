@@ -149,3 +149,19 @@ def test_a_replaced_trail_and_a_forged_receipt_fail(
         audit_receipts.store(db, forged)
     coverage = check_coverage(trail_path, anchored)
     assert any("receipt of record 25: not signed by a key" in p for p in coverage.problems)
+
+
+def test_a_sibling_chain_not_anchored_yet_is_not_covered_rather_than_replaced(
+    anchored: AnchorsFile, tmp_path: Path
+) -> None:
+    """PostgreSQL keeps one chain per replica: a replica's records before its first anchor,
+    beside chains the ledger does anchor, are not covered; they do not mean a replaced trail."""
+    fresh = tmp_path / "fresh" / "audit.sqlite3"
+    with AuditTrail.open(fresh) as trail:
+        _append(trail, 0, 3)
+    (anchored_chain,) = {a.chain_id for r in anchored.replicas for a in r.anchors}
+    alone = check_coverage(fresh, anchored)
+    assert any("the trail was replaced" in p for p in alone.problems)
+    beside = check_coverage(fresh, anchored, siblings={anchored_chain})
+    assert beside.ok and beside.covered == 0, beside.problems
+    assert "records 1..3 NOT covered" in "\n".join(beside.lines())
