@@ -22,12 +22,14 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from public_api.context import RequestContext
-from public_api.deps import admitted_caller, authenticated_caller
+from public_api.deps import admitted_caller, authenticated_caller, body_named_caller
 from public_api.errors import error_response
 from shared.errors import Overloaded, SplitVaultError, mapping_for
 
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 UNNAMED_MODEL = "(invalid name)"  # the audited model of a path whose model name is invalid
+UNREAD_MODEL = "(in body)"  # the audited model of a request refused before its body named one
+_INFERENCE = (admitted_caller, body_named_caller)  # dependencies of the inference routes
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,9 @@ def guarded_routes(routes: Sequence[BaseRoute]) -> list[Guarded]:
         if not isinstance(route, APIRoute):
             continue
         calls = _calls(route.dependant)
-        if admitted_caller in calls or authenticated_caller in calls:
-            guarded.append(Guarded(route, inference=admitted_caller in calls))
+        inference = any(call in calls for call in _INFERENCE)
+        if inference or authenticated_caller in calls:
+            guarded.append(Guarded(route, inference=inference))
     return guarded
 
 
@@ -98,8 +101,14 @@ class Admission:
             match, child = guarded.route.matches(scope)
             if match is Match.FULL:
                 if guarded.inference:
-                    model = str(child.get("path_params", {}).get("model", ""))
-                    context.model = model if _MODEL_NAME.match(model) else UNNAMED_MODEL
+                    model = child.get("path_params", {}).get("model")
+                    context.model = (
+                        UNREAD_MODEL
+                        if model is None
+                        else str(model)
+                        if _MODEL_NAME.match(str(model))
+                        else UNNAMED_MODEL
+                    )
                 return guarded
         return None
 
