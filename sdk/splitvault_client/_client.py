@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from types import TracebackType
@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 
 from . import _protocol as proto
+from ._embeddings import Embeddings, embeddings_call, parse_embeddings
 from ._protocol import Call, Inputs, Outcome, StrPath
 from ._signing import RequestSigner
 from ._types import ModelMetadata, Prediction, Terms, TermsAcceptance
@@ -154,6 +155,11 @@ class Client(_Base):
         call = self._infer_call(model, inputs, top_k, request_id)
         return proto.parse_prediction(self._send(call))
 
+    def embed(self, sentences: str | Sequence[str], *, model: str) -> Embeddings:
+        """Embed sentences with a text model (``POST /v1/embeddings``); sentences longer than
+        the model's maximum length are truncated, and ``Embeddings.truncated`` says which."""
+        return parse_embeddings(self._send(embeddings_call(model, sentences)))
+
     def terms(self) -> Terms:
         """The server's current terms of use."""
         return proto.parse_terms(self._send(proto.terms_call()))
@@ -275,6 +281,10 @@ class AsyncClient(_Base):
             inputs = {proto.single_input_name(await self._cached_metadata(model)): inputs}
         call = self._infer_call(model, inputs, top_k, request_id)
         return proto.parse_prediction(await self._send(call))
+
+    async def embed(self, sentences: str | Sequence[str], *, model: str) -> Embeddings:
+        """Embed sentences with a text model (``POST /v1/embeddings``); see ``Client.embed``."""
+        return parse_embeddings(await self._send(embeddings_call(model, sentences)))
 
     async def terms(self) -> Terms:
         """The server's current terms of use."""
