@@ -23,9 +23,10 @@ MAX_INPUTS = 4096  # the schema's bound; each model's own max_batch_size is chec
 
 
 class EmbeddingsRequest(BaseModel):
-    """``POST /v1/embeddings`` body; ``user`` and unknown fields are ignored."""
+    """``POST /v1/embeddings`` body; ``user`` is ignored, an unknown field is a 400 (a typo
+    answered as if it were not there would mislead)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     input: str | list[str] = Field(description="a sentence, or a list of sentences")
     model: str = Field(pattern=MODEL_NAME_PATTERN)

@@ -2,12 +2,12 @@
 
 Each test sends what the red team sent and checks the fix; each failed against the code before
 it. Every ingress gets the same checks: ``INGRESSES`` lists the ways to ask for an inference
-(the REST v2 infer route, with JSON tensors and with binary ones), and a new ingress is one
-more line there. (The v2 gRPC ingress is not listed: these attacks speak HTTP/1.1 from chosen
-source addresses; tests/integration/test_triton_clients.py covers its keys, terms, limits in
-samples and audit.)
+(the REST v2 infer route, with JSON tensors and with binary ones; ``/v1/embeddings``, one
+sentence per sample), and a new ingress is one more line there. (The v2 gRPC ingress is not
+listed: these attacks speak HTTP/1.1 from chosen source addresses;
+tests/integration/test_triton_clients.py covers its keys, terms, limits in samples and audit.)
 
-A module-scoped copy of the session deployment (without MiniLM) runs one private tier and two
+A module-scoped copy of the session deployment (digits and MiniLM) runs one private tier and two
 public tiers on the same state folder: ``strict``, with tight per-address limits (12 samples
 per address, 5 failed authentications), a 2 s body deadline, 24 connections at most and
 refusals aggregated every 0.5 s; and ``open``, with the test stack's generous limits, for the
@@ -136,9 +136,15 @@ def _v2_body(images: np.ndarray, parameters: dict[str, Any]) -> dict[str, Any]:
     return image_request(images, **({"parameters": parameters} if parameters else {}))
 
 
+def _embeddings_body(images: np.ndarray, parameters: dict[str, Any]) -> dict[str, Any]:
+    """One sentence per image, to MiniLM (the body names the model, not the path)."""
+    return {"model": "minilm", "input": [f"query {i}" for i in range(len(images))], **parameters}
+
+
 INGRESSES = [
     Ingress("rest-v2-infer", lambda model: f"/v2/models/{model}/infer", _v2_body),
     Ingress("rest-v2-binary", lambda model: f"/v2/models/{model}/infer", _v2_body, binary=True),
+    Ingress("rest-v1-embeddings", lambda _model: "/v1/embeddings", _embeddings_body),
 ]
 each_ingress = pytest.mark.parametrize("ingress", INGRESSES, ids=lambda i: i.name)
 
@@ -197,7 +203,9 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("redteam") / "d"
-    layout = copy_deployment(deployment.layout, root, keep_public_state=False)
+    layout = copy_deployment(
+        deployment.layout, root, skip_models=("digits-label", "nested"), keep_public_state=False
+    )
     names = dict(KEYS)
     names |= {f"{name}@{ingress.name}": KEYS[name] for name in SPENT for ingress in INGRESSES}
     keys = {name: issue_key(layout, name, **limits) for name, limits in names.items()}
