@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 
 from bench.preauth_flood import Refusal, flood_process
+from public_api.admission import UNREAD_MODEL
 from public_api.audit import AUDIT_DB
 from public_api.keys import STATE_DIR, parse_key_id
 from shared.layout import DeployLayout
@@ -94,6 +95,7 @@ class Ingress:
     target: Callable[[str], str]  # model -> request target
     body: Callable[[np.ndarray, dict[str, Any]], dict[str, Any]]  # images, parameters -> JSON
     binary: bool = False
+    unread_model: str = MODEL  # the model audited for a request refused before its body
 
     def encode(self, images: np.ndarray, **parameters: Any) -> bytes:
         document = self.body(images, parameters)
@@ -144,7 +146,9 @@ def _embeddings_body(images: np.ndarray, parameters: dict[str, Any]) -> dict[str
 INGRESSES = [
     Ingress("rest-v2-infer", lambda model: f"/v2/models/{model}/infer", _v2_body),
     Ingress("rest-v2-binary", lambda model: f"/v2/models/{model}/infer", _v2_body, binary=True),
-    Ingress("rest-v1-embeddings", lambda _model: "/v1/embeddings", _embeddings_body),
+    Ingress(
+        "rest-v1-embeddings", lambda _: "/v1/embeddings", _embeddings_body, False, UNREAD_MODEL
+    ),
 ]
 each_ingress = pytest.mark.parametrize("ingress", INGRESSES, ids=lambda i: i.name)
 
@@ -410,7 +414,7 @@ def test_a_bad_key_flood_is_limited_per_address_and_counted_not_recorded_one_by_
     counts = {(row["decision"], row["status"]): 0 for row in rows}
     for row in rows:
         counts[(row["decision"], row["status"])] += row["count"]
-        assert row["key_id"] is None and row["model"] == MODEL
+        assert row["key_id"] is None and row["model"] == ingress.unread_model
     assert counts == {
         ("unauthenticated", 401): FAILURE_BURST,
         ("rate_limited", 429): requests - FAILURE_BURST,
