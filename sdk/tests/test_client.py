@@ -100,6 +100,7 @@ def test_all_exports_are_the_public_api() -> None:
     errors = {"SplitVaultClientError", "BadRequest", "Unauthorized", "Forbidden", "ModelNotFound"}
     errors |= {"RateLimited", "Unavailable", "ServerError", "ProtocolError"}
     results = {"ModelMetadata", "Prediction", "TensorSpec", "Terms", "TermsAcceptance"}
+    results |= {"Embeddings"}
     clients = {"AsyncClient", "Client", "__version__"}
     clients |= {"RequestSigner", "create_signing_key"}
     assert set(splitvault_client.__all__) == errors | results | clients
