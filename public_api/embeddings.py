@@ -9,7 +9,7 @@ which inputs were truncated.
 from __future__ import annotations
 
 import base64
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,7 +28,9 @@ class EmbeddingsRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input: str | list[str] = Field(description="a sentence, or a list of sentences")
+    input: str | Annotated[list[str], Field(max_length=MAX_INPUTS)] = Field(
+        description="a sentence, or a list of sentences"
+    )
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, description="not supported: leave it out")

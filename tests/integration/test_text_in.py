@@ -153,6 +153,10 @@ def test_tritonclient_grpc_sends_text(stack: Stack) -> None:
         auth = {"authorization": f"Bearer {stack.keys['text']}"}
         result = client.infer(MODEL, [text], headers=auth)
     np.testing.assert_array_equal(result.as_numpy("embedding"), _token_embeddings(stack, SENTENCES))
+    usage = result.get_response().parameters
+    tokens = [len(ids) for ids in minilm.load_tokenizer()(SENTENCES)["input_ids"]]
+    assert usage["prompt_tokens"].int64_param == sum(tokens)
+    assert usage["truncated"].string_param == "[]"
 
 
 # --- /v1/embeddings -----------------------------------------------------------------------
