@@ -1,7 +1,8 @@
 """Refuse from the request head, before any of the body is read (pure ASGI).
 
-For every route that needs an API key (its dependencies include ``Authenticated`` or
-``Admitted``; inference routes are those with ``Admitted``), the key is checked here, from the
+For every route that needs an API key (its dependencies include ``Authenticated``,
+``Admitted`` or ``BodyNamed``; inference routes are those with ``Admitted`` or, when the body
+names the model, ``BodyNamed``), the key is checked here, from the
 ``Authorization`` header alone: a missing, malformed, unknown or revoked key gets its 401, or
 its 429 once the address's bucket of failed authentications is empty, without a byte of the
 body being read, and ``Connection: close`` so that the unread body is never taken for a next
@@ -101,16 +102,17 @@ class Admission:
             match, child = guarded.route.matches(scope)
             if match is Match.FULL:
                 if guarded.inference:
-                    model = child.get("path_params", {}).get("model")
-                    context.model = (
-                        UNREAD_MODEL
-                        if model is None
-                        else str(model)
-                        if _MODEL_NAME.match(str(model))
-                        else UNNAMED_MODEL
-                    )
+                    context.model = _audited_model(child.get("path_params", {}).get("model"))
                 return guarded
         return None
+
+
+def _audited_model(model: object) -> str:
+    """The model an inference request is audited under until its body is read: the path's,
+    ``UNNAMED_MODEL`` if invalid, ``UNREAD_MODEL`` for a route whose body names it."""
+    if model is None:
+        return UNREAD_MODEL
+    return str(model) if _MODEL_NAME.match(str(model)) else UNNAMED_MODEL
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
