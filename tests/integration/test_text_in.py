@@ -174,6 +174,10 @@ def test_openai_client_embeds(stack: Stack) -> None:
         )
         answer = client.embeddings.create(model=MODEL, input=SENTENCES)
         single = client.embeddings.create(model=MODEL, input=SENTENCES[0], encoding_format="float")
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.embeddings.create(model=MODEL, input="")
+    # The tier's {"error": "..."}: the OpenAI client keeps the message in ``body``.
+    assert refused.value.body == "sentence 0 is empty"
     reference = _token_embeddings(stack, SENTENCES)
     got = np.asarray([item.embedding for item in answer.data], dtype=np.float32)
     np.testing.assert_array_equal(got, reference)
