@@ -165,7 +165,7 @@ def test_tritonclient_grpc_sends_text(stack: Stack) -> None:
 def test_openai_client_embeds(stack: Stack) -> None:
     """The stock OpenAI client (base64 by default) and a float request agree with token ids."""
     context = ssl.create_default_context(cafile=str(stack.layout.public.ca_cert))
-    with httpx.Client(verify=context) as transport:
+    with openai.DefaultHttpxClient(verify=context) as transport:
         client = openai.OpenAI(
             base_url=f"https://localhost:{stack.public.port}/v1",
             api_key=stack.keys["text"],

@@ -99,7 +99,10 @@ def test_raw_bytes_elements_round_trip_and_refuse_cut_data() -> None:
 def test_the_encoder_refuses_a_tokenizer_that_does_not_match_its_digest(tmp_path: Path) -> None:
     from shared.manifest import DimSpec, StageManifest, TensorSpec
 
-    seq = [DimSpec(name="batch", min=1, max=8), DimSpec(name="seq", min=1, max=32)]
+    seq: list[int | DimSpec] = [
+        DimSpec(name="batch", min=1, max=8),
+        DimSpec(name="seq", min=1, max=32),
+    ]
     specs = [
         TensorSpec(name=n, datatype="INT64", shape=seq) for n in ("input_ids", "attention_mask")
     ]
