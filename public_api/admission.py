@@ -1,7 +1,8 @@
 """Refuse from the request head, before any of the body is read (pure ASGI).
 
-For every route that needs an API key (its dependencies include ``Authenticated`` or
-``Admitted``; inference routes are those with ``Admitted``), the key is checked here, from the
+For every route that needs an API key (its dependencies include ``Authenticated``,
+``Admitted`` or ``BodyNamed``; inference routes are those with ``Admitted`` or, when the body
+names the model, ``BodyNamed``), the key is checked here, from the
 ``Authorization`` header alone: a missing, malformed, unknown or revoked key gets its 401, or
 its 429 once the address's bucket of failed authentications is empty, without a byte of the
 body being read, and ``Connection: close`` so that the unread body is never taken for a next
@@ -22,12 +23,14 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from public_api.context import RequestContext
-from public_api.deps import admitted_caller, authenticated_caller
+from public_api.deps import admitted_caller, authenticated_caller, body_named_caller
 from public_api.errors import error_response
 from shared.errors import Overloaded, SplitVaultError, mapping_for
 
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 UNNAMED_MODEL = "(invalid name)"  # the audited model of a path whose model name is invalid
+UNREAD_MODEL = "(in body)"  # the audited model of a request refused before its body named one
+_INFERENCE = (admitted_caller, body_named_caller)  # dependencies of the inference routes
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,9 @@ def guarded_routes(routes: Sequence[BaseRoute]) -> list[Guarded]:
         if not isinstance(route, APIRoute):
             continue
         calls = _calls(route.dependant)
-        if admitted_caller in calls or authenticated_caller in calls:
-            guarded.append(Guarded(route, inference=admitted_caller in calls))
+        inference = any(call in calls for call in _INFERENCE)
+        if inference or authenticated_caller in calls:
+            guarded.append(Guarded(route, inference=inference))
     return guarded
 
 
@@ -98,10 +102,17 @@ class Admission:
             match, child = guarded.route.matches(scope)
             if match is Match.FULL:
                 if guarded.inference:
-                    model = str(child.get("path_params", {}).get("model", ""))
-                    context.model = model if _MODEL_NAME.match(model) else UNNAMED_MODEL
+                    context.model = _audited_model(child.get("path_params", {}).get("model"))
                 return guarded
         return None
+
+
+def _audited_model(model: object) -> str:
+    """The model an inference request is audited under until its body is read: the path's,
+    ``UNNAMED_MODEL`` if invalid, ``UNREAD_MODEL`` for a route whose body names it."""
+    if model is None:
+        return UNREAD_MODEL
+    return str(model) if _MODEL_NAME.match(str(model)) else UNNAMED_MODEL
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

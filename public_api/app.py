@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from public_api.admission import Admission
 from public_api.audit_anchor import start_anchoring
+from public_api.embeddings_route import router as embeddings_router
 from public_api.errors import install_error_handlers
 from public_api.front import FrontRunner, load_front_stages, message_limit
 from public_api.grpc_ingress_server import start_grpc_ingress
@@ -30,6 +31,7 @@ from public_api.settings import PublicSettings
 from public_api.state import VERSION, PublicState
 from public_api.state_backend import open_state
 from public_api.terms import link_header
+from public_api.text import load_text_encoders
 from shared.heap import freeze_startup_objects
 from shared.layout import TierDir
 from shared.logs import get_logger
@@ -68,6 +70,10 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             private,
             max_elements=settings.max_elements,
             on_not_ready=models.refresh_soon,
+            texts=load_text_encoders(
+                TierDir(settings.tier_dir).models,
+                {name: stage.manifest for name, stage in stages.items()},
+            ),
         )
         state = open_state(settings)  # SQLite in state_dir, or the replicas' PostgreSQL
         protection = build_protection(settings, stages, metrics, state)
@@ -116,10 +122,11 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(embeddings_router)
     install_openapi(app)
     # Outermost last: metrics -> Link -> outcomes (audit, 500s) -> key check -> body limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(Admission, routes=router.routes)
+    app.add_middleware(Admission, routes=[*router.routes, *embeddings_router.routes])
     app.add_middleware(Outcomes)
     app.add_middleware(LinkHeader, value=link_header())
     app.add_middleware(RequestMetrics, metrics=metrics)

@@ -68,6 +68,13 @@ async def admitted_caller(
     return caller
 
 
+async def body_named_caller(request: Request, _credentials: ApiKeyCredentials) -> Caller:
+    """The caller of an inference route whose body names the model (``/v1/embeddings``): its
+    key, checked before the body is read; the route admits it once the body is parsed."""
+    return await authenticated_caller(request, _credentials)
+
+
 State = Annotated[PublicState, Depends(get_state)]
 Authenticated = Annotated["Caller", Depends(authenticated_caller)]
 Admitted = Annotated["Caller", Depends(admitted_caller)]
+BodyNamed = Annotated["Caller", Depends(body_named_caller)]

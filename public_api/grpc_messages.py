@@ -7,6 +7,7 @@ same code; an answer goes back with its data in ``raw_output_contents``, as Trit
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote
@@ -31,6 +32,7 @@ _CONTENTS = {
     "UINT64": "uint64_contents",
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",  # sentences, for a model that takes text
 }
 
 
@@ -95,7 +97,18 @@ def infer_response(response: InferenceResponse) -> oip.ModelInferResponse:
             for out in response.outputs
         ],
         raw_output_contents=[output_bytes(out) for out in response.outputs],
+        parameters=_answer_parameters(response.parameters or {}),
     )
+
+
+def _answer_parameters(parameters: Mapping[str, Any]) -> dict[str, oip.InferParameter]:
+    """An answer's parameters (a text request's usage): integers as int64, the rest as JSON."""
+    return {
+        name: oip.InferParameter(int64_param=value)
+        if isinstance(value, int) and not isinstance(value, bool)
+        else oip.InferParameter(string_param=json.dumps(value))
+        for name, value in parameters.items()
+    }
 
 
 def metadata_response(metadata: ModelMetadata) -> oip.ModelMetadataResponse:

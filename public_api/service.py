@@ -18,6 +18,7 @@ from typing import Any
 from protos import inference_pb2
 from public_api.front import FrontRunner, FrontStage
 from public_api.private_client import PrivateTierClient
+from public_api.text import TEXT_INPUT, EncodedText, TextEncoder, TextUsage, sentences_of
 from public_api.v2 import (
     InferenceRequest,
     InferenceResponse,
@@ -35,6 +36,8 @@ log = get_logger(__name__)
 CLASSIFICATION, EMBEDDING = "classification", "embedding"
 # A request declaring more elements than this is decoded in a worker thread, not on the loop.
 OFFLOAD_ELEMENTS = 64 * 1024
+# Text requests of more characters than this are tokenized in a worker thread.
+OFFLOAD_CHARS = 4 * 1024  # about a millisecond of tokenizing
 Buffer = bytes | memoryview  # a raw tensor's bytes
 
 
@@ -48,6 +51,7 @@ class Decoded:
     arrays: dict[str, Any]
     samples: int
     top_k: int
+    text: TextUsage | None = None  # the request came as text: what the tokenizer made of it
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,12 @@ class InferenceService:
         *,
         max_elements: int,
         on_not_ready: Callable[[], None] | None = None,
+        texts: Mapping[str, TextEncoder] | None = None,
     ) -> None:
-        """``on_not_ready``: called when the private tier answers that a model is not ready."""
+        """``on_not_ready``: called when the private tier answers that a model is not ready;
+        ``texts``: the tokenizers of the models that take text."""
         self.stages = stages
+        self.texts = dict(texts or {})
         self._front = front
         self._private = private
         self._max_elements = max_elements
@@ -99,7 +106,11 @@ class InferenceService:
         stage = self.stage(model)
         top_k = _requested_k(request)
         declared = sum(math.prod(item.shape) for item in request.inputs if item.shape)
-        if declared > OFFLOAD_ELEMENTS:
+        usage = None
+        if any(item.datatype == "BYTES" for item in request.inputs):
+            encoded = await self._encode_text(model, request, raw or {})
+            arrays, usage = encoded.arrays, encoded.usage
+        elif declared > OFFLOAD_ELEMENTS:
             arrays = await asyncio.to_thread(self._decode, request, raw or {})
         else:
             arrays = self._decode(request, raw or {})
@@ -109,7 +120,25 @@ class InferenceService:
             raise InvalidInput(
                 f"batch {batch} exceeds this model's limit {stage.config.max_batch_size}"
             )
-        return Decoded(model, request, arrays, max(batch, 1), top_k)
+        return Decoded(model, request, arrays, max(batch, 1), top_k, usage)
+
+    async def _encode_text(
+        self, model: str, request: InferenceRequest, raw: Mapping[str, Buffer]
+    ) -> EncodedText:
+        """Token arrays for a request whose one input is ``text`` (400 otherwise)."""
+        encoder = self.texts.get(model)
+        if encoder is None:
+            raise InvalidInput(
+                f"model {model!r} takes no text (it was packed without a tokenizer); "
+                "send its token ids"
+            )
+        if [item.name for item in request.inputs] != [TEXT_INPUT]:
+            raise InvalidInput(f"a text request has one input, {TEXT_INPUT!r} (BYTES)")
+        item = request.inputs[0]
+        sentences = sentences_of(item, raw.get(item.name), self.stage(model).config.max_batch_size)
+        if sum(len(sentence) for sentence in sentences) > OFFLOAD_CHARS:
+            return await asyncio.to_thread(encoder.encode, sentences)
+        return encoder.encode(sentences)
 
     async def infer(
         self,
@@ -140,7 +169,10 @@ class InferenceService:
         )
         outputs = {tensor.name: from_proto(tensor) for tensor in reply.outputs}
         response = InferenceResponse(
-            model_name=model, id=request.id, outputs=[format_output(stage.config, outputs)]
+            model_name=model,
+            id=request.id,
+            parameters=None if decoded.text is None else usage_parameters(decoded.text),
+            outputs=[format_output(stage.config, outputs)],
         )
         indices = outputs.get("indices")
         return InferenceOutcome(
@@ -156,11 +188,13 @@ class InferenceService:
         """v2 model metadata, from the public manifest (never the private one)."""
         stage = self.stage(model)
         config = stage.config
+        text = [MetadataTensor(name=TEXT_INPUT, datatype="BYTES", shape=[-1])]
         return ModelMetadata(
             name=config.name,
             versions=["1"],
             platform="splitvault",
-            inputs=[_metadata_tensor(spec) for spec in stage.manifest.inputs],
+            inputs=[_metadata_tensor(spec) for spec in stage.manifest.inputs]
+            + (text if model in self.texts else []),
             outputs=[_output_metadata(config)],
             parameters={
                 "task": config.task,
@@ -222,6 +256,15 @@ class InferenceService:
             except InvalidInput as error:
                 raise type(error)(f"input {item.name!r}: {error.message}") from None
         return arrays
+
+
+def usage_parameters(usage: TextUsage) -> dict[str, Any]:
+    """What a text request's answer says of its tokens (v2 response ``parameters``)."""
+    return {
+        "prompt_tokens": usage.total,
+        "truncated": usage.truncated,
+        "max_tokens_per_input": usage.max_length,
+    }
 
 
 def _requested_k(request: InferenceRequest) -> int:

@@ -138,6 +138,18 @@ class TierCount(_Strict):
     bytes: int
 
 
+class TextInput(_Strict):
+    """Front stage of a text model only: the tokenizer (``tokenizers`` JSON, public) that turns
+    sentences into the request inputs, so clients may send text (issue 16)."""
+
+    file: str = "tokenizer.json"
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    max_length: int = Field(ge=2)  # tokens per sentence; longer ones are truncated
+    ids: str  # the input that takes the token ids
+    mask: str | None = None  # the input that takes the attention mask, if any
+    type_ids: str | None = None  # the input that takes the token type ids, if any
+
+
 class StageManifest(_Strict):
     """What one stage file holds and how to check it."""
 
@@ -156,6 +168,8 @@ class StageManifest(_Strict):
     # tiers hold different ids was re-packed and only one tier restarted. None: packed before
     # pairing ids existed (served, with a warning).
     pairing_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    # Front stage of a text model: its tokenizer (None: clients send token ids).
+    text: TextInput | None = None
 
 
 def write_json(path: Path, model: BaseModel) -> None:

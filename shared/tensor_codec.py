@@ -150,6 +150,22 @@ def bytes_tensor(elements: Iterable[str | bytes]) -> bytes:
     return b"".join(parts)
 
 
+def elements_from_bytes(data: bytes | memoryview) -> list[bytes]:
+    """The elements of a raw v2 ``BYTES`` tensor (the inverse of ``bytes_tensor``)."""
+    view, offset = memoryview(data), 0
+    elements: list[bytes] = []
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise InvalidInput(f"BYTES data ends inside an element's length, at byte {offset}")
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise InvalidInput(f"BYTES element {len(elements)} runs past the end of the data")
+        elements.append(bytes(view[offset : offset + length]))
+        offset += length
+    return elements
+
+
 def to_proto(name: str, array: Any) -> inference_pb2.Tensor:
     """Encode an array as a raw-bytes tensor (little-endian, row-major)."""
     arr = np.asarray(array)

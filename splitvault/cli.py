@@ -123,6 +123,9 @@ def _add_pack(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     pack.add_argument("--transport", choices=["FP16", "FP32"], default="FP16")
     pack.add_argument("--max-batch", type=int, default=64)
     pack.add_argument("--quiet", action="store_true", help="no progress bars")
+    pack.add_argument(  # text in (issue 16): the public tier then takes text
+        "--tokenizer", type=Path, help="a text model's tokenizer.json, copied to public/"
+    )
     pack.add_argument(
         "--assess-data", help="natural inputs (see `assess --data`): print one assess line"
     )

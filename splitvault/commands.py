@@ -52,7 +52,10 @@ def _pack(args: argparse.Namespace) -> int:
     if args.factory:
         spec = load_factory(args.factory)
         task = args.task or spec.task
-        spec = dataclasses.replace(spec, task=task, labels=labels or spec.labels)
+        tokenizer = args.tokenizer or spec.tokenizer
+        spec = dataclasses.replace(
+            spec, task=task, labels=labels or spec.labels, tokenizer=tokenizer
+        )
         warn_about_spec(spec)
         result = pack_spec(
             spec,
@@ -77,6 +80,7 @@ def _pack(args: argparse.Namespace) -> int:
             args.max_batch,
             labels,
             min_private_share=floor,
+            tokenizer=args.tokenizer,
         )
         program = load_program(args.program)
         warn_about_program(program)

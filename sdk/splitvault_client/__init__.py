@@ -5,6 +5,7 @@ with Client("https://models.example", api_key="...") as client:
 """
 
 from ._client import AsyncClient, Client
+from ._embeddings import Embeddings
 from ._exceptions import (
     BadRequest,
     Forbidden,
@@ -27,6 +28,7 @@ __all__ = [
     "AsyncClient",
     "BadRequest",
     "Client",
+    "Embeddings",
     "Forbidden",
     "InsecureTransportWarning",
     "ModelMetadata",

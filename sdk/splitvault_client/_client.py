@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from types import TracebackType
@@ -15,6 +15,7 @@ import numpy as np
 
 from . import _protocol as proto
 from ._chunking import ChunkedPredict, chunk_size
+from ._embeddings import Embeddings, embeddings_call, parse_embeddings
 from ._exceptions import RateLimited
 from ._inputs import Array, conform
 from ._outcomes import Outcome, RetryPolicy, settle
@@ -191,6 +192,11 @@ class Client(_Base):
                 time.sleep(chunks.refused(refused))
         return proto.prediction_from_json(chunks.merged(request_id))
 
+    def embed(self, sentences: str | Sequence[str], *, model: str) -> Embeddings:
+        """Embed sentences with a text model (``POST /v1/embeddings``); sentences longer than
+        the model's maximum length are truncated, and ``Embeddings.truncated`` says which."""
+        return parse_embeddings(self._send(embeddings_call(model, sentences)))
+
     def terms(self) -> Terms:
         """The server's current terms of use."""
         return proto.parse_terms(self._send(proto.terms_call()))
@@ -317,6 +323,10 @@ class AsyncClient(_Base):
             except RateLimited as refused:
                 await asyncio.sleep(chunks.refused(refused))
         return proto.prediction_from_json(chunks.merged(request_id))
+
+    async def embed(self, sentences: str | Sequence[str], *, model: str) -> Embeddings:
+        """Embed sentences with a text model (``POST /v1/embeddings``); see ``Client.embed``."""
+        return parse_embeddings(await self._send(embeddings_call(model, sentences)))
 
     async def terms(self) -> Terms:
         """The server's current terms of use."""

@@ -117,6 +117,7 @@ def test_all_exports_are_the_public_api() -> None:
     errors |= {"RateLimited", "Unavailable", "ServerError", "ProtocolError"}
     errors |= {"Timeout", "TLSError", "InsecureTransportWarning"}
     results = {"ModelMetadata", "Prediction", "TensorSpec", "Terms", "TermsAcceptance"}
+    results |= {"Embeddings"}
     clients = {"AsyncClient", "Client", "__version__"}
     clients |= {"RequestSigner", "create_signing_key"}
     assert set(splitvault_client.__all__) == errors | results | clients

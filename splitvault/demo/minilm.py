@@ -6,6 +6,7 @@ Packing needs ``transformers`` (the ``minilm`` extra); serving needs only torch.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,4 +87,5 @@ def factory() -> ModelSpec:
         value_ranges={"input_ids": (0, vocab - 1), "attention_mask": (0, 1)},
         max_sizes={"batch": 256, "seq": MAX_SEQUENCE},
         task="embedding",
+        tokenizer=Path(model_path()) / "tokenizer.json",  # the public tier then takes text
     )

@@ -151,10 +151,13 @@ def _compare_minilm(url: str, layout: DeployLayout, api_key: str, spec: ModelSpe
     inputs = minilm.tokenize(minilm.SENTENCES)
     with torch.inference_mode():
         expected = spec.module(**inputs).numpy()
-    with _client(url, layout, api_key) as client:
-        prediction = client.predict("minilm", {k: v.numpy() for k, v in inputs.items()})
-    got = prediction.embeddings
-    print("\n   all-MiniLM-L6-v2 sentence embeddings (policy: rounded to 5 decimals)")
+    with _client(url, layout, api_key) as client:  # text in: the public tier tokenizes
+        embedded = client.embed(minilm.SENTENCES, model="minilm")
+    got = embedded.vectors
+    print("\n   all-MiniLM-L6-v2 sentence embeddings of text (policy: rounded to 5 decimals)")
+    print(
+        f"   client.embed(sentences): {embedded.prompt_tokens} tokens, no tokenizer on the client"
+    )
     similarity, reference = got @ got.T, expected @ expected.T
     for i, sentence in enumerate(minilm.SENTENCES):
         cells = " ".join(

@@ -54,6 +54,7 @@ from splitvault.packing.diagnose import check_model_name, check_split_name, chec
 from splitvault.packing.shares import check_private_share
 from splitvault.packing.spec import ModelSpec
 from splitvault.packing.split import StagePair, export_model, split_program
+from splitvault.packing.text import write_tokenizer
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ def pack_spec(
             spec.reference_inputs,
             watermark,
             min_private_share,
+            spec.tokenizer,
         )
         return _split_and_write(program, options, spec.dynamic_dims, layout, provider, steps)
 
@@ -142,6 +144,7 @@ class PackOptions:
     reference_inputs: dict[str, torch.Tensor] | None = None
     watermark: WatermarkConfig | None = None
     min_private_share: float | None = None  # refuse a cut keeping less private (None: any)
+    tokenizer: Path | None = None  # a text model's tokenizer.json, copied to the public tier
 
 
 def _split_and_write(
@@ -172,7 +175,9 @@ def _split_and_write(
             "watermark": _default_watermark(options),
         }
     )
-    result = _write_stages(pair, config, options.value_ranges, layout, provider, steps)
+    result = _write_stages(
+        pair, config, options.value_ranges, layout, provider, steps, options.tokenizer
+    )
     if options.reference_inputs is not None:
         outputs = _front_outputs(pair, options.reference_inputs)
         _write_reference_profile(pair, outputs, result.front_path.parent)
@@ -250,6 +255,7 @@ def _write_stages(
     layout: DeployLayout,
     provider: KeyProvider,
     steps: tqdm[Any],
+    tokenizer: Path | None = None,
 ) -> PackResult:
     public, private = _count(pair.front), _count(pair.back)
     tiers: dict[Literal["public", "private"], TierCount] = {"public": public, "private": private}
@@ -264,18 +270,21 @@ def _write_stages(
     front_path = front_dir / FRONT_FILE
     with _atomic_open(front_path) as out:
         out.write(front_bytes)
+    request_specs = _request_specs(pair, value_ranges)
+    text = None if tokenizer is None else write_tokenizer(tokenizer, front_dir, request_specs)
     front_manifest = StageManifest(
         model=config.name,
         stage="front",
         file=FRONT_FILE,
         encrypted=False,
         sha256=hashlib.sha256(front_bytes).hexdigest(),
-        inputs=_request_specs(pair, value_ranges),
+        inputs=request_specs,
         outputs=_tensor_specs(pair.front, "outputs", pair),
         tiers=tiers,
         torch_version=torch.__version__,
         forward_inputs=[b.name for b in pair.back_inputs if b.source.startswith("request:")],
         pairing_id=pairing,
+        text=text,
     )
     # The public tier is not told how answers are watermarked.
     _write_model_files(front_dir, config.model_copy(update={"watermark": None}), front_manifest)

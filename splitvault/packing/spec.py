@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -34,6 +35,9 @@ class ModelSpec:
     # Natural data the model serves (a few hundred samples or more): its front-stage activations
     # become the reference profile the extraction monitor compares queries against.
     reference_inputs: dict[str, torch.Tensor] | None = None
+    # A text model's tokenizer (``tokenizers`` JSON): copied to the public tier, which then
+    # takes text as well as token ids (sentences truncated to the largest sequence length).
+    tokenizer: Path | None = None
 
     def dims_for(self, name: str) -> dict[int, str]:
         """Dynamic dimensions of one input (batch on dimension 0 unless told otherwise)."""

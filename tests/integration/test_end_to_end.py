@@ -116,7 +116,7 @@ def test_metadata_and_readiness(tiers: Tiers) -> None:
         assert client.ready()
         assert client.model_ready("minilm")
         metadata = client.model_metadata("minilm")
-    assert [t.name for t in metadata.inputs] == ["input_ids", "attention_mask"]
+    assert [t.name for t in metadata.inputs] == ["input_ids", "attention_mask", "text"]
     assert metadata.inputs[0].shape == (-1, -1)
     assert metadata.task == "embedding"
     with tiers.http() as http:

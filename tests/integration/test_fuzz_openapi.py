@@ -53,6 +53,7 @@ OPERATIONS = [
     ("POST", "/v2/models/{model}/infer"),
     ("GET", "/v1/terms"),
     ("POST", "/v1/terms/accept"),
+    ("POST", "/v1/embeddings"),
 ]
 MODELS = ("digits", "nested")  # deployed in the session tiers (MiniLM is left out: CPU)
 FUZZ = settings(

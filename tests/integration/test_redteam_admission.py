@@ -2,12 +2,12 @@
 
 Each test sends what the red team sent and checks the fix; each failed against the code before
 it. Every ingress gets the same checks: ``INGRESSES`` lists the ways to ask for an inference
-(the REST v2 infer route, with JSON tensors and with binary ones), and a new ingress is one
-more line there. (The v2 gRPC ingress is not listed: these attacks speak HTTP/1.1 from chosen
-source addresses; tests/integration/test_triton_clients.py covers its keys, terms, limits in
-samples and audit.)
+(the REST v2 infer route, with JSON tensors and with binary ones; ``/v1/embeddings``, one
+sentence per sample), and a new ingress is one more line there. (The v2 gRPC ingress is not
+listed: these attacks speak HTTP/1.1 from chosen source addresses;
+tests/integration/test_triton_clients.py covers its keys, terms, limits in samples and audit.)
 
-A module-scoped copy of the session deployment (without MiniLM) runs one private tier and two
+A module-scoped copy of the session deployment (digits and MiniLM) runs one private tier and two
 public tiers on the same state folder: ``strict``, with tight per-address limits (12 samples
 per address, 5 failed authentications), a 2 s body deadline, 24 connections at most and
 refusals aggregated every 0.5 s; and ``open``, with the test stack's generous limits, for the
@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 
 from bench.preauth_flood import Refusal, flood_process
+from public_api.admission import UNREAD_MODEL
 from public_api.audit import AUDIT_DB
 from public_api.keys import STATE_DIR, parse_key_id
 from shared.layout import DeployLayout
@@ -94,6 +95,7 @@ class Ingress:
     target: Callable[[str], str]  # model -> request target
     body: Callable[[np.ndarray, dict[str, Any]], dict[str, Any]]  # images, parameters -> JSON
     binary: bool = False
+    unread_model: str = MODEL  # the model audited for a request refused before its body
 
     def encode(self, images: np.ndarray, **parameters: Any) -> bytes:
         document = self.body(images, parameters)
@@ -136,9 +138,17 @@ def _v2_body(images: np.ndarray, parameters: dict[str, Any]) -> dict[str, Any]:
     return image_request(images, **({"parameters": parameters} if parameters else {}))
 
 
+def _embeddings_body(images: np.ndarray, parameters: dict[str, Any]) -> dict[str, Any]:
+    """One sentence per image, to MiniLM (the body names the model, not the path)."""
+    return {"model": "minilm", "input": [f"query {i}" for i in range(len(images))], **parameters}
+
+
 INGRESSES = [
     Ingress("rest-v2-infer", lambda model: f"/v2/models/{model}/infer", _v2_body),
     Ingress("rest-v2-binary", lambda model: f"/v2/models/{model}/infer", _v2_body, binary=True),
+    Ingress(
+        "rest-v1-embeddings", lambda _: "/v1/embeddings", _embeddings_body, False, UNREAD_MODEL
+    ),
 ]
 each_ingress = pytest.mark.parametrize("ingress", INGRESSES, ids=lambda i: i.name)
 
@@ -197,7 +207,9 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("redteam") / "d"
-    layout = copy_deployment(deployment.layout, root, keep_public_state=False)
+    layout = copy_deployment(
+        deployment.layout, root, skip_models=("digits-label", "nested"), keep_public_state=False
+    )
     names = dict(KEYS)
     names |= {f"{name}@{ingress.name}": KEYS[name] for name in SPENT for ingress in INGRESSES}
     keys = {name: issue_key(layout, name, **limits) for name, limits in names.items()}
@@ -402,7 +414,7 @@ def test_a_bad_key_flood_is_limited_per_address_and_counted_not_recorded_one_by_
     counts = {(row["decision"], row["status"]): 0 for row in rows}
     for row in rows:
         counts[(row["decision"], row["status"])] += row["count"]
-        assert row["key_id"] is None and row["model"] == MODEL
+        assert row["key_id"] is None and row["model"] == ingress.unread_model
     assert counts == {
         ("unauthenticated", 401): FAILURE_BURST,
         ("rate_limited", 429): requests - FAILURE_BURST,

@@ -38,3 +38,10 @@ def test_a_new_ingress_is_guarded_by_declaring_its_caller() -> None:
 
     guarded = {(g.route.path, g.inference) for g in guarded_routes(extra.routes)}
     assert guarded == {("/v1/embeddings/{model}", True), ("/v1/account", False)}
+
+
+def test_embeddings_is_an_inference_route_whose_body_names_the_model() -> None:
+    from public_api.embeddings_route import router as embeddings
+
+    guarded = {(g.route.path, g.inference) for g in guarded_routes(embeddings.routes)}
+    assert guarded == {("/v1/embeddings", True)}
