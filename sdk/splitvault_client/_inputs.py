@@ -19,6 +19,7 @@ from ._protocol import Inputs, numpy_dtype, single_input_name
 from ._types import ModelMetadata
 
 Array = npt.NDArray[Any]
+TEXT_INPUT = "text"  # the public tier's v2 BYTES input of a text model (UTF-8 sentences)
 
 
 def conform(metadata: ModelMetadata, inputs: Inputs) -> dict[str, Array]:
@@ -29,6 +30,10 @@ def conform(metadata: ModelMetadata, inputs: Inputs) -> dict[str, Array]:
     if not isinstance(inputs, Mapping) or not inputs:
         raise TypeError("inputs must be a NumPy array or a non-empty dict of name -> array")
     declared = {spec.name: spec.datatype for spec in metadata.inputs}
+    if declared.get(TEXT_INPUT) == "BYTES" and len(declared) > 1:
+        # A text model takes either its token arrays or one BYTES input of sentences (``embed``).
+        text_only = sorted(inputs) == [TEXT_INPUT]
+        declared = {n: d for n, d in declared.items() if (n == TEXT_INPUT) == text_only}
     if declared and sorted(inputs) != sorted(declared):
         raise ValueError(
             f"model {metadata.name!r} takes inputs {sorted(declared)}; got {sorted(inputs)}"

@@ -89,3 +89,18 @@ def test_inputs_are_named_as_the_model_declares_them() -> None:
         "mask": np.int64,
         "ids": np.int64,
     }
+
+
+def test_a_text_model_takes_its_token_arrays_without_the_text_input() -> None:
+    specs = (
+        TensorSpec("input_ids", "INT64", (-1, -1)),
+        TensorSpec("attention_mask", "INT64", (-1, -1)),
+        TensorSpec("text", "BYTES", (-1,)),
+    )
+    metadata = ModelMetadata("minilm", ("1",), "splitvault", specs, (), "embedding", {}, None, {})
+    ids = np.ones((1, 4), dtype=np.int32)
+    arrays = conform(metadata, {"input_ids": ids, "attention_mask": ids})
+    assert sorted(arrays) == ["attention_mask", "input_ids"]
+    assert arrays["input_ids"].dtype == np.int64
+    with pytest.raises(ValueError, match="takes inputs"):
+        conform(metadata, {"input_ids": ids})
