@@ -22,6 +22,7 @@ import grpc
 import httpx
 import pytest
 
+from private_core.activation_profile import PROFILE_FILE
 from private_core.model_store import ModelLoadFailure, load_back_stage, load_store
 from protos import inference_pb2, inference_pb2_grpc
 from shared.crypto import FILE_ID_SIZE, MAGIC, decrypt_bytes, encrypt_stream, read_header
@@ -100,6 +101,9 @@ def _clone_digits(layout: DeployLayout, name: str, back: bytes) -> None:
         shutil.copytree(tier.model("digits"), tier.model(name))
         _rename(tier.model(name), name)
     (layout.private.model(name) / BACK_FILE).write_bytes(back)
+    # The activation profile is sealed to digits' name: a renamed copy goes without one (its
+    # monitor then checks sweeps only), as a model packed before profiles existed would.
+    (layout.private.model(name) / PROFILE_FILE).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
