@@ -82,6 +82,8 @@ def walk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
     for name, (arguments, _factory) in PACKS.items():
         common = ["--name", name, "--deploy", "deploy", "--transport", "FP32", "--quiet"]
         packed[name] = splitvault(folder, "pack", *common, *arguments)
+        # Answers are compared with the unsplit model: watermark off (it is on by default).
+        splitvault(folder, "watermark", "disable", "--deploy", "deploy", "--model", name)
     layout = DeployLayout(folder / "deploy")
     with ExitStack() as stack:
         public, _private = start_both(layout.root, stack, env=tier_env())
