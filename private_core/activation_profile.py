@@ -73,7 +73,9 @@ def features_of(arrays: Mapping[str, Any], specs: Sequence[TensorSpec]) -> Float
     """One float32 vector per sample, (batch, d), from the back-stage inputs the front sent.
 
     Floating inputs with a ``front:`` source only; a dynamic dimension after the batch (a
-    sequence) is mean-pooled first.
+    sequence) is mean-pooled first, over the positions its mask keeps when the request carries
+    one (an integer input shaped like its first two dimensions, e.g. MiniLM's attention mask),
+    so that padding does not move a row.
     """
     parts: list[Floats] = []
     for spec in specs:
@@ -81,11 +83,33 @@ def features_of(arrays: Mapping[str, Any], specs: Sequence[TensorSpec]) -> Float
             continue
         array = np.asarray(arrays[spec.name], dtype=np.float32)
         if any(isinstance(dim, DimSpec) for dim in spec.shape[1:]):
-            array = array.mean(axis=1)
+            array = _pooled(array, _mask_for(spec, specs, arrays))
         parts.append(array.reshape(array.shape[0], -1))
     if not parts:
         raise ValueError("the back stage takes no floating activation from the front")
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def _mask_for(
+    spec: TensorSpec, specs: Sequence[TensorSpec], arrays: Mapping[str, Any]
+) -> npt.NDArray[Any] | None:
+    """The integer input shaped like ``spec``'s batch and sequence dimensions, if any."""
+    for other in specs:
+        if other.datatype in FLOAT_DATATYPES or other.name not in arrays:
+            continue
+        if list(other.shape) == list(spec.shape[:2]):
+            return np.asarray(arrays[other.name])
+    return None
+
+
+def _pooled(array: Floats, mask: npt.NDArray[Any] | None) -> Floats:
+    """Mean over axis 1, over the positions ``mask`` keeps (all of them without one)."""
+    if mask is None or mask.shape != array.shape[:2]:
+        return np.asarray(array.mean(axis=1), dtype=np.float32)
+    weights = (mask != 0).astype(np.float32)
+    total = np.einsum("bs,bs...->b...", weights, array)
+    counts = np.maximum(weights.sum(axis=1), 1.0).reshape(-1, *([1] * (array.ndim - 2)))
+    return np.asarray(total / counts, dtype=np.float32)
 
 
 def build_profile(
