@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,21 @@ class ActivationProfile:
     bank: Floats  # (n, k) PCA coordinates of reference rows
     quantiles: Floats  # (len(STATISTICS), 3): q01, median, q99 on held-back reference rows
     nn_scale: float
+
+    @cached_property
+    def inverse_variances(self) -> Floats:
+        """``1 / variances`` of the whitened components (cached: scoring is per request)."""
+        return np.asarray(1.0 / self.variances[: self.whitened], dtype=np.float32)
+
+    @cached_property
+    def bank_t(self) -> Floats:
+        """The bank transposed and contiguous, (k, n)."""
+        return np.ascontiguousarray(self.bank.T)
+
+    @cached_property
+    def bank_norms(self) -> Floats:
+        """Squared norm of each bank row, (n,)."""
+        return np.asarray(np.einsum("ij,ij->i", self.bank, self.bank), dtype=np.float32)
 
     @property
     def dim(self) -> int:
@@ -160,30 +176,35 @@ def mahalanobis_parts(
     profile: ActivationProfile, features: Floats, coords: Floats | None = None
 ) -> tuple[Floats, Floats]:
     """Squared Mahalanobis distance in the first ``whitened`` components; squared residual."""
-    if coords is None:
-        coords = coordinates(profile, features)
-    inner = coords[:, : profile.whitened]
-    inside = np.sum(inner**2 / profile.variances[: profile.whitened], axis=1)
     centred = features - profile.mean
-    residual = np.maximum(np.einsum("ij,ij->i", centred, centred) - np.sum(inner**2, axis=1), 0)
+    if coords is None:
+        coords = np.asarray(centred @ profile.basis.T, dtype=np.float32)
+    inner = coords[:, : profile.whitened]
+    inner = inner * inner
+    inside = inner @ profile.inverse_variances
+    residual = np.maximum(np.einsum("ij,ij->i", centred, centred) - inner.sum(axis=1), 0)
     return inside, residual
 
 
 def raw_statistics(profile: ActivationProfile, features: Floats) -> Floats:
-    """Per row: OOD distance, nearest-neighbour distance to the bank, share of zeros; (n, 3)."""
+    """Per row: OOD distance, nearest-neighbour distance to the bank, share of zeros; (n, 3).
+
+    Called on every request's rows: few NumPy calls, the bank's norms computed once.
+    """
+    out = np.empty((len(features), len(STATISTICS)), np.float32)
     coords = coordinates(profile, features)
     inside, outside = mahalanobis_parts(profile, features, coords)
-    ood = np.maximum(inside / profile.inside_scale, outside / profile.residual_scale)
-    bank = profile.bank
-    squared = (
-        np.einsum("ij,ij->i", coords, coords)[:, None]
-        + np.einsum("ij,ij->i", bank, bank)[None, :]
-        - 2.0 * coords @ bank.T
-    )
-    nearest = np.partition(squared, 2, axis=1)[:, :3] if bank.shape[0] > 3 else squared
-    knn = np.sqrt(np.maximum(nearest, 0.0)).mean(axis=1)
-    zero = np.count_nonzero(features == 0, axis=1) / max(features.shape[1], 1)
-    return np.stack([ood, knn, zero], axis=1).astype(np.float32)
+    np.maximum(inside / profile.inside_scale, outside / profile.residual_scale, out=out[:, 0])
+    squared = coords @ profile.bank_t
+    squared *= -2.0
+    squared += np.einsum("ij,ij->i", coords, coords)[:, None]
+    squared += profile.bank_norms
+    if squared.shape[1] > 3:
+        squared = np.partition(squared, 2, axis=1)[:, :3]
+    np.maximum(squared, 0.0, out=squared)
+    out[:, 1] = np.sqrt(squared, out=squared).mean(axis=1)
+    out[:, 2] = np.count_nonzero(features == 0, axis=1) / max(features.shape[1], 1)
+    return out
 
 
 def _median_nearest(data: npt.NDArray[np.float64], limit: int = 2048) -> float:
