@@ -214,7 +214,7 @@ class ActivationMonitor:
     ) -> list[Verdict | Exception]:
         """Verdicts of ``calls`` in order, as if checked one by one, with their rows scored in
         one pass per model; a request whose tensors do not fit gets its own exception."""
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         parts: list[_Part | Exception | None] = []
         for request, identities in calls:
             try:
@@ -231,9 +231,11 @@ class ActivationMonitor:
                 self._score(part, evidence[id(part)])
             verdicts.append(self._verdict(part.request.model, part.key, part.tier))
         spent = (time.perf_counter() - started) / max(len(calls), 1)
+        used = (time.thread_time() - cpu) / max(len(calls), 1)
         for request, _ in calls:
             if request.model in self._models:
                 self._metrics.seconds.labels(request.model).observe(spent)
+                self._metrics.cpu.labels(request.model).inc(used)
         return verdicts
 
     def _prepare(
@@ -382,6 +384,12 @@ class _MonitorMetrics:
         self.seconds = Summary(
             "splitvault_private_monitor_seconds",
             "Time the activation monitor spent per request.",
+            ["model"],
+            registry=registry,
+        )
+        self.cpu = Counter(
+            "splitvault_private_monitor_cpu_seconds",
+            "CPU time (of the thread that ran it) the activation monitor spent, by model.",
             ["model"],
             registry=registry,
         )

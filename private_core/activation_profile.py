@@ -97,10 +97,10 @@ def features_of(arrays: Mapping[str, Any], specs: Sequence[TensorSpec]) -> Float
     for spec in specs:
         if spec.datatype not in FLOAT_DATATYPES or not (spec.source or "").startswith("front:"):
             continue
-        array = np.asarray(arrays[spec.name], dtype=np.float32)
+        array = np.asarray(arrays[spec.name])
         if any(isinstance(dim, DimSpec) for dim in spec.shape[1:]):
             array = _pooled(array, _mask_for(spec, specs, arrays))
-        parts.append(array.reshape(array.shape[0], -1))
+        parts.append(np.asarray(array, dtype=np.float32).reshape(array.shape[0], -1))
     if not parts:
         raise ValueError("the back stage takes no floating activation from the front")
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
@@ -118,13 +118,13 @@ def _mask_for(
     return None
 
 
-def _pooled(array: Floats, mask: npt.NDArray[Any] | None) -> Floats:
-    """Mean over axis 1, over the positions ``mask`` keeps (all of them without one)."""
+def _pooled(array: npt.NDArray[Any], mask: npt.NDArray[Any] | None) -> Floats:
+    """Mean over axis 1 in float32, over the positions ``mask`` keeps (all without one)."""
     if mask is None or mask.shape != array.shape[:2]:
-        return np.asarray(array.mean(axis=1), dtype=np.float32)
-    weights = (mask != 0).astype(np.float32)
-    total = np.einsum("bs,bs...->b...", weights, array)
-    counts = np.maximum(weights.sum(axis=1), 1.0).reshape(-1, *([1] * (array.ndim - 2)))
+        return np.asarray(array.mean(axis=1, dtype=np.float32), dtype=np.float32)
+    keep = (mask != 0).reshape(*mask.shape, *([1] * (array.ndim - 2)))
+    total = array.sum(axis=1, dtype=np.float32, where=keep)
+    counts = np.maximum(np.count_nonzero(keep, axis=1), 1)
     return np.asarray(total / counts, dtype=np.float32)
 
 

@@ -3,6 +3,7 @@ recent rows (in a random projection) for the near-duplicate test. Pure NumPy, no
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -102,12 +103,19 @@ class Stream:
     ) -> int:
         """Fold one request's rows into the statistics; the new level (never lower)."""
         weight = evidence.weight
-        capped = np.minimum(evidence.scores, settings.shift_cap) - settings.shift_drift
+        hit, miss = _log_ratios(settings)
         suspect = evidence.outliers | near
-        hit = math.log(settings.crafted_rate / settings.benign_rate)
-        miss = math.log((1 - settings.crafted_rate) / (1 - settings.benign_rate))
-        self.shift, shift_peak = cusum(self.shift, weight * capped)
-        self.rows, rows_peak = cusum(self.rows, weight * np.where(suspect, hit, miss))
+        if len(suspect) <= SHORT_CUSUM:  # plain floats: cheaper than NumPy for a few rows
+            cap, drift = settings.shift_cap, settings.shift_drift
+            shifts = [weight * (min(score, cap) - drift) for score in evidence.scores.tolist()]
+            steps = [weight * (hit if flag else miss) for flag in suspect.tolist()]
+        else:
+            shifts = weight * (
+                np.minimum(evidence.scores, settings.shift_cap) - settings.shift_drift
+            )
+            steps = weight * np.where(suspect, hit, miss)
+        self.shift, shift_peak = cusum(self.shift, shifts)
+        self.rows, rows_peak = cusum(self.rows, steps)
         self.seen += weight * len(suspect)
         self.outliers += weight * int(np.count_nonzero(evidence.outliers))
         self.near += weight * int(np.count_nonzero(near))
@@ -128,7 +136,7 @@ class Stream:
         }
 
 
-def cusum(start: float, steps: npt.NDArray[np.floating[Any]]) -> tuple[float, float]:
+def cusum(start: float, steps: npt.NDArray[np.floating[Any]] | list[float]) -> tuple[float, float]:
     """Page's CUSUM ``s = max(0, s + step)`` over ``steps`` from ``start``: (end, peak).
 
     Vectorised: with ``c`` the running sum, ``s_i = c_i - min(-start, min_{j<=i} c_j)``;
@@ -136,13 +144,21 @@ def cusum(start: float, steps: npt.NDArray[np.floating[Any]]) -> tuple[float, fl
     """
     if len(steps) <= SHORT_CUSUM:
         state = peak = start
-        for step in steps.tolist():
+        for step in steps if isinstance(steps, list) else steps.tolist():
             state = max(0.0, state + step)
             peak = max(peak, state)
         return state, peak
     running = np.cumsum(steps, dtype=np.float64)
     path = running - np.minimum.accumulate(np.minimum(running, -start))
     return float(path[-1]), float(path.max())
+
+
+@functools.lru_cache(maxsize=8)
+def _log_ratios(settings: ActivationMonitorSettings) -> tuple[float, float]:
+    """Log-likelihood ratios of a suspect row and of a clean one (crafted against benign)."""
+    hit = math.log(settings.crafted_rate / settings.benign_rate)
+    miss = math.log((1 - settings.crafted_rate) / (1 - settings.benign_rate))
+    return hit, miss
 
 
 def level_of(shift: float, rows: float, settings: ActivationMonitorSettings) -> int:
