@@ -105,6 +105,8 @@ class Stream:
         weight = evidence.weight
         hit, miss = _log_ratios(settings)
         suspect = evidence.outliers | near
+        shifts: npt.NDArray[np.floating[Any]] | list[float]
+        steps: npt.NDArray[np.floating[Any]] | list[float]
         if len(suspect) <= SHORT_CUSUM:  # plain floats: cheaper than NumPy for a few rows
             cap, drift = settings.shift_cap, settings.shift_drift
             shifts = [weight * (min(score, cap) - drift) for score in evidence.scores.tolist()]
