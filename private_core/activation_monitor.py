@@ -95,26 +95,34 @@ class RowScorer:
             self._up[: STATISTICS.index("zero")] *= distance_tolerance
             self._down = np.maximum(median - low, 1e-6)
             self._down[: STATISTICS.index("zero")] = np.inf  # far only above the median
-            self._centre = profile.mean @ self._projection
             if not profile.zero_active:
                 self._up[STATISTICS.index("zero")] = self._down[-1] = np.inf
+            self._inverse_up, self._inverse_down = 1 / self._up, 1 / self._down
+            # PCA coordinates and the secret projection in one product of the centred rows.
+            self._fused = np.ascontiguousarray(
+                np.concatenate([profile.basis.T, self._projection], axis=1), dtype=np.float32
+            )
 
     def evidence(
         self, features: Floats, weight: float, settings: ActivationMonitorSettings
     ) -> RowEvidence:
         """Scores, outlier flags, projections and near-duplicate units of ``features`` rows."""
-        projected = features @ self._projection
-        if self.profile is None:
+        profile = self.profile
+        if profile is None:
+            projected = features @ self._projection
             zeros = np.zeros(len(features), np.float32)
             norms = np.sqrt(np.einsum("ij,ij->i", features, features))
             scales = np.maximum(norms * NO_PROFILE_UNIT, 1e-6).astype(np.float32)
             return RowEvidence(zeros, zeros > 0, projected, scales, weight)
-        projected -= self._centre  # small numbers: distances lose no precision
-        raw = raw_statistics(self.profile, features)
-        above = (raw - self._median) / self._up
-        below = (self._median - raw) / self._down
-        scores = np.maximum(above, below).max(axis=1).astype(np.float32)
-        scales = np.full(len(features), self.profile.nn_scale, np.float32)
+        centred = features - profile.mean  # small numbers: distances lose no precision
+        fused = np.asarray(centred @ self._fused, dtype=np.float32)
+        components = profile.basis.shape[0]
+        coords, projected = fused[:, :components], fused[:, components:]
+        raw = raw_statistics(profile, features, centred, coords)
+        scores = np.maximum(
+            (raw - self._median) * self._inverse_up, (self._median - raw) * self._inverse_down
+        ).max(axis=1)
+        scales = np.full(len(features), profile.nn_scale, np.float32)
         return RowEvidence(scores, scores > settings.outlier_score, projected, scales, weight)
 
 

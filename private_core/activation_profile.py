@@ -173,10 +173,14 @@ def coordinates(profile: ActivationProfile, features: Floats) -> Floats:
 
 
 def mahalanobis_parts(
-    profile: ActivationProfile, features: Floats, coords: Floats | None = None
+    profile: ActivationProfile,
+    features: Floats,
+    coords: Floats | None = None,
+    centred: Floats | None = None,
 ) -> tuple[Floats, Floats]:
     """Squared Mahalanobis distance in the first ``whitened`` components; squared residual."""
-    centred = features - profile.mean
+    if centred is None:
+        centred = features - profile.mean
     if coords is None:
         coords = np.asarray(centred @ profile.basis.T, dtype=np.float32)
     inner = coords[:, : profile.whitened]
@@ -186,14 +190,23 @@ def mahalanobis_parts(
     return inside, residual
 
 
-def raw_statistics(profile: ActivationProfile, features: Floats) -> Floats:
+def raw_statistics(
+    profile: ActivationProfile,
+    features: Floats,
+    centred: Floats | None = None,
+    coords: Floats | None = None,
+) -> Floats:
     """Per row: OOD distance, nearest-neighbour distance to the bank, share of zeros; (n, 3).
 
-    Called on every request's rows: few NumPy calls, the bank's norms computed once.
+    Called on every request's rows: few NumPy calls, the bank's norms computed once; a caller
+    that has the centred rows and their PCA coordinates already passes them.
     """
     out = np.empty((len(features), len(STATISTICS)), np.float32)
-    coords = coordinates(profile, features)
-    inside, outside = mahalanobis_parts(profile, features, coords)
+    if centred is None:
+        centred = features - profile.mean
+    if coords is None:
+        coords = np.asarray(centred @ profile.basis.T, dtype=np.float32)
+    inside, outside = mahalanobis_parts(profile, features, coords, centred)
     np.maximum(inside / profile.inside_scale, outside / profile.residual_scale, out=out[:, 0])
     squared = coords @ profile.bank_t
     squared *= -2.0
