@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Summary
+from prometheus_client import CollectorRegistry
 from threadpoolctl import threadpool_limits
 
+from private_core.activation_metrics import MonitorMetrics
 from private_core.activation_profile import (
     STATISTICS,
     ActivationProfile,
@@ -159,7 +160,7 @@ class ActivationMonitor:
         self.settings = settings
         self._rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
         self._models: dict[str, _Model] = {}
-        self._metrics = _MonitorMetrics(registry)
+        self._metrics = MonitorMetrics(registry)
         self._pending: list[tuple[inference_pb2.InferRequest, Sequence[str], Future[Verdict]]] = []
         for name, (specs, profile) in models.items():
             dim = _feature_dim(specs)
@@ -365,48 +366,6 @@ def _feature_dim(specs: Sequence[TensorSpec]) -> int | None:
         return int(features_of(zeros, specs).shape[1])
     except ValueError:
         return None
-
-
-class _MonitorMetrics:
-    """The monitor's series in the tier's registry (labels bounded by models and scopes)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.flagged = Counter(
-            "splitvault_private_monitor_level_changes_total",
-            "Activation streams reaching a level, by model, scope (identity or key) and level.",
-            ["model", "scope", "level"],
-            registry=registry,
-        )
-        self.refused = Counter(
-            "splitvault_private_monitor_refused_total",
-            "Requests refused by the activation monitor, by model and scope.",
-            ["model", "scope"],
-            registry=registry,
-        )
-        self.throttled = Counter(
-            "splitvault_private_monitor_throttled_total",
-            "Requests delayed by the activation monitor, by model and scope.",
-            ["model", "scope"],
-            registry=registry,
-        )
-        self.seconds = Summary(
-            "splitvault_private_monitor_seconds",
-            "Time the activation monitor spent per request.",
-            ["model"],
-            registry=registry,
-        )
-        self.cpu = Counter(
-            "splitvault_private_monitor_cpu_seconds",
-            "CPU time (of the thread that ran it) the activation monitor spent, by model.",
-            ["model"],
-            registry=registry,
-        )
-        self.profile = Gauge(
-            "splitvault_private_monitor_profile",
-            "1 when the model's activation profile is loaded, 0 when it runs without one.",
-            ["model"],
-            registry=registry,
-        )
 
 
 def _rows(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> int:
