@@ -16,15 +16,19 @@ Natural activations of natural inputs look natural by construction: only budgets
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from asyncio import Future
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Summary
+from prometheus_client import CollectorRegistry
+from threadpoolctl import threadpool_limits
 
+from private_core.activation_metrics import MonitorMetrics
 from private_core.activation_profile import (
     STATISTICS,
     ActivationProfile,
@@ -42,7 +46,12 @@ from private_core.activation_streams import (
 )
 from private_core.monitor_settings import ActivationMonitorSettings
 from protos import inference_pb2
-from shared.errors import ACTIVATIONS_REFUSED, ActivationsRefused, PermissionDenied
+from shared.errors import (
+    ACTIVATIONS_REFUSED,
+    ActivationsRefused,
+    InvalidInput,
+    PermissionDenied,
+)
 from shared.logs import get_logger
 from shared.manifest import BATCH_DIM, DimSpec, TensorSpec
 from shared.tensor_codec import from_proto
@@ -75,7 +84,7 @@ class RowScorer:
         rng: np.random.Generator,
         distance_tolerance: float = 1.0,
     ) -> None:
-        self.profile = profile
+        self.profile, self.dim = profile, dim
         # A secret projection per process: a sweep cannot hide in directions it drops.
         self._projection = (
             rng.standard_normal((dim, PROJECTION_DIM)) / PROJECTION_DIM**0.5
@@ -87,26 +96,34 @@ class RowScorer:
             self._up[: STATISTICS.index("zero")] *= distance_tolerance
             self._down = np.maximum(median - low, 1e-6)
             self._down[: STATISTICS.index("zero")] = np.inf  # far only above the median
-            self._centre = profile.mean @ self._projection
             if not profile.zero_active:
                 self._up[STATISTICS.index("zero")] = self._down[-1] = np.inf
+            self._inverse_up, self._inverse_down = 1 / self._up, 1 / self._down
+            # PCA coordinates and the secret projection in one product of the centred rows.
+            self._fused = np.ascontiguousarray(
+                np.concatenate([profile.basis.T, self._projection], axis=1), dtype=np.float32
+            )
 
     def evidence(
         self, features: Floats, weight: float, settings: ActivationMonitorSettings
     ) -> RowEvidence:
         """Scores, outlier flags, projections and near-duplicate units of ``features`` rows."""
-        projected = features @ self._projection
-        if self.profile is None:
+        profile = self.profile
+        if profile is None:
+            projected = features @ self._projection
             zeros = np.zeros(len(features), np.float32)
             norms = np.sqrt(np.einsum("ij,ij->i", features, features))
             scales = np.maximum(norms * NO_PROFILE_UNIT, 1e-6).astype(np.float32)
             return RowEvidence(zeros, zeros > 0, projected, scales, weight)
-        projected -= self._centre  # small numbers: distances lose no precision
-        raw = raw_statistics(self.profile, features)
-        above = (raw - self._median) / self._up
-        below = (self._median - raw) / self._down
-        scores = np.maximum(above, below).max(axis=1).astype(np.float32)
-        scales = np.full(len(features), self.profile.nn_scale, np.float32)
+        centred = features - profile.mean  # small numbers: distances lose no precision
+        fused = np.asarray(centred @ self._fused, dtype=np.float32)
+        components = profile.basis.shape[0]
+        coords, projected = fused[:, :components], fused[:, components:]
+        raw = raw_statistics(profile, features, centred, coords)
+        scores = np.maximum(
+            (raw - self._median) * self._inverse_up, (self._median - raw) * self._inverse_down
+        ).max(axis=1)
+        scales = np.full(len(features), profile.nn_scale, np.float32)
         return RowEvidence(scores, scores > settings.outlier_score, projected, scales, weight)
 
 
@@ -116,6 +133,19 @@ class _Model:
     scorer: RowScorer
     identities: StreamTable
     keys: StreamTable
+
+
+@dataclass(eq=False)
+class _Part:
+    """One request of a group being checked: its streams and analysed rows."""
+
+    request: inference_pb2.InferRequest
+    model: _Model
+    identity: str
+    key: Stream
+    tier: Stream
+    rows: int = 0
+    features: Floats | None = None
 
 
 class ActivationMonitor:
@@ -130,7 +160,8 @@ class ActivationMonitor:
         self.settings = settings
         self._rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
         self._models: dict[str, _Model] = {}
-        self._metrics = _MonitorMetrics(registry)
+        self._metrics = MonitorMetrics(registry)
+        self._pending: list[tuple[inference_pb2.InferRequest, Sequence[str], Future[Verdict]]] = []
         for name, (specs, profile) in models.items():
             dim = _feature_dim(specs)
             if dim is None:
@@ -154,44 +185,121 @@ class ActivationMonitor:
 
     def check(self, request: inference_pb2.InferRequest, identities: Sequence[str]) -> Verdict:
         """Score one request (``InvalidInput`` if its tensors do not fit the model)."""
+        (verdict,) = self.check_many([(request, identities)])
+        if isinstance(verdict, Exception):
+            raise verdict
+        return verdict
+
+    async def judge(
+        self, request: inference_pb2.InferRequest, identities: Sequence[str]
+    ) -> Verdict:
+        """``check`` on the event loop, scoring the requests that arrive together in one pass:
+        each waits for the end of the loop's current round, then the group is scored at once
+        (their rows stacked) and folded into the streams in arrival order, as ``check`` would
+        have one by one."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Verdict] = loop.create_future()
+        self._pending.append((request, identities, future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        try:
+            verdicts = self.check_many([(request, who) for request, who, _ in pending])
+        except Exception as error:  # fail closed: nobody in the group is answered
+            verdicts = [error] * len(pending)
+        for (_, _, future), verdict in zip(pending, verdicts, strict=True):
+            if future.done():  # the call was cancelled meanwhile
+                continue
+            if isinstance(verdict, Exception):
+                future.set_exception(verdict)
+            else:
+                future.set_result(verdict)
+
+    def check_many(
+        self, calls: Sequence[tuple[inference_pb2.InferRequest, Sequence[str]]]
+    ) -> list[Verdict | Exception]:
+        """Verdicts of ``calls`` in order, as if checked one by one, with their rows scored in
+        one pass per model; a request whose tensors do not fit gets its own exception."""
+        started, cpu = time.perf_counter(), time.thread_time()
+        parts: list[_Part | Exception | None] = []
+        for request, identities in calls:
+            try:
+                parts.append(self._prepare(request, identities))
+            except Exception as error:  # that request fails alone, not its group
+                parts.append(error)
+        evidence = self._evidence([part for part in parts if isinstance(part, _Part)])
+        verdicts: list[Verdict | Exception] = []
+        for part in parts:
+            if not isinstance(part, _Part):
+                verdicts.append(PASS if part is None else part)
+                continue
+            if part.key.level < REFUSE and part.tier.level < REFUSE and part.rows:
+                self._score(part, evidence[id(part)])
+            verdicts.append(self._verdict(part.request.model, part.key, part.tier))
+        spent = (time.perf_counter() - started) / max(len(calls), 1)
+        used = (time.thread_time() - cpu) / max(len(calls), 1)
+        for request, _ in calls:
+            if request.model in self._models:
+                self._metrics.seconds.labels(request.model).observe(spent)
+                self._metrics.cpu.labels(request.model).inc(used)
+        return verdicts
+
+    def _prepare(
+        self, request: inference_pb2.InferRequest, identities: Sequence[str]
+    ) -> _Part | None:
+        """The request's streams and, unless they are refused, its analysed feature rows."""
         model = self._models.get(request.model)
         if model is None:
-            return PASS
-        started = time.perf_counter()
+            return None
         identity = ",".join(sorted(identities))
         key = model.keys.get((identity, request.key_id))
         tier = model.identities.get(identity)
-        if key.level < REFUSE and tier.level < REFUSE:
-            self._score(request, model, identity, key, tier)
-        verdict = self._verdict(request.model, key, tier)
-        self._metrics.seconds.labels(request.model).observe(time.perf_counter() - started)
-        return verdict
-
-    def _score(
-        self,
-        request: inference_pb2.InferRequest,
-        model: _Model,
-        identity: str,
-        key: Stream,
-        tier: Stream,
-    ) -> None:
+        part = _Part(request, model, identity, key, tier)
+        if key.level == REFUSE or tier.level == REFUSE:
+            return part
         arrays = {tensor.name: from_proto(tensor) for tensor in request.inputs}
-        rows = _rows(model.specs, arrays)  # the runner validated them before asking
-        if rows == 0:
-            return
-        analysed = min(rows, self.settings.rows_per_call)
-        if analysed < rows:  # rows drawn with a secret seed: none can be hidden at known places
-            picked = np.sort(self._rng.choice(rows, analysed, replace=False))
+        part.rows = _rows(model.specs, arrays)  # the runner validated them before asking
+        if part.rows == 0:
+            return part
+        analysed = min(part.rows, self.settings.rows_per_call)
+        if analysed < part.rows:  # rows drawn with a secret seed: none hidden at known places
+            picked = np.sort(self._rng.choice(part.rows, analysed, replace=False))
             arrays = {name: array[picked] for name, array in arrays.items()}
-        features = features_of(arrays, model.specs)
-        evidence = model.scorer.evidence(features, rows / analysed, self.settings)
+        part.features = features_of(arrays, model.specs)
+        if part.features.shape[1] != model.scorer.dim:  # before it joins the group's pass
+            raise InvalidInput(f"activations of {part.features.shape[1]} features per row")
+        return part
+
+    def _evidence(self, parts: Sequence[_Part]) -> dict[int, RowEvidence]:
+        """Each part's evidence, from one scoring pass per model over all their rows."""
+        found: dict[int, RowEvidence] = {}
+        by_model: dict[str, list[_Part]] = {}
+        for part in parts:
+            if part.features is not None:
+                by_model.setdefault(part.request.model, []).append(part)
+        for group in by_model.values():
+            stacked = [part.features for part in group if part.features is not None]
+            rows = stacked[0] if len(stacked) == 1 else np.concatenate(stacked)
+            whole = group[0].model.scorer.evidence(rows, 1.0, self.settings)
+            start = 0
+            for part, features in zip(group, stacked, strict=True):
+                stop = start + len(features)
+                found[id(part)] = whole.part(start, stop, part.rows / len(features))
+                start = stop
+        return found
+
+    def _score(self, part: _Part, evidence: RowEvidence) -> None:
+        model, key, tier = part.request.model, part.key, part.tier
         before = key.level
         self._fold(key, evidence)
-        self._note(request.model, "key", request.key_id, before, key)
+        self._note(model, "key", part.request.key_id, before, key)
         if key.level == OK:
             before = tier.level
             self._fold(tier, evidence)
-            self._note(request.model, "identity", identity, before, tier)
+            self._note(model, "identity", part.identity, before, tier)
 
     def _fold(self, stream: Stream, evidence: RowEvidence) -> None:
         near = stream.near_duplicates(evidence, self.settings)
@@ -239,6 +347,13 @@ class ActivationMonitor:
         return LEVEL_NAMES[stream.level if stream is not None else OK]
 
 
+def single_threaded_blas() -> None:
+    """Keep NumPy's BLAS on one thread in this process. The monitor's matrix products are small
+    and run on the event loop next to the back stage's threads: a BLAS pool only spins (a
+    16-row group cost 8 times the CPU with two BLAS threads on a busy 2-core host)."""
+    threadpool_limits(limits=1, user_api="blas")
+
+
 def _feature_dim(specs: Sequence[TensorSpec]) -> int | None:
     """Length of the feature vector of one sample, or None when there is nothing to score."""
     try:
@@ -251,42 +366,6 @@ def _feature_dim(specs: Sequence[TensorSpec]) -> int | None:
         return int(features_of(zeros, specs).shape[1])
     except ValueError:
         return None
-
-
-class _MonitorMetrics:
-    """The monitor's series in the tier's registry (labels bounded by models and scopes)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.flagged = Counter(
-            "splitvault_private_monitor_level_changes_total",
-            "Activation streams reaching a level, by model, scope (identity or key) and level.",
-            ["model", "scope", "level"],
-            registry=registry,
-        )
-        self.refused = Counter(
-            "splitvault_private_monitor_refused_total",
-            "Requests refused by the activation monitor, by model and scope.",
-            ["model", "scope"],
-            registry=registry,
-        )
-        self.throttled = Counter(
-            "splitvault_private_monitor_throttled_total",
-            "Requests delayed by the activation monitor, by model and scope.",
-            ["model", "scope"],
-            registry=registry,
-        )
-        self.seconds = Summary(
-            "splitvault_private_monitor_seconds",
-            "Time the activation monitor spent per request.",
-            ["model"],
-            registry=registry,
-        )
-        self.profile = Gauge(
-            "splitvault_private_monitor_profile",
-            "1 when the model's activation profile is loaded, 0 when it runs without one.",
-            ["model"],
-            registry=registry,
-        )
 
 
 def _rows(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> int:

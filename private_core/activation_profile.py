@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,21 @@ class ActivationProfile:
     quantiles: Floats  # (len(STATISTICS), 3): q01, median, q99 on held-back reference rows
     nn_scale: float
 
+    @cached_property
+    def inverse_variances(self) -> Floats:
+        """``1 / variances`` of the whitened components (cached: scoring is per request)."""
+        return np.asarray(1.0 / self.variances[: self.whitened], dtype=np.float32)
+
+    @cached_property
+    def bank_t(self) -> Floats:
+        """The bank transposed and contiguous, (k, n)."""
+        return np.ascontiguousarray(self.bank.T)
+
+    @cached_property
+    def bank_norms(self) -> Floats:
+        """Squared norm of each bank row, (n,)."""
+        return np.asarray(np.einsum("ij,ij->i", self.bank, self.bank), dtype=np.float32)
+
     @property
     def dim(self) -> int:
         """Length of the feature vectors this profile describes."""
@@ -73,19 +89,43 @@ def features_of(arrays: Mapping[str, Any], specs: Sequence[TensorSpec]) -> Float
     """One float32 vector per sample, (batch, d), from the back-stage inputs the front sent.
 
     Floating inputs with a ``front:`` source only; a dynamic dimension after the batch (a
-    sequence) is mean-pooled first.
+    sequence) is mean-pooled first, over the positions its mask keeps when the request carries
+    one (an integer input shaped like its first two dimensions, e.g. MiniLM's attention mask),
+    so that padding does not move a row.
     """
     parts: list[Floats] = []
     for spec in specs:
         if spec.datatype not in FLOAT_DATATYPES or not (spec.source or "").startswith("front:"):
             continue
-        array = np.asarray(arrays[spec.name], dtype=np.float32)
+        array = np.asarray(arrays[spec.name])
         if any(isinstance(dim, DimSpec) for dim in spec.shape[1:]):
-            array = array.mean(axis=1)
-        parts.append(array.reshape(array.shape[0], -1))
+            array = _pooled(array, _mask_for(spec, specs, arrays))
+        parts.append(np.asarray(array, dtype=np.float32).reshape(array.shape[0], -1))
     if not parts:
         raise ValueError("the back stage takes no floating activation from the front")
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def _mask_for(
+    spec: TensorSpec, specs: Sequence[TensorSpec], arrays: Mapping[str, Any]
+) -> npt.NDArray[Any] | None:
+    """The integer input shaped like ``spec``'s batch and sequence dimensions, if any."""
+    for other in specs:
+        if other.datatype in FLOAT_DATATYPES or other.name not in arrays:
+            continue
+        if list(other.shape) == list(spec.shape[:2]):
+            return np.asarray(arrays[other.name])
+    return None
+
+
+def _pooled(array: npt.NDArray[Any], mask: npt.NDArray[Any] | None) -> Floats:
+    """Mean over axis 1 in float32, over the positions ``mask`` keeps (all without one)."""
+    if mask is None or mask.shape != array.shape[:2]:
+        return np.asarray(array.mean(axis=1, dtype=np.float32), dtype=np.float32)
+    keep = (mask != 0).reshape(*mask.shape, *([1] * (array.ndim - 2)))
+    total = array.sum(axis=1, dtype=np.float32, where=keep)
+    counts = np.maximum(np.count_nonzero(keep, axis=1), 1)
+    return np.asarray(total / counts, dtype=np.float32)
 
 
 def build_profile(
@@ -133,33 +173,51 @@ def coordinates(profile: ActivationProfile, features: Floats) -> Floats:
 
 
 def mahalanobis_parts(
-    profile: ActivationProfile, features: Floats, coords: Floats | None = None
+    profile: ActivationProfile,
+    features: Floats,
+    coords: Floats | None = None,
+    centred: Floats | None = None,
 ) -> tuple[Floats, Floats]:
     """Squared Mahalanobis distance in the first ``whitened`` components; squared residual."""
+    if centred is None:
+        centred = features - profile.mean
     if coords is None:
-        coords = coordinates(profile, features)
+        coords = np.asarray(centred @ profile.basis.T, dtype=np.float32)
     inner = coords[:, : profile.whitened]
-    inside = np.sum(inner**2 / profile.variances[: profile.whitened], axis=1)
-    centred = features - profile.mean
-    residual = np.maximum(np.einsum("ij,ij->i", centred, centred) - np.sum(inner**2, axis=1), 0)
+    inner = inner * inner
+    inside = inner @ profile.inverse_variances
+    residual = np.maximum(np.einsum("ij,ij->i", centred, centred) - inner.sum(axis=1), 0)
     return inside, residual
 
 
-def raw_statistics(profile: ActivationProfile, features: Floats) -> Floats:
-    """Per row: OOD distance, nearest-neighbour distance to the bank, share of zeros; (n, 3)."""
-    coords = coordinates(profile, features)
-    inside, outside = mahalanobis_parts(profile, features, coords)
-    ood = np.maximum(inside / profile.inside_scale, outside / profile.residual_scale)
-    bank = profile.bank
-    squared = (
-        np.einsum("ij,ij->i", coords, coords)[:, None]
-        + np.einsum("ij,ij->i", bank, bank)[None, :]
-        - 2.0 * coords @ bank.T
-    )
-    nearest = np.partition(squared, 2, axis=1)[:, :3] if bank.shape[0] > 3 else squared
-    knn = np.sqrt(np.maximum(nearest, 0.0)).mean(axis=1)
-    zero = np.count_nonzero(features == 0, axis=1) / max(features.shape[1], 1)
-    return np.stack([ood, knn, zero], axis=1).astype(np.float32)
+def raw_statistics(
+    profile: ActivationProfile,
+    features: Floats,
+    centred: Floats | None = None,
+    coords: Floats | None = None,
+) -> Floats:
+    """Per row: OOD distance, nearest-neighbour distance to the bank, share of zeros; (n, 3).
+
+    Called on every request's rows: few NumPy calls, the bank's norms computed once; a caller
+    that has the centred rows and their PCA coordinates already passes them.
+    """
+    out = np.empty((len(features), len(STATISTICS)), np.float32)
+    if centred is None:
+        centred = features - profile.mean
+    if coords is None:
+        coords = np.asarray(centred @ profile.basis.T, dtype=np.float32)
+    inside, outside = mahalanobis_parts(profile, features, coords, centred)
+    np.maximum(inside / profile.inside_scale, outside / profile.residual_scale, out=out[:, 0])
+    squared = coords @ profile.bank_t
+    squared *= -2.0
+    squared += np.einsum("ij,ij->i", coords, coords)[:, None]
+    squared += profile.bank_norms
+    if squared.shape[1] > 3:
+        squared = np.partition(squared, 2, axis=1)[:, :3]
+    np.maximum(squared, 0.0, out=squared)
+    out[:, 1] = np.sqrt(squared, out=squared).mean(axis=1)
+    out[:, 2] = np.count_nonzero(features == 0, axis=1) / max(features.shape[1], 1)
+    return out
 
 
 def _median_nearest(data: npt.NDArray[np.float64], limit: int = 2048) -> float:

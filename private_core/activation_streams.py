@@ -3,6 +3,7 @@ recent rows (in a random projection) for the near-duplicate test. Pure NumPy, no
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -18,6 +19,7 @@ OK, ALERT, REFUSE = 0, 1, 2
 LEVEL_NAMES = ("ok", "alert", "refuse")
 Floats = npt.NDArray[np.float32]
 Bools = npt.NDArray[np.bool_]
+SHORT_CUSUM = 8  # steps below which the recursion beats the vectorised form
 
 
 @dataclass(frozen=True)
@@ -31,12 +33,26 @@ class RowEvidence:
     scales: Floats  # per row: the distance unit of the near-duplicate test
     weight: float
 
+    def part(self, start: int, stop: int, weight: float) -> RowEvidence:
+        """Rows ``start:stop`` (one request of a group scored together), with its weight."""
+        return RowEvidence(
+            self.scores[start:stop],
+            self.outliers[start:stop],
+            self.projected[start:stop],
+            self.scales[start:stop],
+            weight,
+        )
+
 
 @dataclass
 class Stream:
-    """One (scope, name, model) stream: statistics, level and recent rows."""
+    """One (scope, name, model) stream: statistics, level and recent rows.
+
+    ``norms`` holds each window row's squared norm (+inf while the slot is empty), so the
+    near-duplicate test is one matrix product per request, whatever the window's fill."""
 
     window: Floats
+    norms: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     shift: float = 0.0
     rows: float = 0.0
     level: int = OK
@@ -47,47 +63,68 @@ class Stream:
     head: int = 0
     reasons: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if len(self.norms) != len(self.window):
+            self.norms = np.full(len(self.window), np.inf)
+
     def near_duplicates(self, evidence: RowEvidence, settings: ActivationMonitorSettings) -> Bools:
         """Rows within the near band of a recent row or of another row of this request."""
+        # Float64: a repeat (distance 0) must not land in the band through rounding.
         rows = evidence.projected.astype(np.float64)
-        recent = np.concatenate([self.window[: self.filled], rows])
-        squared = (
-            np.einsum("ij,ij->i", rows, rows)[:, None]
-            + np.einsum("ij,ij->i", recent, recent)[None, :]
-            - 2.0 * rows @ recent.T
-        )
-        distance = np.sqrt(np.maximum(squared, 0.0)) / evidence.scales[:, None]
-        distance[np.arange(len(rows)), self.filled + np.arange(len(rows))] = np.inf  # itself
-        band = (distance >= settings.near_low) & (distance < settings.near_high)
-        return np.asarray(band.any(axis=1))
+        lengths = np.einsum("ij,ij->i", rows, rows)
+        scales = evidence.scales.astype(np.float64)[:, None]
+        low, high = np.square(settings.near_low * scales), np.square(settings.near_high * scales)
+        squared = rows @ self.window.T.astype(np.float64)
+        squared *= -2.0
+        squared += lengths[:, None]
+        squared += self.norms  # +inf where the window is empty: never in the band
+        near = ((squared >= low) & (squared < high)).any(axis=1)
+        if len(rows) > 1:  # the request's own rows, each against the others
+            own = lengths[:, None] + lengths[None, :] - 2.0 * rows @ rows.T
+            np.fill_diagonal(own, np.inf)
+            near |= ((own >= low) & (own < high)).any(axis=1)
+        return np.asarray(near)
 
     def remember(self, projected: Floats) -> None:
-        """Add rows to the ring window."""
+        """Add rows to the ring window (with their squared norms)."""
         size = len(self.window)
         if size == 0:
             return
-        for row in projected[-size:]:
-            self.window[self.head] = row
-            self.head = (self.head + 1) % size
-            self.filled = min(self.filled + 1, size)
+        rows = projected[-size:]
+        slots = (self.head + np.arange(len(rows))) % size
+        self.window[slots] = rows
+        stored = self.window[slots].astype(np.float64)  # the rows as kept (float32)
+        self.norms[slots] = np.einsum("ij,ij->i", stored, stored)
+        self.head = int(slots[-1] + 1) % size
+        self.filled = min(self.filled + len(rows), size)
 
     def update(
         self, evidence: RowEvidence, near: Bools, settings: ActivationMonitorSettings
     ) -> int:
         """Fold one request's rows into the statistics; the new level (never lower)."""
         weight = evidence.weight
-        capped = np.minimum(evidence.scores, settings.shift_cap) - settings.shift_drift
+        hit, miss = _log_ratios(settings)
         suspect = evidence.outliers | near
-        hit = math.log(settings.crafted_rate / settings.benign_rate)
-        miss = math.log((1 - settings.crafted_rate) / (1 - settings.benign_rate))
-        self.shift, shift_peak = cusum(self.shift, weight * capped)
-        self.rows, rows_peak = cusum(self.rows, weight * np.where(suspect, hit, miss))
+        shifts: npt.NDArray[np.floating[Any]] | list[float]
+        steps: npt.NDArray[np.floating[Any]] | list[float]
+        if len(suspect) <= SHORT_CUSUM:  # plain floats: cheaper than NumPy for a few rows
+            cap, drift = settings.shift_cap, settings.shift_drift
+            shifts = [weight * (min(score, cap) - drift) for score in evidence.scores.tolist()]
+            steps = [weight * (hit if flag else miss) for flag in suspect.tolist()]
+        else:
+            shifts = weight * (
+                np.minimum(evidence.scores, settings.shift_cap) - settings.shift_drift
+            )
+            steps = weight * np.where(suspect, hit, miss)
+        self.shift, shift_peak = cusum(self.shift, shifts)
+        self.rows, rows_peak = cusum(self.rows, steps)
         self.seen += weight * len(suspect)
-        self.outliers += weight * int(evidence.outliers.sum())
-        self.near += weight * int(near.sum())
+        self.outliers += weight * int(np.count_nonzero(evidence.outliers))
+        self.near += weight * int(np.count_nonzero(near))
         self.level = max(self.level, level_of(shift_peak, rows_peak, settings))
         if self.level == REFUSE:  # sticky: its rows are no longer needed
             self.window, self.filled, self.head = self.window[:0], 0, 0
+            self.norms = self.norms[:0]
         return self.level
 
     def reason(self) -> dict[str, float]:
@@ -101,16 +138,29 @@ class Stream:
         }
 
 
-def cusum(start: float, steps: npt.NDArray[np.floating[Any]]) -> tuple[float, float]:
+def cusum(start: float, steps: npt.NDArray[np.floating[Any]] | list[float]) -> tuple[float, float]:
     """Page's CUSUM ``s = max(0, s + step)`` over ``steps`` from ``start``: (end, peak).
 
-    Vectorised: with ``c`` the running sum, ``s_i = c_i - min(-start, min_{j<=i} c_j)``.
+    Vectorised: with ``c`` the running sum, ``s_i = c_i - min(-start, min_{j<=i} c_j)``;
+    a few steps (single-row requests) are cheaper as the plain recursion.
     """
-    if len(steps) == 0:
-        return start, start
+    if len(steps) <= SHORT_CUSUM:
+        state = peak = start
+        for step in steps if isinstance(steps, list) else steps.tolist():
+            state = max(0.0, state + step)
+            peak = max(peak, state)
+        return state, peak
     running = np.cumsum(steps, dtype=np.float64)
     path = running - np.minimum.accumulate(np.minimum(running, -start))
     return float(path[-1]), float(path.max())
+
+
+@functools.lru_cache(maxsize=8)
+def _log_ratios(settings: ActivationMonitorSettings) -> tuple[float, float]:
+    """Log-likelihood ratios of a suspect row and of a clean one (crafted against benign)."""
+    hit = math.log(settings.crafted_rate / settings.benign_rate)
+    miss = math.log((1 - settings.crafted_rate) / (1 - settings.benign_rate))
+    return hit, miss
 
 
 def level_of(shift: float, rows: float, settings: ActivationMonitorSettings) -> int:

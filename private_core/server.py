@@ -14,7 +14,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
-from private_core.activation_monitor import ActivationMonitor, monitored_models
+from private_core.activation_monitor import (
+    ActivationMonitor,
+    monitored_models,
+    single_threaded_blas,
+)
 from private_core.attribution import Attributor
 from private_core.auth import IdentityInterceptor, IdentityRule
 from private_core.budgets import Budgets
@@ -112,6 +116,7 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     ``AdmissionStateError`` (logged) when its admission counters cannot be read."""
     require_writable_state(settings.state_dir)
     configure_torch_threads(settings.torch_threads, settings.torch_interop_threads)
+    single_threaded_blas()  # NumPy (activation monitor, watermark): small products only
     tier = TierDir(settings.tier_dir)
     # The trigger log's folder: 0700/0600, tightened or refused.
     check_state_dir(settings.state_dir, create=False)

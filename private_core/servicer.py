@@ -73,8 +73,9 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
         identities = peer_identities(context)
 
         async def judge(request: inference_pb2.InferRequest) -> None:
-            # Before batching: refuse or slow a crafted-looking stream.
-            verdict = monitor.check(request, identities)
+            # Before batching: refuse or slow a crafted-looking stream (concurrent requests
+            # are scored together).
+            verdict = await monitor.judge(request, identities)
             if verdict.error is not None:
                 raise verdict.error
             if verdict.delay_s > 0:

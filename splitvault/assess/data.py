@@ -17,6 +17,7 @@ import importlib
 import inspect
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,10 @@ def docstring_sentences() -> list[str]:
             module = importlib.import_module(module_name)
         except ImportError:  # a module this Python lacks (tkinter-less builds and the like)
             continue
-        for doc in _docstrings(module):
+        with warnings.catch_warnings():  # reading a deprecated alias's docstring warns
+            warnings.simplefilter("ignore", DeprecationWarning)
+            docs = _docstrings(module)
+        for doc in docs:
             text = " ".join(doc.split())
             for sentence in re.split(r"(?<=[.!?])\s+", text):
                 if 6 <= len(sentence.split()) <= 30 and _is_prose(sentence):

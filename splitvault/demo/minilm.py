@@ -16,6 +16,9 @@ from splitvault.packing.spec import ModelSpec
 
 SPLIT = "bert.encoder.layer.1"  # after the second encoder layer
 MAX_SEQUENCE = 512
+# Natural sentences profiled by ``pack`` for the private tier's activation monitor, cut at
+# this many tokens (most fit): the demo's own sentences and standard-library docstring prose.
+REFERENCE_SENTENCES, REFERENCE_TOKENS = 1024, 64
 SENTENCES = [
     "A man is playing a guitar on stage.",
     "Someone performs music with a guitar.",
@@ -53,14 +56,17 @@ def load_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(model_path())
 
 
-def tokenize(sentences: list[str], length: int | None = None) -> dict[str, torch.Tensor]:
-    """Token ids and attention mask, padded to the longest sentence or to ``length``."""
+def tokenize(
+    sentences: list[str], length: int | None = None, cut: int = MAX_SEQUENCE
+) -> dict[str, torch.Tensor]:
+    """Token ids and attention mask, padded to the longest sentence (at most ``cut`` tokens)
+    or to ``length``."""
     padding: Any = "max_length" if length else True
     encoded = load_tokenizer()(
         sentences,
         padding=padding,
         truncation=True,
-        max_length=length or MAX_SEQUENCE,
+        max_length=length or cut,
         return_tensors="pt",
     )
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
@@ -88,4 +94,15 @@ def factory() -> ModelSpec:
         max_sizes={"batch": 256, "seq": MAX_SEQUENCE},
         task="embedding",
         tokenizer=Path(model_path()) / "tokenizer.json",  # the public tier then takes text
+        reference_inputs=tokenize(reference_sentences(), length=None, cut=REFERENCE_TOKENS),
     )
+
+
+def reference_sentences(count: int = REFERENCE_SENTENCES) -> list[str]:
+    """The demo's sentences and up to ``count`` natural English sentences (offline: the
+    docstrings of Python's standard library, as ``splitvault assess --data demo`` uses)."""
+    from splitvault.assess.data import docstring_sentences
+
+    found = docstring_sentences()
+    picked = sorted({len(found) * i // count for i in range(min(count, len(found)))})
+    return SENTENCES + [found[i] for i in picked]

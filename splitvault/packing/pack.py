@@ -181,8 +181,13 @@ def _split_and_write(
     if options.reference_inputs is not None:
         outputs = _front_outputs(pair, options.reference_inputs)
         _write_reference_profile(pair, outputs, result.front_path.parent)
-        _write_activation_profile(pair, outputs, config, result.back_path.parent, provider)
+        _write_activation_profile(
+            outputs, options.reference_inputs, config, result.back_path.parent, provider
+        )
     return result
+
+
+CHUNK = 256  # reference samples per front pass
 
 
 def _default_watermark(options: PackOptions) -> WatermarkConfig | None:
@@ -193,13 +198,13 @@ def _default_watermark(options: PackOptions) -> WatermarkConfig | None:
 
 
 def _front_outputs(pair: StagePair, inputs: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
-    """The front stage's outputs on natural reference data, in chunks of 256 samples."""
+    """The front stage's outputs on natural reference data, in chunks of ``CHUNK`` samples."""
     module = pair.front.module()
     count = len(next(iter(inputs.values())))
     chunks = []
     with torch.inference_mode():
-        for start in range(0, count, 256):
-            args = [inputs[name][start : start + 256] for name in pair.request_inputs]
+        for start in range(0, count, CHUNK):
+            args = [inputs[name][start : start + CHUNK] for name in pair.request_inputs]
             outputs = module(*args)
             chunks.append({n: t.numpy() for n, t in zip(pair.front_outputs, outputs, strict=True)})
     return chunks
@@ -217,28 +222,33 @@ def _write_reference_profile(
 
 
 def _write_activation_profile(
-    pair: StagePair,
     outputs: list[dict[str, np.ndarray]],
+    inputs: dict[str, torch.Tensor],
     config: ModelConfig,
     back_dir: Path,
     provider: KeyProvider,
 ) -> None:
-    """Profile natural activations as the private tier receives them (the transport datatype),
-    sealed under the KEK next to the back stage, for the private tier's activation monitor."""
+    """Profile natural activations as the private tier receives them (the transport datatype,
+    with the request inputs the back takes too, such as an attention mask), sealed under the
+    KEK next to the back stage, for the private tier's activation monitor."""
     manifest = read_manifest(back_dir)
     wire = numpy_dtype(config.transport_datatype)
     sources = {spec.source: spec.name for spec in manifest.inputs}
-    features = [
-        activation_features(
+    features = []
+    for index, chunk in enumerate(outputs):  # the chunks of ``_front_outputs``
+        received = {
+            sources[f"front:{name}"]: array.astype(wire) if array.dtype.kind == "f" else array
+            for name, array in chunk.items()
+            if f"front:{name}" in sources
+        }
+        received.update(
             {
-                sources[f"front:{name}"]: array.astype(wire) if array.dtype.kind == "f" else array
-                for name, array in chunk.items()
-                if f"front:{name}" in sources
-            },
-            manifest.inputs,
+                sources[f"request:{name}"]: tensor[index * CHUNK : (index + 1) * CHUNK].numpy()
+                for name, tensor in inputs.items()
+                if f"request:{name}" in sources
+            }
         )
-        for chunk in outputs
-    ]
+        features.append(activation_features(received, manifest.inputs))
     save_activation_profile(
         build_activation_profile(np.concatenate(features)),
         back_dir / ACTIVATION_PROFILE_FILE,

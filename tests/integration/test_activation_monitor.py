@@ -21,11 +21,13 @@ from protos import inference_pb2, inference_pb2_grpc
 from shared.errors import ACTIVATIONS_REFUSED
 from shared.keys import LocalFileKeyProvider
 from shared.layout import FRONT_FILE, PRIVATE_IDENTITY, DeployLayout
-from shared.manifest import TopKPolicy, read_manifest
+from shared.manifest import RoundingPolicy, TopKPolicy, read_manifest
 from shared.tensor_codec import to_proto
-from splitvault.demo import digits
+from splitvault.assess.data import docstring_sentences
+from splitvault.demo import digits, minilm
 from splitvault.deploy import init_deployment
 from splitvault.packing.pack import pack_spec
+from splitvault.packing.spec import ModelSpec
 from tests.conftest import DigitsFixture, issue_key
 from tests.support.deployments import pairing_id
 from tests.support.processes import TierProcess, start_private, start_public
@@ -191,3 +193,63 @@ def test_the_public_tier_answers_a_refused_key_with_403(
     assert refused, "noise images were never refused"
     assert {r.status_code for r in refused} == {403}
     assert refused[-1].json() == {"error": ACTIVATIONS_REFUSED}
+
+
+def test_minilm_is_profiled_and_natural_sentences_are_never_alerted(
+    minilm_spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """MiniLM packs with its reference sentences, so its private tier judges it with a profile;
+    300 held-out sentences, one a request as the public tier sends them, raise no alert."""
+    layout = init_deployment(tmp_path_factory.mktemp("actmon-minilm") / "d")
+    provider = LocalFileKeyProvider.load(layout.kek)
+    pack_spec(
+        minilm_spec,
+        name="minilm",
+        split=minilm.SPLIT,
+        layout=layout,
+        provider=provider,
+        policy=RoundingPolicy(decimals=5),
+        show_progress=False,
+    )
+    assert (layout.private.model("minilm") / "activations.npz.enc").is_file()
+    hidden, mask = (spec.name for spec in read_manifest(layout.private.model("minilm")).inputs)
+    front = torch.export.load(str(layout.public.model("minilm") / FRONT_FILE)).module()
+    reference = set(minilm.reference_sentences())
+    sentences = [s for s in docstring_sentences() if s not in reference][:300]
+    tokenizer = minilm.load_tokenizer()
+    private = start_private(layout.root, env=ENV)
+    try:
+        stub = _stub(layout, private.port)
+        for i, sentence in enumerate(sentences):
+            tokens = tokenizer([sentence], return_tensors="pt")
+            with torch.inference_mode():
+                (out,) = front(tokens["input_ids"], tokens["attention_mask"])
+            request = inference_pb2.InferRequest(
+                model="minilm",
+                inputs=[
+                    to_proto(hidden, out.numpy().astype(np.float16)),
+                    to_proto(mask, tokens["attention_mask"].numpy()),
+                ],
+                key_id=f"reader-{i % 3}",
+                pairing_id=pairing_id(layout, "minilm"),
+            )
+            assert _code(stub.Infer, request) is None, sentence
+        events = private.events()
+    finally:
+        private.stop()
+    names = {event.get("event") for event in events}
+    assert "private_monitor_without_profile" not in names
+    assert "private_monitor_alert" not in names
+
+
+def _stub(layout: DeployLayout, port: int) -> inference_pb2_grpc.PrivateInferenceStub:
+    """The private tier over mutual TLS with the public tier's client certificate."""
+    tls = layout.public.tls
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=layout.public.ca_cert.read_bytes(),
+        private_key=(tls / "client.key").read_bytes(),
+        certificate_chain=(tls / "client.crt").read_bytes(),
+    )
+    options = [("grpc.ssl_target_name_override", PRIVATE_IDENTITY)]
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=options)
+    return inference_pb2_grpc.PrivateInferenceStub(channel)

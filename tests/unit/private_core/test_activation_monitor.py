@@ -3,6 +3,7 @@ post-ReLU activations: natural rows are ReLU of a few clustered latent factors."
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +11,12 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from private_core.activation_monitor import ActivationMonitor, RowScorer
+from private_core.activation_monitor import ActivationMonitor, RowScorer, Verdict
 from private_core.activation_profile import (
     ActivationProfile,
     ProfileError,
     build_profile,
+    features_of,
     load_profile,
     save_profile,
 )
@@ -22,7 +24,12 @@ from private_core.activation_streams import cusum
 from private_core.monitor_settings import ActivationMonitorSettings
 from protos import inference_pb2
 from shared.crypto import DecryptionError
-from shared.errors import ACTIVATIONS_REFUSED, ActivationsRefused, PermissionDenied
+from shared.errors import (
+    ACTIVATIONS_REFUSED,
+    ActivationsRefused,
+    InvalidInput,
+    PermissionDenied,
+)
 from shared.keys import LocalFileKeyProvider
 from shared.manifest import DimSpec, StageManifest, TensorSpec
 from shared.tensor_codec import to_proto
@@ -81,6 +88,16 @@ def test_vectorised_cusum_equals_the_recursion() -> None:
         state = max(0.0, state + step)
         peak = max(peak, state)
     assert cusum(1.5, steps) == pytest.approx((state, peak))
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 7, 8, 9, 20])
+def test_short_and_vectorised_cusum_agree(length: int) -> None:
+    steps = np.random.default_rng(length).normal(0.1, 1.0, length)
+    state, peak = 0.7, 0.7
+    for step in steps:
+        state = max(0.0, state + step)
+        peak = max(peak, state)
+    assert cusum(0.7, steps) == pytest.approx((state, peak))
 
 
 def test_natural_rows_score_low_and_noise_high(profile: ActivationProfile) -> None:
@@ -198,3 +215,76 @@ def test_profile_is_sealed_and_bound_to_its_model(
     path.write_bytes(bytes(data))
     with pytest.raises(DecryptionError):
         load_profile(path, provider, _manifest())
+
+
+def _mixed_requests(count: int) -> list[inference_pb2.InferRequest]:
+    """Natural requests of 1 to 4 rows over three keys, every seventh one uniform noise."""
+    rng = np.random.default_rng(20)
+    return [
+        request((noise if i % 7 == 0 else natural)(int(rng.integers(1, 5)), 100 + i), f"k{i % 3}")
+        for i in range(count)
+    ]
+
+
+def test_a_group_is_judged_as_its_requests_one_by_one(profile: ActivationProfile) -> None:
+    one_by_one, grouped = monitor(profile), monitor(profile)
+    grouped._models["m"].scorer = one_by_one._models["m"].scorer  # the same secret projection
+    calls = [(r, IDENTITY) for r in _mixed_requests(400)]
+    expected = [one_by_one.check(r, who) for r, who in calls]
+    sizes, got, start = np.random.default_rng(21).integers(1, 13, 400), [], 0
+    for size in sizes:
+        got += grouped.check_many(calls[start : start + int(size)])
+        start += int(size)
+        if start >= len(calls):
+            break
+    assert [type(v.error) if isinstance(v, Verdict) else v for v in got] == [
+        type(v.error) for v in expected
+    ]
+    assert any(v.error is not None for v in expected)  # the stream was refused on the way
+    for scope in [None, "k0", "k1", "k2"]:
+        assert grouped.level("m", IDENTITY[0], scope) == one_by_one.level("m", IDENTITY[0], scope)
+    table_a, table_b = one_by_one._models["m"].keys, grouped._models["m"].keys
+    for key in [(IDENTITY[0], f"k{i}") for i in range(3)]:
+        stream_a, stream_b = table_a.peek(key), table_b.peek(key)
+        assert stream_a is not None and stream_b is not None
+        assert stream_b.reason() == stream_a.reason()
+
+
+def test_concurrent_requests_are_scored_together_and_a_bad_one_fails_alone(
+    profile: ActivationProfile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mon = monitor(profile)
+    groups: list[int] = []
+    check_many = mon.check_many
+
+    def counted(calls: Any) -> Any:
+        groups.append(len(calls))
+        return check_many(calls)
+
+    monkeypatch.setattr(mon, "check_many", counted)
+    bad = inference_pb2.InferRequest(model="m", inputs=[to_proto("act", natural(2, 30)[:, :5])])
+
+    async def judge_all() -> list[Any]:
+        calls = [request(natural(2, 31), "a"), bad, request(natural(3, 32), "b")]
+        return await asyncio.gather(
+            *(mon.judge(call, IDENTITY) for call in calls), return_exceptions=True
+        )
+
+    first, failed, last = asyncio.run(judge_all())
+    assert groups == [3]
+    assert first.error is None and last.error is None
+    assert isinstance(failed, InvalidInput)
+
+
+def test_sequence_features_pool_over_the_attention_mask() -> None:
+    batch, seq = DimSpec(name="batch", min=1, max=8), DimSpec(name="seq", min=1, max=64)
+    specs = [
+        TensorSpec(name="hidden", datatype="FP16", shape=[batch, seq, 4], source="front:h"),
+        TensorSpec(name="mask", datatype="INT64", shape=[batch, seq], source="request:mask"),
+    ]
+    hidden = np.random.default_rng(33).standard_normal((1, 5, 4)).astype(np.float16)
+    padded = np.concatenate([hidden, np.full((1, 3, 4), 9.0, np.float16)], axis=1)
+    mask = np.array([[1] * 5 + [0] * 3])
+    alone = features_of({"hidden": hidden, "mask": np.ones((1, 5), np.int64)}, specs)
+    assert np.allclose(features_of({"hidden": padded, "mask": mask}, specs), alone, atol=1e-6)
+    assert not np.allclose(features_of({"hidden": padded}, specs[:1]), alone, atol=1e-3)

@@ -1,0 +1,217 @@
+"""CPU the private tier's checks cost per request: monitor on against off, side by side.
+
+Packs the digits demo and MiniLM (each with its reference profile) into a temporary deployment,
+starts two private tiers, one at its defaults (admission, signature lookup, activation monitor)
+and one with the activation monitor off, and sends each model's natural single-row requests
+(held-out digits; standard-library sentences not in MiniLM's reference) 32 at once to both,
+with the public tier's certificate. Reports the private process's CPU per request on each tier,
+the ratio on/off, and the monitor's own CPU per request (its ``_cpu_seconds_total`` metric)
+as a share of the tier's CPU per request with the monitor off. Admission and the
+signature registry lookup run on both tiers (no setting switches them off); their cost is the
+in-process figure printed last (and ``bench/signature_micro.py`` for a signed request).
+
+Run from the repository root:  .venv/bin/python bench/private_checks_cpu.py [--requests N]
+"""
+
+# ruff: noqa: E402 - the repository root goes on sys.path before the project imports.
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import argparse
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+
+import grpc
+import httpx
+import numpy as np
+import torch
+
+from bench.compromised_public import cpu_seconds
+from protos import inference_pb2, inference_pb2_grpc
+from shared.keys import LocalFileKeyProvider
+from shared.layout import FRONT_FILE, PRIVATE_IDENTITY, DeployLayout
+from shared.manifest import RoundingPolicy, TopKPolicy, read_manifest
+from shared.tensor_codec import to_proto
+from splitvault.assess.data import docstring_sentences
+from splitvault.demo import digits, minilm
+from splitvault.deploy import init_deployment
+from splitvault.launcher import TierProcess, start_private
+from splitvault.packing.pack import pack_spec
+
+CONCURRENCY = 32
+Request = inference_pb2.InferRequest
+
+
+def pack_both(layout: DeployLayout) -> None:
+    """The digits CNN (top-3) and MiniLM (rounded), each with its reference profile."""
+    provider = LocalFileKeyProvider.load(layout.kek)
+    data = digits.load_data()
+    spec = digits.spec_for(digits.train(data), data)
+    pack_spec(
+        spec,
+        name="digits",
+        split=digits.SPLIT,
+        layout=layout,
+        provider=provider,
+        policy=TopKPolicy(k=3),
+        show_progress=False,
+    )
+    pack_spec(
+        minilm.factory(),
+        name="minilm",
+        split=minilm.SPLIT,
+        layout=layout,
+        provider=provider,
+        policy=RoundingPolicy(decimals=5),
+        show_progress=False,
+    )
+
+
+def front(layout: DeployLayout, model: str) -> Callable[..., tuple[torch.Tensor, ...]]:
+    module = torch.export.load(str(layout.public.model(model) / FRONT_FILE)).module()
+    return module
+
+
+def digits_requests(layout: DeployLayout, pairing: str) -> list[Request]:
+    """One held-out digit per request, as the public tier would send it."""
+    (spec,) = read_manifest(layout.private.model("digits")).inputs
+    with torch.inference_mode():
+        (out,) = front(layout, "digits")(torch.from_numpy(digits.load_data().test_x))
+    rows = out.numpy().astype(np.float16)
+    return [
+        Request(
+            model="digits",
+            inputs=[to_proto(spec.name, row[None])],
+            key_id=f"k{i % 50}",
+            top_k=3,
+            pairing_id=pairing,
+        )
+        for i, row in enumerate(rows)
+    ]
+
+
+def minilm_requests(layout: DeployLayout, pairing: str, count: int = 400) -> list[Request]:
+    """One natural sentence per request, none of them in the reference profile."""
+    hidden, mask = (spec.name for spec in read_manifest(layout.private.model("minilm")).inputs)
+    reference = set(minilm.reference_sentences())
+    sentences = [s for s in docstring_sentences() if s not in reference][:count]
+    tokenizer, module, requests = minilm.load_tokenizer(), front(layout, "minilm"), []
+    for i, sentence in enumerate(sentences):
+        tokens = tokenizer([sentence], return_tensors="pt", truncation=True, max_length=128)
+        with torch.inference_mode():
+            (out,) = module(tokens["input_ids"], tokens["attention_mask"])
+        inputs = [
+            to_proto(hidden, out.numpy().astype(np.float16)),
+            to_proto(mask, tokens["attention_mask"].numpy()),
+        ]
+        requests.append(
+            Request(model="minilm", inputs=inputs, key_id=f"k{i % 50}", pairing_id=pairing)
+        )
+    return requests
+
+
+def stub(layout: DeployLayout, port: int) -> inference_pb2_grpc.PrivateInferenceStub:
+    tls = layout.public.tls
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=layout.public.ca_cert.read_bytes(),
+        private_key=(tls / "client.key").read_bytes(),
+        certificate_chain=(tls / "client.crt").read_bytes(),
+    )
+    options = [("grpc.ssl_target_name_override", PRIVATE_IDENTITY)]
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=options)
+    return inference_pb2_grpc.PrivateInferenceStub(channel)
+
+
+def caller(target: inference_pb2_grpc.PrivateInferenceStub) -> Callable[[Request], object]:
+    return lambda request: target.Infer(request, timeout=60)
+
+
+def cpu_per_request(
+    tier: TierProcess, call: Callable[[Request], object], requests: Sequence[Request], n: int
+) -> float:
+    """The tier's process CPU per request (ms), ``n`` requests, 32 in flight."""
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(lambda i: call(requests[i % len(requests)]), range(200)))  # warm-up
+        before = cpu_seconds(tier.process.pid)
+        list(pool.map(lambda i: call(requests[i % len(requests)]), range(n)))
+        return (cpu_seconds(tier.process.pid) - before) * 1000 / n
+
+
+def run(workdir: Path, stack: ExitStack, n: int, rounds: int) -> None:
+    layout = init_deployment(workdir / "deploy")
+    pack_both(layout)
+    base = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1"}
+    on = start_private(layout.root, env=base)
+    stack.callback(on.stop)
+    off = start_private(
+        layout.root, env={**base, "SPLITVAULT_PRIVATE_ACTIVATION_MONITOR__ENABLED": "false"}
+    )
+    stack.callback(off.stop)
+    stubs = {tier.port: stub(layout, tier.port) for tier in (on, off)}
+    workloads = {
+        model: (digits_requests if model == "digits" else minilm_requests)(
+            layout, read_manifest(layout.public.model(model)).pairing_id or ""
+        )
+        for model in ("digits", "minilm")
+    }
+    print(f"private tier CPU per single-row request, c={CONCURRENCY}, {n} requests per round")
+    for model, requests in workloads.items():
+        ratios, off_ms = [], []
+        spent = monitor_seconds(on, model)
+        for index in range(rounds):  # alternate which tier goes first
+            order = (on, off) if index % 2 == 0 else (off, on)
+            ms = {
+                tier.port: cpu_per_request(tier, caller(stubs[tier.port]), requests, n)
+                for tier in order
+            }
+            ratios.append(ms[on.port] / ms[off.port])
+            off_ms.append(ms[off.port])
+            print(
+                f"  {model} round {index + 1}: monitor on {ms[on.port]:.3f} ms, "
+                f"off {ms[off.port]:.3f} ms, on/off {ratios[-1]:.3f}",
+                flush=True,
+            )
+        total, count = monitor_seconds(on, model)
+        own = 1000 * (total - spent[0]) / max(count - spent[1], 1.0)
+        print(
+            f"  {model}: process CPU on/off, median of {rounds}: {np.median(ratios):.3f}; "
+            f"the monitor's own CPU {own:.3f} ms per request = "
+            f"{100 * own / np.median(off_ms):.1f}% of the tier's CPU per request with it off "
+            "(target <= 5%)"
+        )
+
+
+def monitor_seconds(tier: TierProcess, model: str) -> tuple[float, float]:
+    """The monitor's CPU seconds for ``model`` and the requests it checked: (cpu, count)."""
+    text = httpx.get(tier.metrics_url).text
+
+    def value(name: str) -> float:
+        found = re.search(rf'{name}{{model="{model}"}} (\S+)', text)
+        return float(found.group(1)) if found else 0.0
+
+    return (
+        value("splitvault_private_monitor_cpu_seconds_total"),
+        value("splitvault_private_monitor_seconds_count"),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        run(Path(tmp), stack, args.requests, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
