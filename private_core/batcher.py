@@ -23,6 +23,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from shared.compute_threads import ComputeThreads
 from shared.errors import Overloaded, Unavailable
 from shared.logs import get_logger
 
@@ -103,11 +104,17 @@ class DynamicBatcher(Generic[P, R]):
     """Per-model bounded queues whose requests run in batches in ``executor``."""
 
     def __init__(
-        self, executor: Executor, settings: BatchSettings, observe: BatchObserver | None = None
+        self,
+        executor: Executor,
+        settings: BatchSettings,
+        observe: BatchObserver | None = None,
+        threads: ComputeThreads | None = None,
     ) -> None:
+        """``threads``: run each batch through it, as lone when it is the tier's only work."""
         self._executor = executor
         self._settings = settings
         self._observe = observe
+        self._threads = threads
         self._lanes: dict[str, _Lane[P, R]] = {}
         self._closed = False
 
@@ -208,10 +215,15 @@ class DynamicBatcher(Generic[P, R]):
     async def _call(self, lane: _Lane[P, R], jobs: list[_Job[P, R]]) -> list[R | Exception]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        payloads = [job.payload for job in jobs]
         try:
-            results = await loop.run_in_executor(
-                self._executor, lane.run, [job.payload for job in jobs]
-            )
+            if self._threads is None:
+                results = await loop.run_in_executor(self._executor, lane.run, payloads)
+            else:
+                lone = len(jobs) == 1 and self._quiet()
+                results = await loop.run_in_executor(
+                    self._executor, self._threads.run, lone, lane.run, payloads
+                )
             if len(results) != len(jobs):
                 raise RuntimeError(f"{len(jobs)} requests got {len(results)} results")
         except Exception as error:  # the call itself failed: every caller gets the error
@@ -220,6 +232,11 @@ class DynamicBatcher(Generic[P, R]):
         if self._observe is not None:
             self._observe(lane.name, sum(job.rows for job in jobs), time.perf_counter() - started)
         return results
+
+    def _quiet(self) -> bool:
+        """Nothing queued and no other batch running, in any model (the caller's batch is)."""
+        lanes = self._lanes.values()
+        return sum(lane.active for lane in lanes) <= 1 and not any(lane.rows for lane in lanes)
 
 
 def _resolve(job: _Job[P, R], result: R | Exception) -> None:

@@ -30,6 +30,7 @@ from public_api.settings import PublicSettings
 from public_api.state import VERSION, PublicState
 from public_api.state_backend import open_state
 from public_api.terms import link_header
+from shared.compute_threads import ComputeThreads, usable_cores
 from shared.heap import freeze_startup_objects
 from shared.layout import TierDir
 from shared.logs import get_logger
@@ -58,7 +59,10 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
         executor = ThreadPoolExecutor(settings.front_workers, thread_name_prefix="front-stage")
         stages = load_front_stages(TierDir(settings.tier_dir))
         private = PrivateTierClient(settings, message_limit(settings, stages))
-        front = FrontRunner(executor, settings.front_inline_below_ms / 1000)
+        threads = ComputeThreads(
+            settings.lone_request_threads or usable_cores(), settings.torch_threads
+        )
+        front = FrontRunner(executor, settings.front_inline_below_ms / 1000, threads)
         for stage in stages.values():
             front.calibrate(stage)
         models = ModelSet(stages, private)

@@ -6,6 +6,10 @@ stage once at startup, on one row with every other dynamic dimension at its maxi
 costliest row a request may carry); a call expected to take less than ``inline_below_s`` (rows
 times that cost) runs directly on the event loop, anything else in the pool, so a heavy stage
 never blocks the loop. A stage that was not calibrated always runs in the pool.
+
+Every call goes through the tier's ``ComputeThreads``: a lone request's front runs on all the
+tier's cores, calls under load on ``torch_threads``; an inline call that would overlap a call
+with another thread count goes to the pool instead.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 
 from public_api.settings import PublicSettings
+from shared.compute_threads import ComputeThreads
 from shared.layout import TierDir
 from shared.logs import get_logger
 from shared.manifest import (
@@ -70,9 +75,15 @@ def load_front_stages(tier: TierDir) -> dict[str, FrontStage]:
 class FrontRunner:
     """Runs front stages and casts activations to the transport datatype."""
 
-    def __init__(self, executor: ThreadPoolExecutor, inline_below_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        executor: ThreadPoolExecutor,
+        inline_below_s: float = 0.0,
+        threads: ComputeThreads | None = None,
+    ) -> None:
         self._executor = executor
         self._inline_below_s = inline_below_s
+        self._threads = threads or ComputeThreads(1, 1)
         self._seconds_per_row: dict[str, float] = {}
 
     def calibrate(self, stage: FrontStage, repeats: int = 5) -> float:
@@ -93,13 +104,20 @@ class FrontRunner:
         )
         return best
 
-    async def run(self, stage: FrontStage, inputs: dict[str, Any], rows: int) -> dict[str, Any]:
-        """Front-stage activations by output name, as NumPy arrays ready to send."""
+    async def run(
+        self, stage: FrontStage, inputs: dict[str, Any], rows: int, *, lone: bool = False
+    ) -> dict[str, Any]:
+        """Front-stage activations by output name, as NumPy arrays ready to send (``lone``:
+        no other request is in flight in this tier, so the call may use every core)."""
         per_row = self._seconds_per_row.get(stage.config.name)
         if per_row is not None and per_row * max(rows, 1) < self._inline_below_s:
-            return _run_front(stage, inputs)
+            ran, result = self._threads.try_run(_run_front, stage, inputs)
+            if ran and result is not None:
+                return result
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, _run_front, stage, inputs)
+        return await loop.run_in_executor(
+            self._executor, self._threads.run, lone, _run_front, stage, inputs
+        )
 
     def seconds_per_row(self, model: str) -> float | None:
         """``model``'s calibrated seconds per row (``None``: not calibrated)."""
