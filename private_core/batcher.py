@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import Generic, TypeVar
 
 from shared.compute_threads import ComputeThreads
@@ -221,9 +222,10 @@ class DynamicBatcher(Generic[P, R]):
                 results = await loop.run_in_executor(self._executor, lane.run, payloads)
             else:
                 lone = len(jobs) == 1 and self._quiet()
-                results = await loop.run_in_executor(
-                    self._executor, self._threads.run, lone, lane.run, payloads
-                )
+                rows = sum(job.rows for job in jobs)
+                batch = partial(lane.run, payloads)
+                call = partial(self._threads.run, lone, batch, key=lane.name, rows=rows)
+                results = await loop.run_in_executor(self._executor, call)
             if len(results) != len(jobs):
                 raise RuntimeError(f"{len(jobs)} requests got {len(results)} results")
         except Exception as error:  # the call itself failed: every caller gets the error

@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -89,11 +90,11 @@ class FrontRunner:
     def calibrate(self, stage: FrontStage, repeats: int = 5) -> float:
         """Time ``stage`` on its costliest single row (best of ``repeats``); returns seconds."""
         inputs = probe_inputs(stage.manifest)
-        _run_front(stage, inputs)  # warm-up: first calls build caches
+        run_front(stage, inputs)  # warm-up: first calls build caches
         best = math.inf
         for _ in range(repeats):
             started = time.perf_counter()
-            _run_front(stage, inputs)
+            run_front(stage, inputs)
             best = min(best, time.perf_counter() - started)
         self._seconds_per_row[stage.config.name] = best
         log.info(
@@ -111,13 +112,13 @@ class FrontRunner:
         no other request is in flight in this tier, so the call may use every core)."""
         per_row = self._seconds_per_row.get(stage.config.name)
         if per_row is not None and per_row * max(rows, 1) < self._inline_below_s:
-            ran, result = self._threads.try_run(_run_front, stage, inputs)
+            ran, result = self._threads.try_run(partial(run_front, stage, inputs))
             if ran and result is not None:
                 return result
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, self._threads.run, lone, _run_front, stage, inputs
-        )
+        front = partial(run_front, stage, inputs)
+        call = partial(self._threads.run, lone, front, key=stage.config.name, rows=rows)
+        return await loop.run_in_executor(self._executor, call)
 
     def seconds_per_row(self, model: str) -> float | None:
         """``model``'s calibrated seconds per row (``None``: not calibrated)."""
@@ -152,7 +153,7 @@ def message_limit(settings: PublicSettings, stages: Mapping[str, FrontStage]) ->
     return limit
 
 
-def _run_front(stage: FrontStage, inputs: dict[str, Any]) -> dict[str, Any]:
+def run_front(stage: FrontStage, inputs: dict[str, Any]) -> dict[str, Any]:
     args = [torch.from_numpy(inputs[spec.name]) for spec in stage.manifest.inputs]
     with torch.inference_mode():
         outputs = stage.module(*args)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 import torch
@@ -106,12 +107,12 @@ def test_no_two_torch_calls_with_different_counts_overlap() -> None:
         for _ in range(150):
             with lock:
                 call = next(ids)
-            gate.run(chooser.random() < 0.5, work, call)
+            gate.run(chooser.random() < 0.5, partial(work, call))
 
     for _ in range(3):  # lone calls with nothing else running: wide
         with lock:
             call = next(ids)
-        gate.run(True, work, call)
+        gate.run(True, partial(work, call))
     with ThreadPoolExecutor(4) as pool:
         for future in [pool.submit(client, seed) for seed in range(4)]:
             future.result(60)
@@ -129,3 +130,60 @@ def test_no_two_torch_calls_with_different_counts_overlap() -> None:
     assert overlapped > 0  # calls did run together, so the check above had something to check
     assert gate.calls[2] >= 3 and gate.calls[1] > 0  # both counts were exercised
     assert sum(gate.calls.values()) == 3 + 4 * 150
+
+
+class Host:
+    """A fake clock, and a call that costs the seconds its thread count costs on this host."""
+
+    def __init__(self, cost: dict[int, float]) -> None:
+        self.now = 0.0
+        self.cost = cost
+
+    def clock(self) -> float:
+        return self.now
+
+    def call(self) -> int:
+        threads = _threads()
+        self.now += self.cost[threads]
+        return threads
+
+
+def test_a_lone_kind_runs_with_its_faster_count_and_retries_the_slower_ever_less_often() -> None:
+    host = Host({2: 5.0, 1: 1.0})  # a busy host: two threads spin-wait, five times slower
+    gate = ComputeThreads(alone=2, loaded=1, clock=host.clock)
+    chosen = [gate.run(True, host.call, key="m") for _ in range(2 + 40)]
+    assert chosen[:2] == [2, 1]  # each count tried once
+    retries = [n for n, threads in enumerate(chosen[2:], start=1) if threads == 2]
+    assert retries == [8, 16, 32]  # every 8th lone call, then every 16th, 32nd: it lost each time
+    assert gate.per_row_seconds("m") == {2: 5.0, 1: 1.0}
+    assert gate.run(False, host.call, key="m") == 1  # under load: the loaded count, as always
+
+
+def test_the_choice_follows_the_host() -> None:
+    host = Host({2: 1.0, 1: 2.0})  # quiet: two threads are faster
+    gate = ComputeThreads(alone=2, loaded=1, clock=host.clock)
+    assert [gate.run(True, host.call, key="m") for _ in range(4)] == [2, 1, 2, 2]
+    host.cost[2] = 5.0  # the host got busy
+    assert gate.run(True, host.call, key="m") == 2  # this one is slow, and moves the average
+    assert gate.run(True, host.call, key="m") == 1
+    assert gate.run(True, host.call, key="other") == 2  # another kind learns on its own
+
+
+def test_a_call_joined_by_another_is_not_a_lone_timing() -> None:
+    host = Host({2: 1.0, 1: 1.0})
+    gate = ComputeThreads(alone=2, loaded=1, clock=host.clock)
+    assert gate.run(True, host.call, key="m") == 2  # two threads tried; one is next
+    started, release = threading.Event(), threading.Event()
+
+    def held() -> int:
+        started.set()
+        release.wait(10)
+        return host.call()
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(gate.run, True, held, key="m")
+        assert started.wait(10)
+        assert pool.submit(gate.run, False, host.call).result(10) == 1  # ran alongside
+        release.set()
+        assert first.result(10) == 1
+    assert gate.per_row_seconds("m") == {2: 1.0}  # the shared call taught nothing
