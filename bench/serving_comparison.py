@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import tempfile
 import time
@@ -39,7 +40,7 @@ import httpx
 import numpy as np
 import torch
 
-from bench import serving_profile, split_compute
+from bench import phase_breakdown, serving_profile, split_compute
 from bench.loadgen import LoadSpec, run_load
 from bench.serving_report import Fidelity, Point, RawCeiling, Report, plot, render, write_section
 from bench.serving_systems import (
@@ -385,12 +386,21 @@ def server_config(prepared: Prepared, workdir: Path, args: argparse.Namespace) -
 def start_systems(
     config: ServerConfig, prepared: Prepared, args: argparse.Namespace, stack: ExitStack
 ) -> tuple[dict[str, Endpoint], list[Fidelity]]:
-    """Start every system at once (each stops when ``stack`` closes); terms, FP16 fidelity."""
+    """Start every system at once (each stops when ``stack`` closes); terms, FP16 fidelity.
+
+    splitvault-fixed gets a copy of the deployment made before any tier starts: two tiers
+    sharing one state folder (SQLite, ledger) would wait on each other's locks, and a tier
+    stopped while the other is measured would hold them.
+    """
     endpoints: dict[str, Endpoint] = {}
     fidelity: list[Fidelity] = []
+    configs = {system: config for system in args.systems}
+    if "splitvault-fixed" in configs:
+        copy = shutil.copytree(config.layout.root, config.workdir / "deploy-fixed", symlinks=True)
+        configs["splitvault-fixed"] = dataclasses.replace(config, layout=DeployLayout(copy))
     for system in args.systems:
         _progress(f"starting {system}")
-        endpoints[system] = stack.enter_context(running(system, config))
+        endpoints[system] = stack.enter_context(running(system, configs[system]))
         if system == "splitvault":
             accept_terms(endpoints[system])
             fidelity = check_fidelity(endpoints[system], prepared, args.seq)
@@ -492,7 +502,11 @@ def profile_splitvault(
     processes = {"public tier": endpoint.pids[0], "private tier": endpoint.pids[1]}
     with suspended(others):
         result, profiles = asyncio.run(serving_profile.profile_load(spec, processes, folder))
+        breakdown = phase_breakdown_section(
+            endpoint, workload, dataclasses.replace(spec, warmup_s=0)
+        )
     return [
+        *breakdown,
         f"## Profile: splitvault (protected), {workload.model}, c={c}",
         "",
         "py-spy at 100 Hz (non-blocking, `--gil`: only the thread holding the GIL is sampled, "
@@ -503,6 +517,25 @@ def profile_splitvault(
         "is approximate (the CPU window includes the drain).",
         "",
         *serving_profile.summarise(profiles, result.completed),
+    ]
+
+
+def phase_breakdown_section(endpoint: Endpoint, workload: Workload, spec: LoadSpec) -> list[str]:
+    """Each phase's p50 and p99 from the tiers' histograms over one more c=32 window."""
+    before = phase_breakdown.scrape(endpoint.metrics_urls, workload.model)
+    result = asyncio.run(run_load(spec))
+    after = phase_breakdown.scrape(endpoint.metrics_urls, workload.model)
+    return [
+        f"## Where c={spec.concurrency} requests wait: splitvault (protected), {workload.model}",
+        "",
+        f"The tiers' own latency histograms over {spec.duration_s:g} s at c={spec.concurrency} "
+        f"(client: {result.throughput:.1f} req/s, p50 {result.percentile(50):.1f} ms, p99 "
+        f"{result.percentile(99):.1f} ms). Percentiles are interpolated within buckets "
+        "(1, 2.5, 5, 10, 25, 50, 100, 250, 500 ms, 1 s, 2.5 s ...), so each is only as fine as "
+        "its bucket. Phases overlap: the private round trip contains the queue wait and the batch.",
+        "",
+        *phase_breakdown.table(before, after),
+        "",
     ]
 
 

@@ -64,6 +64,7 @@ class Endpoint:
     headers: dict[str, str]
     pids: list[int]
     verify: ssl.SSLContext
+    metrics_urls: tuple[str, ...] = ()  # the tiers' Prometheus listeners (splitvault only)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ def _splitvault(
             headers,
             [public.process.pid, private.process.pid],
             config.verify(),
+            (public.metrics_url, private.metrics_url),
         )
     finally:
         public.stop()

@@ -35,6 +35,8 @@ R = TypeVar("R")  # what one request gets back
 RunBatch = Callable[[list[P]], list[R | Exception]]
 # Called after each batch with (model, rows, seconds).
 BatchObserver = Callable[[str, int, float], None]
+# Called as each request's batch starts with (model, seconds it waited in the queue).
+WaitObserver = Callable[[str, float], None]
 
 
 @dataclass(frozen=True)
@@ -110,12 +112,14 @@ class DynamicBatcher(Generic[P, R]):
         settings: BatchSettings,
         observe: BatchObserver | None = None,
         threads: ComputeThreads | None = None,
+        observe_wait: WaitObserver | None = None,
     ) -> None:
         """``threads``: run each batch through it, as lone when it is the tier's only work."""
         self._executor = executor
         self._settings = settings
         self._observe = observe
         self._threads = threads
+        self._observe_wait = observe_wait
         self._lanes: dict[str, _Lane[P, R]] = {}
         self._closed = False
 
@@ -215,6 +219,9 @@ class DynamicBatcher(Generic[P, R]):
 
     async def _call(self, lane: _Lane[P, R], jobs: list[_Job[P, R]]) -> list[R | Exception]:
         loop = asyncio.get_running_loop()
+        if self._observe_wait is not None:
+            for job in jobs:
+                self._observe_wait(lane.name, loop.time() - job.arrived)
         started = time.perf_counter()
         payloads = [job.payload for job in jobs]
         try:

@@ -365,7 +365,9 @@ def build_runner(
     threads = ComputeThreads(
         settings.lone_request_threads or usable_cores(), settings.torch_threads
     )
-    batcher: Batcher = DynamicBatcher(executor, batch_settings, observe, threads)
+    batcher: Batcher = DynamicBatcher(
+        executor, batch_settings, observe, threads, metrics.observe_queue_wait
+    )
     runner = BackStageRunner(
         store, batcher, pad=settings.pad_batches, admission=admission, attributor=attributor
     )

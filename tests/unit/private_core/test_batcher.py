@@ -504,8 +504,12 @@ async def test_a_lone_batch_runs_on_every_core_and_a_shared_one_on_the_loaded_co
         seen.append(torch.get_num_threads())
         return list(payloads)
 
+    waits: list[tuple[str, float]] = []
     batcher: DynamicBatcher[int, int] = DynamicBatcher(
-        pool, BatchSettings(max_queue_delay_s=0.2), threads=threads
+        pool,
+        BatchSettings(max_queue_delay_s=0.2),
+        threads=threads,
+        observe_wait=lambda model, seconds: waits.append((model, seconds)),
     )
     batcher.register("m", run, 64)
     assert await batcher.submit("m", 1, key="k", rows=1) == 1  # alone: every core
@@ -515,4 +519,6 @@ async def test_a_lone_batch_runs_on_every_core_and_a_shared_one_on_the_loaded_co
         3,
     ]
     assert seen == [2, 1]
+    assert [model for model, _ in waits] == ["m"] * 3  # each request's queue wait, once
+    assert all(seconds >= 0 for _, seconds in waits)
     await batcher.close()
