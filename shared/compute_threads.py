@@ -13,11 +13,12 @@ threads spin-wait for a descheduled team mate, and a MiniLM request on two threa
 measured 3-15 times slower than on one. So a lone call of a known kind (``key``, the model)
 runs with whichever count has been faster for that kind, alone, per row (an exponential
 average of both); the slower count is tried again now and then, less often each time it
-loses, so that the choice follows the host.
+loses and the less often the slower it was, so that the choice follows the host.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -118,7 +119,8 @@ class ComputeThreads:
             return self.alone if wide is None else self.loaded
         faster, slower = (self.alone, self.loaded) if wide <= narrow else (self.loaded, self.alone)
         self._lone_calls[key] += 1
-        if self._lone_calls[key] % self._retry_every.setdefault(key, RETRY_FIRST) == 0:
+        if self._lone_calls[key] >= self._retry_every.setdefault(key, RETRY_FIRST):
+            self._lone_calls[key] = 0
             return slower
         return faster
 
@@ -135,8 +137,10 @@ class ComputeThreads:
                 return
             was_faster, is_faster = before < rival, now < rival
             if not was_faster and not is_faster:  # a retry of the slower count lost again
-                every = self._retry_every.get(key, RETRY_FIRST)
-                self._retry_every[key] = min(RETRY_MOST, every * 2)
+                # Wait twice as long, and at least as many calls as it is times slower (x8),
+                # so that retries cost a bounded share of the time however slow they are.
+                every = max(self._retry_every.get(key, RETRY_FIRST) * 2, RETRY_FIRST * now / rival)
+                self._retry_every[key] = min(RETRY_MOST, math.ceil(every))
             elif was_faster != is_faster:
                 self._retry_every[key] = RETRY_FIRST
                 log.info(

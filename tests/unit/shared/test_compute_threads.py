@@ -151,10 +151,12 @@ class Host:
 def test_a_lone_kind_runs_with_its_faster_count_and_retries_the_slower_ever_less_often() -> None:
     host = Host({2: 5.0, 1: 1.0})  # a busy host: two threads spin-wait, five times slower
     gate = ComputeThreads(alone=2, loaded=1, clock=host.clock)
-    chosen = [gate.run(True, host.call, key="m") for _ in range(2 + 40)]
+    chosen = [gate.run(True, host.call, key="m") for _ in range(2 + 130)]
     assert chosen[:2] == [2, 1]  # each count tried once
     retries = [n for n, threads in enumerate(chosen[2:], start=1) if threads == 2]
-    assert retries == [8, 16, 32]  # every 8th lone call, then every 16th, 32nd: it lost each time
+    # The 8th lone call retries two threads; it lost, five times slower: 40 calls (8 x 5) to
+    # the next retry, then 80 (twice as long).
+    assert retries == [8, 48, 128]
     assert gate.per_row_seconds("m") == {2: 5.0, 1: 1.0}
     assert gate.run(False, host.call, key="m") == 1  # under load: the loaded count, as always
 
