@@ -30,7 +30,7 @@ from public_api.settings import PublicSettings
 from public_api.state import VERSION, PublicState
 from public_api.state_backend import open_state
 from public_api.terms import link_header
-from shared.compute_threads import ComputeThreads, usable_cores
+from shared.compute_threads import ComputeCallsCollector, ComputeThreads, usable_cores
 from shared.heap import freeze_startup_objects
 from shared.layout import TierDir
 from shared.logs import get_logger
@@ -62,6 +62,8 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
         threads = ComputeThreads(
             settings.lone_request_threads or usable_cores(), settings.torch_threads
         )
+        calls = ComputeCallsCollector(threads)
+        metrics.registry.register(calls)
         front = FrontRunner(executor, settings.front_inline_below_ms / 1000, threads)
         for stage in stages.values():
             front.calibrate(stage)
@@ -107,6 +109,7 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             await asyncio.to_thread(state.close)
             await private.close()
             executor.shutdown(wait=True)
+            metrics.registry.unregister(calls)
 
     app = FastAPI(
         # Swagger UI and ReDoc load their scripts from a public CDN: off unless asked for

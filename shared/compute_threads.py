@@ -23,10 +23,12 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from shared.logs import get_logger
 
@@ -100,6 +102,11 @@ class ComputeThreads:
             self._enter(self.loaded)
         return True, self._call(self.loaded, fn)
 
+    def calls_by_threads(self) -> dict[int, int]:
+        """Calls started so far, by intra-op thread count."""
+        with self._changed:
+            return dict(self.calls)
+
     def waiting(self) -> int:
         """Calls waiting for their turn (for tests and metrics)."""
         with self._changed:
@@ -167,3 +174,21 @@ class ComputeThreads:
                 if self._running == 0:
                     self._in_use = None
                 self._changed.notify_all()
+
+
+class ComputeCallsCollector(Collector):
+    """``splitvault_compute_calls_total{threads}``: a tier's compute calls by thread count."""
+
+    def __init__(self, threads: ComputeThreads) -> None:
+        self._threads = threads
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """One sample per thread count used so far."""
+        family = CounterMetricFamily(
+            "splitvault_compute_calls",
+            "Front- or back-stage compute calls, by the intra-op threads they ran with.",
+            labels=["threads"],
+        )
+        for threads, count in sorted(self._threads.calls_by_threads().items()):
+            family.add_metric([str(threads)], count)
+        yield family
