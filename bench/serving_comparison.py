@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import tempfile
 import time
@@ -39,7 +40,7 @@ import httpx
 import numpy as np
 import torch
 
-from bench import serving_profile
+from bench import phase_breakdown, serving_profile, split_compute
 from bench.loadgen import LoadSpec, run_load
 from bench.serving_report import Fidelity, Point, RawCeiling, Report, plot, render, write_section
 from bench.serving_systems import (
@@ -61,7 +62,8 @@ from splitvault.packing.pack import pack_spec
 from splitvault.packing.spec import ModelSpec
 
 ALL_MODELS = ("digits", "minilm")
-ALL_SYSTEMS = ("fastapi", "litserve", "splitvault", "splitvault-open")
+ALL_SYSTEMS = ("fastapi", "litserve", "splitvault", "splitvault-open", "splitvault-fixed")
+DEFAULT_SYSTEMS = ("fastapi", "litserve", "splitvault", "splitvault-open")
 DECIMALS = 8  # output-policy rounding far below the FP16 transport error
 FIDELITY_IMAGES = 200
 FIDELITY_CHUNK = 50
@@ -100,7 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--quick", action="store_true", help="smoke run: 2 s points, written to bench/results/")
     add("--models", type=_csv(str), default=list(ALL_MODELS), help="digits,minilm")
-    add("--systems", type=_csv(str), default=list(ALL_SYSTEMS), help=",".join(ALL_SYSTEMS))
+    add("--systems", type=_csv(str), default=list(DEFAULT_SYSTEMS), help=",".join(ALL_SYSTEMS))
     add("--concurrency", type=_csv(int), default=[1, 8, 32, 64], help="client counts")
     add("--duration", type=float, default=None, help="measured seconds per point (8)")
     add("--warmup", type=float, default=None, help="warm-up seconds per point (3)")
@@ -384,15 +386,26 @@ def server_config(prepared: Prepared, workdir: Path, args: argparse.Namespace) -
 def start_systems(
     config: ServerConfig, prepared: Prepared, args: argparse.Namespace, stack: ExitStack
 ) -> tuple[dict[str, Endpoint], list[Fidelity]]:
-    """Start every system at once (each stops when ``stack`` closes); terms, FP16 fidelity."""
+    """Start every system at once (each stops when ``stack`` closes); terms, FP16 fidelity.
+
+    splitvault-fixed gets a copy of the deployment made before any tier starts: two tiers
+    sharing one state folder (SQLite, ledger) would wait on each other's locks, and a tier
+    stopped while the other is measured would hold them.
+    """
     endpoints: dict[str, Endpoint] = {}
     fidelity: list[Fidelity] = []
+    configs = {system: config for system in args.systems}
+    if "splitvault-fixed" in configs:
+        copy = shutil.copytree(config.layout.root, config.workdir / "deploy-fixed", symlinks=True)
+        configs["splitvault-fixed"] = dataclasses.replace(config, layout=DeployLayout(copy))
     for system in args.systems:
         _progress(f"starting {system}")
-        endpoints[system] = stack.enter_context(running(system, config))
+        endpoints[system] = stack.enter_context(running(system, configs[system]))
         if system == "splitvault":
             accept_terms(endpoints[system])
             fidelity = check_fidelity(endpoints[system], prepared, args.seq)
+        elif system == "splitvault-fixed":
+            accept_terms(endpoints[system])
     return endpoints, fidelity
 
 
@@ -406,12 +419,30 @@ def idle_cpu_shares(endpoints: dict[str, Endpoint], seconds: float = 3.0) -> dic
     }
 
 
+def measure_split(
+    prepared: Prepared, model: str, counts: Sequence[int], seq: int
+) -> dict[int, float]:
+    """Median ms of one request's front then back stage in-process, per torch thread count."""
+    provider = LocalFileKeyProvider.load(prepared.layout.kek)
+    front, back = split_compute.load_stages(prepared.layout, provider, model)
+    if model == "digits":
+        inputs = {"image": prepared.digits_data.test_x[:1]}
+    else:
+        from splitvault.demo import minilm
+
+        tokens = minilm.tokenize(minilm.SENTENCES[:1], length=seq)
+        inputs = {name: tensor.numpy() for name, tensor in tokens.items()}
+    found = split_compute.split_ms(front, back, inputs, counts)
+    _progress(f"  {model}: " + ", ".join(f"{t} thr {ms:.2f} ms" for t, ms in found.items()))
+    return found
+
+
 def measure_rounds(
     endpoints: dict[str, Endpoint], workloads: list[Workload], args: argparse.Namespace
-) -> list[Point]:
+) -> dict[tuple[str, str, int], list[Point]]:
     """Every point ``args.rounds`` times, the systems interleaved (their order rotating each
-    round), so that a slow spell of a shared host falls on all of them; each point reported is
-    the median of its rounds."""
+    round), so that a slow spell of a shared host falls on all of them: each point's rounds, in
+    system, model and concurrency order (reported as medians and per-round ratios)."""
     systems_order = list(endpoints)
     runs: dict[tuple[str, str, int], list[Point]] = {}
     for round_index in range(args.rounds):
@@ -424,12 +455,12 @@ def measure_rounds(
                     with suspended(_other_pids(endpoints, system)):
                         point = measure_point(system, endpoints[system], workload, c, args)
                     runs.setdefault((system, workload.model, c), []).append(point)
-    return [
-        median_point(runs[(system, workload.model, c)])
+    return {
+        (system, workload.model, c): runs[(system, workload.model, c)]
         for system in systems_order
         for workload in workloads
         for c in args.concurrency
-    ]
+    }
 
 
 def _other_pids(endpoints: dict[str, Endpoint], system: str) -> list[int]:
@@ -471,7 +502,11 @@ def profile_splitvault(
     processes = {"public tier": endpoint.pids[0], "private tier": endpoint.pids[1]}
     with suspended(others):
         result, profiles = asyncio.run(serving_profile.profile_load(spec, processes, folder))
+        breakdown = phase_breakdown_section(
+            endpoint, workload, dataclasses.replace(spec, warmup_s=0)
+        )
     return [
+        *breakdown,
         f"## Profile: splitvault (protected), {workload.model}, c={c}",
         "",
         "py-spy at 100 Hz (non-blocking, `--gil`: only the thread holding the GIL is sampled, "
@@ -482,6 +517,25 @@ def profile_splitvault(
         "is approximate (the CPU window includes the drain).",
         "",
         *serving_profile.summarise(profiles, result.completed),
+    ]
+
+
+def phase_breakdown_section(endpoint: Endpoint, workload: Workload, spec: LoadSpec) -> list[str]:
+    """Each phase's p50 and p99 from the tiers' histograms over one more c=32 window."""
+    before = phase_breakdown.scrape(endpoint.metrics_urls, workload.model)
+    result = asyncio.run(run_load(spec))
+    after = phase_breakdown.scrape(endpoint.metrics_urls, workload.model)
+    return [
+        f"## Where c={spec.concurrency} requests wait: splitvault (protected), {workload.model}",
+        "",
+        f"The tiers' own latency histograms over {spec.duration_s:g} s at c={spec.concurrency} "
+        f"(client: {result.throughput:.1f} req/s, p50 {result.percentile(50):.1f} ms, p99 "
+        f"{result.percentile(99):.1f} ms). Percentiles are interpolated within buckets "
+        "(1, 2.5, 5, 10, 25, 50, 100, 250, 500 ms, 1 s, 2.5 s ...), so each is only as fine as "
+        "its bucket. Phases overlap: the private round trip contains the queue wait and the batch.",
+        "",
+        *phase_breakdown.table(before, after),
+        "",
     ]
 
 
@@ -526,10 +580,13 @@ def run(args: argparse.Namespace) -> Report:
         raw = {
             w.model: measure_raw(w, counts, args.raw_batches, args.raw_seconds) for w in workloads
         }
+        _progress("in-process split compute of one request")
+        split = {model: measure_split(prepared, model, counts, args.seq) for model in args.models}
         config = server_config(prepared, workdir, args)
         endpoints, fidelity = start_systems(config, prepared, args, stack)
         idle = idle_cpu_shares(endpoints)
-        points = measure_rounds(endpoints, workloads, args)
+        rounds = measure_rounds(endpoints, workloads, args)
+        points = [median_point(found) for found in rounds.values()]
         known = systems(config)
         report = Report(
             conditions=[*conditions(args, workloads), _idle_note(idle)],
@@ -538,6 +595,8 @@ def run(args: argparse.Namespace) -> Report:
             raw=raw,
             fidelity=fidelity,
             command=_command(),
+            rounds=rounds,
+            split_ms={model: min(found.values()) for model, found in split.items()},
         )
         if _should_profile(report, args):
             folder = REPO_ROOT / "bench" / "results" / "profiles"  # ignored by git

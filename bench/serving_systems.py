@@ -64,6 +64,7 @@ class Endpoint:
     headers: dict[str, str]
     pids: list[int]
     verify: ssl.SSLContext
+    metrics_urls: tuple[str, ...] = ()  # the tiers' Prometheus listeners (splitvault only)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,12 @@ def systems(config: ServerConfig) -> dict[str, SystemInfo]:
             "HTTPS + mTLS gRPC; API key, terms accepted, rate limits set high, monitor "
             f"action 'record', audit on; {split}",
         ),
+        "splitvault-fixed": SystemInfo(
+            "splitvault-fixed",
+            "splitvault (protected, fixed threads)",
+            "as splitvault (protected), but a lone request also runs on torch_threads "
+            f"(lone_request_threads = torch_threads: the threading before issue 17); {split}",
+        ),
         "splitvault-open": SystemInfo(
             "splitvault-open",
             "splitvault (protections off)",
@@ -122,20 +129,28 @@ def running(key: str, config: ServerConfig) -> Iterator[Endpoint]:
     if key in ("fastapi", "litserve"):
         with _baseline(key, config) as endpoint:
             yield endpoint
-    elif key in ("splitvault", "splitvault-open"):
-        with _splitvault(key == "splitvault", config) as endpoint:
-            yield endpoint
+    elif key in ("splitvault", "splitvault-open", "splitvault-fixed"):
+        with _splitvault(
+            key != "splitvault-open", config, fixed=key == "splitvault-fixed"
+        ) as found:
+            yield found
     else:
         raise ValueError(f"unknown system {key!r}")
 
 
 @contextmanager
-def _splitvault(protected: bool, config: ServerConfig) -> Iterator[Endpoint]:
+def _splitvault(
+    protected: bool, config: ServerConfig, *, fixed: bool = False
+) -> Iterator[Endpoint]:
+    """Both tiers; ``fixed``: a lone request gets no more threads than a loaded one."""
     private_env = {"SPLITVAULT_PRIVATE_TORCH_THREADS": str(config.private_threads)}
     public_env = {
         **(PROTECTED_ENV if protected else OPEN_ENV),
         "SPLITVAULT_PUBLIC_TORCH_THREADS": str(config.public_threads),
     }
+    if fixed:
+        private_env["SPLITVAULT_PRIVATE_LONE_REQUEST_THREADS"] = str(config.private_threads)
+        public_env["SPLITVAULT_PUBLIC_LONE_REQUEST_THREADS"] = str(config.public_threads)
     private = start_private(config.layout.root, env={**private_env, **config.private_env})
     try:
         public = start_public(
@@ -151,6 +166,7 @@ def _splitvault(protected: bool, config: ServerConfig) -> Iterator[Endpoint]:
             headers,
             [public.process.pid, private.process.pid],
             config.verify(),
+            (public.metrics_url, private.metrics_url),
         )
     finally:
         public.stop()

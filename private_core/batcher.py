@@ -21,8 +21,10 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import Generic, TypeVar
 
+from shared.compute_threads import ComputeThreads
 from shared.errors import Overloaded, Unavailable
 from shared.logs import get_logger
 
@@ -33,6 +35,8 @@ R = TypeVar("R")  # what one request gets back
 RunBatch = Callable[[list[P]], list[R | Exception]]
 # Called after each batch with (model, rows, seconds).
 BatchObserver = Callable[[str, int, float], None]
+# Called as each request's batch starts with (model, seconds it waited in the queue).
+WaitObserver = Callable[[str, float], None]
 
 
 @dataclass(frozen=True)
@@ -103,11 +107,19 @@ class DynamicBatcher(Generic[P, R]):
     """Per-model bounded queues whose requests run in batches in ``executor``."""
 
     def __init__(
-        self, executor: Executor, settings: BatchSettings, observe: BatchObserver | None = None
+        self,
+        executor: Executor,
+        settings: BatchSettings,
+        observe: BatchObserver | None = None,
+        threads: ComputeThreads | None = None,
+        observe_wait: WaitObserver | None = None,
     ) -> None:
+        """``threads``: run each batch through it, as lone when it is the tier's only work."""
         self._executor = executor
         self._settings = settings
         self._observe = observe
+        self._threads = threads
+        self._observe_wait = observe_wait
         self._lanes: dict[str, _Lane[P, R]] = {}
         self._closed = False
 
@@ -207,11 +219,20 @@ class DynamicBatcher(Generic[P, R]):
 
     async def _call(self, lane: _Lane[P, R], jobs: list[_Job[P, R]]) -> list[R | Exception]:
         loop = asyncio.get_running_loop()
+        if self._observe_wait is not None:
+            for job in jobs:
+                self._observe_wait(lane.name, loop.time() - job.arrived)
         started = time.perf_counter()
+        payloads = [job.payload for job in jobs]
         try:
-            results = await loop.run_in_executor(
-                self._executor, lane.run, [job.payload for job in jobs]
-            )
+            if self._threads is None:
+                results = await loop.run_in_executor(self._executor, lane.run, payloads)
+            else:
+                lone = len(jobs) == 1 and self._quiet()
+                rows = sum(job.rows for job in jobs)
+                batch = partial(lane.run, payloads)
+                call = partial(self._threads.run, lone, batch, key=lane.name, rows=rows)
+                results = await loop.run_in_executor(self._executor, call)
             if len(results) != len(jobs):
                 raise RuntimeError(f"{len(jobs)} requests got {len(results)} results")
         except Exception as error:  # the call itself failed: every caller gets the error
@@ -220,6 +241,11 @@ class DynamicBatcher(Generic[P, R]):
         if self._observe is not None:
             self._observe(lane.name, sum(job.rows for job in jobs), time.perf_counter() - started)
         return results
+
+    def _quiet(self) -> bool:
+        """Nothing queued and no other batch running, in any model (the caller's batch is)."""
+        lanes = self._lanes.values()
+        return sum(lane.active for lane in lanes) <= 1 and not any(lane.rows for lane in lanes)
 
 
 def _resolve(job: _Job[P, R], result: R | Exception) -> None:

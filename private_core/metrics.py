@@ -41,6 +41,7 @@ class PrivateMetrics:
     models: frozenset[str]
     batch_size: Histogram
     back_stage_seconds: Histogram
+    queue_wait_seconds: Histogram
     requests: Counter
     model_load_errors: Counter
     models_loaded: Gauge
@@ -63,6 +64,13 @@ class PrivateMetrics:
             back_stage_seconds=Histogram(
                 "splitvault_back_stage_seconds",
                 "Back-stage compute time in seconds.",
+                ["model"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            queue_wait_seconds=Histogram(
+                "splitvault_private_queue_wait_seconds",
+                "Time a request waited in the batcher's queue for its batch to start, seconds.",
                 ["model"],
                 buckets=LATENCY_BUCKETS,
                 registry=registry,
@@ -95,6 +103,10 @@ class PrivateMetrics:
     def observe_back_stage(self, model: str, seconds: float) -> None:
         """Record the back stage's compute time."""
         self.back_stage_seconds.labels(self.model_label(model)).observe(seconds)
+
+    def observe_queue_wait(self, model: str, seconds: float) -> None:
+        """Record how long one request waited for its batch to start."""
+        self.queue_wait_seconds.labels(self.model_label(model)).observe(seconds)
 
     def observe_request(self, model: str, code: grpc.StatusCode) -> None:
         """Count one answered call with its gRPC status code (``OK``, ``NOT_FOUND``, ...)."""

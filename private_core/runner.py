@@ -28,6 +28,7 @@ from private_core.policy import restrict
 from private_core.settings import PrivateSettings
 from private_core.watermark.engine import QueryContext
 from protos import inference_pb2
+from shared.compute_threads import ComputeCallsCollector, ComputeThreads, usable_cores
 from shared.errors import InternalError, InvalidInput
 from shared.logs import get_logger
 from shared.manifest import (
@@ -361,7 +362,13 @@ def build_runner(
         max_queue_size=settings.max_queue_size,
         concurrent_batches=settings.concurrent_batches,
     )
-    batcher: Batcher = DynamicBatcher(executor, batch_settings, observe)
+    threads = ComputeThreads(
+        settings.lone_request_threads or usable_cores(), settings.torch_threads
+    )
+    metrics.registry.register(ComputeCallsCollector(threads))
+    batcher: Batcher = DynamicBatcher(
+        executor, batch_settings, observe, threads, metrics.observe_queue_wait
+    )
     runner = BackStageRunner(
         store, batcher, pad=settings.pad_batches, admission=admission, attributor=attributor
     )

@@ -44,6 +44,10 @@ class PrivateSettings(TierSettings):
     # were measured to slow MiniLM about 30 times. The inter-op pool (torch.jit.fork; unused
     # by exported stages) is set once at startup and kept small.
     torch_interop_threads: int = Field(default=1, ge=1)
+    # Intra-op threads for a batch of one request when nothing else is queued or running
+    # (shared/compute_threads.py): None = every core this process may use, so a lone request
+    # does not run on torch_threads while the rest idle. Set it to torch_threads to turn off.
+    lone_request_threads: int | None = Field(default=None, ge=1, le=1024)
     # Dynamic batching (Triton's dynamic batcher): rows per back-stage call (None: each model's
     # own max_batch_size, which always caps it), how long the oldest queued request may wait for
     # its batch to fill, rows allowed to wait per model before requests are refused as

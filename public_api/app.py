@@ -32,6 +32,7 @@ from public_api.state import VERSION, PublicState
 from public_api.state_backend import open_state
 from public_api.terms import link_header
 from public_api.text import load_text_encoders
+from shared.compute_threads import ComputeCallsCollector, ComputeThreads, usable_cores
 from shared.heap import freeze_startup_objects
 from shared.layout import TierDir
 from shared.logs import get_logger
@@ -60,7 +61,12 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
         executor = ThreadPoolExecutor(settings.front_workers, thread_name_prefix="front-stage")
         stages = load_front_stages(TierDir(settings.tier_dir))
         private = PrivateTierClient(settings, message_limit(settings, stages))
-        front = FrontRunner(executor, settings.front_inline_below_ms / 1000)
+        threads = ComputeThreads(
+            settings.lone_request_threads or usable_cores(), settings.torch_threads
+        )
+        calls = ComputeCallsCollector(threads)
+        metrics.registry.register(calls)
+        front = FrontRunner(executor, settings.front_inline_below_ms / 1000, threads)
         for stage in stages.values():
             front.calibrate(stage)
         models = ModelSet(stages, private)
@@ -109,6 +115,7 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             await asyncio.to_thread(state.close)
             await private.close()
             executor.shutdown(wait=True)
+            metrics.registry.unregister(calls)
 
     app = FastAPI(
         # Swagger UI and ReDoc load their scripts from a public CDN: off unless asked for

@@ -6,6 +6,10 @@ stage once at startup, on one row with every other dynamic dimension at its maxi
 costliest row a request may carry); a call expected to take less than ``inline_below_s`` (rows
 times that cost) runs directly on the event loop, anything else in the pool, so a heavy stage
 never blocks the loop. A stage that was not calibrated always runs in the pool.
+
+Every call goes through the tier's ``ComputeThreads``: a lone request's front runs on all the
+tier's cores, calls under load on ``torch_threads``; an inline call that would overlap a call
+with another thread count goes to the pool instead.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from public_api.settings import PublicSettings
+from shared.compute_threads import ComputeThreads
 from shared.layout import TierDir
 from shared.logs import get_logger
 from shared.manifest import (
@@ -70,19 +76,25 @@ def load_front_stages(tier: TierDir) -> dict[str, FrontStage]:
 class FrontRunner:
     """Runs front stages and casts activations to the transport datatype."""
 
-    def __init__(self, executor: ThreadPoolExecutor, inline_below_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        executor: ThreadPoolExecutor,
+        inline_below_s: float = 0.0,
+        threads: ComputeThreads | None = None,
+    ) -> None:
         self._executor = executor
         self._inline_below_s = inline_below_s
+        self._threads = threads or ComputeThreads(1, 1)
         self._seconds_per_row: dict[str, float] = {}
 
     def calibrate(self, stage: FrontStage, repeats: int = 5) -> float:
         """Time ``stage`` on its costliest single row (best of ``repeats``); returns seconds."""
         inputs = probe_inputs(stage.manifest)
-        _run_front(stage, inputs)  # warm-up: first calls build caches
+        run_front(stage, inputs)  # warm-up: first calls build caches
         best = math.inf
         for _ in range(repeats):
             started = time.perf_counter()
-            _run_front(stage, inputs)
+            run_front(stage, inputs)
             best = min(best, time.perf_counter() - started)
         self._seconds_per_row[stage.config.name] = best
         log.info(
@@ -93,13 +105,20 @@ class FrontRunner:
         )
         return best
 
-    async def run(self, stage: FrontStage, inputs: dict[str, Any], rows: int) -> dict[str, Any]:
-        """Front-stage activations by output name, as NumPy arrays ready to send."""
+    async def run(
+        self, stage: FrontStage, inputs: dict[str, Any], rows: int, *, lone: bool = False
+    ) -> dict[str, Any]:
+        """Front-stage activations by output name, as NumPy arrays ready to send (``lone``:
+        no other request is in flight in this tier, so the call may use every core)."""
         per_row = self._seconds_per_row.get(stage.config.name)
         if per_row is not None and per_row * max(rows, 1) < self._inline_below_s:
-            return _run_front(stage, inputs)
+            ran, result = self._threads.try_run(partial(run_front, stage, inputs))
+            if ran and result is not None:
+                return result
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, _run_front, stage, inputs)
+        front = partial(run_front, stage, inputs)
+        call = partial(self._threads.run, lone, front, key=stage.config.name, rows=rows)
+        return await loop.run_in_executor(self._executor, call)
 
     def seconds_per_row(self, model: str) -> float | None:
         """``model``'s calibrated seconds per row (``None``: not calibrated)."""
@@ -134,7 +153,7 @@ def message_limit(settings: PublicSettings, stages: Mapping[str, FrontStage]) ->
     return limit
 
 
-def _run_front(stage: FrontStage, inputs: dict[str, Any]) -> dict[str, Any]:
+def run_front(stage: FrontStage, inputs: dict[str, Any]) -> dict[str, Any]:
     args = [torch.from_numpy(inputs[spec.name]) for spec in stage.manifest.inputs]
     with torch.inference_mode():
         outputs = stage.module(*args)

@@ -87,6 +87,7 @@ class InferenceService:
         self._private = private
         self._max_elements = max_elements
         self._on_not_ready = on_not_ready
+        self._in_flight = 0  # requests between their front stage and the private reply
 
     def stage(self, model: str) -> FrontStage:
         """The front stage of ``model`` or ``ModelNotFound``."""
@@ -152,21 +153,26 @@ class InferenceService:
         started = time.perf_counter()
         model, request, arrays = decoded.model, decoded.request, decoded.arrays
         stage = self.stage(model)
-        activations = await self._front.run(stage, arrays, decoded.samples)
-        front_done = time.perf_counter()
-        tensors = [to_proto(name, value) for name, value in activations.items()]
-        tensors += [to_proto(name, arrays[name]) for name in stage.manifest.forward_inputs]
-        reply = await self._call_private(
-            inference_pb2.InferRequest(
-                model=model,
-                inputs=tensors,
-                top_k=decoded.top_k,
-                request_id=request.id or uuid.uuid4().hex,
-                key_id=key_id or "",
-                signature=signature,
-                pairing_id=stage.manifest.pairing_id or "",
+        self._in_flight += 1
+        try:
+            lone = self._in_flight == 1
+            activations = await self._front.run(stage, arrays, decoded.samples, lone=lone)
+            front_done = time.perf_counter()
+            tensors = [to_proto(name, value) for name, value in activations.items()]
+            tensors += [to_proto(name, arrays[name]) for name in stage.manifest.forward_inputs]
+            reply = await self._call_private(
+                inference_pb2.InferRequest(
+                    model=model,
+                    inputs=tensors,
+                    top_k=decoded.top_k,
+                    request_id=request.id or uuid.uuid4().hex,
+                    key_id=key_id or "",
+                    signature=signature,
+                    pairing_id=stage.manifest.pairing_id or "",
+                )
             )
-        )
+        finally:
+            self._in_flight -= 1
         outputs = {tensor.name: from_proto(tensor) for tensor in reply.outputs}
         response = InferenceResponse(
             model_name=model,

@@ -61,6 +61,10 @@ class PublicSettings(TierSettings):
     max_message_mb: int = Field(default=64, ge=4, le=2047)
     torch_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2), ge=1)
     front_workers: int = Field(default=2, ge=1, le=64)
+    # Intra-op threads for the front stage of a request alone in this tier (no other request
+    # in flight; shared/compute_threads.py): None = every core this process may use. Set it to
+    # torch_threads to turn off.
+    lone_request_threads: int | None = Field(default=None, ge=1, le=1024)
     # A front-stage call expected (rows x the stage's cost per row, timed at startup) to take
     # less than this runs on the event loop instead of a worker thread; 0: always in a thread.
     front_inline_below_ms: float = Field(default=0.5, ge=0, le=10)

@@ -27,7 +27,7 @@ from splitvault_client import Client, RequestSigner, Unauthorized
 from private_core.watermark.keys import WATERMARK_KEY_FILE, load_key
 from private_core.watermark.triggers import TriggerRecord, read_triggers
 from protos import inference_pb2, inference_pb2_grpc
-from public_api.front import _run_front, load_front_stages
+from public_api.front import load_front_stages, run_front
 from public_api.keys import parse_key_id
 from shared.keys import LocalFileKeyProvider
 from shared.layout import DeployLayout
@@ -147,7 +147,7 @@ def _read_triggers(layout: DeployLayout, key_id: str) -> list[TriggerRecord]:
 
 def _activations(layout: DeployLayout, images: np.ndarray) -> list[inference_pb2.Tensor]:
     stage = load_front_stages(layout.public)[MODEL]
-    outputs = _run_front(stage, {"image": np.ascontiguousarray(images, dtype=np.float32)})
+    outputs = run_front(stage, {"image": np.ascontiguousarray(images, dtype=np.float32)})
     return [to_proto(name, value) for name, value in outputs.items()]
 
 

@@ -20,6 +20,12 @@ from tests.support import deployments
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 THREADS = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PUBLIC_TORCH_THREADS": "1"}
+# One thread for lone requests too: two OpenMP threads on a host shared with other test runs
+# can be many times slower than one (tests/integration/test_compute_threads.py sets two).
+THREADS |= {
+    "SPLITVAULT_PRIVATE_LONE_REQUEST_THREADS": "1",
+    "SPLITVAULT_PUBLIC_LONE_REQUEST_THREADS": "1",
+}
 PROTECTION = "SPLITVAULT_PUBLIC_PROTECTION__"
 # Limits out of the way and a monitor that only records, so that the many requests of one test
 # key are neither throttled nor blocked; tests about protection override what they exercise.

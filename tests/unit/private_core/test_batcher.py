@@ -33,6 +33,7 @@ from private_core.runner import (
 )
 from protos import inference_pb2
 from public_api.front import FrontStage, load_front_stages
+from shared.compute_threads import ComputeThreads
 from shared.errors import Overloaded, Unavailable
 from shared.tensor_codec import to_proto
 from splitvault.demo import minilm
@@ -491,3 +492,33 @@ def _infer_request(
         model=back.config.name,
         inputs=[to_proto(name, array) for name, array in request.arrays.items()],
     )
+
+
+async def test_a_lone_batch_runs_on_every_core_and_a_shared_one_on_the_loaded_count(
+    pool: ThreadPoolExecutor,
+) -> None:
+    threads = ComputeThreads(alone=2, loaded=1)
+    seen: list[int] = []
+
+    def run(payloads: list[int]) -> list[int | Exception]:
+        seen.append(torch.get_num_threads())
+        return list(payloads)
+
+    waits: list[tuple[str, float]] = []
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        pool,
+        BatchSettings(max_queue_delay_s=0.2),
+        threads=threads,
+        observe_wait=lambda model, seconds: waits.append((model, seconds)),
+    )
+    batcher.register("m", run, 64)
+    assert await batcher.submit("m", 1, key="k", rows=1) == 1  # alone: every core
+    # Two queued before the scheduler runs share one batch: the loaded count.
+    assert await asyncio.gather(*(batcher.submit("m", i, key="k", rows=1) for i in (2, 3))) == [
+        2,
+        3,
+    ]
+    assert seen == [2, 1]
+    assert [model for model, _ in waits] == ["m"] * 3  # each request's queue wait, once
+    assert all(seconds >= 0 for _, seconds in waits)
+    await batcher.close()
