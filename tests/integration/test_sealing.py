@@ -67,7 +67,9 @@ def sealed(tmp_path_factory: pytest.TempPathFactory, digits_model: DigitsFixture
         provider=LocalFileKeyProvider.load(layout.kek),
         policy=TopKPolicy(k=3),
         show_progress=False,
-        watermark=WatermarkConfig(enabled=True, scheme="label", fraction=0.1, max_confidence=1),
+        watermark=WatermarkConfig(
+            enabled=True, scheme="label", marks="query", fraction=0.1, max_confidence=1
+        ),
     )
     owner_key, _, _ = generate_owner_key(layout.root)
     secret = issue_key(layout, "thief")

@@ -20,8 +20,13 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+)
 
 from private_core.watermark.keys import WATERMARK_KEY_FILE, load_key
 from protos import inference_pb2, inference_pb2_grpc
@@ -73,6 +78,9 @@ def _key_needles(name: str, pem: bytes, certificates: set[str]) -> dict[str, str
         if not any(line in cert for cert in certificates):
             needles[f"{name} PEM line {number}"] = line
     key = load_pem_private_key(pem, password=None)
+    if isinstance(key, ed25519.Ed25519PrivateKey):  # the private ledger's signing key
+        raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        return {**needles, **_encodings(f"{name} private bytes", raw)}
     if isinstance(key, ec.EllipticCurvePrivateKey):
         secret = key.private_numbers().private_value
     else:

@@ -29,7 +29,12 @@ def test_a_flooding_key_cannot_evict_another_keys_evidence(
 ) -> None:
     layout = init_deployment(tmp_path / "d")
     watermark = WatermarkConfig(
-        enabled=True, scheme="label", fraction=0.5, max_confidence=1, trigger_max_records=PER_KEY
+        enabled=True,
+        scheme="label",
+        marks="query",  # per-query marks: half of all queries marked, whatever their region
+        fraction=0.5,
+        max_confidence=1,
+        trigger_max_records=PER_KEY,
     )
     pack_spec(
         digits_model.spec,

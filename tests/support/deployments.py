@@ -18,12 +18,14 @@ def copy_deployment(
 ) -> DeployLayout:
     """Copy ``source`` to ``target`` without the models named in ``skip_models`` (both tiers).
 
-    Without ``keep_public_state`` the copy starts with no keys, acceptances or audit trail.
+    Without ``keep_public_state`` the copy starts with no keys, acceptances or audit trail,
+    and so with no private state either (ledger anchors of that trail, nonces, budgets).
     """
     models = {source.public.models, source.private.models}
 
     def ignore(folder: str, names: list[str]) -> list[str]:
-        if Path(folder) == source.public.root and not keep_public_state:
+        tiers = (source.public.root, source.private.root)
+        if Path(folder) in tiers and not keep_public_state:
             return [name for name in names if name == "state"]
         return [name for name in names if Path(folder) in models and name in skip_models]
 
