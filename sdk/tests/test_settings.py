@@ -66,14 +66,14 @@ def test_plain_http_to_another_host_warns_at_the_callers_line() -> None:
     assert caught[0].filename == __file__  # stacklevel: the line that made the client
     assert "http://models.example" in str(caught[0].message)
     with pytest.warns(InsecureTransportWarning, match="inputs and answers") as caught:
-        make("http://10.0.0.5")
+        make("http://models-b.invalid")
     assert "API key" not in str(caught[0].message)
 
 
 @pytest.mark.asyncio
 async def test_the_async_client_warns_at_the_callers_line_too() -> None:
     with pytest.warns(InsecureTransportWarning) as caught:
-        await AsyncClient("http://10.1.2.3", api_key=SECRET).close()
+        await AsyncClient("http://models-c.invalid", api_key=SECRET).close()
     assert caught[0].filename == __file__
 
 
