@@ -120,7 +120,8 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     tier = TierDir(settings.tier_dir)
     # The trigger log's folder: 0700/0600, tightened or refused.
     check_state_dir(settings.state_dir, create=False)
-    store = load_store(tier, key_provider(settings), settings.state_dir / TRIGGER_DIR)
+    provider = key_provider(settings)
+    store = load_store(tier, provider, settings.state_dir / TRIGGER_DIR)
     metrics = PrivateMetrics.create(store.status())
     for name in store.failed:
         metrics.model_load_error(name)
@@ -163,6 +164,7 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
             frozenset(settings.anchor_identities), tuple(settings.allowed_identity_prefixes)
         ),
         metrics.registry,
+        provider,
     )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -31,8 +31,7 @@ EFFECTS = {
         "the extraction monitor only records: no key is alerted on, throttled or blocked"
     ),
     "protection.groups_enabled": (
-        "keys are judged one by one: a thief who spreads queries over many keys is not "
-        "grouped"
+        "keys are judged one by one: a thief who spreads queries over many keys is not grouped"
     ),
     "protection.redis_fail_open": (
         "while Redis is unreachable, requests are served without rate limits"
