@@ -62,6 +62,20 @@ class LedgerService:
         """Release the ledger's segment."""
         self.ledger.close()
 
+    async def keep_health(self, health: Any, interval_s: float = 1.0) -> None:
+        """Keep ``health``'s status of the ledger service true while the tier runs: a ledger
+        that starts refusing records (a failed write that could not be undone) is reported
+        NOT_SERVING within ``interval_s``, not only at start."""
+        reported = self.health_status
+        await health.set(LEDGER_SERVICE, reported)  # idempotent: start reports it too
+        while True:
+            await asyncio.sleep(interval_s)
+            status = self.health_status
+            if status != reported:
+                log.error("ledger_not_serving", problem=self.ledger.problem)
+                await health.set(LEDGER_SERVICE, status)
+                reported = status
+
 
 def add_ledger_service(
     server: grpc.aio.Server,

@@ -7,7 +7,7 @@ import base64
 import binascii
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -60,9 +60,13 @@ class PrivateServer:
     ledger: LedgerService | None = None
     budgets: Budgets | None = None
     signatures: SqliteSignatureState | None = None
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace_s``, then stop."""
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         if self.batcher is not None:
@@ -175,6 +179,7 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     await health_servicer.set("", status)
     await health_servicer.set(SERVICE_NAME, status)
     await health_servicer.set(LEDGER_SERVICE, ledger.health_status)
+    ledger_health = asyncio.create_task(ledger.keep_health(health_servicer))
     metrics_port = None
     if settings.metrics_port is not None:
         metrics_port = start_metrics_server(metrics, settings.metrics_host, settings.metrics_port)
@@ -199,6 +204,7 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
         ledger=ledger,
         budgets=budgets,
         signatures=signatures,
+        background=[ledger_health],
     )
 
 

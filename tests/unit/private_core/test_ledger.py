@@ -205,3 +205,40 @@ def test_a_plain_pem_key_of_an_older_release_is_encrypted_in_place(
     reference = AnchorBook(ledger, old)
     assert book.key_id == reference.key_id
     assert path.read_bytes().startswith(MAGIC)
+
+
+def test_a_ledger_that_breaks_while_serving_is_reported_not_serving(ledger: Ledger) -> None:
+    import asyncio
+    import os
+
+    from grpc_health.v1 import health_pb2
+    from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+    from private_core.ledger_service import LEDGER_SERVICE, LedgerService
+
+    async def scenario() -> list[int]:
+        service = LedgerService(ledger, AnchorBook.open(ledger, PROVIDER))
+        health = health_aio.HealthServicer()
+        request = health_pb2.HealthCheckRequest(service=LEDGER_SERVICE)
+        await health.set(LEDGER_SERVICE, service.health_status)  # as the tier does at start
+        watch = asyncio.create_task(service.keep_health(health, interval_s=0.01))
+        seen = [(await health.Check(request, None)).status]
+        os.close(ledger._fd)  # the volume goes away: the write and its undo both fail
+        with pytest.raises(LedgerUnavailable):
+            ledger.append("anchor", {"n": 1})
+        assert not ledger.ok
+        for _ in range(500):  # until the watcher has seen it (no wall-clock assertion)
+            status = (await health.Check(request, None)).status
+            if status != seen[-1]:
+                seen.append(status)
+                break
+            await asyncio.sleep(0.01)
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        ledger._fd = -1  # already closed above
+        return seen
+
+    assert asyncio.run(scenario()) == [
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    ]
