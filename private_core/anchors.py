@@ -12,12 +12,16 @@ answered by one of:
 * otherwise a new ``anchor`` ledger record, fsynced before its signed receipt is returned.
 
 The signing key (Ed25519, ``STATE/ledger/SEGMENT.key``, 0600) is made the first time a segment
-is used, and its public half is registered in the ledger (a ``signing_key`` record), so an
-export of the ledger carries the key its receipts verify with.
+is used and stored encrypted under the private tier's KEK (the weights' envelope format, so
+``splitvault keys rotate-kek`` re-wraps it): a copy of the state volume without the KEK cannot
+sign receipts. Its public half is registered in the ledger (a ``signing_key`` record), so an
+export of the ledger carries the key its receipts verify with. A key file left in plain PEM
+by an older release is encrypted in place the first time it is loaded.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import time
@@ -28,7 +32,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from private_core.ledger import Ledger
 from shared.anchor_receipt import AnchorReceipt, check_anchor, key_id, public_key_text
+from shared.crypto import MAGIC, decrypt_bytes, encrypt_stream
 from shared.errors import AnchorConflict
+from shared.keys import KeyProvider
 from shared.logs import get_logger
 from shared.state_files import private_file
 
@@ -41,26 +47,39 @@ def signing_key_path(ledger: Ledger) -> Path:
     return ledger.path.with_suffix(KEY_SUFFIX)
 
 
-def load_signing_key(path: Path) -> Ed25519PrivateKey:
-    """The key at ``path``, made (0600) when the file is missing or empty."""
+def load_signing_key(path: Path, provider: KeyProvider) -> Ed25519PrivateKey:
+    """The key at ``path``, decrypted with ``provider``'s KEK; made (0600, encrypted) when the
+    file is missing or empty. ``DecryptionError`` when it was encrypted under another KEK."""
     private_file(path)
     data = path.read_bytes()
+    if data.startswith(MAGIC):
+        return Ed25519PrivateKey.from_private_bytes(decrypt_bytes(data, provider))
     if data:
         key = serialization.load_pem_private_key(data, password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path} does not hold an Ed25519 private key")
-        return key
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
+        log.warning("ledger_key_encrypted", path=str(path), reason="was plain PEM")
+    else:
+        key = Ed25519PrivateKey.generate()
+    _write_encrypted(path, key, provider)
+    return key
+
+
+def _write_encrypted(path: Path, key: Ed25519PrivateKey, provider: KeyProvider) -> None:
+    raw = key.private_bytes(
+        serialization.Encoding.Raw,
+        serialization.PrivateFormat.Raw,
         serialization.NoEncryption(),
     )
-    with path.open("wb") as out:
-        out.write(pem)
+    buffer = io.BytesIO()
+    encrypt_stream(raw, buffer, provider)
+    partial = path.with_name(path.name + ".partial")
+    private_file(partial)
+    with partial.open("wb") as out:
+        out.write(buffer.getvalue())
         out.flush()
         os.fsync(out.fileno())
-    return key
+    os.replace(partial, path)
 
 
 class AnchorBook:
@@ -76,10 +95,11 @@ class AnchorBook:
             self._index(AnchorReceipt.from_json(record.payload))
 
     @classmethod
-    def open(cls, ledger: Ledger) -> AnchorBook:
-        """The book of ``ledger``: its anchors indexed, its signing key loaded (or made and
-        registered). ``LedgerUnavailable`` if a new key cannot be registered."""
-        key = load_signing_key(signing_key_path(ledger))
+    def open(cls, ledger: Ledger, provider: KeyProvider) -> AnchorBook:
+        """The book of ``ledger``: its anchors indexed, its signing key decrypted with
+        ``provider`` (or made and registered). ``LedgerUnavailable`` if a new key cannot be
+        registered."""
+        key = load_signing_key(signing_key_path(ledger), provider)
         book = cls(ledger, key)
         if ledger.ok and not book._registered():
             public = key.public_key()

@@ -23,6 +23,7 @@ from private_core.anchors import AnchorBook
 from private_core.auth import IdentityRule, peer_identities
 from private_core.ledger import Ledger, LedgerUnavailable
 from protos import inference_pb2, inference_pb2_grpc
+from shared.crypto import DecryptionError
 from shared.errors import (
     AnchorConflict,
     InternalError,
@@ -30,6 +31,7 @@ from shared.errors import (
     SplitVaultError,
     mapping_for,
 )
+from shared.keys import KeyProvider
 from shared.logs import get_logger
 
 LEDGER_SERVICE = "splitvault.v1.PrivateLedger"
@@ -60,6 +62,20 @@ class LedgerService:
         """Release the ledger's segment."""
         self.ledger.close()
 
+    async def keep_health(self, health: Any, interval_s: float = 1.0) -> None:
+        """Keep ``health``'s status of the ledger service true while the tier runs: a ledger
+        that starts refusing records (a failed write that could not be undone) is reported
+        NOT_SERVING within ``interval_s``, not only at start."""
+        reported = self.health_status
+        await health.set(LEDGER_SERVICE, reported)  # idempotent: start reports it too
+        while True:
+            await asyncio.sleep(interval_s)
+            status = self.health_status
+            if status != reported:
+                log.error("ledger_not_serving", problem=self.ledger.problem)
+                await health.set(LEDGER_SERVICE, status)
+                reported = status
+
 
 def add_ledger_service(
     server: grpc.aio.Server,
@@ -67,15 +83,19 @@ def add_ledger_service(
     replica_id: str | None,
     identities: IdentityRule | Collection[str],
     registry: CollectorRegistry,
+    provider: KeyProvider,
 ) -> LedgerService:
-    """Open this replica's ledger (``replica_id``, default the host name) and serve it."""
+    """Open this replica's ledger (``replica_id``, default the host name) and serve it; its
+    signing key is encrypted under ``provider``'s KEK."""
     ledger = Ledger.open(state_dir, replica_id or socket.gethostname())
     book = None
     if ledger.ok:
         try:
-            book = AnchorBook.open(ledger)
+            book = AnchorBook.open(ledger, provider)
         except LedgerUnavailable as error:
             log.error("ledger_unavailable", reason=error.message)
+        except DecryptionError as error:
+            log.error("ledger_unavailable", reason=f"signing key: {error}")
     outcomes = Counter(
         "splitvault_audit_anchors_total",
         "Audit anchor requests, by outcome (recorded, conflict, refused).",

@@ -7,7 +7,7 @@ import base64
 import binascii
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -60,9 +60,13 @@ class PrivateServer:
     ledger: LedgerService | None = None
     budgets: Budgets | None = None
     signatures: SqliteSignatureState | None = None
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace_s``, then stop."""
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         if self.batcher is not None:
@@ -120,7 +124,8 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     tier = TierDir(settings.tier_dir)
     # The trigger log's folder: 0700/0600, tightened or refused.
     check_state_dir(settings.state_dir, create=False)
-    store = load_store(tier, key_provider(settings), settings.state_dir / TRIGGER_DIR)
+    provider = key_provider(settings)
+    store = load_store(tier, provider, settings.state_dir / TRIGGER_DIR)
     metrics = PrivateMetrics.create(store.status())
     for name in store.failed:
         metrics.model_load_error(name)
@@ -163,6 +168,7 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
             frozenset(settings.anchor_identities), tuple(settings.allowed_identity_prefixes)
         ),
         metrics.registry,
+        provider,
     )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -173,6 +179,7 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     await health_servicer.set("", status)
     await health_servicer.set(SERVICE_NAME, status)
     await health_servicer.set(LEDGER_SERVICE, ledger.health_status)
+    ledger_health = asyncio.create_task(ledger.keep_health(health_servicer))
     metrics_port = None
     if settings.metrics_port is not None:
         metrics_port = start_metrics_server(metrics, settings.metrics_host, settings.metrics_port)
@@ -197,6 +204,7 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
         ledger=ledger,
         budgets=budgets,
         signatures=signatures,
+        background=[ledger_health],
     )
 
 

@@ -30,6 +30,9 @@ EFFECTS = {
     "protection.monitor_action": (
         "the extraction monitor only records: no key is alerted on, throttled or blocked"
     ),
+    "protection.groups_enabled": (
+        "keys are judged one by one: a thief who spreads queries over many keys is not grouped"
+    ),
     "protection.redis_fail_open": (
         "while Redis is unreachable, requests are served without rate limits"
     ),
@@ -50,6 +53,9 @@ def unsafe_settings(settings: PublicSettings) -> list[UnsafeSetting]:
         "protection.require_api_key": None if protection.require_api_key else "false",
         "protection.monitor_enabled": None if protection.monitor_enabled else "false",
         "protection.monitor_action": "record" if protection.monitor_action == "record" else None,
+        "protection.groups_enabled": (
+            "false" if protection.monitor_enabled and not protection.groups_enabled else None
+        ),
         "protection.redis_fail_open": "true" if protection.redis_fail_open else None,
         "protection.audit_enabled": None if protection.audit_enabled else "false",
         "protection.audit_anchor.enabled": (

@@ -131,7 +131,10 @@ def start_tier(
             if process.poll() is not None:
                 break
     process.kill()
+    process.wait(5)
     reader.join(5)
+    if process.stdout is not None:
+        process.stdout.close()
     raise RuntimeError(f"{args[:2]} did not become ready:\n" + "\n".join(lines[-40:]))
 
 

@@ -70,6 +70,18 @@ def encrypted_files(root: Path) -> list[Path]:
     return found
 
 
+def _private_encrypted_files(layout: DeployLayout) -> list[Path]:
+    """The encrypted files of the private tier's folder and of its state folder (the ledger's
+    signing keys), which an operator may have put elsewhere."""
+    from private_core.settings import private_state_dir  # the private tier's own resolution
+
+    found = encrypted_files(layout.private.root)
+    state = private_state_dir(layout.root)
+    if state.is_dir() and not state.resolve().is_relative_to(layout.private.root.resolve()):
+        found += encrypted_files(state)
+    return found
+
+
 @dataclass
 class KekRotation:
     """What ``rotate_kek`` did."""
@@ -112,7 +124,7 @@ def rotate_kek(
     if not backup.exists():  # the old KEK stays next to the new one until every file moved
         write_atomic(backup, kek_path.read_bytes(), 0o600)
     result = KekRotation(kek_path, old.kek_id, new.kek_id, resumed=resumed)
-    for path in encrypted_files(layout.private.root):
+    for path in _private_encrypted_files(layout):
         if _rewrap_file(path, old, new):
             result.rewrapped.append(path)
         else:

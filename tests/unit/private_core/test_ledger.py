@@ -10,15 +10,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from private_core.anchors import AnchorBook
+from private_core.anchors import AnchorBook, signing_key_path
 from private_core.ledger import GENESIS, Ledger, LedgerUnavailable, read_segment
 from private_core.ledger_export import export_anchors
 from shared.anchors_file import AnchorsFile
+from shared.crypto import MAGIC, DecryptionError
 from shared.errors import AnchorConflict, InvalidInput
+from shared.keys import LocalFileKeyProvider
 
 CHAIN = "c" * 32
 HEADS = [f"{i:064x}" for i in range(1, 10)]
+PROVIDER = LocalFileKeyProvider.from_bytes(bytes(range(32)))
 
 
 @pytest.fixture
@@ -123,7 +128,7 @@ def test_a_failed_write_is_undone_refused_and_the_ledger_recovers(
 def test_anchors_are_recorded_signed_idempotent_and_only_move_forward(
     tmp_path: Path, ledger: Ledger
 ) -> None:
-    book = AnchorBook.open(ledger)
+    book = AnchorBook.open(ledger, PROVIDER)
     receipt = book.anchor(CHAIN, 3, HEADS[3], 3, "splitvault-public")
     assert (receipt.replica_id, receipt.anchored_by, receipt.signer) == (
         "replica-0",
@@ -145,7 +150,7 @@ def test_anchors_are_recorded_signed_idempotent_and_only_move_forward(
     assert ledger.seq == seq + 1
     ledger.close()
     # After a restart the ledger still knows: the conflict is refused, the key is the same.
-    reopened = AnchorBook.open(Ledger.open(tmp_path, "replica-0"))
+    reopened = AnchorBook.open(Ledger.open(tmp_path, "replica-0"), PROVIDER)
     assert reopened.key_id == book.key_id
     with pytest.raises(AnchorConflict):
         reopened.anchor(CHAIN, 3, HEADS[5], 3, "splitvault-public")
@@ -154,7 +159,7 @@ def test_anchors_are_recorded_signed_idempotent_and_only_move_forward(
 def test_the_export_carries_the_keys_that_verify_every_anchor(
     tmp_path: Path, ledger: Ledger
 ) -> None:
-    book = AnchorBook.open(ledger)
+    book = AnchorBook.open(ledger, PROVIDER)
     for seq in (2, 4, 6):
         book.anchor(CHAIN, seq, HEADS[seq], seq, "splitvault-public")
     out = tmp_path / "anchors.json"
@@ -166,3 +171,74 @@ def test_the_export_carries_the_keys_that_verify_every_anchor(
     assert key is not None and all(a.verifies_with(key) for a in replica.anchors)
     forged = replica.anchors[0].__class__(**{**replica.anchors[0].to_json(), "head": HEADS[0]})
     assert not forged.verifies_with(key)
+
+
+def test_the_signing_key_is_stored_encrypted_under_the_kek(tmp_path: Path, ledger: Ledger) -> None:
+    book = AnchorBook.open(ledger, PROVIDER)
+    path = signing_key_path(ledger)
+    data = path.read_bytes()
+    assert data.startswith(MAGIC) and b"PRIVATE KEY" not in data
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    ledger.close()
+    reopened = Ledger.open(tmp_path, "replica-0")
+    try:
+        with pytest.raises(DecryptionError):  # the state volume alone signs nothing
+            AnchorBook.open(reopened, LocalFileKeyProvider.from_bytes(b"x" * 32))
+        assert AnchorBook.open(reopened, PROVIDER).key_id == book.key_id
+    finally:
+        reopened.close()
+
+
+def test_a_plain_pem_key_of_an_older_release_is_encrypted_in_place(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    old = Ed25519PrivateKey.generate()
+    path = signing_key_path(ledger)
+    path.write_bytes(
+        old.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    book = AnchorBook.open(ledger, PROVIDER)
+    reference = AnchorBook(ledger, old)
+    assert book.key_id == reference.key_id
+    assert path.read_bytes().startswith(MAGIC)
+
+
+def test_a_ledger_that_breaks_while_serving_is_reported_not_serving(ledger: Ledger) -> None:
+    import asyncio
+    import os
+
+    from grpc_health.v1 import health_pb2
+    from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+
+    from private_core.ledger_service import LEDGER_SERVICE, LedgerService
+
+    async def scenario() -> list[int]:
+        service = LedgerService(ledger, AnchorBook.open(ledger, PROVIDER))
+        health = health_aio.HealthServicer()
+        request = health_pb2.HealthCheckRequest(service=LEDGER_SERVICE)
+        await health.set(LEDGER_SERVICE, service.health_status)  # as the tier does at start
+        watch = asyncio.create_task(service.keep_health(health, interval_s=0.01))
+        seen = [(await health.Check(request, None)).status]
+        os.close(ledger._fd)  # the volume goes away: the write and its undo both fail
+        with pytest.raises(LedgerUnavailable):
+            ledger.append("anchor", {"n": 1})
+        assert not ledger.ok
+        for _ in range(500):  # until the watcher has seen it (no wall-clock assertion)
+            status = (await health.Check(request, None)).status
+            if status != seen[-1]:
+                seen.append(status)
+                break
+            await asyncio.sleep(0.01)
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        ledger._fd = -1  # already closed above
+        return seen
+
+    assert asyncio.run(scenario()) == [
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    ]

@@ -16,9 +16,11 @@ from public_api import audit_receipts
 from public_api.audit import AuditRecord, AuditTrail
 from public_api.audit_coverage import check_coverage
 from shared.anchors_file import AnchorsFile
+from shared.keys import LocalFileKeyProvider
 from tests.support.audit_rewrite import rewrite_trail
 
 KEYS = ("k_0000000a", "k_0000000b")
+PROVIDER = LocalFileKeyProvider.from_bytes(bytes(range(32)))
 
 
 def _append(trail: AuditTrail, start: int, count: int) -> None:
@@ -46,7 +48,7 @@ def trail_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def book(tmp_path: Path) -> Iterator[AnchorBook]:
     ledger = Ledger.open(tmp_path / "private", "replica-0")
-    yield AnchorBook.open(ledger)
+    yield AnchorBook.open(ledger, PROVIDER)
     ledger.close()
 
 

@@ -45,6 +45,14 @@ def test_each_protection_switched_off_is_named() -> None:
     assert all(s.effect for s in unsafe_settings(settings))
 
 
+def test_per_key_monitoring_without_groups_is_named() -> None:
+    settings = _settings(protection={"groups_enabled": False})
+    assert [(s.name, s.value) for s in unsafe_settings(settings)] == [
+        ("protection.groups_enabled", "false")
+    ]
+    assert "many keys" in unsafe_settings(settings)[0].effect
+
+
 @pytest.mark.parametrize("proxy", ["10.0.0.0/8", "192.0.2.1", "2001:db8::/48", "::1"])
 def test_trusted_proxies_take_addresses_and_networks(proxy: str) -> None:
     assert _settings(trusted_proxies=[proxy]).trusted_proxies == [proxy]

@@ -89,6 +89,27 @@ def test_rotation_rewraps_every_file_and_changes_only_headers(
     assert layout.kek.stat().st_mode & 0o777 == 0o600
 
 
+def test_rotation_rewraps_the_ledger_key_in_a_state_folder_elsewhere(
+    layout: DeployLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from private_core.anchors import AnchorBook, signing_key_path
+    from private_core.ledger import Ledger
+
+    state = tmp_path / "state-volume"
+    monkeypatch.setenv("SPLITVAULT_PRIVATE_STATE_DIR", str(state))
+    ledger = Ledger.open(state, "replica-0")
+    book = AnchorBook.open(ledger, LocalFileKeyProvider.load(layout.kek))
+    ledger.close()
+    result = rotate_kek(layout)
+    assert signing_key_path(ledger) in result.rewrapped
+    reopened = Ledger.open(state, "replica-0")
+    try:
+        after = AnchorBook.open(reopened, LocalFileKeyProvider.load(layout.kek))
+        assert after.key_id == book.key_id
+    finally:
+        reopened.close()
+
+
 def test_new_kek_may_be_given(
     layout: DeployLayout, files: dict[Path, bytes], tmp_path: Path
 ) -> None:
