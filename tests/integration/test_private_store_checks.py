@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from private_core.private_redis import PrivateStoreRefused, check_private_store
 from private_core.private_redis_settings import StateStoreSettings
@@ -27,7 +28,7 @@ def private_store(
 
 
 def _settings(url: str, password: str = PASSWORD) -> StateStoreSettings:
-    return StateStoreSettings(redis_url=url, password=password)
+    return StateStoreSettings(redis_url=url, password=SecretStr(password))
 
 
 def _deploy(tmp_path: Path, public_url: str) -> Path:

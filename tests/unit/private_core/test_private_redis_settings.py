@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from private_core.private_redis_settings import StateStoreSettings, configured_state_store
 
@@ -24,19 +24,19 @@ def test_a_store_needs_a_password() -> None:
 )
 def test_credentials_in_the_url_are_refused(url: str) -> None:
     with pytest.raises(ValidationError, match="carries credentials"):
-        StateStoreSettings(redis_url=url, password="secret")
+        StateStoreSettings(redis_url=url, password=SecretStr("secret"))
 
 
 def test_only_redis_schemes(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="scheme"):
-        StateStoreSettings(redis_url="http://private-redis:6379", password="secret")
+        StateStoreSettings(redis_url="http://private-redis:6379", password=SecretStr("secret"))
 
 
 def test_the_password_comes_from_its_file(tmp_path: Path) -> None:
     secret = tmp_path / "password"
     secret.write_text("from-the-file\n")
     settings = StateStoreSettings(
-        redis_url="rediss://private-redis:6380/0", password_file=secret, password="ignored"
+        redis_url="rediss://private-redis:6380/0", password_file=secret, password=SecretStr("ignored")
     )
     assert settings.secret() == "from-the-file"
     secret.write_text("\n")
