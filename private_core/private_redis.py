@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import redis
 import redis.asyncio
 import redis.exceptions
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -48,7 +49,6 @@ def _options(settings: StateStoreSettings, *, authenticated: bool = True) -> dic
     options: dict[str, Any] = {
         "socket_timeout": settings.timeout_s,
         "socket_connect_timeout": settings.timeout_s,
-        "retry": Retry(NoBackoff(), 1),  # one retry: a pooled socket the server closed
     }
     if authenticated:
         options.update(username=settings.username, password=settings.secret())
@@ -59,12 +59,15 @@ def _options(settings: StateStoreSettings, *, authenticated: bool = True) -> dic
 
 def sync_client(settings: StateStoreSettings, *, authenticated: bool = True) -> redis.Redis:
     """A blocking client (signature checks run in worker threads)."""
-    return redis.Redis.from_url(_url(settings), **_options(settings, authenticated=authenticated))
+    options = _options(settings, authenticated=authenticated)
+    # One retry: a pooled socket the server closed meanwhile.
+    return redis.Redis.from_url(_url(settings), retry=Retry(NoBackoff(), 1), **options)
 
 
 def async_client(settings: StateStoreSettings) -> redis.asyncio.Redis:
     """An asyncio client (budgets are decided on the event loop)."""
-    return redis.asyncio.Redis.from_url(_url(settings), **_options(settings))
+    retry = AsyncRetry(NoBackoff(), 1)
+    return redis.asyncio.Redis.from_url(_url(settings), retry=retry, **_options(settings))
 
 
 def _url(settings: StateStoreSettings) -> str:
