@@ -116,11 +116,15 @@ class StoreHealth:
 def check_private_store(settings: StateStoreSettings, deploy: Path | None) -> None:
     """Refuse a store the public tier could write: one that answers without the password, or
     the one the deployment's public settings (``deploy``/public/public.toml) name."""
+    try:
+        secret = settings.secret()
+    except (OSError, ValueError) as error:
+        _refuse(f"its password cannot be read ({type(error).__name__}: {error})")
     public_url = _public_store_url(deploy)
     if public_url is not None:
         if _endpoint(public_url) == _endpoint(_url(settings)):
             _refuse("it is the public tier's store (its settings name the same server)")
-        if urlsplit(public_url).password == settings.secret():
+        if urlsplit(public_url).password == secret:
             _refuse("its password is the public tier's store's")
     try:
         _check_credentials(settings)

@@ -70,3 +70,9 @@ def test_a_wrong_password_is_refused(private_store: RedisServer) -> None:
 def test_an_unreachable_store_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PrivateStoreRefused, match="cannot be reached"):
         check_private_store(_settings(f"unix://{tmp_path}/none.sock?db=0"), None)
+
+
+def test_an_unreadable_password_file_is_refused(private_store: RedisServer, tmp_path: Path) -> None:
+    settings = StateStoreSettings(redis_url=private_store.url, password_file=tmp_path / "none")
+    with pytest.raises(PrivateStoreRefused, match="password cannot be read"):
+        check_private_store(settings, None)
