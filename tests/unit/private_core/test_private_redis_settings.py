@@ -36,7 +36,9 @@ def test_the_password_comes_from_its_file(tmp_path: Path) -> None:
     secret = tmp_path / "password"
     secret.write_text("from-the-file\n")
     settings = StateStoreSettings(
-        redis_url="rediss://private-redis:6380/0", password_file=secret, password=SecretStr("ignored")
+        redis_url="rediss://private-redis:6380/0",
+        password_file=secret,
+        password=SecretStr("ignored"),
     )
     assert settings.secret() == "from-the-file"
     secret.write_text("\n")
