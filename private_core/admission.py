@@ -13,7 +13,9 @@ Every call is counted, before it enters the batcher, against up to three budgets
 An identity or unsigned budget used up is ``IdentityBudgetExhausted`` (503 with Retry-After to
 the customer: a service fault, alerted as ``private_budget_exhausted``); a key's, is
 ``KeyBudgetExhausted`` (429 for that key). Counters live in memory and are persisted through a
-``CounterStore`` (``private_core.admission_store``) so a restart keeps the day's usage.
+``CounterStore`` (``private_core.admission_store``) so a restart keeps the day's usage; or, with
+several private replicas, in the private tier's own Redis (``private_core.private_redis_budgets``
+decides there and hands the decisions to ``settle``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from shared.logs import get_logger
 log = get_logger(__name__)
 Clock = Callable[[], float]
 BudgetName = Literal["identity", "unsigned", "key"]
+Check = tuple[BudgetName, str, LimitPolicy]  # budget, subject (the counter's name), policy
 IDENTITY_REFUSAL = "the private tier's budget for this public replica is used up"
 KEY_REFUSAL = "the private tier's budget for this API key is used up"
 
@@ -94,15 +97,36 @@ class Admission:
 
     def admit(self, caller: Caller, model: str, samples: int) -> None:
         """Count ``samples`` rows of ``model`` for ``caller``, or raise without counting any."""
-        if len(caller.key_id) > self._settings.max_key_id_chars:
-            raise InvalidInput(f"key id longer than {self._settings.max_key_id_chars} characters")
-        checks = self._checks(caller, model)
+        checks = self.checks(caller, model)
         decisions, updates = check_states(
             [(self._states.get(subject), policy) for _, subject, policy in checks],
             samples,
             self._clock(),
             self._wall_clock(),
         )
+        self.settle(caller, model, samples, checks, decisions)
+        for (_, subject, _), state in zip(checks, updates, strict=True):
+            self._states[subject] = state
+            self._states.move_to_end(subject)
+        self._evict()
+
+    def checks(self, caller: Caller, model: str) -> list[Check]:
+        """The budgets a call of ``caller`` to ``model`` is counted against (its subjects are
+        the counters' names); ``InvalidInput`` for a key id longer than allowed."""
+        if len(caller.key_id) > self._settings.max_key_id_chars:
+            raise InvalidInput(f"key id longer than {self._settings.max_key_id_chars} characters")
+        return self._checks(caller, model)
+
+    def settle(
+        self,
+        caller: Caller,
+        model: str,
+        samples: int,
+        checks: list[Check],
+        decisions: list[Decision],
+    ) -> None:
+        """Act on the ``decisions`` for ``checks`` (these counters or a shared store's): raise
+        the refusal (counted, alerted once) if any refused, else count the admitted samples."""
         refused = [
             (budget, subject, decision)
             for (budget, subject, _), decision in zip(checks, decisions, strict=True)
@@ -110,17 +134,14 @@ class Admission:
         ]
         if refused:
             self._refuse(caller, model, refused)
-        for (_, subject, _), state in zip(checks, updates, strict=True):
-            self._states[subject] = state
-            self._states.move_to_end(subject)
+        for _, subject, _ in checks:
             self._refusing.discard(subject)
-        self._evict()
         if self._metrics is not None:
             self._metrics.admitted.labels(caller.identity, model).inc(samples)
 
-    def _checks(self, caller: Caller, model: str) -> list[tuple[BudgetName, str, LimitPolicy]]:
+    def _checks(self, caller: Caller, model: str) -> list[Check]:
         budgets = self._settings
-        checks: list[tuple[BudgetName, str, LimitPolicy]] = [
+        checks: list[Check] = [
             ("identity", f"identity:{caller.identity}:{model}", budgets.identity.policy())
         ]
         if not caller.signed:

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from private_core.admission import Admission, Caller
+from private_core.admission import Caller
 from private_core.attribution import Attributor
 from private_core.batcher import BatchSettings, DynamicBatcher
+from private_core.budgets import BudgetGate
 from private_core.metrics import PrivateMetrics
 from private_core.model_store import BackStage, ModelStore
 from private_core.policy import restrict
@@ -89,7 +90,7 @@ class BackStageRunner:
         batcher: Batcher,
         *,
         pad: bool = True,
-        admission: Admission | None = None,
+        admission: BudgetGate | None = None,
         attributor: Attributor | None = None,
     ) -> None:
         self._store = store
@@ -133,7 +134,7 @@ class BackStageRunner:
             context = await self._attributor.attribute(request, stage.manifest, arrays, sizes)
         if caller is not None and context.attribution == "signed":
             caller = replace(caller, signed=True)  # counted against the identity's signed budget
-        self._admit(caller, request.model, max(batch, 1))
+        await self._admit(caller, request.model, max(batch, 1))
         if judge is not None:  # the activation monitor sees only valid, admitted requests
             await judge(request)
         plan = self._plans[request.model]
@@ -147,12 +148,12 @@ class BackStageRunner:
             policy=stage.config.policy.kind,
         )
 
-    def _admit(self, caller: Caller | None, model: str, samples: int) -> None:
+    async def _admit(self, caller: Caller | None, model: str, samples: int) -> None:
         if self._admission is None:
             return
         if caller is None:  # fail closed: a call with budgets but no identity is a bug
             raise InternalError("no caller identity to count the request against")
-        self._admission.admit(caller, model, samples)
+        await self._admission.admit(caller, model, samples)
 
 
 Judge = Callable[[inference_pb2.InferRequest], Awaitable[None]]
@@ -347,7 +348,7 @@ def build_runner(
     executor: Executor,
     metrics: PrivateMetrics,
     settings: PrivateSettings,
-    admission: Admission | None = None,
+    admission: BudgetGate | None = None,
     attributor: Attributor | None = None,
 ) -> tuple[BackStageRunner, Batcher]:
     """The runner and its batcher, configured from the tier's settings."""

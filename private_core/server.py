@@ -21,15 +21,16 @@ from private_core.activation_monitor import (
 )
 from private_core.attribution import Attributor
 from private_core.auth import IdentityInterceptor, IdentityRule
-from private_core.budgets import Budgets
+from private_core.budgets import BudgetGate, open_budgets
 from private_core.hardening import protect_process_memory
 from private_core.ledger_service import LEDGER_SERVICE, LedgerService, add_ledger_service
 from private_core.metrics import PrivateMetrics, start_metrics_server
 from private_core.model_store import ModelStore, load_store
+from private_core.private_redis import check_private_store
 from private_core.runner import Batcher, build_runner, configure_torch_threads, message_limit
 from private_core.servicer import PrivateInferenceServicer
 from private_core.settings import PrivateSettings
-from private_core.signers import SIGNATURES_DB, SqliteSignatureState
+from private_core.signers import SignatureState, open_signature_state
 from private_core.state import require_writable_state
 from private_core.watermark.triggers import TRIGGER_DIR
 from protos import inference_pb2_grpc
@@ -58,8 +59,8 @@ class PrivateServer:
     metrics_port: int | None
     batcher: Batcher | None = None
     ledger: LedgerService | None = None
-    budgets: Budgets | None = None
-    signatures: SqliteSignatureState | None = None
+    budgets: BudgetGate | None = None
+    signatures: SignatureState | None = None
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace_s: float) -> None:
@@ -117,7 +118,8 @@ def identity_rules(settings: PrivateSettings) -> tuple[IdentityRule, IdentityRul
 async def build_server(settings: PrivateSettings) -> PrivateServer:
     """Check the state folder, load the models, then bind and start the server (port 0 binds
     a free port). ``StateUnwritable`` (logged) when the state folder cannot be written,
-    ``AdmissionStateError`` (logged) when its admission counters cannot be read."""
+    ``AdmissionStateError`` (logged) when its admission counters cannot be read,
+    ``PrivateStoreRefused`` (logged) when its shared store is not one it may trust."""
     require_writable_state(settings.state_dir)
     configure_torch_threads(settings.torch_threads, settings.torch_interop_threads)
     single_threaded_blas()  # NumPy (activation monitor, watermark): small products only
@@ -140,11 +142,11 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
             ("grpc.max_send_message_length", limit),
         ],
     )
-    budgets = Budgets.open(settings, metrics)
+    if settings.state_store.redis_url is not None:  # several private replicas share it
+        await asyncio.to_thread(check_private_store, settings.state_store, settings.tier_dir.parent)
+    budgets = open_budgets(settings, metrics)
     signatures, attributor = build_attributor(settings, tier)
-    runner, batcher = build_runner(
-        store, executor, metrics, settings, budgets.admission, attributor
-    )
+    runner, batcher = build_runner(store, executor, metrics, settings, budgets, attributor)
     monitor = None
     if not settings.activation_monitor.enabled or settings.activation_monitor.action == "record":
         log.warning(
@@ -208,11 +210,11 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     )
 
 
-def build_attributor(
-    settings: PrivateSettings, tier: TierDir
-) -> tuple[SqliteSignatureState, Attributor]:
-    """The signature state in the state folder and the checks that use it."""
-    state = SqliteSignatureState(settings.state_dir / SIGNATURES_DB)
+def build_attributor(settings: PrivateSettings, tier: TierDir) -> tuple[SignatureState, Attributor]:
+    """The signature state (state folder, or the private store) and the checks that use it."""
+    state = open_signature_state(
+        settings.state_store, settings.state_dir, settings.signature_window_s
+    )
     deployment = deployment_id(tier.ca_cert.read_bytes())
     return state, Attributor(state, state, deployment, settings.signature_window_s)
 

@@ -10,6 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 from private_core.admission_settings import AdmissionSettings
 from private_core.monitor_settings import ActivationMonitorSettings
+from private_core.private_redis_settings import StateStoreSettings
 from shared.layout import PRIVATE_IDENTITY, PUBLIC_IDENTITY, PUBLIC_REPLICA_PREFIX, DeployLayout
 from shared.settings import TierSettings, configured_state_dir
 
@@ -80,6 +81,10 @@ class PrivateSettings(TierSettings):
     # The activation monitor (private_core/activation_monitor.py): [activation_monitor] in
     # private.toml, SPLITVAULT_PRIVATE_ACTIVATION_MONITOR__ACTION=alert, ...
     activation_monitor: ActivationMonitorSettings = Field(default_factory=ActivationMonitorSettings)
+    # The private tier's shared store (private_core/private_redis_settings.py): [state_store] in
+    # private.toml, SPLITVAULT_PRIVATE_STATE_STORE__REDIS_URL=redis://..., ... Unset: budgets,
+    # nonces and signers in this replica's state folder (one private replica).
+    state_store: StateStoreSettings = Field(default_factory=StateStoreSettings)
 
     @model_validator(mode="after")
     def _needs_a_kek(self) -> PrivateSettings:

@@ -5,8 +5,9 @@ operator, from an admin host, with ``splitvault keys signer-register``: never th
 public tier, which could register its own). ``NonceStore`` answers each signed request once.
 ``SqliteSignatureState`` implements both in ``STATE/signatures.sqlite3`` (0600, WAL, synced),
 so a restart does not make a request answerable again. Each replica with its own state folder
-has its own nonces: see the README ("Request signatures") for the multi-replica story. Both
-interfaces are small so that a shared store (the private ledger) can replace them.
+has its own nonces; with several private replicas, ``open_signature_state`` gives the private
+store's ``RedisSignatureState`` (``private_core.private_redis_signatures``) instead, shared by
+all of them (README.md, "Several private replicas").
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from private_core.private_redis import StoreHealth, sync_client
+from private_core.private_redis_settings import StateStoreSettings
+from private_core.private_redis_signatures import RedisSignatureState
 from shared.signatures import load_public_key, public_key_text
 from shared.state_files import private_file
 
@@ -61,6 +65,23 @@ class NonceStore(Protocol):
     def use(self, key_id: str, nonce: str, created: int, *, forget_before: float) -> bool:
         """Record ``nonce``; False if it was recorded before. Pairs created before
         ``forget_before`` may be dropped (their time is refused anyway)."""
+
+
+class SignatureState(SignerRegistry, NonceStore, Protocol):
+    """Both, in one store that is closed with the tier."""
+
+    def close(self) -> None:
+        """Release the store."""
+
+
+def open_signature_state(
+    store: StateStoreSettings, state_dir: Path, window_s: float
+) -> SignatureState:
+    """The private store's shared state when one is configured, else ``STATE/signatures.sqlite3``."""
+    if store.redis_url is None:
+        return SqliteSignatureState(state_dir / SIGNATURES_DB)
+    client = sync_client(store)
+    return RedisSignatureState(client, prefix=store.prefix, window_s=window_s, health=StoreHealth())
 
 
 class SqliteSignatureState:

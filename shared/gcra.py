@@ -9,8 +9,8 @@ of ``cost`` units arriving at ``now`` is admitted when ``max(tat, now) + cost * 
 burst * T`` (the classic form with tolerance ``tau = T * (burst - 1)``), and then ``tat`` becomes
 ``max(tat, now) + cost * T``. A refused request changes nothing.
 
-The public tier's Redis backend runs the same formulas in Lua
-(``public_api/ratelimit/redis.py``); keep the two in step.
+Both tiers' Redis backends run the same formulas in Lua (``shared/gcra_redis.py``); keep the
+two in step.
 """
 
 from __future__ import annotations

@@ -219,6 +219,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _serve_private(args: argparse.Namespace) -> int:
     from private_core.admission_store import AdmissionStateError
+    from private_core.private_redis import PrivateStoreRefused
     from private_core.server import serve
     from private_core.settings import PrivateSettings
     from private_core.state import StateUnwritable
@@ -236,8 +237,8 @@ def _serve_private(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, tier="private")
     try:
         asyncio.run(serve(settings))
-    except (StateUnwritable, AdmissionStateError):
-        return 1  # logged as private_state_unwritable or admission_state_unreadable
+    except (StateUnwritable, AdmissionStateError, PrivateStoreRefused):
+        return 1  # logged: private_state_unwritable, admission_state_unreadable, ..._refused
     return 0
 
 

@@ -3,9 +3,10 @@
 ``signer-create`` runs on the customer's machine and writes a new Ed25519 key there (the
 SDK's ``create_signing_key``); only its public key leaves. The other commands run on the
 operator's private or admin host and change the private tier's signer registry in its state
-folder (``DEPLOY/private/state/signatures.sqlite3``, or the tier's ``state_dir``): never through
-the public tier, whose host could register a key of its own. A running private tier sees a
-registration at once.
+folder (``DEPLOY/private/state/signatures.sqlite3``, or the tier's ``state_dir``), or in its own
+Redis when the private settings name one (``state_store``, several private replicas): never
+through the public tier, whose host could register a key of its own. Every running private
+replica sees a registration at once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported when a command runs, keeping the CLI quick to start
-    from private_core.signers import SqliteSignatureState
+    from private_core.signers import SignatureState
 
 
 def add_signer_commands(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -87,11 +88,15 @@ def _deployment(deploy: Path) -> str:
     return deployment_id(DeployLayout(deploy).private.ca_cert.read_bytes())
 
 
-def _state(deploy: Path) -> closing[SqliteSignatureState]:
-    """The private tier's signature state of a deployment, opened for one command."""
+def _state(deploy: Path) -> closing[SignatureState]:
+    """The private tier's signature state of a deployment (its state folder, or its private
+    store), opened for one command."""
+    from private_core.private_redis_settings import configured_state_store
     from private_core.settings import private_state_dir
-    from private_core.signers import SIGNATURES_DB, SqliteSignatureState
+    from private_core.signers import open_signature_state
 
     if not (deploy / "private").is_dir():
         raise FileNotFoundError(f"{deploy}/private does not exist")
-    return closing(SqliteSignatureState(private_state_dir(deploy) / SIGNATURES_DB))
+    store = configured_state_store(deploy)
+    # The window only sets how long nonces are kept: this command records none.
+    return closing(open_signature_state(store, private_state_dir(deploy), window_s=1.0))

@@ -26,6 +26,21 @@ BASE, OVERLAY = K8S / "base", K8S / "overlays" / "example"
 KUBERNETES_VERSION = "1.33"
 PRIVATE = {"app.kubernetes.io/name": "splitvault", "app.kubernetes.io/component": "private"}
 PUBLIC = {"app.kubernetes.io/name": "splitvault", "app.kubernetes.io/component": "public"}
+PRIVATE_REDIS = {
+    "app.kubernetes.io/name": "splitvault",
+    "app.kubernetes.io/component": "private-redis",
+}
+KUBE_DNS = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+}
+# The private tier's only connections: its own Redis, and the cluster DNS that names it.
+PRIVATE_EGRESS = [
+    {"to": [{"podSelector": {"matchLabels": PRIVATE_REDIS}}],
+     "ports": [{"protocol": "TCP", "port": 6379}]},
+    {"to": [KUBE_DNS],
+     "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+]  # fmt: skip
 HEALTH_PRIVATE = ["splitvault", "health", "private", "--deploy", "/deploy"]
 # The workload of each component: the private tier keeps per-replica state (StatefulSet).
 KINDS = {
@@ -167,7 +182,7 @@ def test_private_tier_admits_only_public_pods_on_grpc(
          "ports": [{"protocol": "TCP", "port": 50051}]},
     ]  # fmt: skip
     assert public_pods["labels"] == PUBLIC
-    assert policy["spec"]["egress"] == []  # the private tier opens no connection
+    assert policy["spec"]["egress"] == PRIVATE_EGRESS  # its own Redis and DNS, nothing else
     redis = base[("NetworkPolicy", "splitvault-redis")]
     assert [r["from"] for r in redis["spec"]["ingress"]] == [
         [{"podSelector": {"matchLabels": PUBLIC}}]

@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.test_kubernetes import K8S, PRIVATE, PUBLIC, _containers, _key, _render
+from tests.deploy.test_kubernetes import (
+    K8S,
+    PRIVATE,
+    PRIVATE_EGRESS,
+    PUBLIC,
+    _containers,
+    _key,
+    _render,
+)
 
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="needs kubernetes-validate (dev)"
@@ -110,7 +118,7 @@ def test_only_the_public_pods_reach_postgres_and_redis(
     }
     private = rendered[("NetworkPolicy", "splitvault-private")]["spec"]
     assert private["podSelector"] == {"matchLabels": PRIVATE}
-    assert private["egress"] == []  # the private tier opens no connection, to either store
+    assert private["egress"] == PRIVATE_EGRESS  # its own Redis only, neither public store
     public = rendered[("NetworkPolicy", "splitvault-public")]["spec"]["egress"]
     assert {"to": [{"podSelector": {"matchLabels": POSTGRES}}],
             "ports": [{"protocol": "TCP", "port": 5432}]} in public  # fmt: skip

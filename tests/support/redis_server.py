@@ -34,27 +34,30 @@ Scope = Literal["session", "package", "module", "class", "function"]
 
 
 def _ping(path: Path) -> bool:
-    """A bare RESP PING, so the helper does not depend on the client library under test."""
+    """A bare RESP PING, so the helper does not depend on the client library under test: PONG,
+    or NOAUTH from a server that wants a password, means it is up."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(0.5)
             sock.connect(str(path))
             sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
 
 class RedisServer:
-    """One ``redis-server`` process; ``stop`` and ``start`` again keep the same socket."""
+    """One ``redis-server`` process; ``stop`` and ``start`` again keep the same socket.
+    ``password``: required of every client (``requirepass``), as the private tier's store is."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, password: str | None = None) -> None:
         executable = shutil.which("redis-server")
         if executable is None:
             raise FileNotFoundError(MISSING)
         self.executable = executable
         self.directory = directory
         self.socket = directory / "redis.sock"
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -70,6 +73,8 @@ class RedisServer:
         command = [self.executable, "--port", "0", "--unixsocket", str(self.socket)]
         command += ["--unixsocketperm", "700", "--save", "", "--appendonly", "no"]
         command += ["--dir", str(self.directory)]
+        if self.password is not None:
+            command += ["--requirepass", self.password]
         log = (self.directory / "redis.log").open("ab")
         with log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
