@@ -248,10 +248,24 @@ def _evidence(args: argparse.Namespace) -> int:
     )
     if sealed is not None:
         print(_sealed_line(sealed))
+    print(_attribution_lines(evidence["triggers"]))
     if evidence["verification_text"]:
         print(evidence["verification_text"])
     print(f"wrote {html_path} and {json_path}")
     return 0
+
+
+def _attribution_lines(triggers: dict[str, Any]) -> str:
+    """How the watermarked answers are attributed; content mismatches said loudly."""
+    counts = ", ".join(f"{n} {label}" for label, n in triggers["attribution"].items())
+    line = f"watermarked answers by attribution: {counts or 'none'}"
+    mismatches = triggers["content_mismatches"]
+    if mismatches:
+        line += (
+            f"\n!!! CONTENT MISMATCH: {mismatches} signed answers were not computed from the "
+            "body the customer signed: the public host substituted content (see the report)"
+        )
+    return line
 
 
 def _private_config(args: argparse.Namespace) -> Path:
