@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -213,7 +214,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _sealed_line(sealed: SealedQueries) -> str:
-    line = f"sealed queries: {len(sealed.requests)} bodies opened, {sealed.rows} rows"
+    kinds = Counter(r["content_type"].split(";")[0] for r in sealed.requests)
+    listed = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    line = f"sealed queries: {len(sealed.requests)} bodies opened ({listed}), {sealed.rows} rows"
     return line + (f"; {len(sealed.problems)} did not open" if sealed.problems else "")
 
 
