@@ -23,7 +23,7 @@ public tier from sending other activations under a genuine signature; it makes t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,8 +33,10 @@ import numpy as np
 from private_core.watermark.triggers import TriggerRecord
 from shared.errors import SignatureRefused
 from shared.signatures import SignedRequest, signature_params
-from splitvault.ownership.owner import Arrays, OwnerModel
+from splitvault.ownership.owner import Arrays
 from splitvault.ownership.sealed import SealedQueries
+
+Front = Callable[[Arrays], Arrays]  # inputs -> what the public tier sends the private tier
 
 VERIFIED, SIGNED_ONLY, MISMATCH = "signed and content-verified", "signed only", "content mismatch"
 TOLERANCE = 0.01  # of the row's largest activation: FP16 transport and batching, not content
@@ -67,17 +69,20 @@ def signed_sha256(content_digest: str) -> bytes | None:
 class ContentChecker:
     """Checks signed records against one key's opened sealed bodies (see the module)."""
 
-    def __init__(self, owner: OwnerModel, sealed: SealedQueries | None) -> None:
-        self._owner, self._sealed = owner, sealed
-        self._by_nonce: dict[str, dict[str, Any]] = {}
+    def __init__(self, front: Front, sealed: SealedQueries | None) -> None:
+        """``front``: what the public tier sends the private tier for given inputs
+        (``OwnerModel.back_inputs``); ``sealed``: the key's opened bodies, None without the
+        owner's key."""
+        self._front, self._sealed = front, sealed
+        self._by_nonce: dict[str, list[dict[str, Any]]] = {}
         self._by_digest: dict[str, dict[str, Any]] = {}
         self._fronts: dict[int, Arrays] = {}
         for index, request in enumerate(sealed.requests if sealed else []):
             request = {**request, "index": index}
             self._by_digest.setdefault(request["body_sha256"], request)
-            self._by_nonce.setdefault(request["signature_nonce"], request)
+            self._by_nonce.setdefault(request["signature_nonce"], []).append(request)
         for request in sealed.unread if sealed else []:
-            self._by_nonce.setdefault(request["signature_nonce"], request)
+            self._by_nonce.setdefault(request["signature_nonce"], []).append(request)
         self._by_nonce.pop("", None)  # unsigned bodies carry no nonce
 
     def check(self, record: TriggerRecord) -> ContentCheck:
@@ -91,21 +96,31 @@ class ContentChecker:
         signed = signed_sha256(record.signature.get("content_digest", ""))
         if signed is None:
             return ContentCheck(SIGNED_ONLY, "the signed Content-Digest has no sha-256")
-        body = self._by_nonce.get(nonce) or self._by_digest.get(signed.hex())
-        if body is None:
+        bodies = self._bodies(nonce, signed)
+        if not bodies:
             return ContentCheck(SIGNED_ONLY, "no sealed body carries this signature")
-        request_id = body["request_id"] or None
-        if "problem" in body:
-            reason = f"its sealed body cannot be read: {body['problem']}"
-            return ContentCheck(SIGNED_ONLY, reason, request_id)
-        if bytes.fromhex(body["body_sha256"]) != signed:
-            reason = "the sealed body's SHA-256 differs from the Content-Digest the customer signed"
-            return ContentCheck(MISMATCH, reason, request_id, "not checked")
+        readable = [body for body in bodies if "problem" not in body]
+        if not readable:
+            reason = f"its sealed body cannot be read: {bodies[0]['problem']}"
+            return ContentCheck(SIGNED_ONLY, reason, bodies[0]["request_id"] or None)
+        other = [b for b in readable if bytes.fromhex(b["body_sha256"]) != signed]
+        if other:  # a host that seals another body, or two bodies, under a signature
+            reason = "a sealed body's SHA-256 differs from the Content-Digest the customer signed"
+            return ContentCheck(MISMATCH, reason, other[0]["request_id"] or None, "not checked")
+        body = readable[0]
         if not self._answered_from(record, body):
             reason = "the activations answered are not the public front's output on the signed body"
-            return ContentCheck(MISMATCH, reason, request_id, "differ")
+            return ContentCheck(MISMATCH, reason, body["request_id"] or None, "differ")
         reason = "the sealed body is the signed one, and its front gives the activations answered"
-        return ContentCheck(VERIFIED, reason, request_id, "match")
+        return ContentCheck(VERIFIED, reason, body["request_id"] or None, "match")
+
+    def _bodies(self, nonce: str, signed: bytes) -> list[dict[str, Any]]:
+        """The sealed bodies under ``nonce``; else (sealed before nonces) one with the digest."""
+        found = self._by_nonce.get(nonce)
+        if found:
+            return found
+        body = self._by_digest.get(signed.hex())
+        return [] if body is None else [body]
 
     def _answered_from(self, record: TriggerRecord, body: Mapping[str, Any]) -> bool:
         """Whether the record's activations are the front's output on one row of ``body``."""
@@ -113,7 +128,7 @@ class ContentChecker:
         if sealed is None:
             return False
         if index not in self._fronts:
-            self._fronts[index] = self._owner.back_inputs(sealed.rows_of(body))
+            self._fronts[index] = self._front(sealed.rows_of(body))
         front, answered = self._fronts[index], record.arrays()
         if set(front) != set(answered):
             return False

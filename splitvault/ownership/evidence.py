@@ -202,7 +202,7 @@ def trigger_section(
     labelled by how it is attributed (``splitvault.ownership.attribution``) and, when signed,
     whether its content is verified (``splitvault.ownership.content``)."""
     kept: list[dict[str, Any]] = []
-    checker = content or ContentChecker(owner, None)
+    checker = content or ContentChecker(owner.back_inputs, None)
     try:
         for record in owner.triggers():
             if record.key_id == key_id:
@@ -282,7 +282,7 @@ def build_evidence(
     audit = audit_section(deploy, key_id, flag_threshold, anchors, _per_row(owner), dsn)
     request_ids = {r["request_id"] for r in audit["records"] if r.get("request_id")}
     signers = attribution.signer_keys(deploy)
-    content = ContentChecker(owner, sealed)
+    content = ContentChecker(owner.back_inputs, sealed)
     triggers = trigger_section(owner, key_id, request_ids, signers, content)
     return {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
