@@ -22,6 +22,7 @@ from public_api.embeddings import (
     v2_request,
 )
 from public_api.pipeline import serve_inference
+from public_api.sealing import EMBEDDINGS_JSON
 from public_api.signing import forwarded_signature
 from public_api.v2 import ErrorBody
 from shared.errors import InvalidInput
@@ -58,7 +59,9 @@ async def embeddings(
         window_s=protection.signature_window_s,
     )
     sealed = await request.body() if state.sealer is not None else None
-    outcome = await serve_inference(state, caller, decoded, signature, sealed)
+    outcome = await serve_inference(
+        state, caller, decoded, signature, sealed, content_type=EMBEDDINGS_JSON
+    )
     context.audited = True
     response.headers.update(caller.headers)
     return embeddings_response(body, outcome, decoded.text)

@@ -31,6 +31,7 @@ from public_api.grpc_messages import (
 )
 from public_api.pipeline import serve_inference
 from public_api.protection import Caller
+from public_api.sealing import GRPC_MODEL_INFER
 from public_api.signing import forwarded_signature
 from public_api.state import VERSION, PublicState
 from shared.errors import InternalError, ModelNotFound, SplitVaultError, grpc_trailers, mapping_for
@@ -122,7 +123,11 @@ class OpenInferenceServicer:
             required=caller.key_id in protection.require_signature_keys,
             window_s=protection.signature_window_s,
         )
-        served = await serve_inference(state, caller, decoded, signature)
+        # Sealed as the message received (the verifier reads it back: public_api.sealing).
+        sealed = request.SerializeToString() if state.sealer is not None else None
+        served = await serve_inference(
+            state, caller, decoded, signature, sealed, body.id or "", GRPC_MODEL_INFER
+        )
         outcome.audited = True
         context.set_trailing_metadata(_metadata(caller.headers))
         return infer_response(served.response)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from protos import inference_pb2
 from public_api.protection import Caller
+from public_api.sealing import V2_JSON, signature_nonce
 from public_api.service import Decoded, InferenceOutcome
 from public_api.state import PublicState
 
@@ -19,17 +20,19 @@ async def serve_inference(
     signature: inference_pb2.RequestSignature | None,
     sealed_body: bytes | None = None,
     request_id: str = "",
+    content_type: str = V2_JSON,
 ) -> InferenceOutcome:
     """Charge the request's samples (429), answer it, let the monitor see it and audit it.
-    ``sealed_body``: the exact bytes received, sealed to the owner's key once answered (REST
-    bodies; the owner's verifier reads v2 JSON bodies)."""
+    ``sealed_body``: the body received, encoded as ``content_type``, sealed to the owner's key
+    once answered with the signature's nonce (``public_api.sealing``)."""
     sealer = state.sealer if sealed_body is not None else None
     if sealer is not None:  # refuse before any work when the body could not be kept
         sealer.check_accepting()
     await state.protection.limit(caller, decoded.model, decoded.samples)
     outcome = await state.service.infer(decoded, key_id=caller.key_id, signature=signature)
     if sealer is not None and sealed_body is not None:
-        sealer.submit(caller.key_id, decoded.model, request_id, sealed_body)
+        nonce = signature_nonce(signature)
+        sealer.submit(caller.key_id, decoded.model, request_id, sealed_body, content_type, nonce)
     specs = state.service.stage(decoded.model).manifest.outputs
     await state.protection.record_served(caller, decoded.model, outcome, specs)
     return outcome

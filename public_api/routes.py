@@ -19,6 +19,7 @@ from public_api.body import OffLoopJsonRoute
 from public_api.context import RequestContext
 from public_api.deps import Admitted, Authenticated, State
 from public_api.pipeline import serve_inference
+from public_api.sealing import rest_content_type
 from public_api.signing import forwarded_signature
 from public_api.state import VERSION, PublicState
 from public_api.v2 import (
@@ -169,7 +170,10 @@ async def infer(
         window_s=protection.signature_window_s,
     )
     sealed = await request.body() if state.sealer is not None else None
-    outcome = await serve_inference(state, caller, decoded, signature, sealed, body.id or "")
+    encoding = rest_content_type(request.headers.get(HEADER_LENGTH))
+    outcome = await serve_inference(
+        state, caller, decoded, signature, sealed, body.id or "", encoding
+    )
     context.audited = True
     if wants_binary(body):
         answer = binary_answer(outcome.response)

@@ -2,8 +2,12 @@
 
 One row per served request: when, which API key and model, the request id, the SHA-256 of the
 exact body (hex) and its size, the owner key that sealed it and the sealed body (RFC 9180
-HPKE, see ``public_api.sealing``). The public tier can count, bound and delete rows; only the
-owner's private key, kept off both tiers, opens them.
+HPKE, see ``public_api.sealing``), how the body is encoded (``content_type``: v2 JSON, v2
+binary tensors, a gRPC ``ModelInferRequest``...) and, for a request the customer signed, the
+signature's nonce (which links the body to the private tier's record of that signature). The
+public tier can count, bound and delete rows; only the owner's private key, kept off both
+tiers, opens them. Stores made before ``content_type`` and ``signature_nonce`` gain both
+columns, empty, when opened.
 """
 
 from __future__ import annotations
@@ -28,17 +32,24 @@ CREATE TABLE IF NOT EXISTS sealed (
     body_sha256 TEXT NOT NULL,
     size INTEGER NOT NULL,
     owner_key_id TEXT NOT NULL,
-    sealed BLOB NOT NULL
+    sealed BLOB NOT NULL,
+    content_type TEXT NOT NULL DEFAULT '',
+    signature_nonce TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS sealed_by_key ON sealed (key_id, id);
 CREATE INDEX IF NOT EXISTS sealed_by_time ON sealed (time);
 """
+_ADDED = {"content_type": "TEXT NOT NULL DEFAULT ''", "signature_nonce": "TEXT NOT NULL DEFAULT ''"}
 _INSERT = (
     "INSERT INTO sealed (time, key_id, model, request_id, body_sha256, size, owner_key_id, "
-    "sealed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "sealed, content_type, signature_nonce) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SELECT = (
-    "SELECT time, key_id, model, request_id, body_sha256, size, owner_key_id, sealed "
+    "SELECT time, key_id, model, request_id, body_sha256, size, owner_key_id, sealed, "
+    "content_type, signature_nonce FROM sealed WHERE ? IS NULL OR key_id = ? ORDER BY id"
+)
+_SELECT_LEGACY = (  # a store written before content types, read without changing it
+    "SELECT time, key_id, model, request_id, body_sha256, size, owner_key_id, sealed, '', '' "
     "FROM sealed WHERE ? IS NULL OR key_id = ? ORDER BY id"
 )
 
@@ -55,6 +66,8 @@ class SealedRecord:
     size: int  # bytes of the body
     owner_key_id: str  # the owner public key it was sealed to
     sealed: bytes
+    content_type: str = ""  # how the body is encoded (``public_api.sealing``); "": v2 JSON
+    signature_nonce: str = ""  # the customer's request signature's nonce; "": unsigned
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,7 @@ class SealedStore:
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
+            _add_columns(self._db)
         except sqlite3.Error:
             self._db.close()
             raise
@@ -135,7 +149,17 @@ def _row(record: SealedRecord) -> tuple[object, ...]:
         record.size,
         record.owner_key_id,
         record.sealed,
+        record.content_type,
+        record.signature_nonce,
     )
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Add the columns a store made by an earlier version lacks."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(sealed)")}
+    for name, kind in _ADDED.items():
+        if name not in present:
+            db.execute(f"ALTER TABLE sealed ADD COLUMN {name} {kind}")
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
@@ -147,7 +171,9 @@ def _read_only(path: Path) -> sqlite3.Connection:
 def read_sealed(path: Path, key_id: str | None = None) -> Iterator[SealedRecord]:
     """The sealed rows (of ``key_id``, or all), oldest first."""
     with closing(_read_only(path)) as db:
-        for row in db.execute(_SELECT, (key_id, key_id)):
+        present = {row[1] for row in db.execute("PRAGMA table_info(sealed)")}
+        select = _SELECT if present.issuperset(_ADDED) else _SELECT_LEGACY
+        for row in db.execute(select, (key_id, key_id)):
             yield SealedRecord(*row)
 
 

@@ -6,10 +6,16 @@ X25519 public key (``public/owner.pub``) with RFC 9180 HPKE, base mode,
 DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / ChaCha20-Poly1305, as ``cryptography`` implements
 it: a fresh ephemeral key per body, so neither tier can read a body back; only the owner's
 private key, kept off both tiers (``splitvault owner keygen``), opens them offline. The HPKE
-``info`` binds the row's time, key, model, request id and body SHA-256, so a row whose
-metadata was altered, or a body moved to another row, does not open. The body's SHA-256 (and
-its RFC 9530 ``Content-Digest`` form, for matching a client's request signature) is kept in
-clear, so a signed digest can be compared without opening anything.
+``info`` binds the row's time, key, model, request id, body SHA-256, content type and
+signature nonce, so a row whose metadata was altered, or a body moved to another row, does not
+open. The body's SHA-256 (and its RFC 9530 ``Content-Digest`` form, for matching a client's
+request signature) is kept in clear, so a signed digest can be compared without opening
+anything; the signature's nonce links the body to the private tier's record of that signature.
+
+Bodies of every ingress are sealed, each tagged with how to read it: ``V2_JSON`` (REST v2
+JSON), ``v2_binary_type(n)`` (REST v2 with binary tensors after an n-byte JSON header),
+``GRPC_MODEL_INFER`` (a v2 gRPC ``ModelInferRequest``, serialized again from the message
+received: the same message, not necessarily the same bytes) and ``EMBEDDINGS_JSON``.
 
 Off the request path, as the audit trail: ``submit`` queues the body (its bytes are already in
 memory); a writer thread seals and inserts in batches and enforces retention per key. When
@@ -25,20 +31,28 @@ import json
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from protos import inference_pb2
 from public_api.sealed_store import SEALED_DB, Retention, SealedRecord, SealedStore
 from public_api.sealing_settings import SealingSettings
 from shared.errors import Unavailable
 from shared.logs import get_logger
+from shared.signatures import SignedRequest, signature_params
 
 OWNER_PUBLIC_KEY = "owner.pub"  # in the public tier's folder
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
 _INFO_LABEL = "splitvault-sealed-request/v1"
+_INFO_LABEL_V2 = "splitvault-sealed-request/v2"  # rows with a content type
+V2_JSON = "application/json"
+V2_BINARY = "application/octet-stream"
+GRPC_MODEL_INFER = "application/grpc+proto; message=inference.ModelInferRequest"
+EMBEDDINGS_JSON = "application/json; api=embeddings"
+_HEADER_LENGTH_PARAM = "; inference-header-content-length="
 log = get_logger(__name__)
 
 
@@ -61,16 +75,53 @@ def content_digest(body_sha256: str) -> str:
     return "sha-256=:" + base64.b64encode(bytes.fromhex(body_sha256)).decode("ascii") + ":"
 
 
-def seal_info(time_s: float, key_id: str, model: str, request_id: str, body_sha256: str) -> bytes:
-    """HPKE ``info``: the row's metadata, so that a body opens only under its own row."""
-    fields = {
-        "time": time_s,
-        "key_id": key_id,
-        "model": model,
-        "request_id": request_id,
-        "body_sha256": body_sha256,
+def v2_binary_type(header_length: int) -> str:
+    """The content type of a REST v2 body whose first ``header_length`` bytes are its JSON."""
+    return f"{V2_BINARY}{_HEADER_LENGTH_PARAM}{header_length}"
+
+
+def rest_content_type(header_length: str | None) -> str:
+    """The content type of a REST v2 body (``header_length``: its
+    ``Inference-Header-Content-Length``, already checked to be a byte count, or None)."""
+    return V2_JSON if header_length is None else v2_binary_type(int(header_length))
+
+
+def binary_header_length(content_type: str) -> int | None:
+    """The JSON header length of a ``v2_binary_type``; None for any other content type."""
+    prefix = V2_BINARY + _HEADER_LENGTH_PARAM
+    if not content_type.startswith(prefix) or not content_type[len(prefix) :].isdigit():
+        return None
+    return int(content_type[len(prefix) :])
+
+
+def seal_info(record: SealedRecord) -> bytes:
+    """HPKE ``info``: the row's metadata, so that a body opens only under its own row (rows
+    written before content types keep their first form)."""
+    fields: dict[str, object] = {
+        "time": record.time,
+        "key_id": record.key_id,
+        "model": record.model,
+        "request_id": record.request_id,
+        "body_sha256": record.body_sha256,
     }
-    return (_INFO_LABEL + "\0" + json.dumps(fields, sort_keys=True)).encode()
+    if not record.content_type:
+        return (_INFO_LABEL + "\0" + json.dumps(fields, sort_keys=True)).encode()
+    fields |= {"content_type": record.content_type, "signature_nonce": record.signature_nonce}
+    return (_INFO_LABEL_V2 + "\0" + json.dumps(fields, sort_keys=True)).encode()
+
+
+def signature_nonce(signature: inference_pb2.RequestSignature | None) -> str:
+    """The nonce of a forwarded request signature ("" for an unsigned request)."""
+    if signature is None:
+        return ""
+    signed = SignedRequest(
+        signature.method,
+        signature.content_digest,
+        signature.claims,
+        signature.signature_input,
+        signature.signature,
+    )
+    return signature_params(signed).nonce
 
 
 def seal(
@@ -81,29 +132,29 @@ def seal(
     key_id: str,
     model: str,
     request_id: str,
+    content_type: str = V2_JSON,
+    nonce: str = "",
 ) -> SealedRecord:
     """``body`` sealed to ``public_key``, with its metadata."""
-    digest = hashlib.sha256(body).hexdigest()
-    info = seal_info(time_s, key_id, model, request_id, digest)
-    return SealedRecord(
+    record = SealedRecord(
         time=time_s,
         key_id=key_id,
         model=model,
         request_id=request_id,
-        body_sha256=digest,
+        body_sha256=hashlib.sha256(body).hexdigest(),
         size=len(body),
         owner_key_id=owner_key_id(public_key),
-        sealed=SUITE.encrypt(body, public_key, info=info),
+        sealed=b"",
+        content_type=content_type,
+        signature_nonce=nonce,
     )
+    return replace(record, sealed=SUITE.encrypt(body, public_key, info=seal_info(record)))
 
 
 def open_sealed(record: SealedRecord, private_key: X25519PrivateKey) -> bytes:
     """The body of ``record``; ``ValueError`` if it does not open or its digest differs."""
-    info = seal_info(
-        record.time, record.key_id, record.model, record.request_id, record.body_sha256
-    )
     try:
-        body = SUITE.decrypt(record.sealed, private_key, info=info)
+        body = SUITE.decrypt(record.sealed, private_key, info=seal_info(record))
     except Exception:  # InvalidTag and kin: wrong key, altered row or ciphertext
         raise ValueError(
             "a sealed body does not open: another owner key, or the row was altered"
@@ -120,6 +171,8 @@ class _Pending:
     model: str
     request_id: str
     body: bytes
+    content_type: str
+    nonce: str
 
 
 class RequestSealer:
@@ -167,9 +220,20 @@ class RequestSealer:
         if refusal is not None:
             raise refusal
 
-    def submit(self, key_id: str | None, model: str, request_id: str | None, body: bytes) -> None:
-        """Queue one served request's exact body; ``Unavailable`` if it cannot be kept."""
-        pending = _Pending(time.time(), key_id or "", model, request_id or "", body)
+    def submit(
+        self,
+        key_id: str | None,
+        model: str,
+        request_id: str | None,
+        body: bytes,
+        content_type: str = V2_JSON,
+        nonce: str = "",
+    ) -> None:
+        """Queue one served request's exact body (encoded as ``content_type``; ``nonce``: its
+        request signature's); ``Unavailable`` if it cannot be kept."""
+        pending = _Pending(
+            time.time(), key_id or "", model, request_id or "", body, content_type, nonce
+        )
         with self._lock:
             refusal = self._refusal()
             if refusal is not None:
@@ -237,6 +301,8 @@ class RequestSealer:
                     key_id=p.key_id,
                     model=p.model,
                     request_id=p.request_id,
+                    content_type=p.content_type,
+                    nonce=p.nonce,
                 )
                 for p in batch
             ]

@@ -2,15 +2,14 @@
 
 - ``signed``: the customer's own request signature (kept in the record) verifies again here,
   offline, against the signer registered for the key in the private tier's registry, and its
-  claims name this key and model. The public tier could not have made it.
+  claims name this key and model. The public tier could not have made it. The report then
+  checks its content (``splitvault.ownership.content``): ``signed and content-verified``,
+  ``signed only`` or ``content mismatch``.
 - ``signed, not verified here``: the record says signed but the signature cannot be checked
-  again (no registry here, the signer was removed, or it fails): weigh it as ``public``.
-- ``public``: attributed by the public tier alone (bearer keys, stock clients that cannot sign,
+  again (no registry here, the signer was removed, or it fails): weigh it as ``PUBLIC``.
+- ``PUBLIC``: attributed by the public tier alone (bearer keys, stock clients that cannot sign,
   every record made before signatures): a host that controls the public tier could have sent
   the key id.
-
-Content verification (checking the sealed request body against the signed digest, or the
-private tier's spot checks) is not built yet, so no record is labelled content-verified.
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ from private_core.watermark.triggers import TriggerRecord
 from shared.errors import SignatureRefused
 from shared.signatures import SignedRequest, load_public_key, signature_params, verify
 
-SIGNED, UNVERIFIED, PUBLIC = "signed", "signed, not verified here", "public"
+SIGNED, UNVERIFIED = "signed", "signed, not verified here"
+PUBLIC = "attributed by the public tier alone"
 
 
 def signer_keys(deploy: Path) -> dict[str, str]:

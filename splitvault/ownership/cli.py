@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -213,7 +214,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _sealed_line(sealed: SealedQueries) -> str:
-    line = f"sealed queries: {len(sealed.requests)} bodies opened, {sealed.rows} rows"
+    kinds = Counter(r["content_type"].split(";")[0] for r in sealed.requests)
+    listed = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    line = f"sealed queries: {len(sealed.requests)} bodies opened ({listed}), {sealed.rows} rows"
     return line + (f"; {len(sealed.problems)} did not open" if sealed.problems else "")
 
 
@@ -248,10 +251,24 @@ def _evidence(args: argparse.Namespace) -> int:
     )
     if sealed is not None:
         print(_sealed_line(sealed))
+    print(_attribution_lines(evidence["triggers"]))
     if evidence["verification_text"]:
         print(evidence["verification_text"])
     print(f"wrote {html_path} and {json_path}")
     return 0
+
+
+def _attribution_lines(triggers: dict[str, Any]) -> str:
+    """How the watermarked answers are attributed; content mismatches said loudly."""
+    counts = ", ".join(f"{n} {label}" for label, n in triggers["attribution"].items())
+    line = f"watermarked answers by attribution: {counts or 'none'}"
+    mismatches = triggers["content_mismatches"]
+    if mismatches:
+        line += (
+            f"\n!!! CONTENT MISMATCH: {mismatches} signed answers were not computed from the "
+            "body the customer signed: the public host substituted content (see the report)"
+        )
+    return line
 
 
 def _private_config(args: argparse.Namespace) -> Path:

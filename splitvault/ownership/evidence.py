@@ -26,6 +26,7 @@ from private_core.watermark.triggers import TriggerLogError
 from shared.anchors_file import AnchorsFile
 from shared.manifest import TopKPolicy
 from splitvault.ownership import attribution
+from splitvault.ownership.content import MISMATCH, ContentChecker
 from splitvault.ownership.owner import OwnerModel
 from splitvault.ownership.report_html import render_html
 from splitvault.ownership.verify import Verification
@@ -190,12 +191,18 @@ def monitor_section(deploy: Path, key_id: str, dsn: str | None = None) -> dict[s
 
 
 def trigger_section(
-    owner: OwnerModel, key_id: str, request_ids: set[str], signers: dict[str, str] | None = None
+    owner: OwnerModel,
+    key_id: str,
+    request_ids: set[str],
+    signers: dict[str, str] | None = None,
+    content: ContentChecker | None = None,
 ) -> dict[str, Any]:
     """The watermark labels the private tier recorded as answered to this key: records with its
     key id, or without a key id but with the request id of one of its audited requests; each
-    labelled by how it is attributed (``splitvault.ownership.attribution``)."""
+    labelled by how it is attributed (``splitvault.ownership.attribution``) and, when signed,
+    whether its content is verified (``splitvault.ownership.content``)."""
     kept: list[dict[str, Any]] = []
+    checker = content or ContentChecker(owner.back_inputs, None)
     try:
         for record in owner.triggers():
             if record.key_id == key_id:
@@ -204,13 +211,22 @@ def trigger_section(
                 linked = "request id"
             else:
                 continue
-            item = asdict(record)
+            item = {**asdict(record), "linked_by": linked}
             del item["inputs"]
             attributed = attribution.label(record, signers or {})
-            kept.append({**item, "linked_by": linked, "attributed": attributed})
+            if attributed == attribution.SIGNED:
+                check = checker.check(record)
+                attributed, item["content"] = check.label, check.to_json()
+            kept.append({**item, "attributed": attributed})
     except (TriggerLogError, OSError) as error:
-        return {"status": "FAILED", "problem": str(error), "records": kept}
-    return {"status": "OK", "problem": None, "records": kept}
+        return {"status": "FAILED", "problem": str(error), "records": kept, **_labels(kept)}
+    return {"status": "OK", "problem": None, "records": kept, **_labels(kept)}
+
+
+def _labels(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many records carry each attribution label, and the content mismatches."""
+    counts = Counter(r["attributed"] for r in records)
+    return {"attribution": dict(sorted(counts.items())), "content_mismatches": counts[MISMATCH]}
 
 
 def verification_summary(results: list[tuple[str, Verification]], alpha: float) -> dict[str, Any]:
@@ -265,7 +281,9 @@ def build_evidence(
     key_id = keys["key"]["key_id"]
     audit = audit_section(deploy, key_id, flag_threshold, anchors, _per_row(owner), dsn)
     request_ids = {r["request_id"] for r in audit["records"] if r.get("request_id")}
-    triggers = trigger_section(owner, key_id, request_ids, attribution.signer_keys(deploy))
+    signers = attribution.signer_keys(deploy)
+    content = ContentChecker(owner.back_inputs, sealed)
+    triggers = trigger_section(owner, key_id, request_ids, signers, content)
     return {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": owner.name,

@@ -136,6 +136,7 @@ def _triggers(section: dict[str, Any]) -> str:
             r["request_id"],
             r["linked_by"],
             r.get("attributed", "public"),
+            (r.get("content") or {}).get("reason", "-"),
             r["query_id"][:16],
             r["label"],
             r["answer"],
@@ -147,15 +148,14 @@ def _triggers(section: dict[str, Any]) -> str:
     return (
         f"<h2>4. Watermarked answers served to this key{status}</h2>{problem}"
         f"<p>{len(records)} answers carried a watermark label (kept encrypted in the private "
-        "tier). Attributed: <b>signed</b>, by the customer's own request signature, verified "
-        "again here; <b>public</b>, by the public tier's word alone (a host that controls it "
-        "could have sent the key id).</p>"
+        f"tier). {_CONTENT}</p>"
         + _table(
             (
                 "time",
                 "request id",
                 "linked by",
                 "attributed",
+                "content",
                 "query id",
                 "model's class",
                 "class answered",
@@ -246,6 +246,11 @@ def _figures(evidence: dict[str, Any]) -> list[tuple[str, str]]:
             f"{_when(audit.get('first_flagged'))} / {_when(audit.get('first_blocked'))}",
         ),
         ("audit trail / trigger log", f"{audit['status']} / {triggers['status']}"),
+        (
+            "watermarked answers attributed",
+            "; ".join(f"{n:,} {label}" for label, n in triggers.get("attribution", {}).items())
+            or "none",
+        ),
     ]
     sealed = evidence.get("sealed") or {}
     if sealed.get("opened"):
@@ -276,6 +281,30 @@ _ATTRIBUTION = (
 )
 
 
+_CONTENT = (
+    "Attributed: <b>signed and content-verified</b>: the customer's request signature verifies "
+    "again here, the sealed body carrying it has exactly the digest the customer signed, and the "
+    "public front run here on that body gives the activations the private tier answered; "
+    "<b>signed only</b>: the signature verifies but the content was not checked (no owner key, "
+    "or no sealed body); <b>content mismatch</b>: a genuine signature, but the sealed body or "
+    "the activations answered are not what the customer signed (the public host substituted "
+    "content); <b>attributed by the public tier alone</b>: unsigned (bearer keys, stock "
+    "clients), a host that controls the public tier could have sent the key id."
+)
+
+
+def _mismatch(triggers: dict[str, Any]) -> str:
+    """A loud warning when signed answers were computed from content the customer did not sign."""
+    count = int(triggers.get("content_mismatches", 0))
+    if not count:
+        return ""
+    return (
+        f'<p class="failed">CONTENT MISMATCH: {count:,} watermarked answers under a genuine '
+        "customer signature were not computed from the body the customer signed. The public "
+        "host substituted content; those records do not show what the customer asked.</p>"
+    )
+
+
 def _verdict(evidence: dict[str, Any]) -> str:
     heading, css, reading = _verdict_line(evidence.get("verification"))
     figures = "".join(
@@ -288,7 +317,7 @@ def _verdict(evidence: dict[str, Any]) -> str:
     )
     return (
         f'<div class="verdict"><h2>Verdict: <span class="{css}">{heading}</span></h2>'
-        f"<p>{_e(reading)}</p></div>"
+        f"<p>{_e(reading)}</p></div>{_mismatch(evidence['triggers'])}"
         f'<table class="figures">{figures}</table>'
         f"<h2>How each record is attributed</h2>{_ATTRIBUTION}"
         f"<h2>Timeline</h2>{chart}"

@@ -8,8 +8,8 @@ verification candidates, opened offline with the private key (``public_api.seali
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,17 +19,22 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from public_api.audit import input_digest
-from public_api.sealed_store import SEALED_DB, read_sealed
-from public_api.sealing import OWNER_PUBLIC_KEY, content_digest, open_sealed, owner_key_id
+from public_api.sealed_store import SEALED_DB, SealedRecord, read_sealed
+from public_api.sealing import (
+    OWNER_PUBLIC_KEY,
+    V2_JSON,
+    content_digest,
+    open_sealed,
+    owner_key_id,
+)
 from public_api.settings import public_state_dir
-from public_api.v2 import InferenceRequest
 from shared.layout import DeployLayout
 from shared.state_files import private_dir
-from shared.tensor_codec import array_from_json, numpy_dtype
+from shared.tensor_codec import numpy_dtype
+from splitvault.ownership.bodies import decode_body
 from splitvault.ownership.owner import Arrays, OwnerModel
 
 OWNER_DIR, OWNER_KEY = "owner", "owner.key"
-_MAX_ELEMENTS = 1 << 31
 
 
 def generate_owner_key(deploy: Path, out: Path | None = None) -> tuple[Path, Path, str]:
@@ -72,11 +77,17 @@ def load_owner_key(path: Path) -> X25519PrivateKey:
 @dataclass(frozen=True)
 class SealedQueries:
     """One API key's sealed queries of one model, opened: the inputs (rows of every body, in
-    order) and, per body, how it is attributed."""
+    order) and, per body, its digest, encoding, signature nonce and rows."""
 
     inputs: Arrays
     requests: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    unread: list[dict[str, Any]] = field(default_factory=list)  # rows that did not open/decode
+
+    def rows_of(self, request: Mapping[str, Any]) -> Arrays:
+        """The input rows of one of ``requests``."""
+        first, count = int(request["first_row"]), int(request["rows"])
+        return {name: array[first : first + count] for name, array in self.inputs.items()}
 
     @property
     def rows(self) -> int:
@@ -105,54 +116,45 @@ def sealed_queries(
     pieces: list[Arrays] = []
     requests: list[dict[str, Any]] = []
     problems: list[str] = []
+    unread: list[dict[str, Any]] = []
+    rows = 0
     for record in read_sealed(path, key_id):
         if record.model != owner.name:
             continue
-        where = f"body of {record.time:.3f} (request {record.request_id or '-'})"
-        if record.owner_key_id != wanted:
-            problems.append(f"{where}: sealed to owner key {record.owner_key_id}, not {wanted}")
-            continue
+        about = _about(record)
         try:
-            arrays = _decode(open_sealed(record, private_key), owner)
+            if record.owner_key_id != wanted:
+                raise ValueError(f"sealed to owner key {record.owner_key_id}, not {wanted}")
+            body = open_sealed(record, private_key)
+            arrays = decode_body(body, record.content_type, owner.front_manifest.inputs)
         except ValueError as error:
+            where = f"body of {record.time:.3f} (request {record.request_id or '-'})"
             problems.append(f"{where}: {error}")
+            unread.append({**about, "problem": str(error)})
             continue
+        count = len(next(iter(arrays.values())))
         pieces.append(_cast(arrays, owner))
+        # input_sha256: the audit record's; first_row: where its rows start in ``inputs``
         requests.append(
-            {
-                "time": record.time,
-                "request_id": record.request_id,
-                "body_sha256": record.body_sha256,
-                "content_digest": content_digest(record.body_sha256),
-                "input_sha256": input_digest(arrays),  # the audit record's input_sha256
-                "rows": len(next(iter(arrays.values()))),
-            }
+            {**about, "input_sha256": input_digest(arrays), "first_row": rows, "rows": count}
         )
+        rows += count
     inputs = (
         {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]} if pieces else {}
     )
-    return SealedQueries(inputs, requests, problems)
+    return SealedQueries(inputs, requests, problems, unread)
 
 
-def _decode(body: bytes, owner: OwnerModel) -> dict[str, np.ndarray]:
-    """A v2 request body's inputs as the public tier decoded them."""
-    try:
-        request = InferenceRequest.model_validate(json.loads(body))
-    except ValueError as error:
-        raise ValueError(f"not a v2 request body: {error}") from None
-    items = {item.name: item for item in request.inputs}
-    arrays = {}
-    for spec in owner.front_manifest.inputs:
-        item = items.get(spec.name)
-        if item is None:
-            raise ValueError(f"the body lacks the input {spec.name!r}")
-        try:
-            arrays[spec.name] = array_from_json(
-                item.data, item.datatype, item.shape, max_elements=_MAX_ELEMENTS
-            )
-        except Exception as error:
-            raise ValueError(f"input {spec.name!r} does not decode: {error}") from None
-    return arrays
+def _about(record: SealedRecord) -> dict[str, Any]:
+    """What a sealed row says in clear of its body."""
+    return {
+        "time": record.time,
+        "request_id": record.request_id,
+        "body_sha256": record.body_sha256,
+        "content_digest": content_digest(record.body_sha256),
+        "content_type": record.content_type or V2_JSON,
+        "signature_nonce": record.signature_nonce,
+    }
 
 
 def _cast(arrays: dict[str, np.ndarray], owner: OwnerModel) -> Arrays:

@@ -3,6 +3,7 @@ as verification candidates once opened offline; and the evidence report in a rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sqlite3
@@ -12,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpcclient
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from PIL import Image
 from torch import nn
 
+from protos import open_inference_pb2 as oip
 from public_api.keys import parse_key_id
 from public_api.sealed_store import SEALED_DB, read_sealed
 from public_api.sealing import open_sealed
@@ -49,7 +53,7 @@ class Sealed:
     layout: DeployLayout
     owner_key: Path
     key_id: str
-    bodies: list[bytes]  # exactly as sent, in order
+    bodies: list[bytes | None]  # exactly as sent, in order (None: sent over gRPC)
     answers: np.ndarray  # top-1 labels returned
     images: np.ndarray
     terms: str
@@ -74,32 +78,56 @@ def sealed(tmp_path_factory: pytest.TempPathFactory, digits_model: DigitsFixture
     owner_key, _, _ = generate_owner_key(layout.root)
     secret = issue_key(layout, "thief")
     images = digits_model.data.test_x
-    bodies = [
-        json.dumps(image_request(images[i : i + BATCH], id=f"s-{i}")).encode()
-        for i in range(0, len(images), BATCH)
-    ]
+    batches = [images[i : i + BATCH] for i in range(0, len(images), BATCH)]
     private = start_private(layout.root, env=tier_env())
     try:
-        public = start_public(layout.root, private.port, env=tier_env())
+        env = {**tier_env(), "SPLITVAULT_PUBLIC_GRPC_PORT": "0"}
+        public = start_public(layout.root, private.port, env=env)
         try:
+            (listening,) = public.wait_for_events("grpc_ingress_listening")
             with https(layout, public.port, secret) as client:
                 terms = client.get("/v1/terms").json()["text"]
-                headers = {"Content-Type": "application/json"}
-                replies = [
-                    client.post("/v2/models/digits/infer", content=body, headers=headers)
-                    for body in bodies
-                ]
+                sent = [_send(client, int(listening["port"]), layout, secret, n, b)
+                        for n, b in enumerate(batches)]  # fmt: skip
         finally:
             public.stop()
     finally:
         private.stop()
-    assert all(r.status_code == 200 for r in replies), replies[0].text
-    answers = np.concatenate(
-        [[int(s.split(":")[1]) for s in r.json()["outputs"][0]["data"][::3]] for r in replies]
-    )
+    answers = np.concatenate([answer for _, answer in sent])
     key_id = parse_key_id(secret)
     assert key_id is not None
+    bodies = [body for body, _ in sent]
     return Sealed(layout, owner_key, key_id, bodies, answers, images, terms)
+
+
+def _send(
+    http: httpx.Client, grpc_port: int, layout: DeployLayout, secret: str, n: int, x: np.ndarray
+) -> tuple[bytes | None, np.ndarray]:
+    """Batch ``n`` in turn as v2 JSON, v2 binary tensors (REST) or a stock gRPC client's
+    ``ModelInferRequest``: the exact body sent (None for gRPC) and the top-1 labels answered."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if n % 3 == 2:
+        tensor = grpcclient.InferInput("image", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        wanted = grpcclient.InferRequestedOutput("classification", class_count=3)
+        client = grpcclient.InferenceServerClient(
+            f"localhost:{grpc_port}", ssl=True, root_certificates=str(layout.public.ca_cert)
+        )
+        with contextlib.closing(client):
+            result = client.infer("digits", [tensor], outputs=[wanted], request_id=f"s-{n}",
+                                  headers={"authorization": f"Bearer {secret}"})  # fmt: skip
+        strings = result.as_numpy("classification")[:, 0]
+        return None, np.array([int(item.decode().split(":")[1]) for item in strings])
+    headers = {"Content-Type": "application/json"}
+    body = json.dumps(image_request(x, id=f"s-{n}")).encode()
+    if n % 3 == 1:
+        head = json.dumps({"id": f"s-{n}", "inputs": [{"name": "image", "shape": list(x.shape),
+                           "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}]})  # fmt: skip
+        body = head.encode() + x.tobytes()
+        headers = {"Inference-Header-Content-Length": str(len(head.encode()))}
+    reply = http.post("/v2/models/digits/infer", content=body, headers=headers)
+    assert reply.status_code == 200, reply.text
+    return body, np.array([int(s.split(":")[1]) for s in reply.json()["outputs"][0]["data"][::3]])
 
 
 def test_each_served_body_is_sealed_exactly_and_only_the_owner_opens_it(sealed: Sealed) -> None:
@@ -107,11 +135,20 @@ def test_each_served_body_is_sealed_exactly_and_only_the_owner_opens_it(sealed: 
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert not (sealed.layout.public.root / "owner").exists()  # the private key is elsewhere
     records = list(read_sealed(path, sealed.key_id))
-    assert [r.request_id for r in records] == [f"s-{i}" for i in range(0, 450, BATCH)]
+    assert [r.request_id for r in records] == [f"s-{n}" for n in range(len(sealed.bodies))]
     private_key = load_owner_key(sealed.owner_key)
-    assert [open_sealed(r, private_key) for r in records] == sealed.bodies
+    opened = [open_sealed(r, private_key) for r in records]
+    assert [b for b, sent in zip(opened, sealed.bodies, strict=True) if sent] == [
+        b for b in sealed.bodies if b
+    ]
+    assert [r.content_type.split(";")[0] for r in records[:3]] == [
+        "application/json", "application/octet-stream", "application/grpc+proto"
+    ]  # fmt: skip
+    grpc_body = oip.ModelInferRequest.FromString(opened[2])  # the stock client's message
+    rows = sealed.images[2 * BATCH : 3 * BATCH].astype(np.float32)
+    assert grpc_body.id == "s-2" and grpc_body.raw_input_contents[0] == rows.tobytes()
     raw = b"".join(p.read_bytes() for p in path.parent.glob(SEALED_DB + "*"))
-    assert sealed.bodies[0][:200] not in raw and b'"data"' not in raw
+    assert opened[0][:200] not in raw and b'"data"' not in raw
     with pytest.raises(ValueError, match="does not open"):
         open_sealed(records[0], X25519PrivateKey.generate())
     moved = type(records[0])(**{**records[0].__dict__, "key_id": "k_someone_else"})
@@ -167,7 +204,7 @@ def test_sealed_queries_prove_ownership_without_discovery(sealed: Sealed, report
     assert code == 0 and verdict["claimed"]
     by_source = {s["source"]: s for s in verdict["sources"]}
     from_sealed = by_source["sealed queries of API key thief"]
-    assert from_sealed["received"] == len(sealed.images)
+    assert from_sealed["received"] == len(sealed.images)  # JSON, binary and gRPC bodies read
     assert from_sealed["claimed"] and from_sealed["results"][0]["p_value"] < 2.0**-64
     owner_data = by_source["owner's inputs owner.npy"]
     assert owner_data["results"][0]["p_value"] > 0  # reported, whatever it is

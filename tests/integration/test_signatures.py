@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -29,16 +30,19 @@ from private_core.watermark.triggers import TriggerRecord, read_triggers
 from protos import inference_pb2, inference_pb2_grpc
 from public_api.front import load_front_stages, run_front
 from public_api.keys import parse_key_id
+from public_api.sealed_store import SEALED_DB, Retention, SealedRecord, SealedStore, read_sealed
+from public_api.sealing import OWNER_PUBLIC_KEY, content_digest, load_public_key, seal
 from shared.keys import LocalFileKeyProvider
 from shared.layout import DeployLayout
 from shared.manifest import TopKPolicy, WatermarkConfig
-from shared.signatures import SignedRequest
+from shared.signatures import SignedRequest, signature_params
 from shared.tensor_codec import to_proto
 from splitvault.demo import digits
 from splitvault.deploy import init_deployment
+from splitvault.ownership.sealed import generate_owner_key
 from splitvault.packing.pack import pack_spec
 from tests.conftest import DigitsFixture, issue_key
-from tests.support.deployments import pairing_id
+from tests.support.deployments import copy_deployment, pairing_id
 from tests.support.processes import TierProcess, start_private, start_public, wait_for
 from tests.support.stack import REPO_ROOT, https, image_request, tier_env
 
@@ -57,6 +61,7 @@ class Signed:
     signer_key: str  # bearer token of the signing customer
     signer_id: str
     signing_key: Path
+    owner_key: Path  # the owner's private key: the public tier seals bodies to its public half
     bearer_key: str
     bearer_id: str
     images: np.ndarray
@@ -112,11 +117,12 @@ def signed(
     public_key = created.split("--public-key ")[1].strip()
     _cli("keys", "signer-register", "--deploy", str(layout.root), "--key-id", signer_id,
          "--public-key", public_key)  # fmt: skip
+    owner_key, _, _ = generate_owner_key(layout.root)
     private = start_private(layout.root, env=ENV)
     public = start_public(layout.root, private.port, env=ENV)
     try:
         yield Signed(
-            layout, signer_key, signer_id, key_file, bearer_key, bearer_id,
+            layout, signer_key, signer_id, key_file, owner_key, bearer_key, bearer_id,
             digits_model.data.test_x, private, public,
         )  # fmt: skip
     finally:
@@ -165,6 +171,13 @@ def _sign(s: Signed, rows: int, top_k: int = 3, created: float | None = None) ->
     return RequestSigner.load(s.signing_key).headers(MODEL, body, shapes, top_k, created=when)
 
 
+def _signed_body(s: Signed, images: np.ndarray) -> tuple[bytes, inference_pb2.RequestSignature]:
+    """A body of ``images`` and the customer's genuine signature over it."""
+    body = json.dumps(image_request(images)).encode()
+    shapes = {"image": tuple(images.shape)}
+    return body, _signature(RequestSigner.load(s.signing_key).headers(MODEL, body, shapes, 3))
+
+
 class RedTeam:
     """The public tier's client certificate, used directly against the private tier."""
 
@@ -196,10 +209,12 @@ def _request(
     key_id: str,
     signature: inference_pb2.RequestSignature | None = None,
     top_k: int = 3,
+    images: np.ndarray | None = None,
 ) -> inference_pb2.InferRequest:
+    """A request for the private tier: the activations of ``images`` (or the first ``rows``)."""
     return inference_pb2.InferRequest(
         model=MODEL,
-        inputs=_activations(s.layout, s.images[:rows]),
+        inputs=_activations(s.layout, s.images[:rows] if images is None else images),
         top_k=top_k,
         request_id=f"redteam-{time.monotonic_ns()}",
         key_id=key_id,
@@ -283,17 +298,21 @@ def test_redteam_cannot_record_anything_under_the_signer_key(signed: Signed) -> 
     red.channel.close()
 
 
-def test_a_replay_is_refused_after_the_private_tier_restarts(signed: Signed) -> None:
-    """A second private tier on the same state folder: answered, restarted, replay refused."""
+def test_a_replay_is_refused_after_the_private_tier_restarts(
+    signed: Signed, tmp_path: Path
+) -> None:
+    """A second private tier on one state folder: answered, restarted, replay refused. It runs
+    on a copy of the deployment, so that it never appends to the running tier's trigger log."""
     captured = _request(signed, 8, signed.signer_id, _signature(_sign(signed, 8)))
-    first = start_private(signed.layout.root, env=ENV)
+    root = copy_deployment(signed.layout, tmp_path / "d", skip_models=()).root
+    first = start_private(root, env=ENV)
     try:
         red = RedTeam(signed.layout, first.port)
         assert red.infer(captured) == grpc.StatusCode.OK
         red.channel.close()
     finally:
         first.stop()
-    again = start_private(signed.layout.root, env=ENV)
+    again = start_private(root, env=ENV)
     try:
         red = RedTeam(signed.layout, again.port)
         assert red.infer(captured) == grpc.StatusCode.PERMISSION_DENIED
@@ -305,9 +324,10 @@ def test_a_replay_is_refused_after_the_private_tier_restarts(signed: Signed) -> 
 
 
 def test_evidence_labels_signed_and_public_records(signed: Signed, tmp_path: Path) -> None:
+    """Without the owner's key no content is checked: signed records are ``signed only``."""
     for key, key_id, expected in (
-        (signed.signer_id, signed.signer_id, {"signed"}),
-        (signed.bearer_id, signed.bearer_id, {"public"}),
+        (signed.signer_id, signed.signer_id, {"signed only"}),
+        (signed.bearer_id, signed.bearer_id, {"attributed by the public tier alone"}),
     ):
         out = tmp_path / key_id
         _cli("evidence", "--key", key, "--model", MODEL, "--deploy", str(signed.layout.root),
@@ -316,3 +336,102 @@ def test_evidence_labels_signed_and_public_records(signed: Signed, tmp_path: Pat
         records = evidence["triggers"]["records"]
         assert records and {r["attributed"] for r in records} == expected
         assert "attributed" in (out / "evidence.html").read_text()
+
+
+def _nonce(record: TriggerRecord) -> str:
+    return signature_params(SignedRequest(**record.signature)).nonce
+
+
+def _sealed_rows(layout: DeployLayout, nonces: set[str]) -> dict[str, SealedRecord]:
+    """The public tier's sealed rows carrying these signature nonces, once all are written."""
+    path = layout.public.root / "state" / SEALED_DB
+    found: dict[str, SealedRecord] = {}
+
+    def written() -> bool:
+        found.update({r.signature_nonce: r for r in read_sealed(path)})
+        return nonces <= found.keys()
+
+    wait_for(written, what="the signed bodies' sealed rows")
+    return {nonce: found[nonce] for nonce in nonces}
+
+
+def _evidence(s: Signed, out: Path) -> tuple[str, dict[str, Any]]:
+    """``splitvault evidence`` for the signing customer, with the owner's key: stdout, JSON."""
+    stdout = _cli("evidence", "--key", s.signer_id, "--model", MODEL, "--deploy",
+                  str(s.layout.root), "--out", str(out), "--owner-key", str(s.owner_key))  # fmt: skip
+    return stdout, json.loads((out / "evidence.json").read_text())
+
+
+def test_a_signed_sdk_call_is_content_verified(signed: Signed, tmp_path: Path) -> None:
+    before = {_nonce(r) for r in _triggers(signed.layout, signed.signer_id)}
+    with Client(signed.url, api_key=signed.signer_key, ca=signed.layout.public.ca_cert,
+                signing_key=signed.signing_key) as client:  # fmt: skip
+        assert client.predict(MODEL, signed.images[100:140], top_k=2).indices is not None
+    records = [r for r in _triggers(signed.layout, signed.signer_id) if _nonce(r) not in before]
+    nonces = {_nonce(r) for r in records}
+    assert len(nonces) == 1
+    # The bytes the SDK signed are the bytes the public tier sealed.
+    (row,) = _sealed_rows(signed.layout, nonces).values()
+    assert content_digest(row.body_sha256) == records[0].signature["content_digest"]
+    _, evidence = _evidence(signed, tmp_path / "report")
+    checked = [r for r in evidence["triggers"]["records"] if _nonce_of(r) in nonces]
+    assert len(checked) == len(records)
+    assert {r["attributed"] for r in checked} == {"signed and content-verified"}
+    assert {r["content"]["activations"] for r in checked} == {"match"}
+
+
+def _nonce_of(record: dict[str, Any]) -> str:
+    return (
+        signature_params(SignedRequest(**record["signature"])).nonce if record["signature"] else ""
+    )
+
+
+def test_content_substituted_by_the_public_host_is_a_content_mismatch(
+    signed: Signed, tmp_path: Path
+) -> None:
+    """The host holds the public tier's certificate and owner.pub: it answers other activations
+    under a genuine signature and seals the genuine body, or seals other bytes than signed."""
+    red = RedTeam(signed.layout, signed.private.port)
+    body, signature = _signed_body(signed, signed.images[200:216])
+    other = _request(signed, 16, signed.signer_id, signature, images=signed.images[300:316])
+    assert red.infer(other) == grpc.StatusCode.OK  # activations of images nobody signed
+    _, honest = _signed_body(signed, signed.images[232:248])
+    swapped = _request(signed, 16, signed.signer_id, honest, images=signed.images[232:248])
+    assert red.infer(swapped) == grpc.StatusCode.OK
+    red.channel.close()
+    store = SealedStore(
+        signed.layout.public.root / "state" / SEALED_DB, Retention(10**6, 1 << 30, 1e9)
+    )
+    public_key = load_public_key(signed.layout.public.root / OWNER_PUBLIC_KEY)
+    for request, sealed_body, wire in (
+        (other, body, signature),  # the genuine body, sealed honestly
+        (
+            swapped,
+            json.dumps(image_request(signed.images[248:264])).encode(),
+            honest,
+        ),  # other bytes
+    ):
+        nonce = signature_params(SignedRequest(**_wire(wire))).nonce
+        store.insert([seal(sealed_body, public_key, time_s=time.time(), key_id=signed.signer_id,
+                           model=MODEL, request_id=request.request_id, nonce=nonce)])  # fmt: skip
+    store.close()
+    _triggers(signed.layout, signed.signer_id)  # the writer has caught up
+    stdout, evidence = _evidence(signed, tmp_path / "report")
+    by_request = {r["request_id"]: r for r in evidence["triggers"]["records"]}
+    answered, resealed = by_request[other.request_id], by_request[swapped.request_id]
+    assert answered["attributed"] == resealed["attributed"] == "content mismatch"
+    assert answered["content"]["activations"] == "differ"
+    assert "SHA-256 differs" in resealed["content"]["reason"]
+    assert evidence["triggers"]["content_mismatches"] >= 2
+    assert "CONTENT MISMATCH" in stdout
+    assert "CONTENT MISMATCH" in (tmp_path / "report" / "evidence.html").read_text()
+
+
+def _wire(signature: inference_pb2.RequestSignature) -> dict[str, str]:
+    return {
+        "method": signature.method,
+        "content_digest": signature.content_digest,
+        "claims": signature.claims,
+        "signature_input": signature.signature_input,
+        "signature": signature.signature,
+    }

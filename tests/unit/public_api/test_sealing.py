@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,16 @@ from public_api.sealed_store import (
     read_sealed,
     summary,
 )
-from public_api.sealing import RequestSealer, content_digest, open_sealed, seal
+from public_api.sealing import (
+    GRPC_MODEL_INFER,
+    V2_JSON,
+    RequestSealer,
+    binary_header_length,
+    content_digest,
+    open_sealed,
+    rest_content_type,
+    seal,
+)
 from shared.errors import Unavailable
 
 OWNER = X25519PrivateKey.generate()
@@ -95,3 +106,51 @@ def test_the_sealer_refuses_when_it_cannot_keep_up_or_write(tmp_path: Path) -> N
         time.sleep(0.01)  # the writer retries every retry_interval_s
     sealer.close()
     assert [r.request_id for r in read_sealed(path)] == ["r-1", "r-2"]
+
+
+def test_content_type_and_signature_nonce_are_bound_to_the_body() -> None:
+    record = seal(b"\x0a\x01m", OWNER.public_key(), time_s=5.0, key_id="k_a", model="m",
+                  request_id="r", content_type=GRPC_MODEL_INFER, nonce="n-1")  # fmt: skip
+    assert open_sealed(record, OWNER) == b"\x0a\x01m"
+    for changed in ({"content_type": V2_JSON}, {"signature_nonce": "n-2"}):
+        with pytest.raises(ValueError, match="does not open"):
+            open_sealed(type(record)(**{**record.__dict__, **changed}), OWNER)
+
+
+def test_the_content_type_of_a_binary_body_names_its_json_header() -> None:
+    assert rest_content_type(None) == V2_JSON
+    assert binary_header_length(rest_content_type("120")) == 120
+    assert binary_header_length(V2_JSON) is None
+    assert binary_header_length(GRPC_MODEL_INFER) is None
+
+
+_V1_SCHEMA = """CREATE TABLE sealed (id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL,
+key_id TEXT NOT NULL, model TEXT NOT NULL, request_id TEXT NOT NULL, body_sha256 TEXT NOT NULL,
+size INTEGER NOT NULL, owner_key_id TEXT NOT NULL, sealed BLOB NOT NULL)"""
+
+
+def test_a_store_from_before_content_types_is_read_then_gains_the_columns(tmp_path: Path) -> None:
+    path = tmp_path / "sealed.sqlite3"
+    old = seal(
+        b"{}",
+        OWNER.public_key(),
+        time_s=1.0,
+        key_id="k_a",
+        model="m",
+        request_id="r",
+        content_type="",
+    )  # content_type "": sealed as before content types
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute(_V1_SCHEMA)
+        db.execute("INSERT INTO sealed (time, key_id, model, request_id, body_sha256, size, "
+                   "owner_key_id, sealed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   (old.time, old.key_id, old.model, old.request_id, old.body_sha256, old.size,
+                    old.owner_key_id, old.sealed))  # fmt: skip
+    (legacy,) = read_sealed(path)  # read-only, unchanged
+    assert (legacy.content_type, legacy.signature_nonce) == ("", "")
+    assert open_sealed(legacy, OWNER) == b"{}"
+    store = SealedStore(path, Retention(10, 1 << 20, 1e9))
+    store.insert([_sealed(1, "k_a")], now=1000.0)
+    store.close()
+    first, second = read_sealed(path)
+    assert open_sealed(first, OWNER) == b"{}" and second.content_type == V2_JSON
