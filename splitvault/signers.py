@@ -59,7 +59,7 @@ def _register(args: argparse.Namespace) -> int:
     from shared.signatures import load_public_key
 
     key = load_public_key(args.public_key)
-    with _state(args.deploy) as state:
+    with deployment_signature_state(args.deploy) as state:
         state.register(args.key_id, key)
     print(f"signer registered for {args.key_id}; its unsigned requests are now refused")
     print(f"deployment id: {_deployment(args.deploy)}")
@@ -67,7 +67,7 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _remove(args: argparse.Namespace) -> int:
-    with _state(args.deploy) as state:
+    with deployment_signature_state(args.deploy) as state:
         removed = state.remove(args.key_id)
     print(f"signer removed for {args.key_id}" if removed else f"no signer for {args.key_id}")
     return 0 if removed else 1
@@ -75,7 +75,7 @@ def _remove(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     print(f"deployment id: {_deployment(args.deploy)}")
-    with _state(args.deploy) as state:
+    with deployment_signature_state(args.deploy) as state:
         for key_id, public_key in state.signers().items():
             print(f"{key_id}  {public_key}")
     return 0
@@ -88,7 +88,7 @@ def _deployment(deploy: Path) -> str:
     return deployment_id(DeployLayout(deploy).private.ca_cert.read_bytes())
 
 
-def _state(deploy: Path) -> closing[SignatureState]:
+def deployment_signature_state(deploy: Path) -> closing[SignatureState]:
     """The private tier's signature state of a deployment (its state folder, or its private
     store), opened for one command."""
     from private_core.private_redis_settings import configured_state_store

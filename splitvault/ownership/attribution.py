@@ -17,6 +17,7 @@ from __future__ import annotations
 from contextlib import closing
 from pathlib import Path
 
+from private_core.private_redis_settings import configured_state_store
 from private_core.settings import private_state_dir
 from private_core.signers import SIGNATURES_DB, SqliteSignatureState
 from private_core.watermark.triggers import TriggerRecord
@@ -28,7 +29,13 @@ PUBLIC = "attributed by the public tier alone"
 
 
 def signer_keys(deploy: Path) -> dict[str, str]:
-    """The registered signers of a deployment (empty when it has no registry here)."""
+    """The registered signers of a deployment: from the private store when the private tier
+    keeps one, else its state folder (empty when it has no registry here)."""
+    if configured_state_store(deploy).redis_url is not None:
+        from splitvault.signers import deployment_signature_state
+
+        with deployment_signature_state(deploy) as state:
+            return state.signers()
     path = private_state_dir(deploy) / SIGNATURES_DB
     if not path.is_file():
         return {}

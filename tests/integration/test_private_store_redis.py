@@ -40,6 +40,7 @@ from shared.signatures import SignedRequest
 from shared.tensor_codec import to_proto
 from splitvault.demo import digits
 from splitvault.deploy import add_public_replica, init_deployment, load_ca
+from splitvault.ownership.attribution import signer_keys
 from splitvault.packing.pack import pack_spec
 from tests.conftest import DigitsFixture, issue_key
 from tests.support.deployments import pairing_id
@@ -233,6 +234,11 @@ def test_a_registration_made_once_is_seen_by_both_replicas(shared: Shared) -> No
         assert caller.infer(shared.request(signed=True))[0] == OK
     for state in shared.state_dirs:  # the registration lives in the store, not in a folder
         assert not (state / SIGNATURES_DB).exists()
+    # ... and the owner's evidence finds it there, to verify signed records offline.
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in shared.store_env.items():
+            patch.setenv(name, value)
+        assert list(signer_keys(shared.layout.root)) == [shared.key_id]
 
 
 def test_a_signed_request_answered_by_one_replica_is_refused_by_the_other(
