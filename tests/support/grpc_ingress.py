@@ -30,9 +30,7 @@ class GrpcReply:
     trailers: dict[str, str]
 
 
-def infer_request(
-    model: str, images: np.ndarray, **parameters: int | str
-) -> oip.ModelInferRequest:
+def infer_request(model: str, images: np.ndarray, **parameters: int | str) -> oip.ModelInferRequest:
     """``images`` (FP32) as the ``image`` input in ``raw_input_contents``, as tritonclient
     sends it; ``parameters`` as request parameters (integers as int64)."""
     tensor = oip.ModelInferRequest.InferInputTensor(
