@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from public_api.context import RequestContext
 from public_api.deps import admitted_caller, authenticated_caller, body_named_caller
-from public_api.errors import error_response
+from public_api.errors import error_code, error_response
 from shared.errors import Overloaded, SplitVaultError, mapping_for
 
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -129,6 +129,11 @@ async def _refuse(
     context.refused(error)
     headers = {**error.headers, "Connection": "close"}
     response = error_response(
-        mapping_for(error).http_status, error.message, error.retry_after_s, headers
+        mapping_for(error).http_status,
+        error.message,
+        error.retry_after_s,
+        headers,
+        scope=scope,
+        code=error_code(error),
     )
     await response(scope, receive, send)

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from public_api.binary import HEADER_LENGTH, split_body
+from public_api.binary import HEADER_LENGTH, MEDIA_TYPE, split_body
 from public_api.context import RequestContext
 
 OFFLOAD_BYTES = 1024 * 1024
@@ -39,6 +39,7 @@ class OffLoopJsonRoute(APIRoute):
             if declared is not None:
                 head, tail = split_body(await _body(request), declared)
                 request._json = await _parse(head)  # what ``Request.json()`` returns from now on
+                _read_as_json(request)
                 RequestContext.of(request.scope).binary = tail
             elif _is_json(request) and _declared_length(request) > OFFLOAD_BYTES:
                 body = await _body(request)
@@ -74,6 +75,18 @@ def _is_json(request: Request) -> bool:
     """JSON, or no content type at all (read as JSON, as stock v2 clients send it)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     return content_type in ("", "application/json") or content_type.endswith("+json")
+
+
+def _read_as_json(request: Request) -> None:
+    """Let FastAPI read a binary request sent as ``application/octet-stream`` as the JSON
+    header it holds (it reads JSON only from a JSON content type, or none)."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != MEDIA_TYPE:
+        return
+    request.scope["headers"] = [
+        (name, b"application/json" if name == b"content-type" else value)
+        for name, value in request.scope["headers"]
+    ]
+    request.__dict__.pop("_headers", None)  # ``Request.headers`` is cached from the scope
 
 
 def _declared_length(request: Request) -> int:

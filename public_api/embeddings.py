@@ -22,6 +22,21 @@ from shared.manifest import MODEL_NAME_PATTERN
 MAX_INPUTS = 4096  # the schema's bound; each model's own max_batch_size is checked after
 
 
+class OpenAIError(BaseModel):
+    """OpenAI's error object (``public_api.errors.error_body``)."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every error of ``/v1/embeddings``: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: OpenAIError
+
+
 class EmbeddingsRequest(BaseModel):
     """``POST /v1/embeddings`` body; ``user`` is ignored, an unknown field is a 400 (a typo
     answered as if it were not there would mislead)."""

@@ -3,7 +3,8 @@
 The model is named in the body, so the key is checked before the body is read (as on every
 inference route) and the terms and monitor once it is parsed; then the request goes the way
 of every inference (``pipeline.serve_inference``): limits in samples (one input is one
-sample), the monitor, the audit and sealing. Stock clients do not sign their requests.
+sample), the monitor, the audit and sealing. Stock clients do not sign their requests. Errors
+take OpenAI's shape (``public_api.errors``), as the ``openai`` client reads them.
 """
 
 from __future__ import annotations
@@ -18,18 +19,18 @@ from public_api.deps import BodyNamed, State
 from public_api.embeddings import (
     EmbeddingsRequest,
     EmbeddingsResponse,
+    OpenAIErrorBody,
     embeddings_response,
     v2_request,
 )
 from public_api.pipeline import serve_inference
 from public_api.sealing import EMBEDDINGS_JSON
 from public_api.signing import forwarded_signature
-from public_api.v2 import ErrorBody
 from shared.errors import InvalidInput
 
 router = APIRouter(route_class=OffLoopJsonRoute, strict_content_type=False)
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 429, 500, 503)
+    code: {"model": OpenAIErrorBody} for code in (400, 401, 403, 404, 413, 429, 500, 503)
 }
 
 

@@ -7,6 +7,8 @@ and ``serve_inference`` (limits in samples, the answer, the monitor, the audit r
 outcome of ``ModelInfer`` is audited once, refusals included. Errors are aborted with the gRPC
 code of the one error table; ``RateLimit`` and ``Retry-After`` go back as trailing metadata.
 Stock clients cannot sign requests: a key that must sign is refused (PERMISSION_DENIED).
+The ingress's own limits on message size and calls in flight (``grpc_limits``) are enforced
+here, so that their refusals are audited too.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Any, NoReturn
 import grpc
 
 from protos import open_inference_pb2 as oip
-from public_api.admission import UNNAMED_MODEL
+from public_api.admission import UNNAMED_MODEL, UNREAD_MODEL
 from public_api.context import RequestContext
+from public_api.grpc_limits import InFlight, MessageGate, Refused
 from public_api.grpc_messages import (
     header,
     infer_request,
@@ -47,8 +50,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class OpenInferenceServicer:
     """ServerLive/Ready/Metadata, ModelReady/Metadata and ModelInfer over the tier's state."""
 
-    def __init__(self, state: PublicState) -> None:
+    def __init__(self, state: PublicState, in_flight: InFlight) -> None:
         self.state = state
+        self.in_flight = in_flight
 
     async def server_live(self, _request: oip.ServerLiveRequest, _context: Context) -> Any:
         return oip.ServerLiveResponse(live=True)
@@ -81,12 +85,13 @@ class OpenInferenceServicer:
             await abort(context, error)
         return metadata_response(metadata)
 
-    async def model_infer(self, request: oip.ModelInferRequest, context: Context) -> Any:
-        model = request.model_name
+    async def model_infer(self, request: oip.ModelInferRequest | Refused, context: Context) -> Any:
         outcome = RequestContext(client=peer_address(context.peer()))
-        outcome.model = model if _MODEL_NAME.match(model) else UNNAMED_MODEL
-        status = 500
+        outcome.model = _audited_model(request)
+        status, entered = 500, False
         try:
+            self.in_flight.enter()
+            entered = True
             answer = await self._infer(request, context, outcome)
             status = 200
             return answer
@@ -101,14 +106,18 @@ class OpenInferenceServicer:
             log.error("unhandled_error", error=type(error).__name__, detail=str(error)[:300])
             await abort(context, InternalError("internal error"))
         finally:
+            if entered:
+                self.in_flight.leave()
             if not outcome.audited:
                 self.state.protection.record_outcome(outcome, status)
 
     async def _infer(
-        self, request: oip.ModelInferRequest, context: Context, outcome: RequestContext
+        self, request: oip.ModelInferRequest | Refused, context: Context, outcome: RequestContext
     ) -> oip.ModelInferResponse:
-        state, model = self.state, request.model_name
         outcome.caller = caller = await self._authenticate(context, outcome.model)
+        if isinstance(request, Refused):  # too large or malformed: refused once attributed
+            raise request.error
+        state, model = self.state, request.model_name
         await state.protection.admit(caller, model)
         _check_version(model, request.model_version)
         body, raw = infer_request(request)
@@ -138,6 +147,13 @@ class OpenInferenceServicer:
         return await self.state.protection.check_key(authorization, client, model)
 
 
+def _audited_model(request: oip.ModelInferRequest | Refused) -> str:
+    """The model a call is audited under: the one it names, if its message was read."""
+    if isinstance(request, Refused):
+        return UNREAD_MODEL
+    return request.model_name if _MODEL_NAME.match(request.model_name) else UNNAMED_MODEL
+
+
 def _check_version(model: str, version: str) -> None:
     if version not in ("", "1"):
         raise ModelNotFound(f"model {model!r} has no version {version[:32]!r}; it has '1'")
@@ -159,9 +175,31 @@ async def abort(context: Context, error: SplitVaultError) -> NoReturn:
 Method = Callable[[Any, Context], Awaitable[Any]]
 
 
-def add_to_server(servicer: OpenInferenceServicer, server: grpc.aio.Server) -> None:
+def _guarded(method: Method, in_flight: InFlight) -> Method:
+    """``method`` counted among the calls in flight, its refused messages refused (these
+    methods are not audited; ``ModelInfer`` does both itself, audited)."""
+
+    async def guarded(request: Any, context: Context) -> Any:
+        try:
+            in_flight.enter()
+        except SplitVaultError as error:
+            await abort(context, error)
+        try:
+            if isinstance(request, Refused):
+                await abort(context, request.error)
+            return await method(request, context)
+        finally:
+            in_flight.leave()
+
+    return guarded
+
+
+def add_to_server(
+    servicer: OpenInferenceServicer, server: grpc.aio.Server, max_message_bytes: int
+) -> None:
     """Register ``servicer`` under the v2 service name (the generated code has no servicer: its
-    messages live in splitvault's own proto package, see ``protos/open_inference.proto``)."""
+    messages live in splitvault's own proto package, see ``protos/open_inference.proto``);
+    messages over ``max_message_bytes`` reach the servicer as ``Refused``."""
     methods: dict[str, tuple[Method, type[Any]]] = {
         "ServerLive": (servicer.server_live, oip.ServerLiveRequest),
         "ServerReady": (servicer.server_ready, oip.ServerReadyRequest),
@@ -172,8 +210,8 @@ def add_to_server(servicer: OpenInferenceServicer, server: grpc.aio.Server) -> N
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
-            method,
-            request_deserializer=message.FromString,
+            method if name == "ModelInfer" else _guarded(method, servicer.in_flight),
+            request_deserializer=MessageGate(message.FromString, max_message_bytes),
             response_serializer=lambda reply: reply.SerializeToString(),
         )
         for name, (method, message) in methods.items()

@@ -2,7 +2,9 @@
 
 It runs on the event loop of the REST app (started and stopped by its lifespan), over the same
 ``PublicState``. Clients authenticate with API keys, not certificates, so no client
-certificate is asked for; there is no plain-text port.
+certificate is asked for; there is no plain-text port. Its own limits (``max_body_bytes`` a
+message, ``max_connections`` calls in flight) are enforced by the servicer, audited; gRPC's
+are set ``HARD_CAP_FACTOR`` times higher, as a hard cap (``public_api.grpc_limits``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 
 from public_api.grpc_ingress import OpenInferenceServicer, add_to_server
+from public_api.grpc_limits import HARD_CAP_FACTOR, InFlight
 from public_api.settings import PublicSettings
 from public_api.state import PublicState
 from shared.layout import TierDir
@@ -39,13 +42,16 @@ async def start_grpc_ingress(
     tier = TierDir(settings.tier_dir)
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", settings.max_body_bytes),
+            ("grpc.max_receive_message_length", HARD_CAP_FACTOR * settings.max_body_bytes),
             ("grpc.max_send_message_length", settings.max_body_bytes),
             ("grpc.so_reuseport", int(settings.reuse_port)),
         ],
-        maximum_concurrent_rpcs=settings.max_connections,
+        maximum_concurrent_rpcs=HARD_CAP_FACTOR * settings.max_connections,
     )
-    add_to_server(OpenInferenceServicer(state), server)
+    servicer = OpenInferenceServicer(
+        state, InFlight(settings.max_connections, state.metrics.grpc_calls_in_flight)
+    )
+    add_to_server(servicer, server, settings.max_body_bytes)
     credentials = grpc.ssl_server_credentials(
         [((tier.tls / "server.key").read_bytes(), (tier.tls / "server.crt").read_bytes())],
         require_client_auth=False,  # callers present API keys (authorization metadata)

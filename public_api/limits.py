@@ -7,6 +7,9 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from public_api.errors import error_body, error_code
+from shared.errors import PayloadTooLarge
+
 
 class BodySizeLimit:
     """413 for a declared body over ``max_bytes``; a streamed one raises a 413 ``HTTPException``.
@@ -24,7 +27,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await _refuse(send, self.max_bytes)
+            await _refuse(scope, send, self.max_bytes)
             return
         received = 0
 
@@ -40,8 +43,9 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
-async def _refuse(send: Send, max_bytes: int) -> None:
-    body = json.dumps({"error": f"request body exceeds {max_bytes} bytes"}).encode()
+async def _refuse(scope: Scope, send: Send, max_bytes: int) -> None:
+    message = f"request body exceeds {max_bytes} bytes"
+    body = json.dumps(error_body(scope, 413, message, error_code(PayloadTooLarge))).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})

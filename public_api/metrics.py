@@ -54,6 +54,7 @@ class PublicMetrics:
     audit_pending: Gauge
     private_ready: Gauge
     unsafe_setting: Gauge
+    grpc_calls_in_flight: Gauge
     _risk: dict[str, float] = field(default_factory=dict)
     _risk_lock: threading.Lock = field(default_factory=threading.Lock)
     _listener: MetricsListener | None = None
@@ -104,6 +105,9 @@ class PublicMetrics:
                 "1 for each setting that switches a protection off.",
                 "setting",
                 "value",
+            ),
+            grpc_calls_in_flight=new.gauge(
+                "splitvault_grpc_calls_in_flight", "Calls under way on the v2 gRPC ingress."
             ),
         )
         metrics._init_series()

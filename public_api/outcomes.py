@@ -65,7 +65,8 @@ class Outcomes:
         except Exception as error:
             log.error("unhandled_error", error=type(error).__name__, detail=str(error)[:300])
             if status is None:
-                await error_response(500, "internal error")(scope, tracked_receive, tracked_send)
+                answer = error_response(500, "internal error", scope=scope)
+                await answer(scope, tracked_receive, tracked_send)
             elif not complete:
                 raise  # half an answer went out: only closing the connection is left
         finally:

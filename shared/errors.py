@@ -3,6 +3,7 @@
     SplitVaultError
     ├── InvalidInput          400  INVALID_ARGUMENT
     │   └── PayloadTooLarge   413  INVALID_ARGUMENT
+    │       └── MessageTooLarge   413  RESOURCE_EXHAUSTED (a gRPC ingress message, as gRPC says it)
     ├── Unauthenticated       401  UNAUTHENTICATED
     │   └── SignatureRefused  401  PERMISSION_DENIED (reason "signature", read back as such)
     ├── PermissionDenied      403  PERMISSION_DENIED
@@ -62,6 +63,11 @@ class InvalidInput(SplitVaultError):
 
 class PayloadTooLarge(InvalidInput):
     """The request body or tensor exceeds the configured size limit."""
+
+
+class MessageTooLarge(PayloadTooLarge):
+    """A message to the public tier's v2 gRPC ingress exceeds the size limit (gRPC's own code
+    for it, RESOURCE_EXHAUSTED; 413 in the audit trail)."""
 
 
 class Unauthenticated(SplitVaultError):
@@ -166,6 +172,7 @@ class ErrorMapping:
 _Code = grpc.StatusCode
 ERROR_TABLE: dict[type[SplitVaultError], ErrorMapping] = {
     PayloadTooLarge: ErrorMapping(413, _Code.INVALID_ARGUMENT),
+    MessageTooLarge: ErrorMapping(413, _Code.RESOURCE_EXHAUSTED),
     InvalidInput: ErrorMapping(400, _Code.INVALID_ARGUMENT, read_back=True),
     # The private tier's only caller is this tier: its refusals are of our identity.
     Unauthenticated: ErrorMapping(401, _Code.UNAUTHENTICATED, read_back=True),

@@ -205,5 +205,8 @@ def _error_message(response: httpx.Response) -> str:
         for key in ("error", "detail"):
             if isinstance(doc.get(key), str):
                 return str(doc[key])
+        error = doc.get("error")  # OpenAI's shape (/v1/embeddings): {"error": {"message": ...}}
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
     text = response.text.strip()[:_MAX_ERROR_TEXT]
     return text or response.reason_phrase or "no message"

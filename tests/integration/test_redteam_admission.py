@@ -3,9 +3,17 @@
 Each test sends what the red team sent and checks the fix; each failed against the code before
 it. Every ingress gets the same checks: ``INGRESSES`` lists the ways to ask for an inference
 (the REST v2 infer route, with JSON tensors and with binary ones; ``/v1/embeddings``, one
-sentence per sample), and a new ingress is one more line there. (The v2 gRPC ingress is not
-listed: these attacks speak HTTP/1.1 from chosen source addresses;
-tests/integration/test_triton_clients.py covers its keys, terms, limits in samples and audit.)
+sentence per sample; the v2 gRPC ingress), and a new ingress is one more line there.
+
+The v2 gRPC ingress speaks from chosen addresses too: its client (gRPC's C-core, which cannot
+bind a source address) reaches the tier through a ``Relay`` that connects from 127.0.0.N, so
+the tier sees that address as the peer. Findings that live in HTTP/1.1's framing do not apply
+to it and are checked over ``HTTP_INGRESSES`` only: a refusal before the body arrives and a
+refused body read as the next request (gRPC reads a whole message, up to its hard cap, before
+any handler; HTTP/2 frames a message by its length prefix), the body read deadline (no such
+deadline in gRPC), the connection limit (its gRPC form, calls in flight, has its own test).
+Its forms of the others: a too-large message (RESOURCE_EXHAUSTED, audited), a huge top k
+(INVALID_ARGUMENT, audited, the channel still serving).
 
 A module-scoped copy of the session deployment (digits and MiniLM) runs one private tier and two
 public tiers on the same state folder: ``strict``, with tight per-address limits (12 samples
@@ -21,6 +29,8 @@ import contextlib
 import itertools
 import json
 import multiprocessing
+import os
+import signal
 import socket
 import sqlite3
 import ssl
@@ -28,10 +38,12 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -43,6 +55,7 @@ from public_api.keys import STATE_DIR, parse_key_id
 from shared.layout import DeployLayout
 from tests.conftest import Deployment, issue_key
 from tests.support.deployments import copy_deployment
+from tests.support.grpc_ingress import GrpcReply, V2GrpcClient, infer_request
 from tests.support.processes import TierProcess, start_private, start_public
 from tests.support.stack import image_request, poll, rss_mib, tier_env
 
@@ -62,6 +75,8 @@ STRICT_ENV = {
     "SPLITVAULT_PUBLIC_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
 }
 OPEN_ENV = tier_env(audit_aggregate_s=0.5)
+# Both tiers serve the v2 gRPC ingress too; calls held by a stopped private tier wait it out.
+GRPC_ENV = {"SPLITVAULT_PUBLIC_GRPC_PORT": "0", "SPLITVAULT_PUBLIC_REQUEST_TIMEOUT_S": "120"}
 MAX_BODY_BYTES = 16 * 1024 * 1024  # the default body limit
 # Keys issued before the tiers start: name -> limit overrides (in samples).
 KEYS: dict[str, dict[str, Any]] = {
@@ -71,12 +86,31 @@ KEYS: dict[str, dict[str, Any]] = {
     "nat-a": {},
     "nat-b": {},
     "outcomes": {},
+    "in-flight": {},
 }
 # Keys whose limits a test spends: one copy per ingress ("burst-64@rest-v2-infer").
 SPENT = ("burst-64", "quota-100")
 
 
 # --- ingresses ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer as the tests read it, whichever the ingress: its status (HTTP's; gRPC's code
+    name), its error message, its headers (gRPC: trailing metadata; names in lower case)."""
+
+    status: int | str
+    error: str
+    headers: dict[str, str]
+
+
+class Session(Protocol):
+    """Inferences through one ingress, from one client address, on one connection or channel."""
+
+    def infer(self, images: np.ndarray, key: str | None = None, **parameters: Any) -> Reply:
+        """``images`` (one sample each), sending ``key`` (none: no credential)."""
+        ...
 
 
 # Binary tensor requests pad their JSON header to this many bytes (JSON allows the trailing
@@ -96,6 +130,25 @@ class Ingress:
     body: Callable[[np.ndarray, dict[str, Any]], dict[str, Any]]  # images, parameters -> JSON
     binary: bool = False
     unread_model: str = MODEL  # the model audited for a request refused before its body
+    openai: bool = False  # errors in OpenAI's shape: {"error": {"message": ...}}
+
+    def status(self, http: int) -> int | str:
+        """What this ingress answers for the HTTP status ``http``."""
+        return http
+
+    def message(self, body: bytes) -> str:
+        """The error message of an error body."""
+        error = json.loads(body)["error"]
+        if self.openai:
+            assert isinstance(error, dict), f"not OpenAI's error shape: {error!r}"
+            return str(error["message"])
+        assert isinstance(error, str), error
+        return error
+
+    @contextlib.contextmanager
+    def session(self, stack: Stack, tier: TierProcess, address: str) -> Iterator[Session]:
+        with stack.http(tier, address) as http:
+            yield _RestSession(self, http)
 
     def encode(self, images: np.ndarray, **parameters: Any) -> bytes:
         document = self.body(images, parameters)
@@ -143,14 +196,65 @@ def _embeddings_body(images: np.ndarray, parameters: dict[str, Any]) -> dict[str
     return {"model": "minilm", "input": [f"query {i}" for i in range(len(images))], **parameters}
 
 
-INGRESSES = [
+@dataclass(frozen=True)
+class _RestSession:
+    ingress: Ingress
+    http: httpx.Client
+
+    def infer(self, images: np.ndarray, key: str | None = None, **parameters: Any) -> Reply:
+        reply = self.ingress.post(self.http, images, key, **parameters)
+        error = "" if reply.is_success else self.ingress.message(reply.content)
+        return Reply(reply.status_code, error, {k.lower(): v for k, v in reply.headers.items()})
+
+
+# The gRPC code a status of the table crosses gRPC with (shared/errors.py).
+GRPC_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED"}
+
+
+@dataclass(frozen=True)
+class GrpcIngress:
+    """The v2 gRPC ingress (``ModelInfer``, raw tensors), reached from an address through a
+    ``Relay``."""
+
+    name: str = "grpc-v2-infer"
+    unread_model: str = MODEL  # the message names the model before the key is checked
+
+    def status(self, http: int) -> int | str:
+        return GRPC_CODES[http]
+
+    @contextlib.contextmanager
+    def session(self, stack: Stack, tier: TierProcess, address: str) -> Iterator[Session]:
+        with stack.grpc(tier, address) as client:
+            yield _GrpcSession(client)
+
+
+@dataclass(frozen=True)
+class _GrpcSession:
+    client: V2GrpcClient
+
+    def infer(self, images: np.ndarray, key: str | None = None, **parameters: Any) -> Reply:
+        return _reply(self.client.infer(images, key, **parameters))
+
+
+def _reply(reply: GrpcReply) -> Reply:
+    return Reply(reply.code.name, reply.message, reply.trailers)
+
+
+HTTP_INGRESSES = [
     Ingress("rest-v2-infer", lambda model: f"/v2/models/{model}/infer", _v2_body),
     Ingress("rest-v2-binary", lambda model: f"/v2/models/{model}/infer", _v2_body, binary=True),
     Ingress(
-        "rest-v1-embeddings", lambda _: "/v1/embeddings", _embeddings_body, False, UNREAD_MODEL
+        "rest-v1-embeddings",
+        lambda _: "/v1/embeddings",
+        _embeddings_body,
+        False,
+        UNREAD_MODEL,
+        openai=True,
     ),
 ]
+INGRESSES: list[Ingress | GrpcIngress] = [*HTTP_INGRESSES, GrpcIngress()]
 each_ingress = pytest.mark.parametrize("ingress", INGRESSES, ids=lambda i: i.name)
+each_http_ingress = pytest.mark.parametrize("ingress", HTTP_INGRESSES, ids=lambda i: i.name)
 
 
 def _images(n: int) -> np.ndarray:
@@ -167,6 +271,8 @@ class Stack:
     layout: DeployLayout
     strict: TierProcess
     open: TierProcess
+    private: TierProcess
+    grpc_ports: dict[int, int]  # tier's HTTPS port -> its gRPC ingress's port
     keys: dict[str, str]
     _hosts: Iterator[int]
 
@@ -180,6 +286,10 @@ class Stack:
         return httpx.Client(
             base_url=f"https://localhost:{tier.port}", transport=transport, timeout=30
         )
+
+    def grpc(self, tier: TierProcess, address: str | None) -> V2GrpcClient:
+        """A gRPC channel to ``tier``'s ingress, from ``address`` (None: 127.0.0.1 itself)."""
+        return V2GrpcClient(self.grpc_ports[tier.port], self.layout.public.ca_cert, address)
 
     def tls(self, tier: TierProcess, address: str) -> Raw:
         return Raw(tier.port, self.layout.public.ca_cert, address)
@@ -217,8 +327,12 @@ def stack(deployment: Deployment, tmp_path_factory: pytest.TempPathFactory) -> I
     tiers: list[TierProcess] = []
     try:
         for env in (STRICT_ENV, OPEN_ENV):
-            tiers.append(start_public(layout.root, private.port, env=env))
-        yield Stack(layout, tiers[0], tiers[1], keys, itertools.count(2))
+            tiers.append(start_public(layout.root, private.port, env={**env, **GRPC_ENV}))
+        ports = {
+            tier.port: int(tier.wait_for_events("grpc_ingress_listening")[0]["port"])
+            for tier in tiers
+        }
+        yield Stack(layout, tiers[0], tiers[1], private, ports, keys, itertools.count(2))
     finally:
         for tier in tiers:
             tier.stop()
@@ -287,7 +401,7 @@ BAD_CREDENTIALS = {
 }
 
 
-@each_ingress
+@each_http_ingress
 @pytest.mark.parametrize("credential", BAD_CREDENTIALS.values(), ids=BAD_CREDENTIALS.keys())
 def test_a_request_without_a_valid_key_is_refused_before_its_body_arrives(
     stack: Stack, ingress: Ingress, credential: str | None
@@ -300,13 +414,13 @@ def test_a_request_without_a_valid_key_is_refused_before_its_body_arrives(
         waited = time.monotonic() - started
         assert answer is not None, "no answer before the body (the server waited for it)"
         status, headers, body = answer
-        assert status == 401 and "API key" in json.loads(body)["error"]
+        assert status == 401 and "API key" in ingress.message(body)
         assert headers["connection"] == "close"
         assert waited < BODY_TIMEOUT_S / 2, f"answered after {waited:.1f}s"
         assert conn.ended()
 
 
-@each_ingress
+@each_http_ingress
 def test_a_refused_body_is_never_read_as_the_next_request(stack: Stack, ingress: Ingress) -> None:
     """A refused request whose body holds a request, then a pipelined second request: one
     answer, the 401, and the connection ends; neither is taken for a request."""
@@ -321,7 +435,7 @@ def test_a_refused_body_is_never_read_as_the_next_request(stack: Stack, ingress:
         assert conn.ended(), f"more was answered on the connection: {conn.buffer[:200]!r}"
 
 
-@each_ingress
+@each_http_ingress
 def test_anonymous_floods_of_large_bodies_leave_keyed_clients_alone(
     stack: Stack, ingress: Ingress
 ) -> None:
@@ -329,7 +443,7 @@ def test_anonymous_floods_of_large_bodies_leave_keyed_clients_alone(
     priority, so that their own encryption is not what is measured) against a keyed client.
     Each anonymous request is refused having cost the server little to read; the keyed
     client keeps being answered and the tier's memory stays put."""
-    if INGRESSES.index(ingress):  # the same tier and bodies: one ingress is enough here
+    if HTTP_INGRESSES.index(ingress):  # the same tier and bodies: one ingress is enough here
         pytest.skip("measured through the first ingress")
     tier, key, images = stack.open, stack.keys["keyed"], _images(1)
     with stack.http(tier, stack.address()) as http:
@@ -403,12 +517,13 @@ def test_a_bad_key_flood_is_limited_per_address_and_counted_not_recorded_one_by_
     """Finding 3's replay: bad-key requests from one address. The first FAILURE_BURST get 401,
     the rest 429; the audit trail holds a count per address and interval, not a row each."""
     address, requests, unknown = stack.address(), 60, "sv_k_00000000_" + "B" * 43
-    with stack.http(stack.strict, address) as http:
-        replies = [ingress.post(http, _images(1), unknown) for _ in range(requests)]
-    statuses = [reply.status_code for reply in replies]
-    assert statuses == [401] * FAILURE_BURST + [429] * (requests - FAILURE_BURST)
+    with ingress.session(stack, stack.strict, address) as session:
+        replies = [session.infer(_images(1), unknown) for _ in range(requests)]
+    statuses = [reply.status for reply in replies]
+    unauthenticated, limited = ingress.status(401), ingress.status(429)
+    assert statuses == [unauthenticated] * FAILURE_BURST + [limited] * (requests - FAILURE_BURST)
     refused = replies[-1]
-    assert "without a valid API key" in refused.json()["error"]
+    assert "without a valid API key" in refused.error
     assert int(refused.headers["retry-after"]) >= 1
     rows = stack.audited("client = ?", address, count=requests)
     assert len(rows) < requests // 4, f"{len(rows)} audit rows for {requests} refusals"
@@ -427,11 +542,11 @@ def test_someone_elses_failures_do_not_lock_out_a_valid_key_at_the_same_address(
     stack: Stack, ingress: Ingress
 ) -> None:
     address = stack.address()  # one NAT: a failing client and a legitimate one
-    with stack.http(stack.strict, address) as http:
-        failures = [ingress.post(http, _images(1), "nope").status_code for _ in range(8)]
-        served = ingress.post(http, _images(1), stack.keys["nat-a"])
-    assert failures == [401] * FAILURE_BURST + [429] * 3
-    assert served.status_code == 200, served.text
+    with ingress.session(stack, stack.strict, address) as session:
+        failures = [session.infer(_images(1), "nope").status for _ in range(8)]
+        served = session.infer(_images(1), stack.keys["nat-a"])
+    assert failures == [ingress.status(401)] * FAILURE_BURST + [ingress.status(429)] * 3
+    assert served.status == ingress.status(200), served.error
 
 
 @each_ingress
@@ -441,14 +556,15 @@ def test_the_per_address_limit_counts_samples_of_every_key_at_that_address(
     """Finding 13: IP_BURST samples per address, whichever key sends them; another address
     has its own."""
     first, second = stack.address(), stack.address()
-    with stack.http(stack.strict, first) as http:
-        a = ingress.post(http, _images(8), stack.keys["nat-a"])
-        b = ingress.post(http, _images(8), stack.keys["nat-b"])
-        c = ingress.post(http, _images(4), stack.keys["nat-b"])
-    with stack.http(stack.strict, second) as http:
-        d = ingress.post(http, _images(8), stack.keys["nat-b"])
-    assert [r.status_code for r in (a, b, c, d)] == [200, 429, 200, 200], [r.text for r in (b,)]
-    assert "client address" in b.json()["error"]
+    with ingress.session(stack, stack.strict, first) as session:
+        a = session.infer(_images(8), stack.keys["nat-a"])
+        b = session.infer(_images(8), stack.keys["nat-b"])
+        c = session.infer(_images(4), stack.keys["nat-b"])
+    with ingress.session(stack, stack.strict, second) as session:
+        d = session.infer(_images(8), stack.keys["nat-b"])
+    ok, limited = ingress.status(200), ingress.status(429)
+    assert [r.status for r in (a, b, c, d)] == [ok, limited, ok, ok], [r.error for r in (b,)]
+    assert "client address" in b.error
     assert int(b.headers["retry-after"]) >= 1
 
 
@@ -458,36 +574,37 @@ def test_the_per_address_limit_counts_samples_of_every_key_at_that_address(
 @each_ingress
 def test_the_burst_counts_samples(stack: Stack, ingress: Ingress) -> None:
     key = stack.keys[f"burst-64@{ingress.name}"]
-    with stack.http(stack.open, stack.address()) as http:
-        full = ingress.post(http, _images(64), key)
-        more = ingress.post(http, _images(2), key)
-    assert full.status_code == 200, full.text
+    with ingress.session(stack, stack.open, stack.address()) as session:
+        full = session.infer(_images(64), key)
+        more = session.infer(_images(2), key)
+    assert full.status == ingress.status(200), full.error
     assert '"burst";r=0' in full.headers["ratelimit"]
-    assert more.status_code == 429 and "rate limit" in more.json()["error"]
+    assert more.status == ingress.status(429) and "rate limit" in more.error
     assert '"burst";q=64' in more.headers["ratelimit-policy"]
 
 
 @each_ingress
 def test_the_daily_quota_counts_samples(stack: Stack, ingress: Ingress) -> None:
     key = stack.keys[f"quota-100@{ingress.name}"]
-    with stack.http(stack.open, stack.address()) as http:
-        statuses = [ingress.post(http, _images(n), key).status_code for n in (64, 32, 8, 4, 1)]
-    assert statuses == [200, 200, 429, 200, 429]  # 64 + 32 + 4 = 100
+    with ingress.session(stack, stack.open, stack.address()) as session:
+        statuses = [session.infer(_images(n), key).status for n in (64, 32, 8, 4, 1)]
+    ok, limited = ingress.status(200), ingress.status(429)
+    assert statuses == [ok, ok, limited, ok, limited]  # 64 + 32 + 4 = 100
 
 
 @each_ingress
 def test_a_batch_larger_than_the_burst_is_refused_for_good(stack: Stack, ingress: Ingress) -> None:
-    with stack.http(stack.strict, stack.address()) as http:
-        reply = ingress.post(http, _images(IP_BURST + 1), stack.keys["keyed"])
-    assert reply.status_code == 429
-    assert f"{IP_BURST + 1} samples exceeds the burst of {IP_BURST}" in reply.json()["error"]
+    with ingress.session(stack, stack.strict, stack.address()) as session:
+        reply = session.infer(_images(IP_BURST + 1), stack.keys["keyed"])
+    assert reply.status == ingress.status(429)
+    assert f"{IP_BURST + 1} samples exceeds the burst of {IP_BURST}" in reply.error
     assert "retry-after" not in reply.headers
 
 
 # --- finding 7: every outcome audited, the kept-alive connection kept ----------------------
 
 
-@each_ingress
+@each_http_ingress
 def test_a_huge_top_k_is_a_400_audited_and_the_connection_still_serves(
     stack: Stack, ingress: Ingress
 ) -> None:
@@ -500,7 +617,7 @@ def test_a_huge_top_k_is_a_400_audited_and_the_connection_still_serves(
         conn.send(ingress.head(len(huge), key) + huge)
         answer = conn.response()
         assert answer is not None and answer[0] == 400, answer
-        assert "classification" in json.loads(answer[2])["error"]
+        assert "classification" in ingress.message(answer[2])
         assert answer[1].get("connection") != "close"
         conn.send(ingress.head(len(fine), key) + fine)
         again = conn.response()
@@ -510,7 +627,7 @@ def test_a_huge_top_k_is_a_400_audited_and_the_connection_still_serves(
     assert {r["key_id"] for r in rows} == {_key_id(key)}
 
 
-@each_ingress
+@each_http_ingress
 def test_a_body_over_the_limit_is_a_413_audited_and_closed(stack: Stack, ingress: Ingress) -> None:
     key, address = stack.keys["outcomes"], stack.address()
     with stack.tls(stack.strict, address) as conn:
@@ -523,7 +640,7 @@ def test_a_body_over_the_limit_is_a_413_audited_and_closed(stack: Stack, ingress
     assert (row["key_id"], row["decision"], row["status"]) == (_key_id(key), "bad_request", 413)
 
 
-@each_ingress
+@each_http_ingress
 def test_a_body_cut_off_by_the_read_deadline_is_audited(stack: Stack, ingress: Ingress) -> None:
     key, address = stack.keys["outcomes"], stack.address()
     body = ingress.encode(_images(1))
@@ -534,7 +651,7 @@ def test_a_body_cut_off_by_the_read_deadline_is_audited(stack: Stack, ingress: I
     assert (row["key_id"], row["decision"], row["status"]) == (_key_id(key), "closed", 408)
 
 
-@each_ingress
+@each_http_ingress
 def test_the_connection_limit_503_is_json_and_audited(stack: Stack, ingress: Ingress) -> None:
     idle = [stack.tls(stack.strict, stack.address()) for _ in range(MAX_CONNECTIONS)]
     address = stack.address()
@@ -545,7 +662,7 @@ def test_the_connection_limit_503_is_json_and_audited(stack: Stack, ingress: Ing
         for conn in idle:
             conn.sock.close()
     assert shed.status_code == 503, shed.text
-    assert "too many open connections" in shed.json()["error"]
+    assert "too many open connections" in ingress.message(shed.content)
     assert int(shed.headers["retry-after"]) >= 1
     (row,) = stack.audited("client = ?", address)
     assert (row["key_id"], row["decision"], row["status"], row["count"]) == (
@@ -554,3 +671,91 @@ def test_the_connection_limit_503_is_json_and_audited(stack: Stack, ingress: Ing
         503,
         1,
     )
+
+
+# --- the same findings' gRPC forms (its refusals that gRPC itself used to make, unaudited) ---
+
+
+def test_grpc_a_huge_top_k_is_invalid_argument_audited_and_the_channel_still_serves(
+    stack: Stack,
+) -> None:
+    """Finding 7's replay over gRPC: ``classification = 2**40``, then a fine call on the same
+    channel (one connection: the relay saw one)."""
+    key, address = stack.keys["outcomes"], stack.address()
+    with stack.grpc(stack.open, address) as client:
+        huge = client.infer(_images(1), key, classification=2**40)
+        fine = client.infer(_images(1), key)
+        assert client.relay is not None and client.relay.connections == 1
+    assert huge.code == grpc.StatusCode.INVALID_ARGUMENT and "classification" in huge.message
+    assert fine.code == grpc.StatusCode.OK, fine.message
+    rows = stack.audited("client = ?", address, count=2)
+    assert [(r["decision"], r["status"]) for r in rows] == [("bad_request", 400), ("served", 200)]
+    assert {r["key_id"] for r in rows} == {_key_id(key)}
+
+
+def test_grpc_a_message_over_the_limit_is_resource_exhausted_and_audited(stack: Stack) -> None:
+    """A message just over the body limit: refused by the ingress (RESOURCE_EXHAUSTED, as gRPC
+    says it, with the limit), audited under the key as a 413; the channel still serves."""
+    key, address = stack.keys["outcomes"], stack.address()
+    request = infer_request(MODEL, _images(1))
+    del request.raw_input_contents[:]
+    request.raw_input_contents.append(bytes(MAX_BODY_BYTES))
+    with stack.grpc(stack.strict, address) as client:
+        large = client.call("ModelInfer", request, key)
+        fine = client.infer(_images(1), key)
+    assert large.code == grpc.StatusCode.RESOURCE_EXHAUSTED, large
+    assert f"exceeds the limit of {MAX_BODY_BYTES} bytes" in large.message
+    assert fine.code == grpc.StatusCode.OK, fine.message
+    rows = stack.audited("client = ?", address, count=2)
+    assert [(r["key_id"], r["model"], r["decision"], r["status"]) for r in rows] == [
+        (_key_id(key), UNREAD_MODEL, "bad_request", 413),
+        (_key_id(key), MODEL, "served", 200),
+    ]
+
+
+def test_grpc_calls_beyond_the_limit_in_flight_are_refused_and_audited(stack: Stack) -> None:
+    """The gRPC form of the connection limit: MAX_CONNECTIONS calls held in flight (the private
+    tier stopped, each waits for its answer), then one more. gRPC itself refused it, unaudited;
+    the ingress does now (RESOURCE_EXHAUSTED, a retry hint), audited; the held calls are
+    answered once the private tier goes on. Held from two addresses: IP_BURST samples each."""
+    key, address, pid = stack.keys["in-flight"], stack.address(), stack.private.process.pid
+    holders = [stack.grpc(stack.strict, stack.address()) for _ in range(2)]
+    assert len(holders) * IP_BURST == MAX_CONNECTIONS
+    with ThreadPoolExecutor(MAX_CONNECTIONS) as pool:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            held = [
+                pool.submit(client.infer, _images(1), key)
+                for client in holders
+                for _ in range(IP_BURST)
+            ]
+            poll(
+                lambda: _grpc_in_flight(stack.strict) == MAX_CONNECTIONS,
+                f"{MAX_CONNECTIONS} gRPC calls in flight",
+                timeout=60,
+            )
+            with stack.grpc(stack.strict, address) as client:
+                shed = client.infer(_images(1), key)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        answers = [future.result() for future in held]
+    for client in holders:
+        client.__exit__()
+    assert shed.code == grpc.StatusCode.RESOURCE_EXHAUSTED, shed
+    assert "too many calls in flight" in shed.message
+    assert int(shed.trailers["retry-after"]) >= 1
+    assert {answer.code for answer in answers} == {grpc.StatusCode.OK}, answers[:2]
+    (row,) = stack.audited("client = ?", address)
+    assert (row["key_id"], row["decision"], row["status"], row["count"]) == (
+        None,
+        "unavailable",
+        503,
+        1,
+    )
+
+
+def _grpc_in_flight(tier: TierProcess) -> float:
+    """The tier's ``splitvault_grpc_calls_in_flight`` gauge, from its internal listener."""
+    text = httpx.get(tier.metrics_url, timeout=10).text
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("splitvault_grpc_calls_in_flight ")]
+    return float(line.split()[1])

@@ -9,7 +9,13 @@ One private tier and three public tiers, each public tier on its own copy of the
 * ``proxied``: the same behind a proxy named in ``trusted_proxies`` (127.0.0.1).
 
 Attacks that go through a public ingress are written against ``Ingress`` and parametrized
-over ``INGRESSES``: a new ingress (a v2 gRPC endpoint, say) is tested by adding one entry.
+over ``INGRESSES``: a new ingress is tested by adding one entry. Each ingress speaks from an
+address of its own (the per-address limits are the tier's, whichever the ingress) and spends
+keys of its own (``Ingress.key``). The v2 gRPC ingress takes the client's address from the
+connection's peer and never from metadata, a trusted proxy's included: the trusted-proxy
+replay is not one of its findings (its ``x-forwarded-for`` metadata is ignored, which the
+untrusted-peer replay checks). Its clients accept the terms over REST, having been told to
+(PERMISSION_DENIED naming ``/v1/terms``).
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import ssl
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -36,6 +44,7 @@ from shared.manifest import TopKPolicy
 from splitvault.demo import digits
 from splitvault.packing.pack import pack_spec
 from tests.conftest import Deployment, DigitsFixture, issue_key
+from tests.support.grpc_ingress import V2GrpcClient
 from tests.support.processes import TierProcess, start_private, start_public, wait_for
 from tests.support.stack import cli, copy_deployment, https, image_request, poll, tier_env
 
@@ -45,9 +54,10 @@ WIDE = "digits-wide"  # the digits model packed to take 256 rows per request
 IP_BURST = 4
 # Per-address limits that cannot refill while a test runs; per-key limits out of the way.
 TIGHT = {"ip_limits__rate_per_s": 0.01, "ip_limits__burst": IP_BURST}
+GRPC_ON = {"SPLITVAULT_PUBLIC_GRPC_PORT": "0"}
 PUBLIC_ENV = {
-    "block": tier_env(monitor_action="block"),
-    "direct": tier_env(**TIGHT),
+    "block": {**tier_env(monitor_action="block"), **GRPC_ON},
+    "direct": {**tier_env(**TIGHT), **GRPC_ON},
     "proxied": {**tier_env(**TIGHT), "SPLITVAULT_PUBLIC_TRUSTED_PROXIES": '["127.0.0.1"]'},
 }
 # Keys issued in each copy before its tier starts: copy -> names.
@@ -57,6 +67,9 @@ KEYS = {
     "proxied": ["proxied"],
 }
 UNACCEPTED = {"direct": ["forger-terms"], "proxied": ["proxied-terms"]}
+# Keys an attack spends, issued once more for each other ingress ("forger@grpc").
+SPENT = {"metrics", "hider", "forger", "forger-terms"}
+GRPC_ADDRESS = "127.0.0.7"  # the gRPC ingress's clients' address (through a Relay)
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class Tier:
     layout: DeployLayout
     process: TierProcess
     keys: dict[str, str]
+    grpc_port: int | None = None
 
     @property
     def state(self) -> Path:
@@ -87,6 +101,11 @@ class Ingress(Protocol):
     """How an attacker reaches a public tier: one implementation per public endpoint."""
 
     name: str
+    address: str  # the client address the tier sees
+
+    def key(self, name: str) -> str:
+        """The name of this ingress's copy of the key ``name``."""
+        ...
 
     def infer(
         self, tier: Tier, key: str, model: str, x: np.ndarray, forwarded_for: str | None = None
@@ -107,6 +126,10 @@ class Rest:
     """The v2 REST endpoint (HTTPS); ``forwarded_for`` is sent as ``X-Forwarded-For``."""
 
     name = "rest"
+    address = "127.0.0.1"
+
+    def key(self, name: str) -> str:
+        return name
 
     def infer(
         self, tier: Tier, key: str, model: str, x: np.ndarray, forwarded_for: str | None = None
@@ -135,7 +158,68 @@ class Rest:
         return replies
 
 
-INGRESSES: list[Ingress] = [Rest()]
+# The HTTP status of each gRPC code these attacks meet (shared/errors.py), UNIMPLEMENTED as 404.
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.UNIMPLEMENTED: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+}
+
+
+class Grpc:
+    """The v2 gRPC ingress, from ``GRPC_ADDRESS``; ``forwarded_for`` is sent as
+    ``x-forwarded-for`` metadata. Terms are accepted over REST (from the same address)."""
+
+    name = "grpc"
+    address = GRPC_ADDRESS
+
+    def key(self, name: str) -> str:
+        return f"{name}@{self.name}"
+
+    def _client(self, tier: Tier) -> V2GrpcClient:
+        assert tier.grpc_port is not None, "this tier serves no gRPC ingress"
+        return V2GrpcClient(tier.grpc_port, tier.layout.public.ca_cert, self.address)
+
+    def infer(
+        self, tier: Tier, key: str, model: str, x: np.ndarray, forwarded_for: str | None = None
+    ) -> int:
+        metadata = () if forwarded_for is None else (("x-forwarded-for", forwarded_for),)
+        with self._client(tier) as client:
+            reply = client.infer(x, key, model, metadata)
+        return HTTP_STATUS[reply.code]
+
+    def accept_terms(self, tier: Tier, key: str, forwarded_for: str | None = None) -> int:
+        with self._client(tier) as client:
+            told = client.infer(np.zeros((1, 1, 8, 8), np.float32), key)
+        if told.code != grpc.StatusCode.PERMISSION_DENIED or "/v1/terms" not in told.message:
+            return HTTP_STATUS.get(told.code, 500)
+        context = ssl.create_default_context(cafile=str(tier.layout.public.ca_cert))
+        transport = httpx.HTTPTransport(verify=context, local_address=self.address)
+        with httpx.Client(
+            base_url=f"https://localhost:{tier.process.port}", transport=transport, timeout=30
+        ) as http:
+            reply = http.post(
+                "/v1/terms/accept",
+                json={"version": "1"},
+                headers={"Authorization": f"Bearer {key}", **_forwarded(forwarded_for)},
+            )
+        return reply.status_code
+
+    def scrape(self, tier: Tier, key: str) -> list[Reply]:
+        """Triton's statistics RPC, where a stock server hands out per-model counters."""
+        replies = []
+        with self._client(tier) as client:
+            for token in (None, key):
+                reply = client.call("ModelStatistics", b"", token)
+                replies.append(Reply(HTTP_STATUS.get(reply.code, 500), reply.message))
+        return replies
+
+
+INGRESSES: list[Ingress] = [Rest(), Grpc()]
 
 
 def _forwarded(address: str | None) -> dict[str, str]:
@@ -186,10 +270,10 @@ def exposure(
         shutil.copytree(base.root, root / name)
         layouts[name] = DeployLayout(root / name)
     keys = {
-        name: {key: issue_key(layouts[name], key) for key in KEYS[name]}
+        name: {key: issue_key(layouts[name], key) for key in _each_ingress(KEYS[name])}
         | {
             key: issue_key(layouts[name], key, accept_terms=False)
-            for key in UNACCEPTED.get(name, [])
+            for key in _each_ingress(UNACCEPTED.get(name, []))
         }
         for name in layouts
     }
@@ -204,8 +288,18 @@ def exposure(
         for name, layout in layouts.items():
             process = start_public(layout.root, private.port, env=PUBLIC_ENV[name])
             stack.callback(process.stop)
-            tiers[name] = Tier(layout, process, keys[name])
+            grpc_port = None
+            if "SPLITVAULT_PUBLIC_GRPC_PORT" in PUBLIC_ENV[name]:
+                (listening,) = process.wait_for_events("grpc_ingress_listening")
+                grpc_port = int(listening["port"])
+            tiers[name] = Tier(layout, process, keys[name], grpc_port)
         yield Exposure(private, tiers)
+
+
+def _each_ingress(names: list[str]) -> list[str]:
+    """``names``, and each ingress's copy of those an attack spends."""
+    copies = [ingress.key(name) for ingress in INGRESSES for name in names if name in SPENT]
+    return list(dict.fromkeys([*names, *copies]))
 
 
 def _images(digits_model: DigitsFixture, n: int = 1) -> np.ndarray:
@@ -246,7 +340,7 @@ def test_public_ingress_publishes_no_metrics(
 ) -> None:
     """The attack: read one's own risk score (and the other keys') after each batch."""
     tier = exposure.tiers["block"]
-    key = tier.keys["metrics"]
+    key = tier.keys[ingress.key("metrics")]
     assert ingress.infer(tier, key, "digits", _images(digits_model, 3)) == 200
     replies = ingress.scrape(tier, key)
     assert {reply.status for reply in replies} == {404}, replies
@@ -256,7 +350,8 @@ def test_public_ingress_publishes_no_metrics(
     assert listening["metrics_host"] == "127.0.0.1"
     internal = httpx.get(tier.process.metrics_url, timeout=10)
     assert internal.status_code == 200
-    assert f'splitvault_key_risk_score{{key_id="{tier.key_id("metrics")}"}}' in internal.text
+    key_id = tier.key_id(ingress.key("metrics"))
+    assert f'splitvault_key_risk_score{{key_id="{key_id}"}}' in internal.text
 
 
 # --- finding 5: X-Forwarded-For believed from 127.0.0.1 -------------------------------------
@@ -268,18 +363,22 @@ def test_forwarded_for_from_an_untrusted_peer_picks_no_address(
 ) -> None:
     """The attack: a new forged address per request, through a local proxy that passes the
     header on; per-address limits never fire and the trail records the forged addresses."""
-    tier = exposure.tiers["direct"]
+    tier, forger, terms = (
+        exposure.tiers["direct"],
+        ingress.key("forger"),
+        ingress.key("forger-terms"),
+    )
     statuses = [
-        ingress.infer(tier, tier.keys["forger"], "digits", _images(digits_model), f"6.6.6.{i}")
+        ingress.infer(tier, tier.keys[forger], "digits", _images(digits_model), f"6.6.6.{i}")
         for i in range(2 * IP_BURST)
     ]
     assert statuses == [200] * IP_BURST + [429] * IP_BURST
-    assert set(_audited_clients(tier, "forger", 2 * IP_BURST)) == {"127.0.0.1"}
-    assert ingress.accept_terms(tier, tier.keys["forger-terms"], "6.6.6.6") == 200
-    assert _accepted_from(tier, "forger-terms") == ["127.0.0.1"]
+    assert set(_audited_clients(tier, forger, 2 * IP_BURST)) == {ingress.address}
+    assert ingress.accept_terms(tier, tier.keys[terms], "6.6.6.6") == 200
+    assert _accepted_from(tier, terms) == [ingress.address]
 
 
-@pytest.mark.parametrize("ingress", INGRESSES, ids=lambda i: i.name)
+@pytest.mark.parametrize("ingress", [Rest()], ids=lambda i: i.name)
 def test_a_trusted_proxy_forwards_addresses_and_ipv6_is_limited_per_64(
     exposure: Exposure, digits_model: DigitsFixture, ingress: Ingress
 ) -> None:
@@ -314,8 +413,9 @@ def test_rows_hidden_between_the_old_fixed_positions_are_analysed(
     natural = np.unique(flat, axis=0)[:64].reshape(64, 1, 8, 8)  # distinct: none is a repeat
     batch = np.random.default_rng(11).uniform(0.0, 1.0, (128, 1, 8, 8)).astype(np.float32)
     batch[np.linspace(0, 127, 64).round().astype(np.int64)] = natural
-    assert ingress.infer(tier, tier.keys["hider"], WIDE, batch) == 200
-    (assessment,) = read_assessments(monitor_log_path(tier.layout.root), tier.key_id("hider"))
+    assert ingress.infer(tier, tier.keys[ingress.key("hider")], WIDE, batch) == 200
+    hider = tier.key_id(ingress.key("hider"))
+    (assessment,) = read_assessments(monitor_log_path(tier.layout.root), hider)
     assert assessment.queries == 128
     assert any(reason.startswith("OOD") for reason in assessment.reasons), assessment.reasons
 

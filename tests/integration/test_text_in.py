@@ -39,7 +39,11 @@ pytestmark = pytest.mark.slow
 
 MODEL = "minilm"
 SENTENCES = ["A man is playing a guitar on stage.", "The stock market fell sharply."]
-KEYS: dict[str, dict[str, Any]] = {"text": {}, "burst-4": {"rate_per_s": 0.01, "burst": 4}}
+KEYS: dict[str, dict[str, Any]] = {
+    "text": {},
+    "burst-4": {"rate_per_s": 0.01, "burst": 4},
+    "burst-2": {"rate_per_s": 0.01, "burst": 2},
+}
 
 
 @dataclass(frozen=True)
@@ -162,28 +166,73 @@ def test_tritonclient_grpc_sends_text(stack: Stack) -> None:
 # --- /v1/embeddings -----------------------------------------------------------------------
 
 
-def test_openai_client_embeds(stack: Stack) -> None:
-    """The stock OpenAI client (base64 by default) and a float request agree with token ids."""
+@contextlib.contextmanager
+def _openai(stack: Stack, key: str = "text") -> Iterator[openai.OpenAI]:
+    """The stock OpenAI client on the tier, without retries; ``key`` names an issued key, or
+    is the API key itself."""
     context = ssl.create_default_context(cafile=str(stack.layout.public.ca_cert))
     with openai.DefaultHttpxClient(verify=context) as transport:
-        client = openai.OpenAI(
+        yield openai.OpenAI(
             base_url=f"https://localhost:{stack.public.port}/v1",
-            api_key=stack.keys["text"],
+            api_key=stack.keys.get(key, key),
             http_client=transport,
             max_retries=0,
         )
+
+
+def test_openai_client_embeds(stack: Stack) -> None:
+    """The stock OpenAI client (base64 by default) and a float request agree with token ids."""
+    with _openai(stack) as client:
         answer = client.embeddings.create(model=MODEL, input=SENTENCES)
         single = client.embeddings.create(model=MODEL, input=SENTENCES[0], encoding_format="float")
         with pytest.raises(openai.BadRequestError) as refused:
             client.embeddings.create(model=MODEL, input="")
-    # The tier's {"error": "..."}: the OpenAI client keeps the message in ``body``.
-    assert refused.value.body == "sentence 0 is empty"
+    # OpenAI's error object: the client's message and ``code`` come from it.
+    assert refused.value.code == "invalid_input"
+    assert "sentence 0 is empty" in refused.value.message
     reference = _token_embeddings(stack, SENTENCES)
     got = np.asarray([item.embedding for item in answer.data], dtype=np.float32)
     np.testing.assert_array_equal(got, reference)
     np.testing.assert_array_equal(np.asarray(single.data[0].embedding, np.float32), reference[0])
     assert answer.model == MODEL and [item.index for item in answer.data] == [0, 1]
     assert answer.usage.prompt_tokens == answer.usage.total_tokens > 0
+
+
+REFUSALS: list[tuple[str, dict[str, Any], type[openai.APIStatusError], str, str]] = [
+    ("unknown-key", {}, openai.AuthenticationError, "authentication_error", "API key"),
+    ("unaccepted", {}, openai.PermissionDeniedError, "permission_error", "/v1/terms"),
+    ("text", {"model": "absent"}, openai.NotFoundError, "not_found_error", "not deployed"),
+    ("text", {"input": ["x"] * 65}, openai.BadRequestError, "invalid_request_error", "65"),
+    ("text", {"user": "x" * 300}, openai.BadRequestError, "invalid_request_error", "user"),
+    ("burst-2", {"input": ["x"] * 3}, openai.RateLimitError, "rate_limit_error", "burst"),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "body", "raised", "kind", "says"),
+    REFUSALS,
+    ids=["401", "403", "404", "400", "400-schema", "429"],
+)
+def test_openai_client_raises_its_own_exception_for_each_refusal(
+    stack: Stack,
+    key: str,
+    body: dict[str, Any],
+    raised: type[openai.APIStatusError],
+    kind: str,
+    says: str,
+) -> None:
+    """Errors take OpenAI's shape: the stock client raises the class of the status, with the
+    tier's message, type and code (the error class, in snake case)."""
+    if key == "unknown-key":
+        key = "sv_k_00000000_" + "C" * 43
+    request = {"model": MODEL, "input": "x", **body}
+    with _openai(stack, key) as client, pytest.raises(openai.APIStatusError) as refused:
+        client.embeddings.create(**request)
+    error = refused.value
+    assert type(error) is raised, f"{type(error).__name__}: {error.message}"
+    assert says in error.message
+    assert isinstance(error.body, dict) and error.body["type"] == kind
+    assert error.code and error.code.islower()
 
 
 def test_sdk_embed(stack: Stack) -> None:
@@ -241,7 +290,9 @@ def test_bad_embeddings_requests_are_clear_4xx(
     with stack.http() as http:
         reply = http.post("/v1/embeddings", json=body)
     assert reply.status_code == status, reply.text
-    assert says in reply.json()["error"]
+    error = reply.json()["error"]
+    assert says in error["message"]
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
 
 
 def test_non_utf8_and_lone_surrogates_are_400(stack: Stack) -> None:
@@ -260,7 +311,8 @@ def test_non_utf8_and_lone_surrogates_are_400(stack: Stack) -> None:
         )
         digits = http.post("/v2/models/digits/infer", json=_text_request(["x"]))
     assert binary.status_code == 400 and "not valid UTF-8" in binary.json()["error"]
-    assert surrogate.status_code == 400 and "not valid UTF-8" in surrogate.json()["error"]
+    assert surrogate.status_code == 400
+    assert "not valid UTF-8" in surrogate.json()["error"]["message"]
     assert digits.status_code == 400 and "takes no text" in digits.json()["error"]
 
 
@@ -274,7 +326,8 @@ def test_embeddings_need_a_key_and_the_terms(stack: Stack) -> None:
     with stack.http("unaccepted") as http:
         unaccepted = http.post("/v1/embeddings", json=body)
     assert anonymous.status_code == 401
-    assert unaccepted.status_code == 403 and "/v1/terms" in unaccepted.json()["error"]
+    assert unaccepted.status_code == 403
+    assert "/v1/terms" in unaccepted.json()["error"]["message"]
 
 
 def test_limits_count_sentences_and_every_outcome_is_audited(stack: Stack) -> None:

@@ -180,6 +180,29 @@ def test_http_binary_request_with_bad_sizes_is_a_clear_400(
     assert extra.status_code == 400 and "add up to 256" in extra.json()["error"]
 
 
+def test_http_binary_request_sent_as_octet_stream_is_served(
+    stack: Stack, digits_model: DigitsFixture
+) -> None:
+    """``application/octet-stream`` with the binary header is the binary extension; without
+    the header it is no body this route reads (400)."""
+    body = b'{"inputs":[{"name":"image","shape":[1,1,8,8],"datatype":"FP32",'
+    body += b'"parameters":{"binary_data_size":256}}]}'
+    images = _images(digits_model, 1)
+    octet = {"Content-Type": "application/octet-stream"}
+    with https(stack.layout, stack.public.port, stack.keys["triton"]) as http:
+        served = http.post(
+            "/v2/models/digits/infer",
+            content=body + images.tobytes(),
+            headers={**octet, "Inference-Header-Content-Length": str(len(body))},
+        )
+        headerless = http.post(
+            "/v2/models/digits/infer", content=body + images.tobytes(), headers=octet
+        )
+    assert served.status_code == 200, served.text
+    assert served.json()["outputs"][0]["shape"][0] == 1
+    assert headerless.status_code == 400
+
+
 # --- tritonclient.grpc --------------------------------------------------------------------
 
 
