@@ -58,7 +58,7 @@ async def embeddings(
         window_s=protection.signature_window_s,
     )
     sealed = await request.body() if state.sealer is not None else None
-    outcome = await serve_inference(state, caller, decoded, signature, sealed)
+    outcome = await serve_inference(state, caller, decoded, signature, sealed, context=context)
     context.audited = True
     response.headers.update(caller.headers)
     return embeddings_response(body, outcome, decoded.text)

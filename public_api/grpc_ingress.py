@@ -122,7 +122,7 @@ class OpenInferenceServicer:
             required=caller.key_id in protection.require_signature_keys,
             window_s=protection.signature_window_s,
         )
-        served = await serve_inference(state, caller, decoded, signature)
+        served = await serve_inference(state, caller, decoded, signature, context=outcome)
         outcome.audited = True
         context.set_trailing_metadata(_metadata(caller.headers))
         return infer_response(served.response)

@@ -7,6 +7,7 @@ samples, is seen by the same monitor and leaves the same audit record whichever 
 from __future__ import annotations
 
 from protos import inference_pb2
+from public_api.context import RequestContext
 from public_api.protection import Caller
 from public_api.service import Decoded, InferenceOutcome
 from public_api.state import PublicState
@@ -19,10 +20,12 @@ async def serve_inference(
     signature: inference_pb2.RequestSignature | None,
     sealed_body: bytes | None = None,
     request_id: str = "",
+    context: RequestContext | None = None,
 ) -> InferenceOutcome:
-    """Charge the request's samples (429), answer it, let the monitor see it and audit it.
-    ``sealed_body``: the exact bytes received, sealed to the owner's key once answered (REST
-    bodies; the owner's verifier reads v2 JSON bodies)."""
+    """Charge the request's samples (429), answer it, let the monitor see it and audit it
+    (``Protection.record_served``: committed before it returns, by default). ``sealed_body``:
+    the exact bytes received, sealed to the owner's key once answered (REST bodies; the owner's
+    verifier reads v2 JSON bodies). ``context`` is marked audited once the record stands."""
     sealer = state.sealer if sealed_body is not None else None
     if sealer is not None:  # refuse before any work when the body could not be kept
         sealer.check_accepting()
@@ -31,5 +34,5 @@ async def serve_inference(
     if sealer is not None and sealed_body is not None:
         sealer.submit(caller.key_id, decoded.model, request_id, sealed_body)
     specs = state.service.stage(decoded.model).manifest.outputs
-    await state.protection.record_served(caller, decoded.model, outcome, specs)
+    await state.protection.record_served(caller, decoded.model, outcome, specs, context)
     return outcome

@@ -169,7 +169,9 @@ async def infer(
         window_s=protection.signature_window_s,
     )
     sealed = await request.body() if state.sealer is not None else None
-    outcome = await serve_inference(state, caller, decoded, signature, sealed, body.id or "")
+    outcome = await serve_inference(
+        state, caller, decoded, signature, sealed, body.id or "", context=context
+    )
     context.audited = True
     if wants_binary(body):
         answer = binary_answer(outcome.response)
