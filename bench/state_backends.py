@@ -26,7 +26,8 @@ configuration, over all its rounds:
 
 Every process shares this machine's cores: compare the cost per request; three replicas on two
 cores add no throughput, and scaling must be measured on more cores. Run from the repository
-root (about five minutes on 2 cores):  .venv/bin/python bench/state_backends.py
+root (about ten minutes on a busy 2-core host, MiniLM's packing included):
+.venv/bin/python bench/state_backends.py
 """
 
 # ruff: noqa: E402 - the repository root goes on sys.path before the project imports.

@@ -1,4 +1,4 @@
-"""A hash-chained audit trail of every request, in SQLite, written off the request path.
+"""A hash-chained audit trail of every request, in SQLite; one writer thread commits it.
 
 Each row holds ``seq`` (1, 2, 3, ... with no gaps), the request's fields, ``prev_hash`` (the
 previous row's hash; 64 zeros for the first) and ``hash``, the SHA-256 of the canonical JSON of
@@ -20,8 +20,8 @@ chain per trail whatever the concurrency. Records reach it two ways:
   future is resolved with the record's seq once the transaction holding it has committed; the
   records that arrive while one commit runs share the next. If that commit fails, the future
   fails with ``Unavailable`` and the record is dropped, not retried: its request is answered
-  503, and that outcome is recorded instead. Served answers wait for it (``commits_before_response``)
-  under the ``"refuse"`` policy.
+  503, and that outcome is recorded instead. Served answers wait for it under the ``"refuse"``
+  policy (``commits_before_response``).
 * ``AuditTrail.append`` only queues the record (about a microsecond); the writer commits it within
   ``flush_interval_s``, or as soon as a batch is ready. Refusals are recorded this way, and served
   answers under ``"buffer"``. When the queue is full, or the last write failed, it raises
