@@ -1,4 +1,4 @@
-"""A hash-chained audit trail of every request, in SQLite, written off the request path.
+"""A hash-chained audit trail of every request, in SQLite; one writer thread commits it.
 
 Each row holds ``seq`` (1, 2, 3, ... with no gaps), the request's fields, ``prev_hash`` (the
 previous row's hash; 64 zeros for the first) and ``hash``, the SHA-256 of the canonical JSON of
@@ -13,16 +13,27 @@ those anchors. The trail's ``chain_id`` and the receipts live beside the records
 (``public_api.audit_receipts``); admission gates (``add_admission_gate``) let the anchorer
 refuse new requests while too much of the trail is unanchored.
 
-``AuditTrail.append`` only puts the record in a bounded queue (about a microsecond); a writer
-thread wakes every ``flush_interval_s``, or as soon as a batch is ready, and inserts the queued
-records in one transaction. When the queue is full, or the last write failed, ``append`` raises
-``Unavailable``: a request is refused rather than served unaudited.
+One writer thread chains and commits records in batches (one transaction each), so there is one
+chain per trail whatever the concurrency. Records reach it two ways:
 
-What "the last write failed" means is a policy (``on_failure``): ``"refuse"`` refuses every new
-record until a write succeeds again; ``"buffer"`` keeps accepting records while fewer than
-``buffer_max`` wait unwritten, so a short storage outage does not stop service, then refuses.
-Either way the writer retries every ``retry_interval_s`` and, once storage recovers, writes every
-record it accepted, in order: nothing accepted is dropped.
+* ``AuditTrail.submit`` (group commit): the record is queued, the writer woken, and the returned
+  future is resolved with the record's seq once the transaction holding it has committed; the
+  records that arrive while one commit runs share the next. If that commit fails, the future
+  fails with ``Unavailable`` and the record is dropped, not retried: its request is answered
+  503, and that outcome is recorded instead. Served answers wait for it under the ``"refuse"``
+  policy (``commits_before_response``).
+* ``AuditTrail.append`` only queues the record (about a microsecond); the writer commits it within
+  ``flush_interval_s``, or as soon as a batch is ready. Refusals are recorded this way, and served
+  answers under ``"buffer"``. When the queue is full, or the last write failed, it raises
+  ``Unavailable``: a request is refused rather than served unaudited.
+
+The failure policy (``on_failure``): ``"refuse"`` refuses new records while the writer fails
+(once it holds none, a request is let through every ``retry_interval_s``: its commit tries the
+storage again); ``"buffer"`` answers without waiting for the commit and keeps accepting records
+while fewer than ``buffer_max`` wait unwritten, so a short storage outage does not stop service,
+then refuses. A crash (SIGKILL, power loss) therefore loses no served record under ``"refuse"``
+and at most ``buffer_max`` under ``"buffer"``. Queued records are retried every
+``retry_interval_s`` and, once storage recovers, written in order: nothing appended is dropped.
 
 Refusals that cannot be attributed to an API key (no key, or a wrong one) would let anyone fill
 the trail, so they are counted instead (``AuditTrail.tally``): one record per address, model,
@@ -42,6 +53,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import TracebackType
@@ -111,6 +123,8 @@ class AuditRecord:
 
 
 _FIELDS = tuple(field.name for field in fields(AuditRecord))
+# A queued record and, when submitted, the future its commit resolves.
+_Queued = tuple[AuditRecord, "Future[int] | None"]
 _values_of = operator.attrgetter(*_FIELDS)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -299,15 +313,17 @@ class AuditTrail:
         self._max_pending = max_pending
         self._on_failure = on_failure
         self._buffer_max = buffer_max
-        self._queue: deque[AuditRecord] = deque()
+        self._queue: deque[_Queued] = deque()
         self._lock = threading.Lock()
         self._progress = threading.Condition()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._appended = 0
         self._written = 0
+        self._dropped = 0  # submitted records whose commit failed (their requests got 503)
         self._unwritten = 0
         self._failure: str | None = None
+        self._failed_at = 0.0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self.chain_id = ""  # set by ``open`` (audit_receipts.prepare)
@@ -398,8 +414,14 @@ class AuditTrail:
 
     @property
     def pending(self) -> int:
-        """Records appended but not yet written."""
-        return self._appended - self._written
+        """Records appended or submitted but not yet written (nor dropped)."""
+        return self._appended - self._written - self._dropped
+
+    @property
+    def commits_before_response(self) -> bool:
+        """Whether a served answer waits for its record's commit (``submit``): the ``"refuse"``
+        policy; under ``"buffer"`` it is only queued (``append``)."""
+        return self._on_failure == "refuse"
 
     @property
     def written(self) -> int:
@@ -441,13 +463,27 @@ class AuditTrail:
     def append(self, record: AuditRecord) -> None:
         """Queue ``record`` for writing; ``Unavailable`` if the trail cannot take it now."""
         with self._lock:
-            refusal = self._refusal()
-            if refusal is not None:
-                raise refusal
-            self._queue.append(record)
-            self._appended += 1
+            self._enqueue(record, None)
             if len(self._queue) == self._batch_size:
                 self._wake.set()
+
+    def submit(self, record: AuditRecord) -> Future[int]:
+        """Queue ``record`` and wake the writer; the future gives its seq once committed, or
+        fails with ``Unavailable`` (the record is then dropped). ``Unavailable`` at once if the
+        trail cannot take it now."""
+        committed: Future[int] = Future()
+        with self._lock:
+            self._enqueue(record, committed)
+        self._wake.set()
+        return committed
+
+    def _enqueue(self, record: AuditRecord, committed: Future[int] | None) -> None:
+        """Queue one record past the refusal policy; called with ``_lock`` held."""
+        refusal = self._refusal()
+        if refusal is not None:
+            raise refusal
+        self._queue.append((record, committed))
+        self._appended += 1
 
     def tally(self, what: Tallied) -> None:
         """Count one refusal; never refuses (the request was refused anyway)."""
@@ -462,7 +498,7 @@ class AuditTrail:
         deadline = time.monotonic() + timeout
         self._wake.set()
         with self._progress:
-            while self._written < target:
+            while self._written + self._dropped < target:
                 if self._failure is not None:
                     raise Unavailable(f"audit trail cannot write: {self._failure}")
                 remaining = deadline - time.monotonic()
@@ -506,9 +542,14 @@ class AuditTrail:
     def _refusal(self) -> Unavailable | None:
         """Why a record would be refused now, or ``None``; called with ``_lock`` held."""
         failure = self._failure
-        if failure is not None and self._on_failure == "refuse":
+        if failure is not None and self._on_failure == "refuse" and self._still_failing():
             return Unavailable(f"audit trail cannot write: {failure}", retry_after_s=1.0)
-        if failure is not None and self.pending >= self._buffer_max:
+        if self._on_failure == "buffer" and self.pending >= self._buffer_max:
+            if failure is None:  # the bound on what a crash may lose holds while healthy too
+                return Unavailable(
+                    f"audit trail has {self._buffer_max} records waiting to be written",
+                    retry_after_s=1.0,
+                )
             return Unavailable(
                 f"audit trail cannot write and its buffer of {self._buffer_max} records is "
                 f"full: {failure}",
@@ -520,47 +561,55 @@ class AuditTrail:
             return Unavailable("audit trail is not keeping up", retry_after_s=1.0)
         return None
 
+    def _still_failing(self) -> bool:
+        """While the writer retries records it holds, or for ``retry_interval_s`` after a failed
+        commit when it holds none (then a request may try the storage again)."""
+        recent = time.monotonic() - self._failed_at < self._retry_interval_s
+        return self.pending > 0 or recent
+
     def _enqueue_tallies(self, records: list[AuditRecord]) -> None:
         """Queue tallied records past the refusal policy (few: one per address and interval)."""
         if not records:
             return
         with self._lock:
             room = max(0, self._max_pending - len(self._queue))
-            self._queue.extend(records[:room])
+            self._queue.extend((record, None) for record in records[:room])
             self._appended += min(room, len(records))
         if room < len(records):
             log.error("audit_tally_dropped", records=len(records) - room, reason="queue full")
 
     def _run(self) -> None:
-        batch: list[AuditRecord] = []
+        kept: list[_Queued] = []  # appended records of a failed commit, retried first
         while True:
             self._enqueue_tallies(self._tally.due(time.time()))
+            batch = kept + self._take(self._batch_size - len(kept))
             if not batch:
-                batch = self._take()
-                if not batch:
-                    if self._stop.is_set():
-                        return
-                    self._wake.wait(self._flush_interval_s)
-                    self._wake.clear()
-                    continue
+                if self._stop.is_set():
+                    return
+                self._wake.wait(self._flush_interval_s)
+                self._wake.clear()
+                continue
             if self._write(batch):
-                batch = []
-            elif self._stop.is_set():
-                self._unwritten = len(batch) + len(self._queue)
+                kept = []
+                continue
+            kept = self._drop_submitted(batch)
+            if self._stop.is_set():
+                self._unwritten = len(kept) + len(self._queue)
                 log.error("audit_records_unwritten", count=self._unwritten, reason=self._failure)
                 return
-            else:
-                self._stop.wait(self._retry_interval_s)
+            self._wake.wait(self._retry_interval_s)  # a submitted record tries again at once
+            self._wake.clear()
 
-    def _take(self) -> list[AuditRecord]:
+    def _take(self, room: int) -> list[_Queued]:
         with self._lock:
-            count = min(self._batch_size, len(self._queue))
+            count = min(room, len(self._queue))
             return [self._queue.popleft() for _ in range(count)]
 
-    def _write(self, batch: list[AuditRecord]) -> bool:
-        """Chain and commit ``batch`` in one transaction; on failure, record why and keep it."""
+    def _write(self, batch: list[_Queued]) -> bool:
+        """Chain and commit ``batch`` in one transaction, then resolve its futures; on failure,
+        record why."""
         try:
-            seq, prev_hash = self._storage.commit(batch)
+            seq, prev_hash = self._storage.commit([record for record, _ in batch])
         except Exception as error:
             self._fail(f"{type(error).__name__}: {error}")
             return False
@@ -569,11 +618,31 @@ class AuditTrail:
             self._committed = (seq, prev_hash)
             recovered, self._failure = self._failure, None
             self._progress.notify_all()
+        first = seq - len(batch) + 1
+        for offset, (_, committed) in enumerate(batch):
+            if committed is not None:
+                committed.set_result(first + offset)
         for listener in self._on_commit:
             listener(seq, prev_hash)
         if recovered is not None:
             log.warning("audit_write_recovered", after=recovered, pending=self.pending)
         return True
+
+    def _drop_submitted(self, batch: list[_Queued]) -> list[_Queued]:
+        """After a failed commit: fail and drop every submitted record, in ``batch`` and queued
+        (each would wait for another failing commit); returns the appended ones, to retry."""
+        with self._lock:
+            queued = list(self._queue)
+            self._queue = deque(item for item in queued if item[1] is None)
+        failed = [item for item in batch + queued if item[1] is not None]
+        with self._progress:
+            self._dropped += len(failed)
+            self._progress.notify_all()
+        for _, committed in failed:
+            assert committed is not None
+            message = f"audit trail cannot write: {self._failure}"
+            committed.set_exception(Unavailable(message, retry_after_s=1.0))
+        return [item for item in batch if item[1] is None]
 
     def _fail(self, reason: str) -> None:
         if reason != self._failure:
@@ -582,6 +651,7 @@ class AuditTrail:
             )
         with self._progress:
             self._failure = reason
+            self._failed_at = time.monotonic()
             self._progress.notify_all()
 
 

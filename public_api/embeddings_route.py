@@ -61,7 +61,7 @@ async def embeddings(
     )
     sealed = await request.body() if state.sealer is not None else None
     outcome = await serve_inference(
-        state, caller, decoded, signature, sealed, content_type=EMBEDDINGS_JSON
+        state, caller, decoded, signature, sealed, content_type=EMBEDDINGS_JSON, context=context
     )
     context.audited = True
     response.headers.update(caller.headers)

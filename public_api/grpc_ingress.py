@@ -135,7 +135,14 @@ class OpenInferenceServicer:
         # Sealed as the message received (the verifier reads it back: public_api.sealing).
         sealed = request.SerializeToString() if state.sealer is not None else None
         served = await serve_inference(
-            state, caller, decoded, signature, sealed, body.id or "", GRPC_MODEL_INFER
+            state,
+            caller,
+            decoded,
+            signature,
+            sealed,
+            body.id or "",
+            GRPC_MODEL_INFER,
+            context=outcome,
         )
         outcome.audited = True
         context.set_trailing_metadata(_metadata(caller.headers))

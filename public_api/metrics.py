@@ -52,6 +52,7 @@ class PublicMetrics:
     unauthenticated_total: Counter
     key_risk_score: Gauge
     audit_pending: Gauge
+    audit_commit_seconds: Histogram
     private_ready: Gauge
     unsafe_setting: Gauge
     grpc_calls_in_flight: Gauge
@@ -99,6 +100,12 @@ class PublicMetrics:
                 "splitvault_key_risk_score", "Risk score of the highest-scoring keys.", "key_id"
             ),
             audit_pending=new.gauge("splitvault_audit_pending", "Audit records not yet written."),
+            audit_commit_seconds=Histogram(
+                "splitvault_audit_commit_seconds",
+                "Wait of a served answer for its audit record's commit. Seconds.",
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
             private_ready=new.gauge("splitvault_private_ready", "1 when the private tier answers."),
             unsafe_setting=new.gauge(
                 "splitvault_unsafe_setting",
@@ -171,6 +178,10 @@ class PublicMetrics:
     def set_audit_pending(self, n: int) -> None:
         """Export the number of audit records not yet written."""
         self.audit_pending.set(n)
+
+    def observe_audit_commit(self, seconds: float) -> None:
+        """Record how long a served answer waited for its audit record's commit."""
+        self.audit_commit_seconds.observe(seconds)
 
     def set_private_ready(self, ready: bool) -> None:
         """Export whether the private tier is reachable (1) or not (0)."""

@@ -8,8 +8,10 @@ per sample (429) -> inference -> the monitor observes the answer -> one audit re
 
 Every outcome is audited once (``record_outcome``; the routes call ``record_served``): under the
 key when one was recognised, else counted per address and interval (``AuditTrail.tally``). A
-rejected request computes nothing. An answer whose record the trail refuses is not sent (503);
-a refusal the trail cannot take is logged instead.
+rejected request computes nothing. Under the ``"refuse"`` audit policy an answer is sent only
+once its record is committed (``AuditTrail.submit``); an answer whose record the trail refuses,
+or whose commit fails, is not sent (503, and that outcome is recorded instead); a refusal the
+trail cannot take is logged instead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import json
 import math
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,9 +186,17 @@ class Protection:
         log.info("terms_accepted", key_id=caller.key.key_id, version=version, client=caller.client)
 
     async def record_served(
-        self, caller: Caller, model: str, outcome: InferenceOutcome, specs: list[TensorSpec]
+        self,
+        caller: Caller,
+        model: str,
+        outcome: InferenceOutcome,
+        specs: list[TensorSpec],
+        context: RequestContext | None = None,
     ) -> None:
-        """After an answer: let the monitor see it, then audit it."""
+        """After an answer: let the monitor see it, then audit it, waiting for the commit under
+        the ``"refuse"`` policy (``Unavailable``: the answer must not be sent). ``context`` is
+        marked audited while its record stands, so a client that leaves during the commit is
+        not recorded twice."""
         score = None
         if self.monitor is not None and caller.key is not None:
             assessment = await self.monitor.observe(
@@ -202,7 +213,7 @@ class Protection:
                 self.groups.note(caller.key.key_id, caller.client)
         self.metrics.observe_front(model, outcome.front_seconds)
         self.metrics.observe_private_call(model, outcome.private_seconds)
-        self._audit(
+        committed = self._audit(
             caller,
             model,
             "served",
@@ -211,7 +222,26 @@ class Protection:
             _answer(outcome),
             score,
             request_id=outcome.response.id,
+            submit=True,
         )
+        if context is not None:
+            context.audited = True
+        if committed is not None:
+            await self._committed(committed, context)
+
+    async def _committed(self, committed: Future[int], context: RequestContext | None) -> None:
+        """Wait for a served record's commit; a failed one leaves the 503 to be recorded."""
+        waiter = asyncio.wrap_future(committed)
+        waiter.add_done_callback(_retrieved)  # a cancelled request leaves none to read it
+        started = time.perf_counter()
+        try:
+            await asyncio.shield(waiter)
+        except Unavailable:
+            if context is not None:
+                context.audited = False
+            raise
+        finally:
+            self.metrics.observe_audit_commit(time.perf_counter() - started)
 
     def record_outcome(self, context: RequestContext, status: int) -> None:
         """Audit an inference request that was not served: under its key if it had a valid
@@ -348,24 +378,37 @@ class Protection:
         score: float | None,
         *,
         request_id: str | None = None,
-    ) -> None:
+        submit: bool = False,
+    ) -> Future[int] | None:
+        """Queue the record; with ``submit`` under the ``"refuse"`` policy, the future of its
+        commit."""
         if self.audit is None:
-            return
-        self.audit.append(
-            AuditRecord(
-                time=time.time(),
-                key_id=caller.key_id,
-                client=caller.client,
-                model=model,
-                input_sha256=None if inputs is None else input_digest(inputs),
-                answer=answer,
-                decision=decision,
-                status=status,
-                monitor_score=score,
-                request_id=request_id,
-            )
+            return None
+        record = AuditRecord(
+            time=time.time(),
+            key_id=caller.key_id,
+            client=caller.client,
+            model=model,
+            input_sha256=None if inputs is None else input_digest(inputs),
+            answer=answer,
+            decision=decision,
+            status=status,
+            monitor_score=score,
+            request_id=request_id,
         )
+        committed = None
+        if submit and self.audit.commits_before_response:
+            committed = self.audit.submit(record)
+        else:
+            self.audit.append(record)
         self.metrics.set_audit_pending(self.audit.pending)
+        return committed
+
+
+def _retrieved(waiter: asyncio.Future[int]) -> None:
+    """Read a commit's outcome so that a failure nobody awaits is not reported as unhandled."""
+    if not waiter.cancelled():
+        waiter.exception()
 
 
 def _answer(outcome: InferenceOutcome) -> str:

@@ -172,7 +172,7 @@ async def infer(
     sealed = await request.body() if state.sealer is not None else None
     encoding = rest_content_type(request.headers.get(HEADER_LENGTH))
     outcome = await serve_inference(
-        state, caller, decoded, signature, sealed, body.id or "", encoding
+        state, caller, decoded, signature, sealed, body.id or "", encoding, context=context
     )
     context.audited = True
     if wants_binary(body):

@@ -5,9 +5,10 @@ Issue 15: keys, terms, monitor decisions and the audit trail in PostgreSQL
 together (the schema is migrated once, under an advisory lock); a key created through the CLI
 works on all three and its revocation reaches all three within ``key_cache_s``; a quota is
 shared, not tripled; a block on one replica holds on the others and outlives a Redis restart;
-every admitted request has exactly one audit record across the replicas' chains, which verify,
-and an altered record is found; PostgreSQL stopped answers 503 + Retry-After and serving resumes
-by itself once it is back.
+every admitted request has exactly one audit record across the replicas' chains, committed
+before its answer, which verify, and an altered record is found; PostgreSQL stopped under
+concurrent load on the three replicas answers 503 + Retry-After without hanging, every 200 the
+clients got has its record, and serving resumes by itself once it is back.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import asyncio
 import ssl
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,10 @@ pytestmark = pytest.mark.slow
 INFER = "/v2/models/digits/infer"
 KEY_CACHE_S = 1.0
 QUOTA = 30
+CLIENTS_PER_REPLICA = 4
+# A request not answered within this is hung: an outage must answer 503 within the pool's
+# timeout (postgres_timeout_s, 2 s); 20 s leaves room for a loaded machine.
+HANG_S = 20.0
 
 postgres_server = postgres_server_fixture(scope="module")
 redis_server = redis_server_fixture(scope="module")
@@ -236,20 +242,13 @@ def _recorded(stack: Replicas, ids: list[str]) -> dict[str, int]:
     return {str(rid): int(str(count)) for rid, count in rows}
 
 
-def _until_recorded(stack: Replicas, ids: list[str]) -> dict[str, int]:
-    deadline = time.monotonic() + 20
-    while len(recorded := _recorded(stack, ids)) < len(ids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return recorded
-
-
 async def test_one_audit_record_per_request_across_replicas_verified_and_tamper_found(
     stack: Replicas, digits_model: DigitsFixture
 ) -> None:
     secret, _ = stack.create_key("audited")
     await _accept_terms(stack, secret)
     ids = await _serve_ids(stack, secret, digits_model, 30)
-    assert _until_recorded(stack, ids) == dict.fromkeys(ids, 1)
+    assert _recorded(stack, ids) == dict.fromkeys(ids, 1)  # committed before each answer
     chains = stack.sql("SELECT DISTINCT chain_id FROM audit WHERE request_id = ANY(%s)", ids)
     assert len(chains) == 3  # each replica wrote its own chain
     out = stack.cli("audit", "verify")
@@ -270,28 +269,95 @@ async def test_one_audit_record_per_request_across_replicas_verified_and_tamper_
         )
 
 
-async def test_postgres_stopped_fails_closed_then_serving_resumes(
+@dataclass
+class Outcome:
+    """One request of the load: its id, replica, status and Retry-After."""
+
+    request_id: str
+    replica: int
+    status: int
+    retry_after: str | None
+    after_restart: bool
+
+
+@dataclass
+class Load:
+    """Clients sending continuously to every replica until ``stop`` is set."""
+
+    outcomes: list[Outcome]
+    stop: asyncio.Event
+    restarted: bool = False
+
+    def seen(self, status: int, *, after_restart: bool = False) -> set[int]:
+        """The replicas that answered ``status`` (since the restart)."""
+        return {
+            o.replica
+            for o in self.outcomes
+            if o.status == status and (o.after_restart or not after_restart)
+        }
+
+    async def until(self, condition: Callable[[], bool], what: str) -> None:
+        for _ in range(600):  # the load's own requests pace this; 0.1 s between looks
+            if condition():
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"not reached: {what}")
+
+
+async def _client_loop(
+    stack: Replicas, load: Load, replica: int, secret: str, digits: DigitsFixture
+) -> None:
+    """Requests one after another to ``replica``; a request that hangs fails the test."""
+    images = digits.data.test_x
+    async with stack.client(stack.replicas[replica], secret) as http:
+        http.timeout = httpx.Timeout(HANG_S)  # no answer within it: a hang, ReadTimeout
+        while not load.stop.is_set():
+            rid = f"load-{uuid.uuid4().hex}"
+            restarted = load.restarted
+            i = len(load.outcomes) % len(images)
+            reply = await http.post(INFER, json=image_request(images[i : i + 1], id=rid))
+            load.outcomes.append(
+                Outcome(
+                    rid, replica, reply.status_code, reply.headers.get("retry-after"), restarted
+                )
+            )
+            if reply.status_code != 200:
+                await asyncio.sleep(0.05)
+
+
+async def test_postgres_stopped_under_load_fails_closed_loses_no_record_and_resumes(
     stack: Replicas, postgres_server: PostgresServer, digits_model: DigitsFixture
 ) -> None:
+    """Concurrent clients on all three replicas while PostgreSQL stops and comes back."""
     secret, _ = stack.create_key("outage")
     await _accept_terms(stack, secret)
-    served = await _serve_ids(stack, secret, digits_model, 6)
-    postgres_server.stop()
+    load = Load([], asyncio.Event())
+    clients = [
+        asyncio.create_task(_client_loop(stack, load, replica, secret, digits_model))
+        for replica in range(3)
+        for _ in range(CLIENTS_PER_REPLICA)
+    ]
+    everyone = {0, 1, 2}
     try:
-        for replica in stack.replicas:
-            async with stack.client(replica, secret) as http:
-                started = time.monotonic()
-                reply = await http.post(INFER, json=_body(digits_model, request_id="in-outage"))
-                # No hang: a connection, or a wait for one, gives up after postgres_timeout_s
-                # (2 s); 10 s leaves room for a loaded machine.
-                assert time.monotonic() - started < 10.0
-            assert reply.status_code == 503, reply.text
-            assert int(reply.headers["retry-after"]) >= 1
+        await load.until(lambda: load.seen(200) == everyone, "every replica serving")
+        await asyncio.to_thread(postgres_server.stop)
+        try:
+            await load.until(lambda: load.seen(503) == everyone, "every replica refusing")
+        finally:
+            await asyncio.to_thread(postgres_server.start)
+            load.restarted = True
+        await load.until(
+            lambda: load.seen(200, after_restart=True) == everyone, "every replica serving again"
+        )
     finally:
-        postgres_server.start()
-    deadline = time.monotonic() + 30
-    while await _statuses(stack, secret, digits_model) != [200, 200, 200]:
-        assert time.monotonic() < deadline, "serving did not resume after PostgreSQL returned"
-        await asyncio.sleep(0.2)
-    assert _until_recorded(stack, served) == dict.fromkeys(served, 1)  # none left unrecorded
+        load.stop.set()
+        results = await asyncio.gather(*clients, return_exceptions=True)
+    assert [r for r in results if r is not None] == []  # no client hung or failed
+    statuses = Counter(o.status for o in load.outcomes)
+    assert set(statuses) == {200, 503}, statuses
+    refused = [o for o in load.outcomes if o.status == 503]
+    assert all(o.retry_after is not None and int(o.retry_after) >= 1 for o in refused)
+    served = [o.request_id for o in load.outcomes if o.status == 200]
+    # Committed before each answer was sent: read at once, no waiting for a writer.
+    assert _recorded(stack, served) == dict.fromkeys(served, 1)  # no admitted request unrecorded
     assert "0 failed" in stack.cli("audit", "verify")
