@@ -22,6 +22,8 @@ is printed per design and key. About 40 s per design, key and budget on a shared
 
     .venv/bin/python bench/watermark_diagnosis.py                      # the default design
     .venv/bin/python bench/watermark_diagnosis.py --designs 4,0.5,0.5,0.3 1,8,0.9,0.3 --keys 3
+    .venv/bin/python bench/watermark_diagnosis.py --pooled --designs 4,0.5,0.5,0.3  # shift-stable
+    .venv/bin/python bench/watermark_diagnosis.py --adaptive --budgets 10000       # adaptive thieves
 """
 
 # ruff: noqa: E402 - the repository root goes on sys.path before the project imports.
@@ -74,8 +76,13 @@ class Design:
 class Victim:
     """The digits model as the private tier sees it: FP16 back-stage inputs, softmax."""
 
-    def __init__(self, net: digits.DigitsCNN) -> None:
-        self.net = net
+    def __init__(self, net: digits.DigitsCNN, pooled: bool = False) -> None:
+        self.net, self.pooled = net, pooled
+
+    def space(self, back: np.ndarray) -> dict[str, np.ndarray]:
+        """What the partition projects: the activations, or (``--pooled``) each channel's mean
+        over positions, which a one-pixel shift hardly moves."""
+        return {"x": back.astype(np.float32).mean(axis=(2, 3)) if self.pooled else back}
 
     def view(self, images: Images) -> tuple[np.ndarray, npt.NDArray[np.float64]]:
         """Back-stage inputs and the model's probabilities."""
@@ -88,7 +95,7 @@ class Victim:
         """Top-1 answered (runner-up where marked), the mask of marked rows, the margins."""
         back, probabilities = self.view(images)
         pairs = top_two(probabilities)
-        ids = marker.regions({"x": back}, pairs)
+        ids = marker.regions(self.space(back), pairs)
         marked = marker.selected(ids) & unsure(probabilities, margin)
         ordered = np.sort(probabilities, axis=1)
         return np.where(marked, pairs[:, 1], pairs[:, 0]), marked, ordered[:, -1] - ordered[:, -2]
@@ -113,7 +120,7 @@ def region_p(
     back, probabilities = victim.view(images)
     rows = np.flatnonzero(unsure(probabilities, margin))
     pairs = top_two(probabilities[rows])
-    ids = marker.regions({"x": back[rows]}, pairs)
+    ids = marker.regions(victim.space(back[rows]), pairs)
     chosen = dict(zip(ids, marker.selected(ids).tolist(), strict=True))
     with torch.inference_mode():
         answers = model(torch.from_numpy(images[rows])).argmax(1).numpy()
@@ -285,11 +292,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--designs", nargs="+", default=[default])
     parser.add_argument("--budgets", type=int, nargs="+", default=[2000, 10000])
     parser.add_argument("--keys", type=int, default=1)
+    parser.add_argument("--pooled", action="store_true", help="partition channel means")
     parser.add_argument("--adaptive", action="store_true", help="the adaptive thieves instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     data = digits.load_data()
-    victim = Victim(digits.train(data))
+    victim = Victim(digits.train(data), args.pooled)
     for text in args.designs:
         design = Design.parse(text)
         for k in range(args.keys):
