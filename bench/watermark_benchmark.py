@@ -57,6 +57,7 @@ from splitvault.ownership.verify import TriggerCheck, verify_candidates
 
 MODEL, BATCH, CLASSES = "digits", 64, 10
 ALPHAS = {"1e-6": 1e-6, "2^-64": 2.0**-64}
+UNLIMITED = '{"rate_per_s": 1e9, "burst": 1000000, "daily_budget": 1000000000}'
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -128,6 +129,11 @@ def deploy(net: nn.Module, workdir: Path, stack: ExitStack) -> Deployed:
         "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__RATE_PER_S": "100000",
         "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__BURST": "100000",
         "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__DAILY_QUOTA": "1000000000",
+        # The private tier's own budgets out of the way too (20,000+ queries in minutes).
+        **{
+            f"SPLITVAULT_PRIVATE_ADMISSION__{name}": UNLIMITED
+            for name in ("IDENTITY", "UNSIGNED", "KEY")
+        },
     }
     public, _ = start_both(layout.root, stack, env=env)
     keys = SqliteKeyStore(layout.public.root / "state" / "keys.sqlite3")
