@@ -62,7 +62,15 @@ from splitvault.packing.pack import pack_spec
 from splitvault.packing.spec import ModelSpec
 
 ALL_MODELS = ("digits", "minilm")
-ALL_SYSTEMS = ("fastapi", "litserve", "splitvault", "splitvault-open", "splitvault-fixed")
+ALL_SYSTEMS = (
+    "fastapi",
+    "litserve",
+    "splitvault",
+    "splitvault-open",
+    "splitvault-fixed",
+    "splitvault-unbatched",
+)
+VARIANTS = ("splitvault-fixed", "splitvault-unbatched")  # protected, on their own state
 DEFAULT_SYSTEMS = ("fastapi", "litserve", "splitvault", "splitvault-open")
 DECIMALS = 8  # output-policy rounding far below the FP16 transport error
 FIDELITY_IMAGES = 200
@@ -388,23 +396,23 @@ def start_systems(
 ) -> tuple[dict[str, Endpoint], list[Fidelity]]:
     """Start every system at once (each stops when ``stack`` closes); terms, FP16 fidelity.
 
-    splitvault-fixed gets a copy of the deployment made before any tier starts: two tiers
-    sharing one state folder (SQLite, ledger) would wait on each other's locks, and a tier
-    stopped while the other is measured would hold them.
+    splitvault-fixed and splitvault-unbatched get copies of the deployment made before any
+    tier starts: two tiers sharing one state folder (SQLite, ledger) would wait on each other's
+    locks, and a tier stopped while the other is measured would hold them.
     """
     endpoints: dict[str, Endpoint] = {}
     fidelity: list[Fidelity] = []
     configs = {system: config for system in args.systems}
-    if "splitvault-fixed" in configs:
-        copy = shutil.copytree(config.layout.root, config.workdir / "deploy-fixed", symlinks=True)
-        configs["splitvault-fixed"] = dataclasses.replace(config, layout=DeployLayout(copy))
+    for variant in set(configs) & set(VARIANTS):
+        copy = shutil.copytree(config.layout.root, config.workdir / variant, symlinks=True)
+        configs[variant] = dataclasses.replace(config, layout=DeployLayout(copy))
     for system in args.systems:
         _progress(f"starting {system}")
         endpoints[system] = stack.enter_context(running(system, configs[system]))
         if system == "splitvault":
             accept_terms(endpoints[system])
             fidelity = check_fidelity(endpoints[system], prepared, args.seq)
-        elif system == "splitvault-fixed":
+        elif system in VARIANTS:
             accept_terms(endpoints[system])
     return endpoints, fidelity
 
@@ -517,6 +525,10 @@ def profile_splitvault(
         "is approximate (the CPU window includes the drain).",
         "",
         *serving_profile.summarise(profiles, result.completed),
+        "Per hop (each sample counted for the innermost frame that names a hop; GIL-holding "
+        "samples, so torch kernels and C-level TLS count only while they hold the GIL):",
+        "",
+        *serving_profile.hop_table(profiles, result.completed),
     ]
 
 

@@ -128,3 +128,79 @@ def _ours(frame: str) -> bool:
 
 def _pct(count: int, total: int) -> str:
     return f"{count / total:.0%}" if total and count else ""
+
+
+# Hops of a request, each with the path fragments of its frames. A sample counts for the first
+# hop matched walking its stack from the top (the innermost frame) down, so that work a
+# middleware calls counts for what it calls (the audit trail, the monitor), not the middleware.
+PUBLIC_HOPS = (
+    ("front stage (compute, batching)", ("public_api/front", "compute_threads.py", "torch/")),
+    ("private call (gRPC + mTLS client)", ("private_client.py", "grpc/", "google/protobuf")),
+    ("sealed bodies", ("public_api/sealing", "public_api/sealed_store")),
+    ("audit trail", ("public_api/audit", "public_api/pg_audit", "sqlite3")),
+    ("monitor", ("public_api/monitor/",)),
+    ("request signatures", ("public_api/signing", "shared/signatures")),
+    ("rate limits", ("public_api/ratelimit/", "shared/gcra")),
+    ("API key and terms", ("public_api/admission", "public_api/key", "public_api/terms")),
+    ("metrics", ("prometheus_client", "request_metrics.py", "public_api/metrics.py")),
+    ("JSON decode, checks, answer", ("json/", "pydantic", "public_api/", "shared/")),
+    (
+        "HTTP parse and TLS (uvicorn, h11, ssl)",
+        ("h11", "uvicorn/", "ssl", "starlette/", "fastapi/"),
+    ),
+    ("event loop and threads", ("asyncio/", "concurrent/", "threading")),
+)
+PRIVATE_HOPS = (
+    ("restriction (policy, watermark)", ("private_core/policy", "private_core/watermark/")),
+    ("activation monitor", ("private_core/activation_",)),
+    ("request signatures", ("private_core/attribution", "private_core/signers", "shared/signat")),
+    ("admission (budgets, nonces)", ("private_core/admission", "private_core/budgets")),
+    ("ledger", ("private_core/ledger",)),
+    ("batcher", ("shared/batcher",)),
+    ("back stage", ("private_core/runner", "compute_threads.py", "torch/", "private_core/model")),
+    ("gRPC + mTLS server", ("grpc/", "private_core/auth", "private_core/servicer", "protobuf")),
+    ("metrics", ("prometheus_client", "private_core/metrics")),
+    ("event loop and threads", ("asyncio/", "concurrent/", "threading")),
+)
+
+
+def hop_samples(path: Path, hops: tuple[tuple[str, tuple[str, ...]], ...]) -> Counter[str]:
+    """Samples per hop ("other": no hop matched), from py-spy's raw output."""
+    found: Counter[str] = Counter()
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        found[_hop(stack.split(";"), hops)] += int(count)
+    return found
+
+
+def _hop(frames: list[str], hops: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
+    for frame in reversed(frames):
+        for name, fragments in hops:
+            if any(fragment in frame for fragment in fragments):
+                return name
+    return "other"
+
+
+def hop_table(profiles: list[Profile], answered: int) -> list[str]:
+    """Markdown: each tier's CPU ms per answered request, split by hop in sample shares."""
+    lines = []
+    for profile in profiles:
+        if not profile.stacks.exists():
+            continue
+        hops = PUBLIC_HOPS if profile.name.startswith("public") else PRIVATE_HOPS
+        samples = hop_samples(profile.stacks, hops)
+        total = sum(samples.values())
+        per_request = profile.cpu_seconds * 1000 / answered if answered and total else 0.0
+        lines += [
+            f"#### {profile.name}: {per_request:.2f} CPU ms per answered request by hop",
+            "",
+            "| hop | share of samples | ~CPU ms per request |",
+            "|---|---|---|",
+        ]
+        for name, count in samples.most_common():
+            share = count / total
+            lines.append(f"| {name} | {share:.0%} | {share * per_request:.2f} |")
+        lines.append("")
+    return lines
