@@ -24,6 +24,7 @@ import io
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -74,7 +75,7 @@ def measure(program: Any, args: list[torch.Tensor], rounds: int, calls: int) -> 
         for index in range(rounds):
             order = (("checked", checked), ("served", served))
             for name, module in order if index % 2 == 0 else reversed(order):
-                times[name].append(per_call_us(lambda m=module: m(*args), calls))
+                times[name].append(per_call_us(partial(module, *args), calls))
     ratios = sorted(s / c for s, c in zip(times["served"], times["checked"], strict=True))
     return [
         f"with torch's check {statistics.median(times['checked']):,.1f} us, "
