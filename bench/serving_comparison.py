@@ -128,7 +128,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--public-env", action="append", default=[], help="KEY=VALUE for the public tier")
     add("--profile", choices=("auto", "always", "never"), default="auto",
         help="py-spy splitvault at c=32: auto = when a target is missed")  # fmt: skip
-    add("--profile-model", choices=ALL_MODELS, default="minilm", help="model to profile")
+    add("--profile-model", type=_csv(str), default=["minilm"], help="models to profile")
     add("--out", type=Path, default=None, help="markdown file (BENCHMARKS.md)")
     add("--plots", type=Path, default=None, help="plot folder (docs/benchmarks)")
     add("--no-write", action="store_true", help="print only")
@@ -156,6 +156,7 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.public_threads is None:
         args.public_threads = max(1, args.threads // 2)
     unknown = set(args.models) - set(ALL_MODELS) | set(args.systems) - set(ALL_SYSTEMS)
+    unknown |= set(args.profile_model) - set(ALL_MODELS)
     if unknown:
         parser.error(f"unknown model or system: {', '.join(sorted(unknown))}")
     numbers = [args.batch, args.threads, args.private_threads, args.public_threads, args.seq]
@@ -612,14 +613,15 @@ def run(args: argparse.Namespace) -> Report:
         )
         if _should_profile(report, args):
             folder = REPO_ROOT / "bench" / "results" / "profiles"  # ignored by git
-            profiled = next(w for w in workloads if w.model == args.profile_model)
-            report.profile = profile_splitvault(
-                endpoints["splitvault"],
-                _other_pids(endpoints, "splitvault"),
-                profiled,
-                folder,
-                args,
-            )
+            report.profile = []
+            for profiled in (w for w in workloads if w.model in args.profile_model):
+                report.profile += profile_splitvault(
+                    endpoints["splitvault"],
+                    _other_pids(endpoints, "splitvault"),
+                    profiled,
+                    folder / profiled.model,
+                    args,
+                )
         return report
 
 
@@ -636,7 +638,7 @@ def _should_profile(report: Report, args: argparse.Namespace) -> bool:
 
     if (
         args.profile == "never"
-        or args.profile_model not in args.models
+        or not set(args.profile_model) & set(args.models)
         or "splitvault" not in args.systems
     ):
         return False

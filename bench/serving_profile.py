@@ -130,10 +130,13 @@ def _pct(count: int, total: int) -> str:
     return f"{count / total:.0%}" if total and count else ""
 
 
-# Hops of a request, each with the path fragments of its frames. A sample counts for the first
-# hop matched walking its stack from the top (the innermost frame) down, so that work a
-# middleware calls counts for what it calls (the audit trail, the monitor), not the middleware.
-PUBLIC_HOPS = (
+# Hops of a request, each with fragments of its frames ("function (path:line)"). A sample counts
+# for the first hop matched walking its stack from the top (the innermost frame) down; the
+# generic hops (the last, GLUE) only when no other hop is on the stack, so that a thread
+# hand-off counts for the hop that made it and a middleware for what it calls.
+Hops = tuple[tuple[str, tuple[str, ...]], ...]
+GLUE = "event loop, threads, middleware glue"
+PUBLIC_HOPS: Hops = (
     ("front stage (compute, batching)", ("public_api/front", "compute_threads.py", "torch/")),
     ("private call (gRPC + mTLS client)", ("private_client.py", "grpc/", "google/protobuf")),
     ("sealed bodies", ("public_api/sealing", "public_api/sealed_store")),
@@ -142,45 +145,49 @@ PUBLIC_HOPS = (
     ("request signatures", ("public_api/signing", "shared/signatures")),
     ("rate limits", ("public_api/ratelimit/", "shared/gcra")),
     ("API key and terms", ("public_api/admission", "public_api/key", "public_api/terms")),
-    ("metrics", ("prometheus_client", "request_metrics.py", "public_api/metrics.py")),
-    ("JSON decode, checks, answer", ("json/", "pydantic", "public_api/", "shared/")),
-    (
-        "HTTP parse and TLS (uvicorn, h11, ssl)",
-        ("h11", "uvicorn/", "ssl", "starlette/", "fastapi/"),
-    ),
-    ("event loop and threads", ("asyncio/", "concurrent/", "threading")),
-)
-PRIVATE_HOPS = (
+    ("metrics", ("prometheus_client", "Metrics.observe", "RequestMetrics.__call__.<locals>.")),
+    ("JSON decode, checks, answer", ("json/", "pydantic", "public_api/body", "public_api/v2",
+                                     "shared/tensor_codec", "shared/validation",
+                                     "public_api/service")),
+    ("FastAPI routing and dependencies", ("fastapi/",)),
+    ("HTTP parse and TLS (uvicorn, h11, ssl)", ("h11", "uvicorn/", "ssl", "starlette/",
+                                                "public_api/connection")),
+    (GLUE, ("asyncio/", "concurrent/", "threading", "public_api/", "shared/")),
+)  # fmt: skip
+PRIVATE_HOPS: Hops = (
     ("restriction (policy, watermark)", ("private_core/policy", "private_core/watermark/")),
     ("activation monitor", ("private_core/activation_",)),
     ("request signatures", ("private_core/attribution", "private_core/signers", "shared/signat")),
     ("admission (budgets, nonces)", ("private_core/admission", "private_core/budgets")),
     ("ledger", ("private_core/ledger",)),
+    ("back stage", ("private_core/runner.py (run_batch", "run_batch (", "forward (",
+                    "compute_threads.py", "torch/", "private_core/model")),
     ("batcher", ("shared/batcher",)),
-    ("back stage", ("private_core/runner", "compute_threads.py", "torch/", "private_core/model")),
-    ("gRPC + mTLS server", ("grpc/", "private_core/auth", "private_core/servicer", "protobuf")),
+    ("decode and checks", ("shared/tensor_codec", "shared/validation", "private_core/runner")),
     ("metrics", ("prometheus_client", "private_core/metrics")),
-    ("event loop and threads", ("asyncio/", "concurrent/", "threading")),
-)
+    ("gRPC + mTLS server", ("grpc/", "private_core/auth", "private_core/servicer", "protobuf")),
+    (GLUE, ("asyncio/", "concurrent/", "threading", "private_core/", "shared/")),
+)  # fmt: skip
 
 
-def hop_samples(path: Path, hops: tuple[tuple[str, tuple[str, ...]], ...]) -> Counter[str]:
+def hop_samples(path: Path, hops: Hops) -> Counter[str]:
     """Samples per hop ("other": no hop matched), from py-spy's raw output."""
     found: Counter[str] = Counter()
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        found[_hop(stack.split(";"), hops)] += int(count)
+        frames = stack.split(";")
+        found[_hop(frames, hops[:-1]) or _hop(frames, hops[-1:]) or "other"] += int(count)
     return found
 
 
-def _hop(frames: list[str], hops: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
+def _hop(frames: list[str], hops: Hops) -> str | None:
     for frame in reversed(frames):
         for name, fragments in hops:
             if any(fragment in frame for fragment in fragments):
                 return name
-    return "other"
+    return None
 
 
 def hop_table(profiles: list[Profile], answered: int) -> list[str]:
