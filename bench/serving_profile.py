@@ -135,20 +135,22 @@ def _pct(count: int, total: int) -> str:
 # generic hops (the last, GLUE) only when no other hop is on the stack, so that a thread
 # hand-off counts for the hop that made it and a middleware for what it calls.
 Hops = tuple[tuple[str, tuple[str, ...]], ...]
-GLUE = "event loop, threads, middleware glue"
+GLUE = "event loop (with gRPC's callbacks), threads, middleware"
 PUBLIC_HOPS: Hops = (
     ("front stage (compute, batching)", ("public_api/front", "compute_threads.py", "torch/")),
     ("private call (gRPC + mTLS client)", ("private_client.py", "grpc/", "google/protobuf")),
     ("sealed bodies", ("public_api/sealing", "public_api/sealed_store")),
-    ("audit trail", ("public_api/audit", "public_api/pg_audit", "sqlite3")),
+    ("audit trail", ("public_api/audit", "public_api/pg_audit", "sqlite3", "Protection._audit")),
     ("monitor", ("public_api/monitor/",)),
     ("request signatures", ("public_api/signing", "shared/signatures")),
     ("rate limits", ("public_api/ratelimit/", "shared/gcra")),
     ("API key and terms", ("public_api/admission", "public_api/key", "public_api/terms")),
     ("metrics", ("prometheus_client", "Metrics.observe", "RequestMetrics.__call__.<locals>.")),
-    ("JSON decode, checks, answer", ("json/", "pydantic", "public_api/body", "public_api/v2",
-                                     "shared/tensor_codec", "shared/validation",
-                                     "public_api/service")),
+    ("request handling (JSON, checks, answer)", ("json/", "pydantic", "public_api/body",
+                                                 "public_api/v2", "shared/tensor_codec",
+                                                 "shared/validation", "public_api/service",
+                                                 "public_api/routes", "public_api/pipeline",
+                                                 "public_api/protection")),
     ("FastAPI routing and dependencies", ("fastapi/",)),
     ("HTTP parse and TLS (uvicorn, h11, ssl)", ("h11", "uvicorn/", "ssl", "starlette/",
                                                 "public_api/connection")),

@@ -161,12 +161,12 @@ def _splitvault(
     if fixed:
         private_env["SPLITVAULT_PRIVATE_LONE_REQUEST_THREADS"] = str(config.private_threads)
         public_env["SPLITVAULT_PUBLIC_LONE_REQUEST_THREADS"] = str(config.public_threads)
-    if unbatched:
-        public_env["SPLITVAULT_PUBLIC_FRONT_BATCHING__MAX_BATCH_SIZE"] = "1"
+    # What makes the variant wins over --public-env (which every splitvault system gets).
+    variant = {"SPLITVAULT_PUBLIC_FRONT_BATCHING__MAX_BATCH_SIZE": "1"} if unbatched else {}
     private = start_private(config.layout.root, env={**private_env, **config.private_env})
     try:
         public = start_public(
-            config.layout.root, private.port, env={**public_env, **config.public_env}
+            config.layout.root, private.port, env={**public_env, **config.public_env, **variant}
         )
     except BaseException:
         private.stop()

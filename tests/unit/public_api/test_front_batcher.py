@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from public_api.front import FrontRunner, FrontStage, load_front_stages, run_front
-from public_api.front_batch_settings import FrontBatchSettings
+from public_api.front_batch_settings import FrontBatchLimits, FrontBatchSettings
 from public_api.front_batcher import FrontBatcher, front_outputs
 from shared.batch_plan import BatchPlan
 from shared.compute_threads import ComputeThreads
@@ -267,3 +267,23 @@ async def test_the_runner_batches_calls_that_go_to_the_pool(
             answer["relu"], run_front(stages["digits"], _images(digits_model, i, 1))["relu"]
         )
     await runner.close()
+
+
+async def test_a_model_has_its_own_batch_limit(
+    pool: ThreadPoolExecutor, stages: dict[str, FrontStage], digits_model: DigitsFixture
+) -> None:
+    gate = threading.Event()
+    stage, module = _gated(stages["digits"], gate)
+    own = {"digits": FrontBatchLimits(max_batch_size=2), "minilm": FrontBatchLimits()}
+    batcher = _batcher(pool, stage, max_queue_delay_us=1_000_000, max_batch_size=8, models=own)
+    first = asyncio.ensure_future(batcher.run(stage, _images(digits_model, 0, 1), 1, lone=False))
+    await module.wait_started()
+    queued = [
+        asyncio.ensure_future(batcher.run(stage, _images(digits_model, i, 1), 1, lone=False))
+        for i in range(1, 6)
+    ]
+    await _until(lambda: batcher.queued_rows("digits") == 5)
+    gate.set()
+    await asyncio.gather(first, *queued)
+    assert module.batches == [1, 2, 2, 1]  # digits' own limit, not the tier's 8
+    await batcher.close()
