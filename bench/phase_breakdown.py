@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 # (metric, what it measures), in request order.
 PHASES = (
     ("splitvault_request_seconds", "public: whole request (HTTP in to response out)"),
-    ("splitvault_front_seconds", "public: front stage (thread hand-off and compute)"),
+    ("splitvault_front_queue_wait_seconds", "public: queued until its front batch starts"),
+    ("splitvault_front_seconds", "public: front stage (queue, batch and compute)"),
     ("splitvault_private_call_seconds", "public: private-tier round trip (gRPC, mTLS)"),
     ("splitvault_private_queue_wait_seconds", "private: queued until its batch starts"),
     ("splitvault_back_stage_seconds", "private: its batch (back stage and restriction)"),

@@ -62,7 +62,15 @@ from splitvault.packing.pack import pack_spec
 from splitvault.packing.spec import ModelSpec
 
 ALL_MODELS = ("digits", "minilm")
-ALL_SYSTEMS = ("fastapi", "litserve", "splitvault", "splitvault-open", "splitvault-fixed")
+ALL_SYSTEMS = (
+    "fastapi",
+    "litserve",
+    "splitvault",
+    "splitvault-open",
+    "splitvault-fixed",
+    "splitvault-unbatched",
+)
+VARIANTS = ("splitvault-fixed", "splitvault-unbatched")  # protected, on their own state
 DEFAULT_SYSTEMS = ("fastapi", "litserve", "splitvault", "splitvault-open")
 DECIMALS = 8  # output-policy rounding far below the FP16 transport error
 FIDELITY_IMAGES = 200
@@ -120,7 +128,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--public-env", action="append", default=[], help="KEY=VALUE for the public tier")
     add("--profile", choices=("auto", "always", "never"), default="auto",
         help="py-spy splitvault at c=32: auto = when a target is missed")  # fmt: skip
-    add("--profile-model", choices=ALL_MODELS, default="minilm", help="model to profile")
+    add("--profile-model", type=_csv(str), default=["minilm"], help="models to profile")
     add("--out", type=Path, default=None, help="markdown file (BENCHMARKS.md)")
     add("--plots", type=Path, default=None, help="plot folder (docs/benchmarks)")
     add("--no-write", action="store_true", help="print only")
@@ -148,6 +156,7 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.public_threads is None:
         args.public_threads = max(1, args.threads // 2)
     unknown = set(args.models) - set(ALL_MODELS) | set(args.systems) - set(ALL_SYSTEMS)
+    unknown |= set(args.profile_model) - set(ALL_MODELS)
     if unknown:
         parser.error(f"unknown model or system: {', '.join(sorted(unknown))}")
     numbers = [args.batch, args.threads, args.private_threads, args.public_threads, args.seq]
@@ -388,23 +397,23 @@ def start_systems(
 ) -> tuple[dict[str, Endpoint], list[Fidelity]]:
     """Start every system at once (each stops when ``stack`` closes); terms, FP16 fidelity.
 
-    splitvault-fixed gets a copy of the deployment made before any tier starts: two tiers
-    sharing one state folder (SQLite, ledger) would wait on each other's locks, and a tier
-    stopped while the other is measured would hold them.
+    splitvault-fixed and splitvault-unbatched get copies of the deployment made before any
+    tier starts: two tiers sharing one state folder (SQLite, ledger) would wait on each other's
+    locks, and a tier stopped while the other is measured would hold them.
     """
     endpoints: dict[str, Endpoint] = {}
     fidelity: list[Fidelity] = []
     configs = {system: config for system in args.systems}
-    if "splitvault-fixed" in configs:
-        copy = shutil.copytree(config.layout.root, config.workdir / "deploy-fixed", symlinks=True)
-        configs["splitvault-fixed"] = dataclasses.replace(config, layout=DeployLayout(copy))
+    for variant in set(configs) & set(VARIANTS):
+        copy = shutil.copytree(config.layout.root, config.workdir / variant, symlinks=True)
+        configs[variant] = dataclasses.replace(config, layout=DeployLayout(copy))
     for system in args.systems:
         _progress(f"starting {system}")
         endpoints[system] = stack.enter_context(running(system, configs[system]))
         if system == "splitvault":
             accept_terms(endpoints[system])
             fidelity = check_fidelity(endpoints[system], prepared, args.seq)
-        elif system == "splitvault-fixed":
+        elif system in VARIANTS:
             accept_terms(endpoints[system])
     return endpoints, fidelity
 
@@ -517,6 +526,10 @@ def profile_splitvault(
         "is approximate (the CPU window includes the drain).",
         "",
         *serving_profile.summarise(profiles, result.completed),
+        "Per hop (each sample counted for the innermost frame that names a hop; GIL-holding "
+        "samples, so torch kernels and C-level TLS count only while they hold the GIL):",
+        "",
+        *serving_profile.hop_table(profiles, result.completed),
     ]
 
 
@@ -600,14 +613,15 @@ def run(args: argparse.Namespace) -> Report:
         )
         if _should_profile(report, args):
             folder = REPO_ROOT / "bench" / "results" / "profiles"  # ignored by git
-            profiled = next(w for w in workloads if w.model == args.profile_model)
-            report.profile = profile_splitvault(
-                endpoints["splitvault"],
-                _other_pids(endpoints, "splitvault"),
-                profiled,
-                folder,
-                args,
-            )
+            report.profile = []
+            for profiled in (w for w in workloads if w.model in args.profile_model):
+                report.profile += profile_splitvault(
+                    endpoints["splitvault"],
+                    _other_pids(endpoints, "splitvault"),
+                    profiled,
+                    folder / profiled.model,
+                    args,
+                )
         return report
 
 
@@ -624,7 +638,7 @@ def _should_profile(report: Report, args: argparse.Namespace) -> bool:
 
     if (
         args.profile == "never"
-        or args.profile_model not in args.models
+        or not set(args.profile_model) & set(args.models)
         or "splitvault" not in args.systems
     ):
         return False

@@ -128,3 +128,88 @@ def _ours(frame: str) -> bool:
 
 def _pct(count: int, total: int) -> str:
     return f"{count / total:.0%}" if total and count else ""
+
+
+# Hops of a request, each with fragments of its frames ("function (path:line)"). A sample counts
+# for the first hop matched walking its stack from the top (the innermost frame) down; the
+# generic hops (the last, GLUE) only when no other hop is on the stack, so that a thread
+# hand-off counts for the hop that made it and a middleware for what it calls.
+Hops = tuple[tuple[str, tuple[str, ...]], ...]
+GLUE = "event loop (with gRPC's callbacks), threads, middleware"
+PUBLIC_HOPS: Hops = (
+    ("front stage (compute, batching)", ("public_api/front", "compute_threads.py", "torch/")),
+    ("private call (gRPC + mTLS client)", ("private_client.py", "grpc/", "google/protobuf")),
+    ("sealed bodies", ("public_api/sealing", "public_api/sealed_store")),
+    ("audit trail", ("public_api/audit", "public_api/pg_audit", "sqlite3", "Protection._audit")),
+    ("monitor", ("public_api/monitor/",)),
+    ("request signatures", ("public_api/signing", "shared/signatures")),
+    ("rate limits", ("public_api/ratelimit/", "shared/gcra")),
+    ("API key and terms", ("public_api/admission", "public_api/key", "public_api/terms")),
+    ("metrics", ("prometheus_client", "Metrics.observe", "RequestMetrics.__call__.<locals>.")),
+    ("request handling (JSON, checks, answer)", ("json/", "pydantic", "public_api/body",
+                                                 "public_api/v2", "shared/tensor_codec",
+                                                 "shared/validation", "public_api/service",
+                                                 "public_api/routes", "public_api/pipeline",
+                                                 "public_api/protection")),
+    ("FastAPI routing and dependencies", ("fastapi/",)),
+    ("HTTP parse and TLS (uvicorn, h11, ssl)", ("h11", "uvicorn/", "ssl", "starlette/",
+                                                "public_api/connection")),
+    (GLUE, ("asyncio/", "concurrent/", "threading", "public_api/", "shared/")),
+)  # fmt: skip
+PRIVATE_HOPS: Hops = (
+    ("restriction (policy, watermark)", ("private_core/policy", "private_core/watermark/")),
+    ("activation monitor", ("private_core/activation_",)),
+    ("request signatures", ("private_core/attribution", "private_core/signers", "shared/signat")),
+    ("admission (budgets, nonces)", ("private_core/admission", "private_core/budgets")),
+    ("ledger", ("private_core/ledger",)),
+    ("back stage", ("private_core/runner.py (run_batch", "run_batch (", "forward (",
+                    "compute_threads.py", "torch/", "private_core/model")),
+    ("batcher", ("shared/batcher",)),
+    ("decode and checks", ("shared/tensor_codec", "shared/validation", "private_core/runner")),
+    ("metrics", ("prometheus_client", "private_core/metrics")),
+    ("gRPC + mTLS server", ("grpc/", "private_core/auth", "private_core/servicer", "protobuf")),
+    (GLUE, ("asyncio/", "concurrent/", "threading", "private_core/", "shared/")),
+)  # fmt: skip
+
+
+def hop_samples(path: Path, hops: Hops) -> Counter[str]:
+    """Samples per hop ("other": no hop matched), from py-spy's raw output."""
+    found: Counter[str] = Counter()
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        found[_hop(frames, hops[:-1]) or _hop(frames, hops[-1:]) or "other"] += int(count)
+    return found
+
+
+def _hop(frames: list[str], hops: Hops) -> str | None:
+    for frame in reversed(frames):
+        for name, fragments in hops:
+            if any(fragment in frame for fragment in fragments):
+                return name
+    return None
+
+
+def hop_table(profiles: list[Profile], answered: int) -> list[str]:
+    """Markdown: each tier's CPU ms per answered request, split by hop in sample shares."""
+    lines = []
+    for profile in profiles:
+        if not profile.stacks.exists():
+            continue
+        hops = PUBLIC_HOPS if profile.name.startswith("public") else PRIVATE_HOPS
+        samples = hop_samples(profile.stacks, hops)
+        total = sum(samples.values())
+        per_request = profile.cpu_seconds * 1000 / answered if answered and total else 0.0
+        lines += [
+            f"#### {profile.name}: {per_request:.2f} CPU ms per answered request by hop",
+            "",
+            "| hop | share of samples | ~CPU ms per request |",
+            "|---|---|---|",
+        ]
+        for name, count in samples.most_common():
+            share = count / total
+            lines.append(f"| {name} | {share:.0%} | {share * per_request:.2f} |")
+        lines.append("")
+    return lines

@@ -115,6 +115,12 @@ def systems(config: ServerConfig) -> dict[str, SystemInfo]:
             "as splitvault (protected), but a lone request also runs on torch_threads "
             f"(lone_request_threads = torch_threads: the threading before issue 17); {split}",
         ),
+        "splitvault-unbatched": SystemInfo(
+            "splitvault-unbatched",
+            "splitvault (protected, front unbatched)",
+            "as splitvault (protected), but each request's front stage runs alone "
+            f"(front_batching.max_batch_size = 1: the public tier before front batching); {split}",
+        ),
         "splitvault-open": SystemInfo(
             "splitvault-open",
             "splitvault (protections off)",
@@ -129,9 +135,12 @@ def running(key: str, config: ServerConfig) -> Iterator[Endpoint]:
     if key in ("fastapi", "litserve"):
         with _baseline(key, config) as endpoint:
             yield endpoint
-    elif key in ("splitvault", "splitvault-open", "splitvault-fixed"):
+    elif key in ("splitvault", "splitvault-open", "splitvault-fixed", "splitvault-unbatched"):
         with _splitvault(
-            key != "splitvault-open", config, fixed=key == "splitvault-fixed"
+            key != "splitvault-open",
+            config,
+            fixed=key == "splitvault-fixed",
+            unbatched=key == "splitvault-unbatched",
         ) as found:
             yield found
     else:
@@ -140,9 +149,10 @@ def running(key: str, config: ServerConfig) -> Iterator[Endpoint]:
 
 @contextmanager
 def _splitvault(
-    protected: bool, config: ServerConfig, *, fixed: bool = False
+    protected: bool, config: ServerConfig, *, fixed: bool = False, unbatched: bool = False
 ) -> Iterator[Endpoint]:
-    """Both tiers; ``fixed``: a lone request gets no more threads than a loaded one."""
+    """Both tiers; ``fixed``: a lone request gets no more threads than a loaded one;
+    ``unbatched``: the public tier runs each request's front stage alone."""
     private_env = {"SPLITVAULT_PRIVATE_TORCH_THREADS": str(config.private_threads)}
     public_env = {
         **(PROTECTED_ENV if protected else OPEN_ENV),
@@ -151,10 +161,12 @@ def _splitvault(
     if fixed:
         private_env["SPLITVAULT_PRIVATE_LONE_REQUEST_THREADS"] = str(config.private_threads)
         public_env["SPLITVAULT_PUBLIC_LONE_REQUEST_THREADS"] = str(config.public_threads)
+    # What makes the variant wins over --public-env (which every splitvault system gets).
+    variant = {"SPLITVAULT_PUBLIC_FRONT_BATCHING__MAX_BATCH_SIZE": "1"} if unbatched else {}
     private = start_private(config.layout.root, env={**private_env, **config.private_env})
     try:
         public = start_public(
-            config.layout.root, private.port, env={**public_env, **config.public_env}
+            config.layout.root, private.port, env={**public_env, **config.public_env, **variant}
         )
     except BaseException:
         private.stop()

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 
 from private_core.model_store import BackStage, load_back_stage
-from private_core.runner import BackRequest, assemble, forward
+from private_core.runner import forward
 from public_api.front import FrontStage, load_front_stages, run_front
+from shared.batch_plan import assemble
 from shared.keys import KeyProvider
 from shared.layout import DeployLayout
-from shared.manifest import BATCH_DIM
 
 
 def load_stages(
@@ -32,9 +32,7 @@ def split_once(front: FrontStage, back: BackStage, inputs: Mapping[str, Any]) ->
     """Front then back for one request's ``inputs`` (NumPy arrays by input name)."""
     activations = run_front(front, dict(inputs))
     arrays = {**activations, **{name: inputs[name] for name in front.manifest.forward_inputs}}
-    sizes = {BATCH_DIM: len(next(iter(inputs.values())))}
-    request = BackRequest(arrays, sizes, rows=sizes[BATCH_DIM], top_k=0)
-    return forward(back, assemble(back.manifest, [request]))
+    return forward(back, assemble(back.manifest, [arrays]))
 
 
 def split_ms(

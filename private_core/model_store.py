@@ -26,6 +26,7 @@ from private_core.watermark.keys import WATERMARK_KEY_FILE, WatermarkKeyError, l
 from private_core.watermark.triggers import TRIGGER_DIR
 from shared.crypto import DecryptionError, decrypt_bytes
 from shared.errors import ModelNotFound, ModelNotReady
+from shared.exported import serving_module
 from shared.keys import KeyProvider
 from shared.layout import TierDir
 from shared.logs import get_logger
@@ -169,7 +170,7 @@ def load_back_stage(
     return BackStage(
         config=config,
         manifest=manifest,
-        module=program.module(),
+        module=serving_module(program),
         watermark=watermark,
         activation_profile=_load_activation_profile(folder, manifest, provider),
     )

@@ -1,27 +1,20 @@
 """Run back stages: decode and check the activations, batch them, compute off the event loop,
-split the batch back and restrict each request's rows.
-
-Requests share a batch when their non-batch shapes are equal, or when they differ only along
-dimensions that *pad exactly*: at startup a probe runs one sample alone and zero-padded next to
-a longer one, and pads that dimension (to the longest in the batch) only if the answers agree.
-MiniLM's sequence dimension passes (the padded positions are masked out of attention and of
-the mean pooling); a model that would change its answer is batched by identical shapes instead.
+split the batch back and restrict each request's rows (which requests share a batch:
+``shared.batch_plan``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 
 from private_core.admission import Caller
 from private_core.attribution import Attributor
-from private_core.batcher import BatchSettings, DynamicBatcher
 from private_core.budgets import BudgetGate
 from private_core.metrics import PrivateMetrics
 from private_core.model_store import BackStage, ModelStore
@@ -29,18 +22,18 @@ from private_core.policy import restrict
 from private_core.settings import PrivateSettings
 from private_core.watermark.engine import QueryContext
 from protos import inference_pb2
+from shared.batch_plan import BatchPlan, assemble, unpad
+from shared.batch_plan import plan_batching as shared_plan
+from shared.batcher import BatchSettings, DynamicBatcher
 from shared.compute_threads import ComputeCallsCollector, ComputeThreads, usable_cores
 from shared.errors import InternalError, InvalidInput
 from shared.logs import get_logger
 from shared.manifest import (
     BATCH_DIM,
     MESSAGE_OVERHEAD_BYTES,
-    DimSpec,
-    StageManifest,
-    TensorSpec,
     max_message_bytes,
 )
-from shared.tensor_codec import from_proto, numpy_dtype, to_proto
+from shared.tensor_codec import from_proto, to_proto
 from shared.validation import check_tensors
 
 log = get_logger(__name__)
@@ -56,26 +49,6 @@ class BackRequest:
     rows: int
     top_k: int
     context: QueryContext | None = None
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How a model's requests share batches."""
-
-    batchable: bool  # every input and output leads with the ``batch`` dim
-    padded: frozenset[str] = frozenset()  # dims padded to the longest in a batch
-
-    def key(self, specs: Sequence[TensorSpec], arrays: Mapping[str, Any]) -> Hashable | None:
-        """Requests with equal keys may share a batch; None: this request runs alone."""
-        if not self.batchable:
-            return None
-        return tuple(
-            tuple(
-                -1 if isinstance(dim, DimSpec) and dim.name in self.padded else size
-                for dim, size in zip(spec.shape[1:], arrays[spec.name].shape[1:], strict=True)
-            )
-            for spec in specs
-        )
 
 
 Batcher = DynamicBatcher[BackRequest, dict[str, Any]]
@@ -176,7 +149,7 @@ def run_batch(
     When a batch of several fails, each request runs alone so one bad request fails alone.
     """
     try:
-        output = forward(stage, assemble(stage.manifest, requests))
+        output = forward(stage, assemble(stage.manifest, [r.arrays for r in requests]))
     except Exception:
         if len(requests) == 1:
             raise
@@ -185,7 +158,7 @@ def run_batch(
     start = 0
     for request in requests:
         rows = output if len(requests) == 1 else output[start : start + request.rows]
-        rows = unpad(rows, stage.manifest, plan, request.sizes)
+        rows = unpad(rows, stage.manifest.outputs[0], plan, request.sizes)
         start += request.rows
         try:
             results.append(
@@ -210,102 +183,15 @@ def forward(stage: BackStage, args: list[torch.Tensor]) -> torch.Tensor:
     return output
 
 
-def assemble(manifest: StageManifest, requests: Sequence[BackRequest]) -> list[torch.Tensor]:
-    """Each input of all ``requests`` in one buffer of the stage's dtype: the only copy made.
-
-    Rows follow request order; along padded dims shorter requests are zero-filled.
-    """
-    args = []
-    for spec in manifest.inputs:
-        parts = [request.arrays[spec.name] for request in requests]
-        dtype = numpy_dtype(spec.datatype)
-        if len(parts) == 1:  # cast or copy once: torch needs a writable array of its dtype
-            args.append(torch.from_numpy(np.array(parts[0], dtype=dtype)))
-            continue
-        tail = tuple(max(part.shape[axis] for part in parts) for axis in range(1, parts[0].ndim))
-        ragged = any(part.shape[1:] != tail for part in parts)
-        buffer = (np.zeros if ragged else np.empty)((sum(map(len, parts)), *tail), dtype=dtype)
-        start = 0
-        for part in parts:
-            buffer[(slice(start, start + len(part)), *map(slice, part.shape[1:]))] = part
-            start += len(part)
-        args.append(torch.from_numpy(buffer))
-    return args
-
-
-def unpad(
-    rows: torch.Tensor, manifest: StageManifest, plan: BatchPlan, sizes: Mapping[str, int]
-) -> torch.Tensor:
-    """Cut one request's output rows back to its own sizes along padded dims."""
-    if not plan.padded:
-        return rows
-    index = tuple(
-        slice(sizes[dim.name])
-        if isinstance(dim, DimSpec) and dim.name in plan.padded
-        else slice(None)
-        for dim in manifest.outputs[0].shape
-    )
-    return rows[index]
-
-
 def plan_batching(stage: BackStage, *, pad: bool) -> BatchPlan:
-    """Whether ``stage`` batches, and along which dims its requests may be zero-padded."""
-    manifest = stage.manifest
-    specs = [*manifest.inputs, *manifest.outputs]
-    if len(manifest.outputs) != 1 or not all(
-        spec.shape and isinstance(spec.shape[0], DimSpec) and spec.shape[0].name == BATCH_DIM
-        for spec in specs
-    ):
+    """Whether ``stage`` batches (it has one output), and along which dims it pads."""
+    if len(stage.manifest.outputs) != 1:
         return BatchPlan(batchable=False)
-    dims = {
-        dim.name: dim
-        for spec in manifest.inputs
-        for dim in spec.shape[1:]
-        if isinstance(dim, DimSpec) and dim.max > dim.min
-    }
-    if not pad or not dims or not _zero_allowed(manifest.inputs):
-        return BatchPlan(batchable=True)
-    if _padding_is_exact(stage, dims):
-        return BatchPlan(batchable=True, padded=frozenset(dims))
-    log.info("batch_padding_refused", model=stage.config.name, dims=sorted(dims))
-    return BatchPlan(batchable=True)
 
+    def outputs(args: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [forward(stage, args)]
 
-def _zero_allowed(specs: Sequence[TensorSpec]) -> bool:
-    return all(spec.value_range is None or spec.value_range[0] <= 0 for spec in specs)
-
-
-def _padding_is_exact(stage: BackStage, dims: Mapping[str, DimSpec]) -> bool:
-    """Run a sample alone and zero-padded in a batch with a longer one; compare its answers."""
-    short = {name: min(max(dim.min, 4), dim.max - 1) for name, dim in dims.items()}
-    long = {name: min(dims[name].max, size + 3) for name, size in short.items()}
-    rng = np.random.default_rng(0)
-    sample, longer = _probe(stage, short, rng), _probe(stage, long, rng)
-    plan = BatchPlan(batchable=True, padded=frozenset(dims))
-    try:
-        alone = forward(stage, assemble(stage.manifest, [sample]))
-        together = forward(stage, assemble(stage.manifest, [sample, longer]))
-    except Exception as error:  # a model that cannot take the padded shape is not padded
-        log.info("batch_padding_probe_failed", model=stage.config.name, error=type(error).__name__)
-        return False
-    padded = unpad(together[:1], stage.manifest, plan, sample.sizes)
-    return alone.shape == padded.shape and bool(
-        torch.allclose(alone.double(), padded.double(), rtol=1e-4, atol=1e-5)
-    )
-
-
-def _probe(stage: BackStage, sizes: Mapping[str, int], rng: np.random.Generator) -> BackRequest:
-    """One row of inputs: random floats, integers at the top of their range (a mask of ones)."""
-    arrays = {}
-    for spec in stage.manifest.inputs:
-        shape = (1, *(sizes[d.name] if isinstance(d, DimSpec) else d for d in spec.shape[1:]))
-        dtype = numpy_dtype(spec.datatype)
-        if dtype.kind == "f":
-            arrays[spec.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            high = spec.value_range[1] if spec.value_range is not None else 1
-            arrays[spec.name] = np.full(shape, high, dtype=dtype)
-    return BackRequest(arrays, {**sizes, BATCH_DIM: 1}, rows=1, top_k=0)
+    return shared_plan(stage.manifest, outputs, name=stage.config.name, pad=pad)
 
 
 def request_bytes_limit(stages: Mapping[str, BackStage]) -> tuple[int, str]:

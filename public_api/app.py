@@ -66,9 +66,16 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
         )
         calls = ComputeCallsCollector(threads)
         metrics.registry.register(calls)
-        front = FrontRunner(executor, settings.front_inline_below_ms / 1000, threads)
+        front = FrontRunner(
+            executor,
+            settings.front_inline_below_ms / 1000,
+            threads,
+            settings.front_batching,
+            metrics.registry,
+        )
         for stage in stages.values():
             front.calibrate(stage)
+            front.batch(stage)
         models = ModelSet(stages, private)
         service = InferenceService(
             stages,
@@ -113,6 +120,7 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
             if anchorer is not None:
                 await anchorer.close()  # after the trail's last write, before the channel closes
             await asyncio.to_thread(state.close)
+            await front.close()
             await private.close()
             executor.shutdown(wait=True)
             metrics.registry.unregister(calls)

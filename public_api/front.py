@@ -7,6 +7,9 @@ costliest row a request may carry); a call expected to take less than ``inline_b
 times that cost) runs directly on the event loop, anything else in the pool, so a heavy stage
 never blocks the loop. A stage that was not calibrated always runs in the pool.
 
+Calls that go to the pool are batched with concurrent calls of the same model
+(``public_api.front_batcher``) once the stage is registered with ``FrontRunner.batch``.
+
 Every call goes through the tier's ``ComputeThreads``: a lone request's front runs on all the
 tier's cores, calls under load on ``torch_threads``; an inline call that would overlap a call
 with another thread count goes to the pool instead.
@@ -25,9 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from prometheus_client import CollectorRegistry
 
+from public_api.front_batch_settings import FrontBatchSettings
+from public_api.front_batcher import FrontBatcher, front_outputs, transport_arrays
 from public_api.settings import PublicSettings
 from shared.compute_threads import ComputeThreads
+from shared.exported import serving_module
 from shared.layout import TierDir
 from shared.logs import get_logger
 from shared.manifest import (
@@ -68,7 +75,7 @@ def load_front_stages(tier: TierDir) -> dict[str, FrontStage]:
                 detail=str(error)[:200],
             )
             continue
-        stages[config.name] = FrontStage(config, manifest, program.module())
+        stages[config.name] = FrontStage(config, manifest, serving_module(program))
         log.info("front_stage_loaded", model=config.name)
     return stages
 
@@ -81,11 +88,26 @@ class FrontRunner:
         executor: ThreadPoolExecutor,
         inline_below_s: float = 0.0,
         threads: ComputeThreads | None = None,
+        batching: FrontBatchSettings | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
+        """``batching``: how stages registered with ``batch`` are batched (default settings);
+        ``registry``: where the batcher's metrics go."""
         self._executor = executor
         self._inline_below_s = inline_below_s
         self._threads = threads or ComputeThreads(1, 1)
         self._seconds_per_row: dict[str, float] = {}
+        self._batcher = FrontBatcher(
+            executor, batching or FrontBatchSettings(), self._threads, registry
+        )
+
+    def batch(self, stage: FrontStage) -> None:
+        """Batch ``stage``'s calls that run in the pool with concurrent ones of its model."""
+        self._batcher.register(stage)
+
+    async def close(self) -> None:
+        """Let running batches finish; refuse queued calls."""
+        await self._batcher.close()
 
     def calibrate(self, stage: FrontStage, repeats: int = 5) -> float:
         """Time ``stage`` on its costliest single row (best of ``repeats``); returns seconds."""
@@ -115,6 +137,8 @@ class FrontRunner:
             ran, result = self._threads.try_run(partial(run_front, stage, inputs))
             if ran and result is not None:
                 return result
+        if self._batcher.serves(stage.config.name):
+            return await self._batcher.run(stage, inputs, rows, lone=lone)
         loop = asyncio.get_running_loop()
         front = partial(run_front, stage, inputs)
         call = partial(self._threads.run, lone, front, key=stage.config.name, rows=rows)
@@ -154,15 +178,7 @@ def message_limit(settings: PublicSettings, stages: Mapping[str, FrontStage]) ->
 
 
 def run_front(stage: FrontStage, inputs: dict[str, Any]) -> dict[str, Any]:
+    """One request's front-stage activations, unbatched."""
     args = [torch.from_numpy(inputs[spec.name]) for spec in stage.manifest.inputs]
-    with torch.inference_mode():
-        outputs = stage.module(*args)
-    transport = numpy_dtype(stage.config.transport_datatype)
-    result: dict[str, Any] = {}
-    for spec, tensor in zip(stage.manifest.outputs, outputs, strict=True):
-        array = tensor.numpy()
-        # One cast (none when the transport is the stage dtype), then bytes for the wire.
-        result[spec.name] = (
-            array.astype(transport, copy=False) if array.dtype.kind == "f" else array
-        )
-    return result
+    outputs = front_outputs(stage, args)
+    return transport_arrays(stage.config, stage.manifest.outputs, outputs)

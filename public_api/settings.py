@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from public_api.front_batch_settings import FrontBatchSettings
 from public_api.protection_settings import ProtectionSettings
 from public_api.sealing_settings import SealingSettings
 from shared.layout import PRIVATE_IDENTITY, DeployLayout
@@ -68,6 +69,8 @@ class PublicSettings(TierSettings):
     # A front-stage call expected (rows x the stage's cost per row, timed at startup) to take
     # less than this runs on the event loop instead of a worker thread; 0: always in a thread.
     front_inline_below_ms: float = Field(default=0.5, ge=0, le=10)
+    # Concurrent front-stage calls of one model run as one batch (public_api/front_batcher.py).
+    front_batching: FrontBatchSettings = FrontBatchSettings()
     # Slow and idle HTTP clients (public_api/connection.py): a request's headers must arrive
     # within header_timeout_s of the connection (or the request's first byte), its body within
     # body_timeout_s of the headers; an idle keep-alive connection closes after keep_alive_s.

@@ -15,24 +15,22 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from private_core.batcher import BatchSettings, DynamicBatcher
 from private_core.metrics import PrivateMetrics
 from private_core.model_store import BackStage, ModelStore, load_back_stage
 from private_core.policy import EMBEDDING, INDICES, SCORES
 from private_core.runner import (
     BackRequest,
     BackStageRunner,
-    BatchPlan,
-    assemble,
     forward,
     message_limit,
     plan_batching,
     request_bytes_limit,
     run_batch,
-    unpad,
 )
 from protos import inference_pb2
 from public_api.front import FrontStage, load_front_stages
+from shared.batch_plan import BatchPlan, assemble, unpad
+from shared.batcher import BatchSettings, DynamicBatcher
 from shared.compute_threads import ComputeThreads
 from shared.errors import Overloaded, Unavailable
 from shared.tensor_codec import to_proto
@@ -325,10 +323,14 @@ def _back_request(front: FrontStage, back: BackStage, inputs: dict[str, Any]) ->
 
 
 def _raw(back: BackStage, plan: BatchPlan, requests: list[BackRequest]) -> list[torch.Tensor]:
-    output = forward(back, assemble(back.manifest, requests))
+    output = forward(back, assemble(back.manifest, [r.arrays for r in requests]))
     rows, start = [], 0
     for request in requests:
-        rows.append(unpad(output[start : start + request.rows], back.manifest, plan, request.sizes))
+        rows.append(
+            unpad(
+                output[start : start + request.rows], back.manifest.outputs[0], plan, request.sizes
+            )
+        )
         start += request.rows
     return rows
 

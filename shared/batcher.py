@@ -1,5 +1,7 @@
 """Dynamic batching: concurrent requests for one model run as one call (Triton's dynamic batcher).
 
+Both tiers use it: the private tier for back stages, the public tier for front stages.
+
 Each model has a bounded FIFO queue and one scheduler task. The scheduler takes the oldest
 request and the queued requests that may share its batch (the same *group key*) up to the
 model's row limit. While another batch of the model runs, it waits at most ``max_queue_delay``
@@ -10,7 +12,7 @@ exception) per request, and each caller gets its own.
 Memory stays bounded: a model's queue holds at most ``max_queue_size`` rows (a single request
 is admitted into an empty queue whatever its size, within the model's batch limit checked
 earlier), and a full queue refuses new requests with ``Overloaded`` (gRPC RESOURCE_EXHAUSTED,
-503 with ``Retry-After`` from the public tier). A caller that goes away (deadline, cancel)
+503 with ``Retry-After``). A caller that goes away (deadline, cancel)
 leaves the queue at once; if its batch already runs, its rows are computed and dropped.
 """
 
@@ -37,6 +39,8 @@ RunBatch = Callable[[list[P]], list[R | Exception]]
 BatchObserver = Callable[[str, int, float], None]
 # Called as each request's batch starts with (model, seconds it waited in the queue).
 WaitObserver = Callable[[str, float], None]
+# Whether the callers of a batch of one saw their tier otherwise idle (it may use every core).
+LoneCheck = Callable[[list[P]], bool]
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,13 @@ class _Job(Generic[P, R]):
 class _Lane(Generic[P, R]):
     """One model's queue, the function that runs its batches, and its scheduler task."""
 
-    def __init__(self, name: str, run: RunBatch[P, R], max_rows: int, slots: int) -> None:
+    def __init__(
+        self, name: str, run: RunBatch[P, R], max_rows: int, slots: int, delay_s: float
+    ) -> None:
         self.name = name
         self.run = run
         self.max_rows = max_rows
+        self.delay_s = delay_s
         self.jobs: list[_Job[P, R]] = []
         self.rows = 0
         self.changed = asyncio.Event()
@@ -113,21 +120,38 @@ class DynamicBatcher(Generic[P, R]):
         observe: BatchObserver | None = None,
         threads: ComputeThreads | None = None,
         observe_wait: WaitObserver | None = None,
+        *,
+        tier: str = "private",
+        lone: LoneCheck[P] | None = None,
     ) -> None:
-        """``threads``: run each batch through it, as lone when it is the tier's only work."""
+        """``threads``: run each batch through it, as lone when it is the tier's only work (and
+        ``lone`` says its callers saw nothing else running); ``tier`` names it in refusals."""
         self._executor = executor
         self._settings = settings
         self._observe = observe
         self._threads = threads
         self._observe_wait = observe_wait
+        self._shutting_down = f"the {tier} tier is shutting down"
+        self._lone = lone
         self._lanes: dict[str, _Lane[P, R]] = {}
         self._closed = False
 
-    def register(self, name: str, run: RunBatch[P, R], model_max_rows: int) -> int:
-        """Serve model ``name`` with ``run``; returns its rows per batch (capped by settings)."""
-        cap = self._settings.max_batch_size
+    def register(
+        self,
+        name: str,
+        run: RunBatch[P, R],
+        model_max_rows: int,
+        *,
+        max_batch_size: int | None = None,
+        max_queue_delay_s: float | None = None,
+    ) -> int:
+        """Serve model ``name`` with ``run``; returns its rows per batch (capped by settings,
+        or by ``max_batch_size`` and ``max_queue_delay_s`` given for this model)."""
+        cap = self._settings.max_batch_size if max_batch_size is None else max_batch_size
         max_rows = model_max_rows if cap is None else max(1, min(cap, model_max_rows))
-        self._lanes[name] = _Lane(name, run, max_rows, self._settings.concurrent_batches)
+        delay = self._settings.max_queue_delay_s if max_queue_delay_s is None else max_queue_delay_s
+        slots = self._settings.concurrent_batches
+        self._lanes[name] = _Lane(name, run, max_rows, slots, delay)
         return max_rows
 
     def queued_rows(self, name: str) -> int:
@@ -137,7 +161,7 @@ class DynamicBatcher(Generic[P, R]):
     async def submit(self, name: str, payload: P, *, key: Hashable | None, rows: int) -> R:
         """Queue one request of ``rows`` rows and wait for its own result."""
         if self._closed:
-            raise Unavailable("the private tier is shutting down", retry_after_s=1.0)
+            raise Unavailable(self._shutting_down, retry_after_s=1.0)
         lane = self._lanes[name]
         limit = self._settings.max_queue_size
         if lane.rows and lane.rows + rows > limit:
@@ -166,7 +190,7 @@ class DynamicBatcher(Generic[P, R]):
             await asyncio.gather(*lane.running, return_exceptions=True)
             for job in lane.jobs:
                 if not job.future.done():
-                    job.future.set_exception(Unavailable("the private tier is shutting down"))
+                    job.future.set_exception(Unavailable(self._shutting_down))
             lane.take(list(lane.jobs))
 
     async def _schedule(self, lane: _Lane[P, R]) -> None:
@@ -192,7 +216,7 @@ class DynamicBatcher(Generic[P, R]):
                 await lane.changed.wait()
                 continue
             jobs, full = lane.select()
-            wait = lane.jobs[0].arrived + self._settings.max_queue_delay_s - loop.time()
+            wait = lane.jobs[0].arrived + lane.delay_s - loop.time()
             if full or wait <= 0 or lane.active == 0:
                 lane.take(jobs)
                 return jobs
@@ -215,7 +239,7 @@ class DynamicBatcher(Generic[P, R]):
             lane.active -= 1
             lane.slots.release()
             for job in live:  # only when the batch itself was interrupted
-                _resolve(job, Unavailable("the private tier is shutting down"))
+                _resolve(job, Unavailable(self._shutting_down))
 
     async def _call(self, lane: _Lane[P, R], jobs: list[_Job[P, R]]) -> list[R | Exception]:
         loop = asyncio.get_running_loop()
@@ -229,6 +253,7 @@ class DynamicBatcher(Generic[P, R]):
                 results = await loop.run_in_executor(self._executor, lane.run, payloads)
             else:
                 lone = len(jobs) == 1 and self._quiet()
+                lone = lone and (self._lone is None or self._lone(payloads))
                 rows = sum(job.rows for job in jobs)
                 batch = partial(lane.run, payloads)
                 call = partial(self._threads.run, lone, batch, key=lane.name, rows=rows)
