@@ -91,13 +91,16 @@ class RowScorer:
         ).astype(np.float32)
         if profile is not None:
             low, median, high = profile.quantiles.T
+            zero, pattern = STATISTICS.index("zero"), STATISTICS.index("pattern")
             self._median = median
             self._up = np.maximum(high - median, 1e-6)
-            self._up[: STATISTICS.index("zero")] *= distance_tolerance
+            self._up[:zero] *= distance_tolerance
             self._down = np.maximum(median - low, 1e-6)
-            self._down[: STATISTICS.index("zero")] = np.inf  # far only above the median
+            self._down[:zero] = self._down[pattern] = np.inf  # far only above the median
             if not profile.zero_active:
-                self._up[STATISTICS.index("zero")] = self._down[-1] = np.inf
+                self._up[zero] = self._down[zero] = np.inf
+            if not profile.pattern_active:
+                self._up[pattern] = np.inf
             self._inverse_up, self._inverse_down = 1 / self._up, 1 / self._down
             # PCA coordinates and the secret projection in one product of the centred rows.
             self._fused = np.ascontiguousarray(
