@@ -108,12 +108,16 @@ class Attacker:
             top_k=3,
             pairing_id=self.pairing_id,
         )
-        try:
-            reply = self.stub.Infer(request, timeout=60)
-        except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.PERMISSION_DENIED:
-                return None
-            raise
+        while True:
+            try:
+                reply = self.stub.Infer(request, timeout=60)
+                break
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    return None
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                time.sleep(0.5)  # the identity's rate (admission): pace, as a thief would
         outputs = {t.name: from_proto(t) for t in reply.outputs}
         return soft_targets(outputs, len(rows))
 
