@@ -128,7 +128,8 @@ class RowScorer:
             (raw - self._median) * self._inverse_up, (self._median - raw) * self._inverse_down
         ).max(axis=1)
         scales = np.full(len(features), profile.nn_scale, np.float32)
-        return RowEvidence(scores, scores > settings.outlier_score, projected, scales, weight)
+        outliers = scores > settings.outlier_score
+        return RowEvidence(scores, outliers, projected, scales, weight, profile.nn_scale)
 
 
 @dataclass

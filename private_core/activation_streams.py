@@ -33,6 +33,7 @@ class RowEvidence:
     projected: Floats
     scales: Floats  # per row: the distance unit of the near-duplicate test
     weight: float
+    unit: float | None = None  # the unit when every row has the same (a profile's)
 
     def part(self, start: int, stop: int, weight: float) -> RowEvidence:
         """Rows ``start:stop`` (one request of a group scored together), with its weight."""
@@ -42,6 +43,7 @@ class RowEvidence:
             self.projected[start:stop],
             self.scales[start:stop],
             weight,
+            self.unit,
         )
 
 
@@ -70,8 +72,19 @@ class Stream:
 
     def near_duplicates(self, evidence: RowEvidence, settings: ActivationMonitorSettings) -> Bools:
         """Rows within the near band of a recent row or of another row of this request."""
-        scales = evidence.scales.astype(np.float64)[:, None]
-        low, high = np.square(settings.near_low * scales), np.square(settings.near_high * scales)
+        low: float | npt.NDArray[np.float64]
+        high: float | npt.NDArray[np.float64]
+        if evidence.unit is not None:  # plain floats: a few rows are the common case
+            low, high = (
+                (settings.near_low * evidence.unit) ** 2,
+                (settings.near_high * evidence.unit) ** 2,
+            )
+        else:
+            scales = evidence.scales.astype(np.float64)[:, None]
+            low, high = (
+                np.square(settings.near_low * scales),
+                np.square(settings.near_high * scales),
+            )
         if len(evidence.projected) <= FEW_ROWS:
             squared = self._distances_of_few(evidence.projected)
         else:
@@ -129,23 +142,28 @@ class Stream:
         """Fold one request's rows into the statistics; the new level (never lower)."""
         weight = evidence.weight
         hit, miss = _log_ratios(settings)
-        suspect = evidence.outliers | near
         shifts: npt.NDArray[np.floating[Any]] | list[float]
         steps: npt.NDArray[np.floating[Any]] | list[float]
-        if len(suspect) <= SHORT_CUSUM:  # plain floats: cheaper than NumPy for a few rows
+        if len(near) <= SHORT_CUSUM:  # plain Python: cheaper than NumPy for a few rows
             cap, drift = settings.shift_cap, settings.shift_drift
+            outliers, nears = evidence.outliers.tolist(), near.tolist()
             shifts = [weight * (min(score, cap) - drift) for score in evidence.scores.tolist()]
-            steps = [weight * (hit if flag else miss) for flag in suspect.tolist()]
+            steps = [
+                weight * (hit if o or n else miss) for o, n in zip(outliers, nears, strict=True)
+            ]
+            outlying, nearby = sum(outliers), sum(nears)
         else:
             shifts = weight * (
                 np.minimum(evidence.scores, settings.shift_cap) - settings.shift_drift
             )
-            steps = weight * np.where(suspect, hit, miss)
+            steps = weight * np.where(evidence.outliers | near, hit, miss)
+            outlying = int(np.count_nonzero(evidence.outliers))
+            nearby = int(np.count_nonzero(near))
         self.shift, shift_peak = cusum(self.shift, shifts)
         self.rows, rows_peak = cusum(self.rows, steps)
-        self.seen += weight * len(suspect)
-        self.outliers += weight * int(np.count_nonzero(evidence.outliers))
-        self.near += weight * int(np.count_nonzero(near))
+        self.seen += weight * len(near)
+        self.outliers += weight * outlying
+        self.near += weight * nearby
         self.level = max(self.level, level_of(shift_peak, rows_peak, settings))
         if self.level == REFUSE:  # sticky: its rows are no longer needed
             self.window, self.filled, self.head = self.window[:0], 0, 0
