@@ -8,7 +8,7 @@ choosing to ``Infer`` over mutual TLS, under an API key id of its own per stream
 * (b) crafted: uniform noise, Gaussian around the reference mean (per-dimension, clipped at 0
   like a ReLU, and with the reference's full covariance), perturbation sweeps (64 steps of
   0.02 reference nearest-neighbour distances along random directions from natural rows), and
-  a natural stream with 10% uniform-noise rows mixed in.
+  natural streams with 10% uniform-noise or full-covariance rows mixed in.
 
 For each stream it reports the answers obtained before the first refusal, the samples until
 the first ``private_monitor_alert``, and the fidelity on held-out digits (top-1 agreement with
@@ -211,15 +211,17 @@ def crafted_families(
     crafted = rng.random(n) < 0.1
     mixed[crafted] = shaped(rng.uniform(0, flat.max(), (int(crafted.sum()), flat.shape[1])))
     cov = np.cov(flat.T)
+    full_cov = shaped(np.maximum(rng.multivariate_normal(mean, cov, n, method="eigh"), 0))
+    mixed_cov = natural[rng.integers(len(natural), size=n)].copy()
+    mixed_cov[crafted] = full_cov[: int(crafted.sum())]
     return {
         "uniform noise": shaped(rng.uniform(0, flat.max(), (n, flat.shape[1]))),
         "Gaussian (mean, std)": shaped(rng.normal(mean, std, (n, flat.shape[1]))),
         "Gaussian, clipped at 0": shaped(np.maximum(rng.normal(mean, std, (n, flat.shape[1])), 0)),
-        "Gaussian, full cov., clipped": shaped(
-            np.maximum(rng.multivariate_normal(mean, cov, n, method="eigh"), 0)
-        ),
+        "Gaussian, full cov., clipped": full_cov,
         "perturbation sweeps": shaped(np.concatenate(lines)[:n]),
         "mixed: 10% uniform rows": mixed,
+        "mixed: 10% full-cov. rows": mixed_cov,
     }
 
 
