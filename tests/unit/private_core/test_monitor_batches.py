@@ -122,3 +122,20 @@ def test_a_crafted_request_in_a_batch_is_refused_alone(
     assert mon.level("digits", IDENTITY[0], "mallory") == "alert"
     assert mon.level("digits", IDENTITY[0], "alice") == "ok"
     assert mon.level("digits", IDENTITY[0], "bob") == "ok"
+
+
+def test_a_throttled_request_is_answered_and_carries_its_delay(
+    stages: tuple[FrontStage, BackStage], digits_model: DigitsFixture
+) -> None:
+    """``throttle``: the batch worker answers, and leaves the delay for the runner to wait."""
+    front, back = stages
+    noise = full_covariance_noise(activations(front, digits_model.data.train_x), 48, seed=3)
+    settings = ActivationMonitorSettings(action="throttle", throttle_delay_s=2.5)
+    mon = ActivationMonitor(settings, monitored_models({"digits": back}), CollectorRegistry())
+    plan = plan_batching(back, pad=True)
+    jobs = [job(back, noise[i : i + BATCH], "thief") for i in range(0, 48, BATCH)]
+    answers = [run_batch(back, plan, [one], mon)[0] for one in jobs]
+    assert not any(isinstance(answer, Exception) for answer in answers)
+    delays = [one.screening.delay_s for one in jobs if one.screening is not None]
+    assert delays[0] == 0.0 and delays[-1] == 2.5
+    assert mon.level("digits", IDENTITY[0], "thief") == "refuse"
