@@ -1,8 +1,9 @@
 """The private tier's activation-space monitor: is a caller's stream of activations natural?
 
 Whoever owns the public host holds its client certificate and the plaintext front, and can send
-the private tier any activations it likes. Before batching, every ``Infer`` request's rows are
-scored against the model's reference profile (``private_core.activation_profile``) and folded
+the private tier any activations it likes. Before its batch is computed, every ``Infer``
+request's rows are scored (the runner's batch worker calls ``check_many`` once per batch, one
+scoring pass over all its rows) against the model's reference profile (``private_core.activation_profile``) and folded
 into two streams: the caller's certificate identity and the API key id it asserts (recorded as
 asserted: a compromised public tier may name any). A stream that looks crafted (noise, rows off
 the manifold, perturbation sweeps, crafted rows mixed into natural ones) is alerted, then
@@ -353,7 +354,7 @@ class ActivationMonitor:
 
 def single_threaded_blas() -> None:
     """Keep NumPy's BLAS on one thread in this process. The monitor's matrix products are small
-    and run on the event loop next to the back stage's threads: a BLAS pool only spins (a
+    and run in the batch workers next to the back stage's threads: a BLAS pool only spins (a
     16-row group cost 8 times the CPU with two BLAS threads on a busy 2-core host)."""
     threadpool_limits(limits=1, user_api="blas")
 
