@@ -58,7 +58,7 @@ from splitvault.launcher import TierProcess, start_private
 from splitvault.packing.pack import pack_spec
 
 MODEL, BATCH, CAP = "digits", 16, 5000
-CURVE = (16, 32, 64, 96, 256, 1000)
+CURVE = (8, 16, 32, 64, 96, 256, 1000)
 TODAY = "40,000 answers in 10.9 s, none refused; copy 99.6% (issue 13)"
 
 
