@@ -243,6 +243,15 @@ async def soak(
         return samples, measured_from, time.monotonic()
 
 
+def monitor_line(private: TierProcess) -> str:
+    """What the private tier's activation monitor (on, at its defaults) made of the traffic."""
+    events = private.events()
+    alerts = sum(e.get("event") == "private_monitor_alert" for e in events)
+    off = any(e.get("setting") == "activation_monitor" for e in events)  # unsafe_setting
+    state = "OFF or recording only" if off else "on, refusing"
+    return f"private activation monitor ({state}): {alerts} alerts; its refusals would be 403s"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -265,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f" model {MODEL}, {args.keys} API keys, torch threads {args.threads} per tier",
             *report(samples, memories, measured_from, ended),
         ]
+        lines.append(monitor_line(private))
         public.stop()  # flushes the audit trail
         audit = verify_chain(layout.public.root / STATE_DIR / AUDIT_DB)
         expected = int(args.rate * args.warmup) + len(samples)

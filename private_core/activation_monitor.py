@@ -1,8 +1,9 @@
 """The private tier's activation-space monitor: is a caller's stream of activations natural?
 
 Whoever owns the public host holds its client certificate and the plaintext front, and can send
-the private tier any activations it likes. Before batching, every ``Infer`` request's rows are
-scored against the model's reference profile (``private_core.activation_profile``) and folded
+the private tier any activations it likes. Before its batch is computed, every ``Infer``
+request's rows are scored (the runner's batch worker calls ``check_many`` once per batch, one
+scoring pass over all its rows) against the model's reference profile (``private_core.activation_profile``) and folded
 into two streams: the caller's certificate identity and the API key id it asserts (recorded as
 asserted: a compromised public tier may name any). A stream that looks crafted (noise, rows off
 the manifold, perturbation sweeps, crafted rows mixed into natural ones) is alerted, then
@@ -16,10 +17,10 @@ Natural activations of natural inputs look natural by construction: only budgets
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import os
+import threading
 import time
-from asyncio import Future
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,7 @@ log = get_logger(__name__)
 PROJECTION_DIM = 32
 # Without a profile, the near-duplicate unit is this share of a row's own norm.
 NO_PROFILE_UNIT = 0.3
+CPU_SAMPLE = 8
 TIER_REFUSED = "activation monitor: this tier's stream of activations is refused"
 
 
@@ -91,13 +93,16 @@ class RowScorer:
         ).astype(np.float32)
         if profile is not None:
             low, median, high = profile.quantiles.T
+            zero, pattern = STATISTICS.index("zero"), STATISTICS.index("pattern")
             self._median = median
             self._up = np.maximum(high - median, 1e-6)
-            self._up[: STATISTICS.index("zero")] *= distance_tolerance
+            self._up[:zero] *= distance_tolerance
             self._down = np.maximum(median - low, 1e-6)
-            self._down[: STATISTICS.index("zero")] = np.inf  # far only above the median
+            self._down[:zero] = self._down[pattern] = np.inf  # far only above the median
             if not profile.zero_active:
-                self._up[STATISTICS.index("zero")] = self._down[-1] = np.inf
+                self._up[zero] = self._down[zero] = np.inf
+            if not profile.pattern_active:
+                self._up[pattern] = np.inf
             self._inverse_up, self._inverse_down = 1 / self._up, 1 / self._down
             # PCA coordinates and the secret projection in one product of the centred rows.
             self._fused = np.ascontiguousarray(
@@ -124,7 +129,8 @@ class RowScorer:
             (raw - self._median) * self._inverse_up, (self._median - raw) * self._inverse_down
         ).max(axis=1)
         scales = np.full(len(features), profile.nn_scale, np.float32)
-        return RowEvidence(scores, scores > settings.outlier_score, projected, scales, weight)
+        outliers = scores > settings.outlier_score
+        return RowEvidence(scores, outliers, projected, scales, weight, profile.nn_scale)
 
 
 @dataclass
@@ -133,6 +139,8 @@ class _Model:
     scorer: RowScorer
     identities: StreamTable
     keys: StreamTable
+    cpu: Any  # the model's children of ``MonitorMetrics.cpu`` and ``.seconds``
+    seconds: Any
 
 
 @dataclass(eq=False)
@@ -161,7 +169,8 @@ class ActivationMonitor:
         self._rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
         self._models: dict[str, _Model] = {}
         self._metrics = MonitorMetrics(registry)
-        self._pending: list[tuple[inference_pb2.InferRequest, Sequence[str], Future[Verdict]]] = []
+        self._lock = threading.Lock()  # streams are folded one group at a time
+        self._groups = itertools.count()
         for name, (specs, profile) in models.items():
             dim = _feature_dim(specs)
             if dim is None:
@@ -181,6 +190,8 @@ class ActivationMonitor:
                 RowScorer(profile, dim, self._rng, settings.distance_tolerance),
                 StreamTable(settings.max_streams, PROJECTION_DIM, window),
                 StreamTable(settings.max_streams, PROJECTION_DIM, window),
+                self._metrics.cpu.labels(name),
+                self._metrics.seconds.labels(name),
             )
 
     def check(self, request: inference_pb2.InferRequest, identities: Sequence[str]) -> Verdict:
@@ -190,44 +201,40 @@ class ActivationMonitor:
             raise verdict
         return verdict
 
-    async def judge(
-        self, request: inference_pb2.InferRequest, identities: Sequence[str]
-    ) -> Verdict:
-        """``check`` on the event loop, scoring the requests that arrive together in one pass:
-        each waits for the end of the loop's current round, then the group is scored at once
-        (their rows stacked) and folded into the streams in arrival order, as ``check`` would
-        have one by one."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Verdict] = loop.create_future()
-        self._pending.append((request, identities, future))
-        if len(self._pending) == 1:
-            loop.call_soon(self._flush)
-        return await future
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        try:
-            verdicts = self.check_many([(request, who) for request, who, _ in pending])
-        except Exception as error:  # fail closed: nobody in the group is answered
-            verdicts = [error] * len(pending)
-        for (_, _, future), verdict in zip(pending, verdicts, strict=True):
-            if future.done():  # the call was cancelled meanwhile
-                continue
-            if isinstance(verdict, Exception):
-                future.set_exception(verdict)
-            else:
-                future.set_result(verdict)
-
     def check_many(
-        self, calls: Sequence[tuple[inference_pb2.InferRequest, Sequence[str]]]
+        self,
+        calls: Sequence[tuple[inference_pb2.InferRequest, Sequence[str]]],
+        decoded: Sequence[Mapping[str, np.ndarray]] | None = None,
     ) -> list[Verdict | Exception]:
         """Verdicts of ``calls`` in order, as if checked one by one, with their rows scored in
-        one pass per model; a request whose tensors do not fit gets its own exception."""
-        started, cpu = time.perf_counter(), time.thread_time()
+        one pass per model; a request whose tensors do not fit gets its own exception.
+        ``decoded``: each request's arrays when the caller has them already. Thread-safe (the
+        runner calls it from its batch workers)."""
+        with self._lock:
+            # Thread CPU time is a system call (10 us in a sandbox): read on one group in
+            # CPU_SAMPLE, counted CPU_SAMPLE times, an unbiased estimate.
+            sampled = next(self._groups) % CPU_SAMPLE == 0
+            started, cpu = time.perf_counter(), time.thread_time() if sampled else 0.0
+            verdicts = self._check_many(calls, decoded)
+            used = CPU_SAMPLE * (time.thread_time() - cpu) if sampled else 0.0
+            spent = time.perf_counter() - started
+        counted = [self._models[r.model] for r, _ in calls if r.model in self._models]
+        for model in counted:  # shared out evenly: one group is one pass
+            if sampled:
+                model.cpu.inc(used / len(counted))
+            model.seconds.observe(spent / len(counted))
+        return verdicts
+
+    def _check_many(
+        self,
+        calls: Sequence[tuple[inference_pb2.InferRequest, Sequence[str]]],
+        decoded: Sequence[Mapping[str, np.ndarray]] | None,
+    ) -> list[Verdict | Exception]:
         parts: list[_Part | Exception | None] = []
-        for request, identities in calls:
+        for index, (request, identities) in enumerate(calls):
             try:
-                parts.append(self._prepare(request, identities))
+                arrays = None if decoded is None else decoded[index]
+                parts.append(self._prepare(request, identities, arrays))
             except Exception as error:  # that request fails alone, not its group
                 parts.append(error)
         evidence = self._evidence([part for part in parts if isinstance(part, _Part)])
@@ -239,16 +246,13 @@ class ActivationMonitor:
             if part.key.level < REFUSE and part.tier.level < REFUSE and part.rows:
                 self._score(part, evidence[id(part)])
             verdicts.append(self._verdict(part.request.model, part.key, part.tier))
-        spent = (time.perf_counter() - started) / max(len(calls), 1)
-        used = (time.thread_time() - cpu) / max(len(calls), 1)
-        for request, _ in calls:
-            if request.model in self._models:
-                self._metrics.seconds.labels(request.model).observe(spent)
-                self._metrics.cpu.labels(request.model).inc(used)
         return verdicts
 
     def _prepare(
-        self, request: inference_pb2.InferRequest, identities: Sequence[str]
+        self,
+        request: inference_pb2.InferRequest,
+        identities: Sequence[str],
+        arrays: Mapping[str, np.ndarray] | None,
     ) -> _Part | None:
         """The request's streams and, unless they are refused, its analysed feature rows."""
         model = self._models.get(request.model)
@@ -260,7 +264,8 @@ class ActivationMonitor:
         part = _Part(request, model, identity, key, tier)
         if key.level == REFUSE or tier.level == REFUSE:
             return part
-        arrays = {tensor.name: from_proto(tensor) for tensor in request.inputs}
+        if arrays is None:
+            arrays = {tensor.name: from_proto(tensor) for tensor in request.inputs}
         part.rows = _rows(model.specs, arrays)  # the runner validated them before asking
         if part.rows == 0:
             return part
@@ -349,7 +354,7 @@ class ActivationMonitor:
 
 def single_threaded_blas() -> None:
     """Keep NumPy's BLAS on one thread in this process. The monitor's matrix products are small
-    and run on the event loop next to the back stage's threads: a BLAS pool only spins (a
+    and run in the batch workers next to the back stage's threads: a BLAS pool only spins (a
     16-row group cost 8 times the CPU with two BLAS threads on a busy 2-core host)."""
     threadpool_limits(limits=1, user_api="blas")
 

@@ -10,7 +10,11 @@ the transport datatype (what the private tier receives) and keeps, per model:
 * per row statistic ("ood", "knn", "zero" = share of exact zeros, which post-ReLU activations
   have and noise lacks) its median and 1% / 99% quantiles on reference rows not in the bank;
 * ``nn_scale``: the median distance from a reference row to its nearest other one, the unit of
-  the near-duplicate (perturbation sweep) test.
+  the near-duplicate (perturbation sweep) test;
+* for convolutional activations (``channels`` > 0: one input shaped (batch, C, spatial...)), the
+  mean and inverse covariance of each row's per-channel share of exact zeros ("pattern"): noise
+  that matches the reference's mean and full covariance, clipped at 0, still has the wrong
+  sparsity per channel (a ReLU zeroes whole regions of some channels, not scattered entries).
 
 The file is ``activations.npz.enc`` in the model's private folder, sealed under the KEK like the
 back stage (``shared.crypto``) and bound to the model name and the back stage's hash: a profile
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -34,8 +38,9 @@ from shared.keys import KeyProvider
 from shared.manifest import DimSpec, StageManifest, TensorSpec
 
 PROFILE_FILE = "activations.npz.enc"
-PROFILE_VERSION = 1
-STATISTICS = ("ood", "knn", "zero")
+PROFILE_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: no "pattern" (it scores 0)
+STATISTICS = ("ood", "knn", "zero", "pattern")
 FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64"})
 Floats = npt.NDArray[np.float32]
 
@@ -57,6 +62,11 @@ class ActivationProfile:
     bank: Floats  # (n, k) PCA coordinates of reference rows
     quantiles: Floats  # (len(STATISTICS), 3): q01, median, q99 on held-back reference rows
     nn_scale: float
+    channels: int = 0  # 0: no per-channel zero pattern
+    pattern_mean: Floats = field(default_factory=lambda: np.zeros(0, np.float32))  # (channels,)
+    pattern_inverse: Floats = field(  # (channels, channels)
+        default_factory=lambda: np.zeros((0, 0), np.float32)
+    )
 
     @cached_property
     def inverse_variances(self) -> Floats:
@@ -83,6 +93,24 @@ class ActivationProfile:
         """Whether exact zeros are typical of this model's activations (post-ReLU)."""
         low, median, high = self.quantiles[STATISTICS.index("zero")]
         return bool(median >= 0.02 and high > low)
+
+    @property
+    def pattern_active(self) -> bool:
+        """Whether rows are scored on their per-channel share of zeros."""
+        return self.channels > 0 and self.zero_active
+
+
+def channel_groups(specs: Sequence[TensorSpec]) -> int:
+    """Channels of the one floating front input shaped (batch, C, spatial...), else 0."""
+    floats = [
+        spec
+        for spec in specs
+        if spec.datatype in FLOAT_DATATYPES and (spec.source or "").startswith("front:")
+    ]
+    if len(floats) != 1 or len(floats[0].shape) < 4:
+        return 0
+    dims = floats[0].shape[1:]
+    return dims[0] if all(isinstance(dim, int) for dim in dims) else 0  # type: ignore[return-value]
 
 
 def features_of(arrays: Mapping[str, Any], specs: Sequence[TensorSpec]) -> Floats:
@@ -129,9 +157,15 @@ def _pooled(array: npt.NDArray[Any], mask: npt.NDArray[Any] | None) -> Floats:
 
 
 def build_profile(
-    features: npt.NDArray[Any], *, components: int = 32, whitened: int = 16, bank: int = 1024
+    features: npt.NDArray[Any],
+    *,
+    components: int = 32,
+    whitened: int = 16,
+    bank: int = 1024,
+    channels: int = 0,
 ) -> ActivationProfile:
-    """Profile of natural reference features (n, d); n should be a few hundred or more."""
+    """Profile of natural reference features (n, d); n should be a few hundred or more.
+    ``channels``: see ``channel_groups`` (0 when the rows have no channel layout)."""
     data = np.asarray(features, dtype=np.float64)
     if data.ndim != 2 or len(data) < 4 * whitened:
         raise ValueError(f"need (n, d) features with n >= {4 * whitened}, got {data.shape}")
@@ -161,10 +195,25 @@ def build_profile(
         residual_scale=max(float(np.quantile(outside, 0.99)), 1e-12),
         bank=coordinates(unit, banked.astype(np.float32)),
         nn_scale=_median_nearest(data),
+        **_zero_pattern(banked, channels),
     )
     raw = raw_statistics(scaled, held32)
     quantiles = np.quantile(raw, [0.01, 0.5, 0.99], axis=0).T.astype(np.float32)
     return _replace(scaled, quantiles=quantiles)
+
+
+def _zero_pattern(rows: npt.NDArray[np.float64], channels: int) -> dict[str, Any]:
+    """Mean and inverse covariance (ridged) of the rows' per-channel shares of zeros."""
+    if channels < 2 or rows.shape[1] % channels:
+        return {}
+    shares = (rows == 0).reshape(len(rows), channels, -1).mean(axis=2)
+    covariance = np.atleast_2d(np.cov(shares.T))
+    covariance += np.eye(channels) * max(1e-3 * float(np.trace(covariance)) / channels, 1e-6)
+    return {
+        "channels": channels,
+        "pattern_mean": shares.mean(axis=0).astype(np.float32),
+        "pattern_inverse": np.linalg.inv(covariance).astype(np.float32),
+    }
 
 
 def coordinates(profile: ActivationProfile, features: Floats) -> Floats:
@@ -196,7 +245,8 @@ def raw_statistics(
     centred: Floats | None = None,
     coords: Floats | None = None,
 ) -> Floats:
-    """Per row: OOD distance, nearest-neighbour distance to the bank, share of zeros; (n, 3).
+    """Per row: OOD distance, nearest-neighbour distance to the bank, share of zeros and the
+    Mahalanobis distance of its per-channel shares of zeros (0 without channels); (n, 4).
 
     Called on every request's rows: few NumPy calls, the bank's norms computed once; a caller
     that has the centred rows and their PCA coordinates already passes them.
@@ -216,7 +266,14 @@ def raw_statistics(
         squared = np.partition(squared, 2, axis=1)[:, :3]
     np.maximum(squared, 0.0, out=squared)
     out[:, 1] = np.sqrt(squared, out=squared).mean(axis=1)
-    out[:, 2] = np.count_nonzero(features == 0, axis=1) / max(features.shape[1], 1)
+    zeros = features == 0
+    out[:, 2] = np.count_nonzero(zeros, axis=1) / max(features.shape[1], 1)
+    if profile.channels:
+        shares = zeros.reshape(len(features), profile.channels, -1).mean(axis=2, dtype=np.float32)
+        shares -= profile.pattern_mean
+        out[:, 3] = np.einsum("ij,ij->i", shares @ profile.pattern_inverse, shares)
+    else:
+        out[:, 3] = 0.0
     return out
 
 
@@ -264,14 +321,15 @@ def load_profile(path: Path, provider: KeyProvider, manifest: StageManifest) -> 
             found = {name: data[name] for name in data.files}
     except (OSError, ValueError) as error:
         raise ProfileError(f"{path.name} is not a profile ({error})") from None
+    version = int(found["version"]) if "version" in found else 0
     names = {
         "version",
         "model",
         "back_sha256",
-        *(field.name for field in fields(ActivationProfile)),
+        *(item.name for item in fields(ActivationProfile) if version >= 2 or item.name in V1),
     }
-    if names - set(found) or int(found["version"]) != PROFILE_VERSION:
-        raise ProfileError(f"{path.name}: not a version {PROFILE_VERSION} activation profile")
+    if names - set(found) or version not in READ_VERSIONS:
+        raise ProfileError(f"{path.name}: not a version {READ_VERSIONS} activation profile")
     if str(found["model"]) != manifest.model or str(found["back_sha256"]) != manifest.sha256:
         raise ProfileError(f"{path.name} belongs to another model or an earlier pack")
     floats = {
@@ -282,9 +340,41 @@ def load_profile(path: Path, provider: KeyProvider, manifest: StageManifest) -> 
         whitened=int(found["whitened"]),
         inside_scale=float(found["inside_scale"]),
         residual_scale=float(found["residual_scale"]),
-        quantiles=found["quantiles"].astype(np.float32),
+        quantiles=_padded(found["quantiles"].astype(np.float32)),
         nn_scale=float(found["nn_scale"]),
+        **_pattern_fields(found, version),
     )
-    if profile.basis.shape[1] != profile.dim or profile.bank.shape[1] != profile.basis.shape[0]:
+    channels = profile.channels
+    if (
+        profile.basis.shape[1] != profile.dim
+        or profile.bank.shape[1] != profile.basis.shape[0]
+        or (
+            channels
+            and (profile.dim % channels or profile.pattern_inverse.shape != (channels,) * 2)
+        )
+    ):
         raise ProfileError(f"{path.name}: inconsistent shapes")
     return profile
+
+
+V1 = frozenset(
+    {"mean", "basis", "variances", "whitened", "inside_scale", "residual_scale", "bank"}
+    | {"quantiles", "nn_scale"}
+)
+
+
+def _pattern_fields(found: Mapping[str, Any], version: int) -> dict[str, Any]:
+    """The zero-pattern fields of a version 2 profile; a version 1 profile has none."""
+    if version < 2:
+        return {}
+    return {
+        "channels": int(found["channels"]),
+        "pattern_mean": found["pattern_mean"].astype(np.float32),
+        "pattern_inverse": found["pattern_inverse"].astype(np.float32),
+    }
+
+
+def _padded(quantiles: Floats) -> Floats:
+    """Version 1 quantiles with a row for "pattern" (never scored: no channels)."""
+    missing = len(STATISTICS) - len(quantiles)
+    return np.concatenate([quantiles, np.ones((missing, 3), np.float32)]) if missing else quantiles

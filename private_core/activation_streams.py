@@ -20,6 +20,7 @@ LEVEL_NAMES = ("ok", "alert", "refuse")
 Floats = npt.NDArray[np.float32]
 Bools = npt.NDArray[np.bool_]
 SHORT_CUSUM = 8  # steps below which the recursion beats the vectorised form
+FEW_ROWS = 4  # rows up to which the near-duplicate test uses differences, not products
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class RowEvidence:
     projected: Floats
     scales: Floats  # per row: the distance unit of the near-duplicate test
     weight: float
+    unit: float | None = None  # the unit when every row has the same (a profile's)
 
     def part(self, start: int, stop: int, weight: float) -> RowEvidence:
         """Rows ``start:stop`` (one request of a group scored together), with its weight."""
@@ -41,6 +43,7 @@ class RowEvidence:
             self.projected[start:stop],
             self.scales[start:stop],
             weight,
+            self.unit,
         )
 
 
@@ -69,26 +72,61 @@ class Stream:
 
     def near_duplicates(self, evidence: RowEvidence, settings: ActivationMonitorSettings) -> Bools:
         """Rows within the near band of a recent row or of another row of this request."""
-        # Float64: a repeat (distance 0) must not land in the band through rounding.
-        rows = evidence.projected.astype(np.float64)
+        low: float | npt.NDArray[np.float64]
+        high: float | npt.NDArray[np.float64]
+        if evidence.unit is not None:  # plain floats: a few rows are the common case
+            low, high = (
+                (settings.near_low * evidence.unit) ** 2,
+                (settings.near_high * evidence.unit) ** 2,
+            )
+        else:
+            scales = evidence.scales.astype(np.float64)[:, None]
+            low, high = (
+                np.square(settings.near_low * scales),
+                np.square(settings.near_high * scales),
+            )
+        if len(evidence.projected) <= FEW_ROWS:
+            squared = self._distances_of_few(evidence.projected)
+        else:
+            squared = self._distances(evidence.projected)
+        near = ((squared >= low) & (squared < high)).any(axis=1)
+        return np.asarray(near)
+
+    def _distances_of_few(self, rows: Floats) -> npt.NDArray[np.float64]:
+        """Squared distances of a few rows to the window's filled slots and to each other, from
+        the differences (float32 differences are exact enough: a repeat is exactly 0)."""
+        recent = self.window[: self.filled] if self.filled < len(self.window) else self.window
+        others = recent if len(rows) == 1 else np.concatenate([recent, rows])
+        differences = others[None, :, :] - rows[:, None, :]
+        squared = np.asarray(np.einsum("ijk,ijk->ij", differences, differences), np.float64)
+        if len(rows) > 1:  # not a row against itself
+            squared[np.arange(len(rows)), len(recent) + np.arange(len(rows))] = np.inf
+        return squared
+
+    def _distances(self, projected: Floats) -> npt.NDArray[np.float64]:
+        """The same for many rows, as matrix products (float64: a repeat, distance 0, must not
+        land in the band through rounding); +inf against empty window slots."""
+        rows = projected.astype(np.float64)
         lengths = np.einsum("ij,ij->i", rows, rows)
-        scales = evidence.scales.astype(np.float64)[:, None]
-        low, high = np.square(settings.near_low * scales), np.square(settings.near_high * scales)
         squared = rows @ self.window.T.astype(np.float64)
         squared *= -2.0
         squared += lengths[:, None]
         squared += self.norms  # +inf where the window is empty: never in the band
-        near = ((squared >= low) & (squared < high)).any(axis=1)
-        if len(rows) > 1:  # the request's own rows, each against the others
-            own = lengths[:, None] + lengths[None, :] - 2.0 * rows @ rows.T
-            np.fill_diagonal(own, np.inf)
-            near |= ((own >= low) & (own < high)).any(axis=1)
-        return np.asarray(near)
+        own = lengths[:, None] + lengths[None, :] - 2.0 * rows @ rows.T
+        np.fill_diagonal(own, np.inf)
+        return np.concatenate([squared, own], axis=1)
 
     def remember(self, projected: Floats) -> None:
         """Add rows to the ring window (with their squared norms)."""
         size = len(self.window)
         if size == 0:
+            return
+        if len(projected) == 1:  # the common case, without index arrays
+            self.window[self.head] = projected[0]
+            stored = self.window[self.head].astype(np.float64)
+            self.norms[self.head] = float(stored @ stored)
+            self.head = (self.head + 1) % size
+            self.filled = min(self.filled + 1, size)
             return
         rows = projected[-size:]
         slots = (self.head + np.arange(len(rows))) % size
@@ -104,23 +142,28 @@ class Stream:
         """Fold one request's rows into the statistics; the new level (never lower)."""
         weight = evidence.weight
         hit, miss = _log_ratios(settings)
-        suspect = evidence.outliers | near
         shifts: npt.NDArray[np.floating[Any]] | list[float]
         steps: npt.NDArray[np.floating[Any]] | list[float]
-        if len(suspect) <= SHORT_CUSUM:  # plain floats: cheaper than NumPy for a few rows
+        if len(near) <= SHORT_CUSUM:  # plain Python: cheaper than NumPy for a few rows
             cap, drift = settings.shift_cap, settings.shift_drift
+            outliers, nears = evidence.outliers.tolist(), near.tolist()
             shifts = [weight * (min(score, cap) - drift) for score in evidence.scores.tolist()]
-            steps = [weight * (hit if flag else miss) for flag in suspect.tolist()]
+            steps = [
+                weight * (hit if o or n else miss) for o, n in zip(outliers, nears, strict=True)
+            ]
+            outlying, nearby = sum(outliers), sum(nears)
         else:
             shifts = weight * (
                 np.minimum(evidence.scores, settings.shift_cap) - settings.shift_drift
             )
-            steps = weight * np.where(suspect, hit, miss)
+            steps = weight * np.where(evidence.outliers | near, hit, miss)
+            outlying = int(np.count_nonzero(evidence.outliers))
+            nearby = int(np.count_nonzero(near))
         self.shift, shift_peak = cusum(self.shift, shifts)
         self.rows, rows_peak = cusum(self.rows, steps)
-        self.seen += weight * len(suspect)
-        self.outliers += weight * int(np.count_nonzero(evidence.outliers))
-        self.near += weight * int(np.count_nonzero(near))
+        self.seen += weight * len(near)
+        self.outliers += weight * outlying
+        self.near += weight * nearby
         self.level = max(self.level, level_of(shift_peak, rows_peak, settings))
         if self.level == REFUSE:  # sticky: its rows are no longer needed
             self.window, self.filled, self.head = self.window[:0], 0, 0

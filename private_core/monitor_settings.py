@@ -50,7 +50,9 @@ class ActivationMonitorSettings(BaseModel):
     benign_rate: float = Field(default=0.01, gt=0, lt=1)
     crafted_rate: float = Field(default=0.1, gt=0, lt=1)
     rows_alert: float = Field(default=15.0, gt=0)
-    rows_refuse: float = Field(default=60.0, gt=0)
+    # 30 nats: about 13 suspect rows in a row. Natural streams never reached the alert level in
+    # bench/compromised_public.py; each crafted row answered is a label for a thief's copy.
+    rows_refuse: float = Field(default=30.0, gt=0)
     throttle_delay_s: float = Field(default=1.0, ge=0, le=60)
     # Streams kept per model and scope; the least recently seen one below alert goes first.
     max_streams: int = Field(default=10_000, ge=1)

@@ -1,11 +1,15 @@
 """Run back stages: decode and check the activations, batch them, compute off the event loop,
 split the batch back and restrict each request's rows (which requests share a batch:
 ``shared.batch_plan``).
+
+The activation monitor judges each batch's requests in the batch worker, in one pass over all
+their rows, before the forward: a refused request gets its own error, its neighbours run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import asyncio
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -13,6 +17,7 @@ from typing import Any
 
 import torch
 
+from private_core.activation_monitor import ActivationMonitor
 from private_core.admission import Caller
 from private_core.attribution import Attributor
 from private_core.budgets import BudgetGate
@@ -49,6 +54,17 @@ class BackRequest:
     rows: int
     top_k: int
     context: QueryContext | None = None
+    screening: Screening | None = None
+
+
+@dataclass(eq=False)
+class Screening:
+    """What the activation monitor needs of one request (the caller's certificate identities)
+    and the delay its verdict asks for, set by the batch worker."""
+
+    request: inference_pb2.InferRequest
+    identities: tuple[str, ...]
+    delay_s: float = 0.0
 
 
 Batcher = DynamicBatcher[BackRequest, dict[str, Any]]
@@ -65,8 +81,10 @@ class BackStageRunner:
         pad: bool = True,
         admission: BudgetGate | None = None,
         attributor: Attributor | None = None,
+        monitor: ActivationMonitor | None = None,
     ) -> None:
         self._store = store
+        self._monitor = monitor
         self._batcher = batcher
         self._admission = admission
         self._attributor = attributor
@@ -75,7 +93,9 @@ class BackStageRunner:
             plan = plan_batching(stage, pad=pad)
             self._plans[name] = plan
             rows = batcher.register(
-                name, partial(run_batch, stage, plan), stage.config.max_batch_size
+                name,
+                partial(run_batch, stage, plan, monitor=monitor),
+                stage.config.max_batch_size,
             )
             log.info(
                 "batching_planned",
@@ -88,10 +108,11 @@ class BackStageRunner:
         self,
         request: inference_pb2.InferRequest,
         caller: Caller | None = None,
-        judge: Judge | None = None,
+        identities: Sequence[str] = (),
     ) -> inference_pb2.InferResponse:
         """Check one request, count it against ``caller``'s budgets, run it in a batch and
-        restrict its answer. A bad or refused request never reaches the batcher."""
+        restrict its answer. A bad or refused request never reaches the batcher; the activation
+        monitor judges it in its batch, under its certificate ``identities``."""
         stage = self._store.get(request.model)
         arrays = _decode(request)
         sizes = check_tensors(
@@ -108,13 +129,15 @@ class BackStageRunner:
         if caller is not None and context.attribution == "signed":
             caller = replace(caller, signed=True)  # counted against the identity's signed budget
         await self._admit(caller, request.model, max(batch, 1))
-        if judge is not None:  # the activation monitor sees only valid, admitted requests
-            await judge(request)
         plan = self._plans[request.model]
-        job = BackRequest(arrays, sizes, batch, int(request.top_k), context)
+        # The activation monitor sees only valid, admitted requests.
+        screening = None if self._monitor is None else Screening(request, tuple(identities))
+        job = BackRequest(arrays, sizes, batch, int(request.top_k), context, screening)
         outputs = await self._batcher.submit(
             request.model, job, key=plan.key(stage.manifest.inputs, arrays), rows=max(batch, 1)
         )
+        if screening is not None and screening.delay_s > 0:  # a throttled stream
+            await asyncio.sleep(screening.delay_s)
         return inference_pb2.InferResponse(
             model=request.model,
             outputs=[to_proto(name, value) for name, value in outputs.items()],
@@ -129,9 +152,6 @@ class BackStageRunner:
         await self._admission.admit(caller, model, samples)
 
 
-Judge = Callable[[inference_pb2.InferRequest], Awaitable[None]]
-
-
 def _decode(request: inference_pb2.InferRequest) -> dict[str, Any]:
     arrays: dict[str, Any] = {}
     for tensor in request.inputs:
@@ -142,9 +162,48 @@ def _decode(request: inference_pb2.InferRequest) -> dict[str, Any]:
 
 
 def run_batch(
+    stage: BackStage,
+    plan: BatchPlan,
+    requests: list[BackRequest],
+    monitor: ActivationMonitor | None = None,
+) -> list[dict[str, Any] | Exception]:
+    """The monitor's verdicts on ``requests`` (in a worker thread), then one forward for those it
+    lets through and each one's restricted rows; a refused request gets its error alone."""
+    refusals = screen(monitor, requests)
+    answered = [r for r, refused in zip(requests, refusals, strict=True) if refused is None]
+    results = iter(compute_batch(stage, plan, answered) if answered else [])
+    return [next(results) if refused is None else refused for refused in refusals]
+
+
+def screen(
+    monitor: ActivationMonitor | None, requests: Sequence[BackRequest]
+) -> list[Exception | None]:
+    """Each request's refusal (None: answer it), the monitor's verdicts in one pass; a throttle
+    is left in the request's ``Screening``. The monitor failing refuses them all (fail closed)."""
+    screened = [(i, r.screening) for i, r in enumerate(requests) if r.screening is not None]
+    refusals: list[Exception | None] = [None] * len(requests)
+    if monitor is None or not screened:
+        return refusals
+    calls = [(screening.request, screening.identities) for _, screening in screened]
+    try:
+        verdicts = monitor.check_many(calls, [requests[i].arrays for i, _ in screened])
+    except Exception as error:
+        log.exception("private_monitor_failed")
+        return [error] * len(requests)
+    for (index, screening), verdict in zip(screened, verdicts, strict=True):
+        if isinstance(verdict, Exception):
+            refusals[index] = verdict
+        elif verdict.error is not None:
+            refusals[index] = verdict.error
+        else:
+            screening.delay_s = verdict.delay_s
+    return refusals
+
+
+def compute_batch(
     stage: BackStage, plan: BatchPlan, requests: list[BackRequest]
 ) -> list[dict[str, Any] | Exception]:
-    """One forward for all ``requests`` (in a worker thread), then each one's restricted rows.
+    """One forward for all ``requests``, then each one's restricted rows.
 
     When a batch of several fails, each request runs alone so one bad request fails alone.
     """
@@ -171,7 +230,7 @@ def run_batch(
 
 def _alone(stage: BackStage, plan: BatchPlan, request: BackRequest) -> dict[str, Any] | Exception:
     try:
-        return run_batch(stage, plan, [request])[0]
+        return compute_batch(stage, plan, [request])[0]
     except Exception as error:
         return error
 
@@ -236,6 +295,7 @@ def build_runner(
     settings: PrivateSettings,
     admission: BudgetGate | None = None,
     attributor: Attributor | None = None,
+    monitor: ActivationMonitor | None = None,
 ) -> tuple[BackStageRunner, Batcher]:
     """The runner and its batcher, configured from the tier's settings."""
 
@@ -257,6 +317,11 @@ def build_runner(
         executor, batch_settings, observe, threads, metrics.observe_queue_wait
     )
     runner = BackStageRunner(
-        store, batcher, pad=settings.pad_batches, admission=admission, attributor=attributor
+        store,
+        batcher,
+        pad=settings.pad_batches,
+        admission=admission,
+        attributor=attributor,
+        monitor=monitor,
     )
     return runner, batcher

@@ -146,7 +146,6 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
         await asyncio.to_thread(check_private_store, settings.state_store, settings.tier_dir.parent)
     budgets = open_budgets(settings, metrics)
     signatures, attributor = build_attributor(settings, tier)
-    runner, batcher = build_runner(store, executor, metrics, settings, budgets, attributor)
     monitor = None
     if not settings.activation_monitor.enabled or settings.activation_monitor.action == "record":
         log.warning(
@@ -159,8 +158,9 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
         monitor = ActivationMonitor(
             settings.activation_monitor, monitored_models(store.loaded), metrics.registry
         )
+    runner, batcher = build_runner(store, executor, metrics, settings, budgets, attributor, monitor)
     inference_pb2_grpc.add_PrivateInferenceServicer_to_server(
-        PrivateInferenceServicer(store, runner, metrics, identities, monitor), server
+        PrivateInferenceServicer(store, runner, metrics, identities), server
     )
     ledger = add_ledger_service(
         server,

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import grpc
 
-from private_core.activation_monitor import ActivationMonitor
 from private_core.admission import Caller
 from private_core.auth import IdentityRule, peer_identities
 from private_core.metrics import PrivateMetrics
 from private_core.model_store import ModelStore
-from private_core.runner import BackStageRunner, Judge
+from private_core.runner import BackStageRunner
 from protos import inference_pb2, inference_pb2_grpc
 from shared.errors import (
     InternalError,
@@ -36,16 +34,13 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
         runner: BackStageRunner,
         metrics: PrivateMetrics,
         identities: IdentityRule | None = None,
-        monitor: ActivationMonitor | None = None,
     ) -> None:
         """``identities``: the rule the interceptor admitted callers by; it names the identity
-        each call is counted against (None: calls are not counted). ``monitor``: the
-        activation monitor (None: off)."""
+        each call is counted against (None: calls are not counted)."""
         self._store = store
         self._runner = runner
         self._metrics = metrics
         self._identities = identities
-        self._monitor = monitor
 
     async def Infer(
         self, request: inference_pb2.InferRequest, context: Context
@@ -53,7 +48,7 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
         try:
             self._store.check_pairing(request.model, request.pairing_id)
             response = await self._runner.infer(
-                request, self._caller(request, context), self._judge(context)
+                request, self._caller(request, context), peer_identities(context)
             )
         except SplitVaultError as error:
             await self._abort(context, request.model, error)
@@ -64,24 +59,6 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
             self._metrics.observe_request(request.model, grpc.StatusCode.OK)
             return response
         raise AssertionError("unreachable: abort raises")
-
-    def _judge(self, context: Context) -> Judge | None:
-        """The activation monitor's check of a validated request from this caller (None: off)."""
-        monitor = self._monitor
-        if monitor is None:
-            return None
-        identities = peer_identities(context)
-
-        async def judge(request: inference_pb2.InferRequest) -> None:
-            # Before batching: refuse or slow a crafted-looking stream (concurrent requests
-            # are scored together).
-            verdict = await monitor.judge(request, identities)
-            if verdict.error is not None:
-                raise verdict.error
-            if verdict.delay_s > 0:
-                await asyncio.sleep(verdict.delay_s)
-
-        return judge
 
     def _caller(self, request: inference_pb2.InferRequest, context: Context) -> Caller | None:
         """Who this call counts against: the admitted certificate identity and the key id the

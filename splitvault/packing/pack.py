@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from private_core.activation_profile import PROFILE_FILE as ACTIVATION_PROFILE_FILE
 from private_core.activation_profile import build_profile as build_activation_profile
+from private_core.activation_profile import channel_groups
 from private_core.activation_profile import features_of as activation_features
 from private_core.activation_profile import save_profile as save_activation_profile
 from private_core.watermark.keys import (
@@ -250,7 +251,9 @@ def _write_activation_profile(
         )
         features.append(activation_features(received, manifest.inputs))
     save_activation_profile(
-        build_activation_profile(np.concatenate(features)),
+        build_activation_profile(
+            np.concatenate(features), channels=channel_groups(manifest.inputs)
+        ),
         back_dir / ACTIVATION_PROFILE_FILE,
         provider,
         model=config.name,

@@ -9,6 +9,7 @@ in front of it shows how a key the monitor refused is answered.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +175,56 @@ def test_a_perturbation_sweep_is_alerted(attacker: Attacker) -> None:
     refused_at = attacker.send(np.concatenate(lines).astype(np.float16), "sweep")
     assert refused_at is not None and refused_at <= 512
     poll(lambda: bool(attacker.alerts("sweep")), "an alert for the sweep")
+
+
+def _full_covariance(attacker: Attacker, n: int, seed: int) -> np.ndarray:
+    """Gaussian rows with the mean and full covariance of the training digits' activations,
+    clipped at 0 like a ReLU: first and second moments match natural rows."""
+    reference = attacker.activations(np.asarray(digits.load_data().train_x[:1024]))
+    flat = reference.reshape(len(reference), -1).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    rows = rng.multivariate_normal(flat.mean(0), np.cov(flat.T), n, method="eigh")
+    return np.maximum(rows, 0).reshape(n, *reference.shape[1:]).astype(np.float16)
+
+
+def test_full_covariance_noise_is_alerted_within_200_and_refused_within_1000(
+    attacker: Attacker,
+) -> None:
+    refused_at = attacker.send(_full_covariance(attacker, 1000, 6), "full-cov")
+    assert refused_at is not None and refused_at <= 1000
+    poll(lambda: bool(attacker.alerts("full-cov")), "an alert for the full-covariance stream")
+    (alert, *_) = attacker.alerts("full-cov")
+    assert alert["samples"] <= 200, alert
+
+
+def test_concurrent_natural_requests_are_answered_next_to_refused_ones(
+    attacker: Attacker,
+) -> None:
+    """Crafted and natural requests in flight together (they share batches): each crafted
+    one is refused, every natural one answered."""
+    assert attacker.send(_full_covariance(attacker, 1000, 7), "crafted") is not None
+    natural = attacker.activations(np.asarray(digits.load_data().test_x[:64]))
+    crafted = _full_covariance(attacker, 64, 8)
+    calls = []
+    for i in range(64):
+        calls.append((natural[i : i + 1], f"customer-{i % 4}"))
+        calls.append((crafted[i : i + 1], "crafted"))
+
+    def one(call: tuple[np.ndarray, str]) -> grpc.StatusCode | None:
+        rows, key = call
+        request = inference_pb2.InferRequest(
+            model=MODEL,
+            inputs=[to_proto(attacker.input_name, rows)],
+            key_id=key,
+            pairing_id=pairing_id(attacker.layout, MODEL),
+        )
+        return _code(attacker.stub.Infer, request)
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(one, calls))
+    assert codes[0::2] == [None] * 64
+    assert codes[1::2] == [grpc.StatusCode.PERMISSION_DENIED] * 64
+    assert all(attacker.alerts(f"customer-{i}") == [] for i in range(4))
 
 
 def test_the_public_tier_answers_a_refused_key_with_403(

@@ -3,7 +3,6 @@ post-ReLU activations: natural rows are ReLU of a few clustered latent factors."
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from private_core.activation_profile import (
     ActivationProfile,
     ProfileError,
     build_profile,
+    channel_groups,
     features_of,
     load_profile,
     save_profile,
@@ -32,7 +32,7 @@ from shared.errors import (
 )
 from shared.keys import LocalFileKeyProvider
 from shared.manifest import DimSpec, StageManifest, TensorSpec
-from shared.tensor_codec import to_proto
+from shared.tensor_codec import from_proto, to_proto
 
 DIM, IDENTITY = 64, ["splitvault-public"]
 SPECS = [
@@ -250,30 +250,26 @@ def test_a_group_is_judged_as_its_requests_one_by_one(profile: ActivationProfile
         assert stream_b.reason() == stream_a.reason()
 
 
-def test_concurrent_requests_are_scored_together_and_a_bad_one_fails_alone(
-    profile: ActivationProfile, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_bad_request_fails_alone_in_its_group(profile: ActivationProfile) -> None:
     mon = monitor(profile)
-    groups: list[int] = []
-    check_many = mon.check_many
-
-    def counted(calls: Any) -> Any:
-        groups.append(len(calls))
-        return check_many(calls)
-
-    monkeypatch.setattr(mon, "check_many", counted)
     bad = inference_pb2.InferRequest(model="m", inputs=[to_proto("act", natural(2, 30)[:, :5])])
-
-    async def judge_all() -> list[Any]:
-        calls = [request(natural(2, 31), "a"), bad, request(natural(3, 32), "b")]
-        return await asyncio.gather(
-            *(mon.judge(call, IDENTITY) for call in calls), return_exceptions=True
-        )
-
-    first, failed, last = asyncio.run(judge_all())
-    assert groups == [3]
-    assert first.error is None and last.error is None
+    calls = [request(natural(2, 31), "a"), bad, request(natural(3, 32), "b")]
+    first, failed, last = mon.check_many([(call, IDENTITY) for call in calls])
+    assert isinstance(first, Verdict) and first.error is None
+    assert isinstance(last, Verdict) and last.error is None
     assert isinstance(failed, InvalidInput)
+
+
+def test_decoded_arrays_are_judged_as_the_request_bytes(profile: ActivationProfile) -> None:
+    """The runner hands the monitor the arrays it decoded; the verdicts are the same."""
+    from_bytes, from_arrays = monitor(profile), monitor(profile)
+    from_arrays._models["m"].scorer = from_bytes._models["m"].scorer
+    calls = [(r, IDENTITY) for r in _mixed_requests(400)]
+    arrays = [{"act": from_proto(r.inputs[0])} for r, _ in calls]
+    expected = [type(from_bytes.check(r, who).error) for r, who in calls]
+    got = from_arrays.check_many(calls, arrays)
+    assert [type(v.error) if isinstance(v, Verdict) else v for v in got] == expected
+    assert len(set(expected)) > 1  # refused on the way
 
 
 def test_sequence_features_pool_over_the_attention_mask() -> None:
@@ -288,3 +284,29 @@ def test_sequence_features_pool_over_the_attention_mask() -> None:
     alone = features_of({"hidden": hidden, "mask": np.ones((1, 5), np.int64)}, specs)
     assert np.allclose(features_of({"hidden": padded, "mask": mask}, specs), alone, atol=1e-6)
     assert not np.allclose(features_of({"hidden": padded}, specs[:1]), alone, atol=1e-3)
+
+
+CONV_SPECS = [
+    TensorSpec(
+        name="act",
+        datatype="FP16",
+        shape=[DimSpec(name="batch", min=1, max=1024), 4, 5, 5],
+        source="front:act",
+    )
+]
+
+
+def test_zero_pattern_profile_round_trips_and_needs_channels(tmp_path: Path) -> None:
+    """(tests/unit/private_core/test_monitor_batches.py judges real digits activations.)"""
+    assert channel_groups(CONV_SPECS) == 4 and channel_groups(SPECS) == 0
+    rows = np.maximum(np.random.default_rng(3).standard_normal((600, 100)), 0)
+    built = build_profile(rows.astype(np.float32), channels=4)
+    assert built.channels == 4 and built.pattern_active
+    assert not build_profile(rows.astype(np.float32)).pattern_active
+    provider = LocalFileKeyProvider.from_bytes(bytes(32))
+    path = tmp_path / "activations.npz.enc"
+    save_profile(built, path, provider, model="m", back_sha256="ab" * 32)
+    manifest = _manifest().model_copy(update={"inputs": CONV_SPECS})
+    loaded = load_profile(path, provider, manifest)
+    assert loaded.channels == 4
+    np.testing.assert_array_equal(loaded.pattern_inverse, built.pattern_inverse)
