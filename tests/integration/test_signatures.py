@@ -325,6 +325,13 @@ def test_a_replay_is_refused_after_the_private_tier_restarts(
 
 def test_evidence_labels_signed_and_public_records(signed: Signed, tmp_path: Path) -> None:
     """Without the owner's key no content is checked: signed records are ``signed only``."""
+    # Its own records (the test runs alone too): each key's answers include marked ones.
+    with Client(signed.url, api_key=signed.signer_key, ca=signed.layout.public.ca_cert,
+                signing_key=signed.signing_key) as client:  # fmt: skip
+        assert client.predict(MODEL, signed.images[:32], top_k=2).indices is not None
+    with Client(signed.url, api_key=signed.bearer_key, ca=signed.layout.public.ca_cert) as client:
+        assert client.predict(MODEL, signed.images[:16]).indices is not None
+    assert _triggers(signed.layout, signed.signer_id) and _triggers(signed.layout, signed.bearer_id)
     for key, key_id, expected in (
         (signed.signer_id, signed.signer_id, {"signed only"}),
         (signed.bearer_id, signed.bearer_id, {"attributed by the public tier alone"}),
