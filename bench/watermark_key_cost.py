@@ -30,7 +30,7 @@ import numpy as np
 import structlog
 import torch
 
-from private_core.watermark.benign import BenignChunk, benign_cost, choose_key
+from private_core.watermark.benign import MAX_DRAWS, BenignChunk, benign_cost, choose_key
 from private_core.watermark.keys import WatermarkKey
 from shared.manifest import ModelConfig, TopKPolicy, WatermarkConfig
 from splitvault.demo import digits
@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         }
     )
     own = spec.benign_data()
-    assert own is not None
+    if own is None:
+        raise SystemExit("the digits spec has no benign data")
     aug_x, aug_y = benign_set(data)
     sets: dict[str, list[BenignChunk]] = {
         "pack data": benign_chunks(pair, config, own),
@@ -88,14 +89,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("| round | key | draws | " + " | ".join(sets) + " |")
     print("|---|---|---|" + "---|" * len(sets))
     for round_ in range(args.rounds):
-        drawn: list[WatermarkKey] = []
-
-        def draw() -> WatermarkKey:
-            drawn.append(WatermarkKey.generate())
-            return drawn[-1]
-
-        choice = choose_key(config, sets["pack data"], generate=draw)
-        for name, key in (("chosen", choice.key), ("first", drawn[0])):
+        keys = [WatermarkKey.generate() for _ in range(MAX_DRAWS)]
+        choice = choose_key(config, sets["pack data"], generate=iter(keys).__next__)
+        for name, key in (("chosen", choice.key), ("first", keys[0])):
             costs = " | ".join(f"{benign_cost(config, key, s):+.2%}" for s in sets.values())
             print(f"| {round_} | {name} | {choice.draws} | {costs} |", flush=True)
 
