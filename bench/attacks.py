@@ -24,7 +24,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from splitvault.demo.digits import augment, fit
+from splitvault.demo.digits import augment as augment  # re-exported: the benchmarks use it
+from splitvault.demo.digits import fit
 
 Images = npt.NDArray[np.float32]  # (n, 1, 8, 8) in [0, 1]
 Labels = npt.NDArray[np.int64]

@@ -4,7 +4,9 @@ benign data, and keeps the old rule (the first key drawn, unchecked) when it doe
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -39,7 +41,7 @@ def spec() -> ModelSpec:
     )
 
 
-def _pack(spec: ModelSpec, tmp_path: Path) -> tuple[list[dict[str, object]], Path, Path]:
+def _pack(spec: ModelSpec, tmp_path: Path) -> tuple[list[MutableMapping[str, Any]], Path, Path]:
     layout = init_deployment(tmp_path / "d")
     with capture_logs() as logs:
         result = pack_spec(
