@@ -10,6 +10,7 @@ same held-out sets: the 450 clean held-out digits and the 5,000 augmented benign
 ``bench/watermark_diagnosis.py`` (seed 7). About 10 s a round on a shared 2-core host.
 
     .venv/bin/python bench/watermark_key_cost.py --rounds 8
+    .venv/bin/python bench/watermark_key_cost.py --keys 48   # random keys: how costs correlate
 """
 
 # ruff: noqa: E402 - the repository root goes on sys.path before the project imports.
@@ -55,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Print one row per round: the chosen key and the first key, each on three sets."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--keys", type=int, default=0, help="instead: this many random keys")
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     torch.set_num_threads(1)
@@ -86,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             pair, config, BenignData({"image": torch.from_numpy(aug_x)}, torch.from_numpy(aug_y))
         ),
     }
+    if args.keys:
+        random_keys(config, sets, args.keys)
+        return
     print("| round | key | draws | " + " | ".join(sets) + " |")
     print("|---|---|---|" + "---|" * len(sets))
     for round_ in range(args.rounds):
@@ -94,6 +99,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, key in (("chosen", choice.key), ("first", keys[0])):
             costs = " | ".join(f"{benign_cost(config, key, s):+.2%}" for s in sets.values())
             print(f"| {round_} | {name} | {choice.draws} | {costs} |", flush=True)
+
+
+def random_keys(config: ModelConfig, sets: dict[str, list[BenignChunk]], count: int) -> None:
+    """Each random key's cost on every set; correlations, and the held-out costs of the keys
+    within each bound on the pack data."""
+    costs = np.array(
+        [[benign_cost(config, k, s) for s in sets.values()] for k in map(_fresh, range(count))]
+    )
+    print("correlation (pack data, clean held-out, augmented):")
+    print(np.corrcoef(costs.T).round(2))
+    for bound in (0.002, 0.0025, 0.003, 1.0):
+        within = costs[costs[:, 0] <= bound + 1e-12]
+        if len(within):
+            print(
+                f"pack data <= {bound:.2%}: {len(within)} keys; clean max {within[:, 1].max():+.2%}"
+                f" (> 0.5%: {(within[:, 1] > 0.005).sum()}), augmented max {within[:, 2].max():+.2%}"
+            )
+
+
+def _fresh(_: int) -> WatermarkKey:
+    return WatermarkKey.generate()
 
 
 if __name__ == "__main__":
