@@ -183,8 +183,8 @@ def _split_and_write(
         pair, config, options.value_ranges, layout, provider, steps, options.tokenizer
     )
     if config.task == "classification":  # issue 14: a key bounded in benign cost where it can be
-        draw = key_drawer(pair, config, options.benign)
-        ensure_watermark_key(result.back_path.parent, provider, draw)
+        back_dir = result.back_path.parent
+        ensure_watermark_key(back_dir, provider, key_drawer(pair, config, options.benign, back_dir))
     if options.reference_inputs is not None:
         outputs = _front_outputs(pair, options.reference_inputs)
         _write_reference_profile(pair, outputs, result.front_path.parent)

@@ -4,6 +4,7 @@ benign data, and keeps the old rule (the first key drawn, unchecked) when it doe
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 from structlog.testing import capture_logs
 
 from private_core.watermark.benign import BOUND, MAX_DRAWS, benign_cost
-from private_core.watermark.keys import WATERMARK_KEY_FILE, load_key
+from private_core.watermark.keys import CHOICE_FILE, WATERMARK_KEY_FILE, load_key
 from shared.keys import LocalFileKeyProvider
 from shared.manifest import TopKPolicy, read_config
 from splitvault.demo import digits
@@ -65,6 +66,8 @@ def test_pack_with_benign_data_keeps_a_key_within_the_bound(
     (chosen,) = [e for e in logs if e["event"] == "watermark_key_chosen"]
     assert chosen["key_id"] == key.key_id and chosen["samples"] == 600
     assert chosen["draws"] == len(drawn)
+    record = json.loads((back_dir / CHOICE_FILE).read_text())
+    assert (record["key_id"], record["draws"], record["checked"]) == (key.key_id, len(drawn), True)
     assert all(float(e["benign_cost"]) > BOUND for e in drawn[:-1])  # redrawn only when over
     pair = split_program(export_model(spec), digits.SPLIT, spec.dynamic_dims)
     config = read_config(back_dir)
@@ -89,3 +92,5 @@ def test_pack_without_benign_data_keeps_the_first_key_and_says_so(
     assert "watermark_key_drawn" not in events
     (unchecked,) = [e for e in logs if e["event"] == "watermark_key_unchecked"]
     assert unchecked["reason"] == "no labelled benign data"
+    record = json.loads((back_dir / CHOICE_FILE).read_text())
+    assert (record["draws"], record["checked"]) == (1, False)
