@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 import torch
-from scipy import ndimage
 from torch import nn
 
+from splitvault.demo.digits import augment as augment  # re-exported: the benchmarks use it
 from splitvault.demo.digits import fit
 
 Images = npt.NDArray[np.float32]  # (n, 1, 8, 8) in [0, 1]
@@ -222,19 +222,6 @@ class PerturbationAttacker(Attacker):
         base = self.seeds[self.rng.integers(len(self.seeds), size=size)]
         noise = self.rng.uniform(-self.radius, self.radius, base.shape)
         return np.asarray(np.clip(base + noise, 0.0, 1.0), dtype=np.float32)
-
-
-def augment(image: Images, rng: np.random.Generator) -> Images:
-    """One random augmentation of one (1, 8, 8) digit: shift, rotation or noise."""
-    plane = image[0]
-    kind = rng.integers(3)
-    if kind == 0:
-        plane = ndimage.shift(plane, rng.integers(-1, 2, size=2), order=0, mode="constant")
-    elif kind == 1:
-        plane = ndimage.rotate(plane, rng.uniform(-15, 15), reshape=False, order=1)
-    else:
-        plane = plane + rng.normal(0.0, 0.05, plane.shape)
-    return np.asarray(np.clip(plane, 0.0, 1.0)[None], dtype=np.float32)
 
 
 class NaturalAttacker(Attacker):

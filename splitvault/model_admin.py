@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from private_core.watermark.keys import WATERMARK_KEY_FILE
+from private_core.watermark.keys import CHOICE_FILE, WATERMARK_KEY_FILE
 from shared.layout import DeployLayout, TierDir
 from shared.manifest import (
     CONFIG_FILE,
@@ -100,6 +100,8 @@ def delete_model(layout: DeployLayout, name: str) -> Path | None:
         kept.parent.mkdir(parents=True, mode=0o700)
         shutil.copy2(key, kept)
         shutil.copy2(layout.private.model(name) / CONFIG_FILE, kept.parent / CONFIG_FILE)
+        if (choice := layout.private.model(name) / CHOICE_FILE).exists():  # the draws, issue 14
+            shutil.copy2(choice, kept.parent / CHOICE_FILE)
     for tier in (layout.public, layout.private):
         _remove(tier.model(name))
     return kept

@@ -22,6 +22,9 @@ from shared.crypto import decrypt_bytes, encrypt_stream
 from shared.keys import KeyProvider
 
 WATERMARK_KEY_FILE = "watermark.key.enc"
+CHOICE_FILE = (
+    "watermark.choice.json"  # how pack drew the key (``splitvault.packing.watermark_key``)
+)
 KEY_SIZE = 32
 _MAGIC = b"SVWMK\x01"
 _ID_LABEL = b"splitvault-watermark-key-id"

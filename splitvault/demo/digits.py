@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import torch
+from scipy import ndimage
 from torch import nn
 
 from splitvault.packing.spec import ModelSpec
@@ -85,7 +86,9 @@ def accuracy(model: nn.Module, data: DigitsData) -> float:
 
 
 def spec_for(model: nn.Module, data: DigitsData) -> ModelSpec:
-    """The pack spec of a trained digits CNN; the training images are the reference profile."""
+    """The pack spec of a trained digits CNN; the training images are the reference profile, and
+    with four augmented copies of each, the watermark key's benign data."""
+    benign_x = augmented_copies(data.train_x, BENIGN_COPIES)
     return ModelSpec(
         module=model,
         example_inputs={"image": torch.from_numpy(data.test_x[:4])},
@@ -93,7 +96,35 @@ def spec_for(model: nn.Module, data: DigitsData) -> ModelSpec:
         labels=LABELS,
         max_sizes={"batch": 1024},
         reference_inputs={"image": torch.from_numpy(data.train_x)},
+        benign_inputs={"image": torch.from_numpy(benign_x)},
+        benign_labels=torch.from_numpy(np.tile(data.train_y, 1 + BENIGN_COPIES)),
     )
+
+
+BENIGN_COPIES = 4  # augmented copies of each training image in the watermark's benign data
+
+
+def augment(image: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.NDArray[np.float32]:
+    """One random augmentation of one (1, 8, 8) digit: shift, rotation or noise (the benign
+    set of ``bench/watermark_*.py`` and the watermark key's benign data at pack)."""
+    plane = image[0]
+    kind = rng.integers(3)
+    if kind == 0:
+        plane = ndimage.shift(plane, rng.integers(-1, 2, size=2), order=0, mode="constant")
+    elif kind == 1:
+        plane = ndimage.rotate(plane, rng.uniform(-15, 15), reshape=False, order=1)
+    else:
+        plane = plane + rng.normal(0.0, 0.05, plane.shape)
+    return np.asarray(np.clip(plane, 0.0, 1.0)[None], dtype=np.float32)
+
+
+def augmented_copies(
+    images: npt.NDArray[np.float32], copies: int, seed: int = 11
+) -> npt.NDArray[np.float32]:
+    """``images`` followed by ``copies`` augmented copies of each (``augment``)."""
+    rng = np.random.default_rng(seed)
+    extra = [np.stack([augment(x, rng) for x in images]) for _ in range(copies)]
+    return np.concatenate([images, *extra])
 
 
 def factory() -> ModelSpec:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +53,10 @@ from shared.tensor_codec import datatype_of, numpy_dtype
 from splitvault.errors import PackError
 from splitvault.packing.diagnose import check_model_name, check_split_name, check_top_level_names
 from splitvault.packing.shares import check_private_share
-from splitvault.packing.spec import ModelSpec
+from splitvault.packing.spec import BenignData, ModelSpec
 from splitvault.packing.split import StagePair, export_model, split_program
 from splitvault.packing.text import write_tokenizer
+from splitvault.packing.watermark_key import key_drawer
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ def pack_spec(
             watermark,
             min_private_share,
             spec.tokenizer,
+            benign=spec.benign_data(),
         )
         return _split_and_write(program, options, spec.dynamic_dims, layout, provider, steps)
 
@@ -146,6 +148,7 @@ class PackOptions:
     watermark: WatermarkConfig | None = None
     min_private_share: float | None = None  # refuse a cut keeping less private (None: any)
     tokenizer: Path | None = None  # a text model's tokenizer.json, copied to the public tier
+    benign: BenignData | None = None  # labelled data bounding the watermark key's benign cost
 
 
 def _split_and_write(
@@ -179,6 +182,9 @@ def _split_and_write(
     result = _write_stages(
         pair, config, options.value_ranges, layout, provider, steps, options.tokenizer
     )
+    if config.task == "classification":  # issue 14: a key bounded in benign cost where it can be
+        back_dir = result.back_path.parent
+        ensure_watermark_key(back_dir, provider, key_drawer(pair, config, options.benign, back_dir))
     if options.reference_inputs is not None:
         outputs = _front_outputs(pair, options.reference_inputs)
         _write_reference_profile(pair, outputs, result.front_path.parent)
@@ -327,15 +333,18 @@ def _write_stages(
         pairing_id=pairing,
     )
     del back_bytes
-    if config.task == "classification":
-        ensure_watermark_key(back_dir, provider)
     _write_model_files(back_dir, config, back_manifest)
     steps.update()
     return PackResult(config, public, private, front_path, back_path, pairing)
 
 
-def ensure_watermark_key(back_dir: Path, provider: KeyProvider) -> WatermarkKey:
-    """The model's watermark key, created (encrypted under the KEK) only if there is none.
+def ensure_watermark_key(
+    back_dir: Path,
+    provider: KeyProvider,
+    draw: Callable[[], WatermarkKey] = WatermarkKey.generate,
+) -> WatermarkKey:
+    """The model's watermark key, created with ``draw`` (encrypted under the KEK) only if there
+    is none.
 
     A repack keeps the key, so copies made from earlier answers stay provable.
     """
@@ -347,7 +356,7 @@ def ensure_watermark_key(back_dir: Path, provider: KeyProvider) -> WatermarkKey:
             raise ValueError(
                 f"{path} exists but does not decrypt under this KEK; move it away to make a new key"
             ) from None
-    key = WatermarkKey.generate()
+    key = draw()
     save_key(key, path, provider)
     return key
 

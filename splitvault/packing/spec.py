@@ -15,6 +15,14 @@ from shared.manifest import BATCH_DIM
 Task = Literal["classification", "embedding"]
 
 
+@dataclass(frozen=True)
+class BenignData:
+    """The owner's labelled benign samples: request inputs by name and the class of each."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+
 @dataclass
 class ModelSpec:
     """A model ready to pack: the module, named example inputs and their dynamic dimensions.
@@ -38,6 +46,16 @@ class ModelSpec:
     # A text model's tokenizer (``tokenizers`` JSON): copied to the public tier, which then
     # takes text as well as token ids (sentences truncated to the largest sequence length).
     tokenizer: Path | None = None
+    # The owner's labelled benign data (issue 14): request inputs and their true classes. At pack
+    # the watermark key is redrawn until its marks cost at most 0.25 % top-1 accuracy on it.
+    benign_inputs: dict[str, torch.Tensor] | None = None
+    benign_labels: torch.Tensor | None = None
+
+    def benign_data(self) -> BenignData | None:
+        """The labelled benign data, or None where either part is missing."""
+        if self.benign_inputs is None or self.benign_labels is None:
+            return None
+        return BenignData(self.benign_inputs, self.benign_labels)
 
     def dims_for(self, name: str) -> dict[int, str]:
         """Dynamic dimensions of one input (batch on dimension 0 unless told otherwise)."""
