@@ -9,6 +9,7 @@ answered that query.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from private_core.model_store import BackStage, ModelLoadFailure, load_back_stage
 from private_core.settings import private_state_dir
 from private_core.watermark.engine import eligible, region_marker
-from private_core.watermark.keys import WATERMARK_KEY_FILE, WatermarkKey, load_key
+from private_core.watermark.keys import CHOICE_FILE, WATERMARK_KEY_FILE, WatermarkKey, load_key
 from private_core.watermark.marks import QueryMarker, QueryMarks
 from private_core.watermark.regions import top_two, unsure
 from private_core.watermark.triggers import (
@@ -68,6 +69,18 @@ class Candidates:
         return np.asarray(self.probabilities.argmax(axis=1), dtype=np.int64)
 
 
+def key_draws(private_dir: Path, key_id: str) -> int:
+    """How many keys ``pack`` drew to choose the model's key ``key_id`` (1 when it left no
+    record, as before keys were chosen by benign cost)."""
+    path = private_dir / CHOICE_FILE
+    if not path.is_file():
+        return 1
+    choice = json.loads(path.read_text("utf-8"))
+    if choice.get("key_id") != key_id:
+        return 1  # a record of a retired key: the current one was not chosen among draws
+    return max(1, int(choice.get("draws", 1)))
+
+
 class OwnerModel:
     """A deployed model loaded whole, for the owner: front, back, watermark key."""
 
@@ -85,6 +98,7 @@ class OwnerModel:
             self.key: WatermarkKey = load_key(private_dir / WATERMARK_KEY_FILE, provider)
         except DecryptionError as error:
             raise ValueError(f"model {name!r}: watermark key: {error.message}") from None
+        self.key_draws = key_draws(private_dir, self.key.key_id)
         self.config = self.back.config
         self.settings = self.config.watermark or WatermarkConfig()
         front_dir = layout.public.model(name)

@@ -55,11 +55,13 @@ class Verification:
     alpha: float
     results: list[SchemeResult]
     triggers: TriggerCheck
+    key_draws: int = 1  # keys drawn at pack to find this one (``watermark.choice.json``)
 
     @property
     def threshold(self) -> float:
-        """``alpha`` shared among the schemes tested (Bonferroni)."""
-        return self.alpha / max(1, len(self.results))
+        """``alpha`` shared among the schemes tested and the keys drawn at pack (Bonferroni:
+        the key kept was chosen among ``key_draws`` by benign cost, so each draw is a test)."""
+        return self.alpha / (max(1, len(self.results)) * max(1, self.key_draws))
 
     @property
     def claimed(self) -> bool:
@@ -96,7 +98,7 @@ class Verification:
         verdict = "CLAIMED" if self.claimed else "not claimed"
         lines.append(
             f"verdict: {verdict} (threshold p < {self.threshold:.3g}: alpha {self.alpha:.3g} "
-            f"over {len(self.results)} scheme(s))"
+            f"over {len(self.results)} scheme(s) and {self.key_draws} key draw(s) at pack)"
         )
         return "\n".join(lines)
 
@@ -145,6 +147,7 @@ def verify_candidates(
         alpha=alpha,
         results=results,
         triggers=triggers if triggers is not None else check_triggers(owner, candidates),
+        key_draws=owner.key_draws,
     )
 
 

@@ -16,7 +16,7 @@ from splitvault_client import Client
 from torch import nn
 
 from private_core.model_store import ModelLoadFailure, load_back_stage
-from private_core.watermark.keys import WATERMARK_KEY_FILE, load_key
+from private_core.watermark.keys import CHOICE_FILE, WATERMARK_KEY_FILE, load_key
 from private_core.watermark.triggers import TriggerRecord, read_triggers
 from public_api.keys import parse_key_id
 from shared.keys import LocalFileKeyProvider
@@ -186,6 +186,11 @@ def test_verifier_claims_the_copy_and_not_the_independent_model(
     assert claimed["claimed"] and claimed["results"][0]["p_value"] < 2.0**-64
     assert claimed["triggers"]["found"] == claimed["triggers"]["selected"] > 0
     assert not independent["claimed"] and independent["results"][0]["p_value"] > 1e-3
+    # The key was chosen among draws at pack: each draw is a test, the threshold shares alpha.
+    choice = json.loads((owned.layout.private.model("digits") / CHOICE_FILE).read_text())
+    assert claimed["key_draws"] == choice["draws"] >= 1
+    schemes = len(claimed["results"])
+    assert claimed["threshold"] == pytest.approx(claimed["alpha"] / (schemes * choice["draws"]))
 
 
 def test_evidence_report_and_a_tampered_trail(owned: Owned, tmp_path: Path) -> None:
