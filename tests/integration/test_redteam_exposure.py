@@ -473,17 +473,24 @@ def _health(tier: Tier) -> tuple[int, str]:
 
 def test_settings_that_switch_protections_off_are_loud(exposure: Exposure) -> None:
     """``monitor_action = "record"`` left from a test run: the tier says so at start and
-    ``splitvault health public`` shows it; a tier with every protection on shows nothing."""
+    ``splitvault health public`` shows it. Key groups are off in every test tier (all test
+    clients share 127.0.0.1, so a tier's keys would form one group): each tier says that too,
+    and a tier with every other protection on says nothing else."""
+    groups_off = ("protection.groups_enabled", "false", "warning")
     direct = exposure.tiers["direct"]
     warnings = [e for e in direct.process.events() if e.get("event") == "unsafe_setting"]
     assert [(e["setting"], e["value"], e["level"]) for e in warnings] == [
-        ("protection.monitor_action", "record", "warning")
+        ("protection.monitor_action", "record", "warning"),
+        groups_off,
     ]
     code, output = _health(direct)
     assert code == 0 and output.splitlines()[0] == "ready", output
     assert "WARNING: unsafe setting protection.monitor_action = record" in output
     block = exposure.tiers["block"]
-    assert not [e for e in block.process.events() if e.get("event") == "unsafe_setting"]
+    warnings = [e for e in block.process.events() if e.get("event") == "unsafe_setting"]
+    assert [(e["setting"], e["value"], e["level"]) for e in warnings] == [groups_off]
     wait_for(lambda: _health(block)[0] == 0, timeout=30, what="the block tier's health")
     code, output = _health(block)
-    assert (code, output.strip()) == (0, "ready")
+    assert code == 0 and output.splitlines()[0] == "ready", output
+    assert "WARNING: unsafe setting protection.groups_enabled = false" in output
+    assert "monitor_action" not in output
