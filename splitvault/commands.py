@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 
 from shared.keys import LocalFileKeyProvider
@@ -34,8 +36,25 @@ def build_policy(kind: str | None, task: str, k: int, decimals: int | None) -> O
 
 def pack_command(args: argparse.Namespace) -> int:
     """Run ``splitvault pack`` and print the parameters each tier holds."""
-    with torch_output(args):
+    with torch_output(args), pack_logs(args):
         return _pack(args)
+
+
+@contextmanager
+def pack_logs(args: argparse.Namespace) -> Iterator[None]:
+    """While ``pack`` runs, structured logs go to stderr, and below a warning only with
+    ``--verbose``: stdout is the command's own report. The previous configuration is restored."""
+    previous = structlog.get_config()
+    level = "debug" if getattr(args, "verbose", False) else "warning"
+    structlog.configure(
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield
+    finally:
+        structlog.configure(**previous)
 
 
 def torch_output(args: argparse.Namespace) -> AbstractContextManager[None]:
