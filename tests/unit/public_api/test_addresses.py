@@ -10,11 +10,11 @@ from public_api.addresses import limit_subject
 @pytest.mark.parametrize(
     ("address", "subject"),
     [
-        ("203.0.113.7", "203.0.113.7"),
+        ("127.0.0.7", "127.0.0.7"),
         ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
         ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
         ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
-        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("::ffff:127.0.0.7", "127.0.0.7"),
         ("fe80::1%eth0", "fe80::/64"),
         ("unknown", "unknown"),
     ],
