@@ -222,7 +222,7 @@ def _serve_private(args: argparse.Namespace) -> int:
     from private_core.private_redis import PrivateStoreRefused
     from private_core.server import serve
     from private_core.settings import PrivateSettings
-    from private_core.state import StateUnwritable
+    from private_core.state import StateLocked, StateUnwritable
 
     layout = require_tier(args.deploy, "private")
     kek_file = args.kek_file or (layout.kek if layout.kek.exists() else None)
@@ -239,6 +239,9 @@ def _serve_private(args: argparse.Namespace) -> int:
         asyncio.run(serve(settings))
     except (StateUnwritable, AdmissionStateError, PrivateStoreRefused):
         return 1  # logged: private_state_unwritable, admission_state_unreadable, ..._refused
+    except StateLocked as error:  # logged too (private_state_locked); said plainly as well
+        print(f"splitvault: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
