@@ -32,6 +32,7 @@ from private_core.servicer import PrivateInferenceServicer
 from private_core.settings import PrivateSettings
 from private_core.signers import SignatureState, open_signature_state
 from private_core.state import StateLock, lock_state_dir, require_writable_state
+from private_core.store_health import keep_store_health
 from private_core.watermark.triggers import TRIGGER_DIR
 from protos import inference_pb2_grpc
 from shared.cert_expiry import watch_certificates
@@ -198,6 +199,12 @@ async def _build_locked(settings: PrivateSettings) -> PrivateServer:
     await health_servicer.set(SERVICE_NAME, status)
     await health_servicer.set(LEDGER_SERVICE, ledger.health_status)
     ledger_health = asyncio.create_task(ledger.keep_health(health_servicer))
+    background = [ledger_health]
+    if settings.state_store.redis_url is not None:  # NOT_SERVING while the store is down
+        store_health = keep_store_health(
+            health_servicer, ("", SERVICE_NAME), status, settings.state_store, metrics.registry
+        )
+        background.append(asyncio.create_task(store_health))
     metrics_port = None
     if settings.metrics_port is not None:
         metrics_port = start_metrics_server(metrics, settings.metrics_host, settings.metrics_port)
@@ -222,7 +229,7 @@ async def _build_locked(settings: PrivateSettings) -> PrivateServer:
         ledger=ledger,
         budgets=budgets,
         signatures=signatures,
-        background=[ledger_health],
+        background=background,
     )
 
 
