@@ -31,7 +31,7 @@ async def answers(client: redis.asyncio.Redis, timeout_s: float) -> bool:
     try:
         async with asyncio.timeout(timeout_s):
             return bool(await client.ping())
-    except (*STORE_FAILURES, TimeoutError):
+    except STORE_FAILURES:  # TimeoutError (asyncio.timeout's) is an OSError
         return False
 
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from public_api.monitor.cli import add_monitor_commands
 from shared.layout import DeployLayout
 from shared.logs import configure_logging
+from shared.settings import given
 from splitvault.admin import add_admin_commands
 from splitvault.assess.cli import add_assess_command, add_budget_arguments
 from splitvault.errors import exit_status, report, require_tier, settings_error
@@ -230,9 +231,9 @@ def _serve_private(args: argparse.Namespace) -> int:
         layout.private_config,
         secrets_dir=Path("/run/secrets"),
         tier_dir=layout.private.root,
-        host=args.host,
-        port=args.port,
-        kek_file=kek_file,
+        host=given(args.host),
+        port=given(args.port),
+        kek_file=given(kek_file),
     )
     configure_logging(settings.log_level, tier="private")
     try:
@@ -255,10 +256,10 @@ def _serve_public(args: argparse.Namespace) -> int:
             layout.public_config,
             secrets_dir=Path("/run/secrets"),
             tier_dir=layout.public.root,
-            host=args.host,
-            port=args.port,
-            private_addresses=args.private_addresses,
-            insecure_http=args.insecure_http,
+            host=given(args.host),
+            port=given(args.port),
+            private_addresses=given(args.private_addresses),
+            insecure_http=given(args.insecure_http),
         )
     except ValidationError as error:
         raise settings_error(error, "public") from error
