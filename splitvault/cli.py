@@ -13,7 +13,6 @@ from pydantic import ValidationError
 from public_api.monitor.cli import add_monitor_commands
 from shared.layout import DeployLayout
 from shared.logs import configure_logging
-from shared.settings import given
 from splitvault.admin import add_admin_commands
 from splitvault.assess.cli import add_assess_command, add_budget_arguments
 from splitvault.errors import exit_status, report, require_tier, settings_error
@@ -224,6 +223,7 @@ def _serve_private(args: argparse.Namespace) -> int:
     from private_core.server import serve
     from private_core.settings import PrivateSettings
     from private_core.state import StateLocked, StateUnwritable
+    from shared.settings import given
 
     layout = require_tier(args.deploy, "private")
     kek_file = args.kek_file or (layout.kek if layout.kek.exists() else None)
@@ -249,6 +249,7 @@ def _serve_private(args: argparse.Namespace) -> int:
 def _serve_public(args: argparse.Namespace) -> int:
     from public_api.server import serve
     from public_api.settings import PublicSettings
+    from shared.settings import given
 
     layout = require_tier(args.deploy, "public")
     try:
