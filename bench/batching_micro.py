@@ -199,9 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             layout = DeployLayout(args.deploy)
         batching = {**threads, "SPLITVAULT_PRIVATE_MAX_QUEUE_DELAY_US": str(args.delay_us)}
+        # Each tier locks its state folder: the second gets one of its own.
+        own_state = {"SPLITVAULT_PRIVATE_STATE_DIR": str(layout.private.root / "state-off")}
         tiers = {
             "on": start_private(layout.root, env=batching),
-            "off": start_private(layout.root, env={**threads, **OFF}),
+            "off": start_private(layout.root, env={**threads, **OFF, **own_state}),
         }
         for tier in tiers.values():
             stack.callback(tier.stop)

@@ -281,9 +281,9 @@ def run(
     base = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1", "SPLITVAULT_PRIVATE_METRICS_PORT": "0"}
     on = start_private(layout.root, env=base)
     stack.callback(on.stop)
-    off = start_private(
-        layout.root, env={**base, "SPLITVAULT_PRIVATE_ACTIVATION_MONITOR__ENABLED": "false"}
-    )
+    off_env = {**base, "SPLITVAULT_PRIVATE_ACTIVATION_MONITOR__ENABLED": "false"}
+    off_env["SPLITVAULT_PRIVATE_STATE_DIR"] = str(layout.private.root / "state-off")  # one each
+    off = start_private(layout.root, env=off_env)
     stack.callback(off.stop)
     attacker, baseline = Attacker(layout, on.port), Attacker(layout, off.port)
     with torch.inference_mode():

@@ -31,7 +31,8 @@ from private_core.runner import Batcher, build_runner, configure_torch_threads, 
 from private_core.servicer import PrivateInferenceServicer
 from private_core.settings import PrivateSettings
 from private_core.signers import SignatureState, open_signature_state
-from private_core.state import require_writable_state
+from private_core.state import StateLock, lock_state_dir, require_writable_state
+from private_core.store_health import keep_store_health
 from private_core.watermark.triggers import TRIGGER_DIR
 from protos import inference_pb2_grpc
 from shared.cert_expiry import watch_certificates
@@ -62,6 +63,7 @@ class PrivateServer:
     budgets: BudgetGate | None = None
     signatures: SignatureState | None = None
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    state_lock: StateLock | None = None  # the state folder's, released last by stop
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, let in-flight calls finish within ``grace_s``, then stop."""
@@ -81,6 +83,8 @@ class PrivateServer:
             self.ledger.close()
         if self.signatures is not None:
             self.signatures.close()
+        if self.state_lock is not None:
+            self.state_lock.release()
 
 
 def key_provider(settings: PrivateSettings) -> KeyProvider:
@@ -116,11 +120,24 @@ def identity_rules(settings: PrivateSettings) -> tuple[IdentityRule, IdentityRul
 
 
 async def build_server(settings: PrivateSettings) -> PrivateServer:
-    """Check the state folder, load the models, then bind and start the server (port 0 binds
-    a free port). ``StateUnwritable`` (logged) when the state folder cannot be written,
-    ``AdmissionStateError`` (logged) when its admission counters cannot be read,
-    ``PrivateStoreRefused`` (logged) when its shared store is not one it may trust."""
+    """Check and lock the state folder, load the models, then bind and start the server (port
+    0 binds a free port). ``StateUnwritable`` (logged) when the state folder cannot be written,
+    ``StateLocked`` (logged) when another private tier holds it, ``AdmissionStateError``
+    (logged) when its admission counters cannot be read, ``PrivateStoreRefused`` (logged) when
+    its shared store is not one it may trust. The lock is held until ``PrivateServer.stop``."""
     require_writable_state(settings.state_dir)
+    state_lock = lock_state_dir(settings.state_dir)
+    try:
+        running = await _build_locked(settings)
+    except BaseException:
+        state_lock.release()  # an in-process tier that failed to start holds nothing
+        raise
+    running.state_lock = state_lock
+    return running
+
+
+async def _build_locked(settings: PrivateSettings) -> PrivateServer:
+    """``build_server`` once this process holds the state folder."""
     configure_torch_threads(settings.torch_threads, settings.torch_interop_threads)
     single_threaded_blas()  # NumPy (activation monitor, watermark): small products only
     tier = TierDir(settings.tier_dir)
@@ -182,6 +199,12 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     await health_servicer.set(SERVICE_NAME, status)
     await health_servicer.set(LEDGER_SERVICE, ledger.health_status)
     ledger_health = asyncio.create_task(ledger.keep_health(health_servicer))
+    background = [ledger_health]
+    if settings.state_store.redis_url is not None:  # NOT_SERVING while the store is down
+        store_health = keep_store_health(
+            health_servicer, ("", SERVICE_NAME), status, settings.state_store, metrics.registry
+        )
+        background.append(asyncio.create_task(store_health))
     metrics_port = None
     if settings.metrics_port is not None:
         metrics_port = start_metrics_server(metrics, settings.metrics_host, settings.metrics_port)
@@ -206,7 +229,7 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
         ledger=ledger,
         budgets=budgets,
         signatures=signatures,
-        background=[ledger_health],
+        background=background,
     )
 
 

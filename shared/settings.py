@@ -1,9 +1,15 @@
-"""Settings plumbing both tiers share: a TOML file, then secrets files, then environment."""
+"""Settings plumbing both tiers share: a TOML file, then secrets files, then environment.
+
+``TierSettings.load`` takes explicit overrides on top of those. A value given as ``None`` is
+given: it overrides (``metrics_port=None`` switches metrics off). A value not given is left
+out, or passed as ``UNSET`` (``given(args.port)``: a command-line option that was not used).
+"""
 
 from __future__ import annotations
 
 import os
 import tomllib
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +22,21 @@ from pydantic_settings import (
 )
 
 SettingsT = TypeVar("SettingsT", bound="TierSettings")
+T = TypeVar("T")
+
+
+class Unset(Enum):
+    """The type of ``UNSET``: an override that was not given (``None`` is a value)."""
+
+    UNSET = "unset"
+
+
+UNSET = Unset.UNSET
+
+
+def given(value: T | None) -> T | Unset:
+    """``UNSET`` for ``None``: for callers whose ``None`` means "not given" (argparse)."""
+    return UNSET if value is None else value
 
 
 class TierSettings(BaseSettings):
@@ -55,14 +76,15 @@ class TierSettings(BaseSettings):
         secrets_dir: Path | None = None,
         **overrides: Any,
     ) -> SettingsT:
-        """Read settings from ``toml_file`` (if it exists), ``secrets_dir`` and the environment."""
+        """Read settings from ``toml_file`` (if it exists), ``secrets_dir`` and the environment;
+        ``overrides`` win over them all, ``None`` included, except those passed as ``UNSET``."""
         config = dict(cls.model_config)
         if toml_file is not None and toml_file.is_file():
             config["toml_file"] = toml_file
         if secrets_dir is not None and secrets_dir.is_dir():
             config["secrets_dir"] = secrets_dir
         bound = type(cls.__name__, (cls,), {"model_config": config, "__module__": cls.__module__})
-        explicit = {key: value for key, value in overrides.items() if value is not None}
+        explicit = {key: value for key, value in overrides.items() if value is not UNSET}
         return bound(**explicit)  # type: ignore[no-any-return]
 
 

@@ -222,7 +222,8 @@ def _serve_private(args: argparse.Namespace) -> int:
     from private_core.private_redis import PrivateStoreRefused
     from private_core.server import serve
     from private_core.settings import PrivateSettings
-    from private_core.state import StateUnwritable
+    from private_core.state import StateLocked, StateUnwritable
+    from shared.settings import given
 
     layout = require_tier(args.deploy, "private")
     kek_file = args.kek_file or (layout.kek if layout.kek.exists() else None)
@@ -230,21 +231,25 @@ def _serve_private(args: argparse.Namespace) -> int:
         layout.private_config,
         secrets_dir=Path("/run/secrets"),
         tier_dir=layout.private.root,
-        host=args.host,
-        port=args.port,
-        kek_file=kek_file,
+        host=given(args.host),
+        port=given(args.port),
+        kek_file=given(kek_file),
     )
     configure_logging(settings.log_level, tier="private")
     try:
         asyncio.run(serve(settings))
     except (StateUnwritable, AdmissionStateError, PrivateStoreRefused):
         return 1  # logged: private_state_unwritable, admission_state_unreadable, ..._refused
+    except StateLocked as error:  # logged too (private_state_locked); said plainly as well
+        print(f"splitvault: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _serve_public(args: argparse.Namespace) -> int:
     from public_api.server import serve
     from public_api.settings import PublicSettings
+    from shared.settings import given
 
     layout = require_tier(args.deploy, "public")
     try:
@@ -252,10 +257,10 @@ def _serve_public(args: argparse.Namespace) -> int:
             layout.public_config,
             secrets_dir=Path("/run/secrets"),
             tier_dir=layout.public.root,
-            host=args.host,
-            port=args.port,
-            private_addresses=args.private_addresses,
-            insecure_http=args.insecure_http,
+            host=given(args.host),
+            port=given(args.port),
+            private_addresses=given(args.private_addresses),
+            insecure_http=given(args.insecure_http),
         )
     except ValidationError as error:
         raise settings_error(error, "public") from error

@@ -55,7 +55,7 @@ def _failed_models(channel: grpc.Channel, timeout_s: float) -> list[str]:
         return [f"NOT_SERVING (model status unavailable: {_rpc_error(error)})"]
     failed = [f"{model.name}: {model.reason}" for model in reply.models if not model.ready]
     if not failed:
-        return ["NOT_SERVING with every model loaded (shutting down)"]
+        return ["NOT_SERVING with every model loaded (shutting down, or its private store down)"]
     return [f"{len(failed)} model(s) failed to load", *failed]
 
 

@@ -183,9 +183,10 @@ class Faults:
     def http(self, **kwargs: Any) -> httpx.Client:
         return https(self.layout, self.public_port, self.key, **kwargs)
 
-    def start_private(self, port: int | None = None) -> TierProcess:
-        """A private tier on ``port`` (default: the module's fixed private port)."""
-        return _start_private(self.layout, port or self.private_port)
+    def start_private(self, port: int | None = None, state: Path | None = None) -> TierProcess:
+        """A private tier on ``port`` (default: the module's fixed private port) and ``state``
+        (default: the deployment's private state folder; a second replica needs its own)."""
+        return _start_private(self.layout, port or self.private_port, state)
 
     def start_public(self) -> TierProcess:
         """A public tier on the module's fixed public port."""
@@ -198,9 +199,11 @@ class Faults:
         return list(export_records(path, key_id or self.key_id))
 
 
-def _start_private(layout: DeployLayout, port: int) -> TierProcess:
+def _start_private(layout: DeployLayout, port: int, state: Path | None = None) -> TierProcess:
     args = ["serve", "private", "--deploy", str(layout.root), "--port", str(port)]
     env = {**tier_env(), "SPLITVAULT_PRIVATE_METRICS_PORT": "0"}
+    if state is not None:
+        env["SPLITVAULT_PRIVATE_STATE_DIR"] = str(state)
     return start_tier(args, "private_tier_listening", env=env)
 
 
@@ -560,7 +563,8 @@ def _requests_served(tier: TierProcess) -> float:
 
 
 def test_one_replica_killed_the_others_keep_serving(faults: Faults) -> None:
-    replica = faults.start_private(port=faults.replica_port)  # the public tier knows its address
+    # The public tier knows its address; it has a state folder of its own, as every replica.
+    replica = faults.start_private(faults.replica_port, faults.layout.private.root / "state-2")
     try:
         before = _requests_served(faults.private)
         with Load(faults) as load:

@@ -6,8 +6,8 @@ that owns the public tier: it holds the public client certificates and calls the
 replicas directly, with real mutual TLS. A signed request answered by one replica is refused
 by the other; a registration made once (``keys signer-register``) is seen by both; a budget
 is one budget across both; the store stopped refuses every call, and its return serves again
-without restarting the tiers. A private tier pointed at a store without a password refuses to
-start.
+without restarting the tiers, and meanwhile their gRPC health says NOT_SERVING. A private tier
+pointed at a store without a password refuses to start.
 """
 
 from __future__ import annotations
@@ -24,12 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from splitvault_client import RequestSigner
 
+from private_core.ledger_service import LEDGER_SERVICE
 from private_core.private_redis import STORE_UNAVAILABLE
+from private_core.server import SERVICE_NAME
 from private_core.signers import SIGNATURES_DB
+from private_core.store_health import UNREACHABLE
 from protos import inference_pb2, inference_pb2_grpc
 from public_api.front import load_front_stages, run_front
 from public_api.keys import parse_key_id
@@ -44,7 +50,7 @@ from splitvault.ownership.attribution import signer_keys
 from splitvault.packing.pack import pack_spec
 from tests.conftest import DigitsFixture, issue_key
 from tests.support.deployments import pairing_id
-from tests.support.processes import TierProcess, start_private
+from tests.support.processes import TierProcess, start_private, wait_for
 from tests.support.redis_server import MISSING, RedisServer
 from tests.support.stack import REPO_ROOT, image_request, tier_env
 
@@ -54,6 +60,8 @@ MODEL, ROWS, UNSIGNED_BUDGET = "digits", 10, 100
 PASSWORD = "private-store-test-password"
 OK, DENIED = grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED
 EXHAUSTED, UNAVAILABLE = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def _budget(daily: int) -> str:
@@ -291,6 +299,49 @@ def test_the_store_stopped_refuses_and_its_return_serves_without_restarts(
         assert caller.infer(shared.request())[0] == OK
     for replica in shared.replicas:
         replica.wait_for_events("private_store_recovered")
+        assert replica.process.poll() is None  # never restarted
+
+
+def _health(caller: Caller, service: str = "") -> Any:
+    """The replica's health status of ``service`` (the public replica may ask it)."""
+    stub = health_pb2_grpc.HealthStub(caller.channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def _store_ok(replica: TierProcess) -> float:
+    """``splitvault_private_store_ok`` on the replica's metrics listener."""
+    text = httpx.get(replica.metrics_url, timeout=10).text
+    (value,) = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "splitvault_private_store_ok"
+    ]
+    return value
+
+
+def test_health_is_not_serving_while_the_store_is_down(shared: Shared) -> None:
+    callers = (shared.caller(0), shared.caller(1))
+    for caller, replica in zip(callers, shared.replicas, strict=True):
+        # SERVING (within its watcher's second of a store restarted by an earlier test)
+        wait_for(lambda c=caller: _health(c) == SERVING, timeout=30, what="SERVING at first")
+        assert _store_ok(replica) == 1.0
+    shared.redis.stop()
+    for caller, replica in zip(callers, shared.replicas, strict=True):
+        wait_for(lambda c=caller: _health(c) == NOT_SERVING, timeout=30, what="NOT_SERVING")
+        assert _health(caller, SERVICE_NAME) == NOT_SERVING
+        assert _health(caller, LEDGER_SERVICE) == SERVING  # the ledger is local: unaffected
+        assert _store_ok(replica) == 0.0
+        (event,) = replica.wait_for_events("private_tier_not_serving")
+        assert event["reason"] == UNREACHABLE and event["level"] == "error"
+        assert caller.infer(shared.request())[0] == UNAVAILABLE  # what health says: refused
+    shared.redis.start()
+    for caller, replica in zip(callers, shared.replicas, strict=True):
+        wait_for(lambda c=caller: _health(c) == SERVING, timeout=30, what="SERVING again")
+        assert _health(caller, SERVICE_NAME) == SERVING
+        assert _store_ok(replica) == 1.0
+        replica.wait_for_events("private_tier_serving")
+        assert caller.infer(shared.request())[0] == OK
         assert replica.process.poll() is None  # never restarted
 
 

@@ -56,11 +56,18 @@ def started() -> Iterator[list[TierProcess]]:
 
 
 def _private(
-    layout: DeployLayout, started: list[TierProcess], port: int = 0, kek: Path | None = None
+    layout: DeployLayout,
+    started: list[TierProcess],
+    port: int = 0,
+    kek: Path | None = None,
+    state: str = "state",
 ) -> TierProcess:
+    """A private tier; ``state``: its state folder in the private folder (tiers running at
+    once each need their own: a tier locks its folder)."""
     args = ["serve", "private", "--deploy", str(layout.root), "--port", str(port)]
     args += ["--kek-file", str(kek)] if kek else []
     env = {**tier_env(), "SPLITVAULT_PRIVATE_METRICS_PORT": "0"}
+    env["SPLITVAULT_PRIVATE_STATE_DIR"] = str(layout.private.root / state)
     env["SPLITVAULT_PRIVATE_GRACE_PERIOD_S"] = "2"
     started.append(start_tier(args, "private_tier_listening", env=env))
     return started[-1]
@@ -79,7 +86,7 @@ def test_private_tier_opens_the_models_with_the_new_kek_only(
     new = _private(layout, started)
     listening = _event(new, "private_tier_listening")
     assert (listening["models"], listening["failed"]) == (MODELS, [])
-    old = _private(layout, started, kek=old_kek)
+    old = _private(layout, started, kek=old_kek, state="state-old")
     listening = _event(old, "private_tier_listening")
     assert (listening["models"], listening["failed"]) == ([], MODELS)
 
@@ -185,7 +192,10 @@ def test_rolling_certificate_rotation_keeps_serving(
     started: list[TierProcess],
     replica_ports: tuple[int, int],
 ) -> None:
-    a, b = (_private(layout, started, port=port) for port in replica_ports)
+    a, b = (
+        _private(layout, started, port=port, state=state)
+        for port, state in zip(replica_ports, ("state", "state-b"), strict=True)
+    )
     env = tier_env()
     extra = ["--private", f"127.0.0.1:{b.port}"]
     public = start_public(layout.root, a.port, env=env, extra=extra)
