@@ -100,7 +100,7 @@ class OwnerData:
     unsure_chunks: list[BenignChunk]
     bound: float  # BOUND scaled by all rows over unsure rows
     rows: int
-    unsure_rows: int
+    kept: int  # of them unsure
 
 
 def owner_data(victim: nn.Module, data: digits.DigitsData, check_keys: int) -> OwnerData:
@@ -122,7 +122,7 @@ def owner_data(victim: nn.Module, data: digits.DigitsData, check_keys: int) -> O
     if own is None or config.watermark is None:
         raise SystemExit("the digits spec has no benign data")
     full = benign_chunks(pair, config, own)
-    reduced = [_unsure_rows(full, config.watermark.max_margin)]
+    reduced = [unsure_rows(full, config.watermark.max_margin)]
     rows, kept = sum(len(c.labels) for c in full), sum(len(c.labels) for c in reduced)
     seconds = {"full": 0.0, "unsure rows": 0.0}
     for _ in range(check_keys):
@@ -143,7 +143,7 @@ def owner_data(victim: nn.Module, data: digits.DigitsData, check_keys: int) -> O
     return OwnerData(pair, config, reduced, BOUND * rows / kept, rows, kept)
 
 
-def _unsure_rows(chunks: list[BenignChunk], max_margin: float) -> BenignChunk:
+def unsure_rows(chunks: list[BenignChunk], max_margin: float) -> BenignChunk:
     """The rows of ``chunks`` where the model is unsure, as one chunk."""
     output = torch.cat([c.output for c in chunks])
     probabilities = torch.softmax(output.to(torch.float64), dim=-1).numpy()
