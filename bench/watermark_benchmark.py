@@ -18,6 +18,11 @@ digits and on an augmented benign set.
 
     .venv/bin/python bench/watermark_benchmark.py            # default grid, ~15 min on 2 cores
     .venv/bin/python bench/watermark_benchmark.py --full     # every thief, 1k..50k queries
+    .venv/bin/python bench/watermark_benchmark.py --grid art-defaults --budgets 2000 10000
+
+The key is drawn as ``pack`` draws it (by benign cost on the demo's labelled data, at most 16
+draws; ``watermark.choice.json``), and a copy counts as claimed as ``verify-ownership`` claims
+it: p below alpha divided by the key draws.
 """
 
 # ruff: noqa: E402 - the repository root goes on sys.path before the project imports.
@@ -32,11 +37,12 @@ for path in (REPO_ROOT, REPO_ROOT / "sdk"):
         sys.path.insert(0, str(path))
 
 import argparse
+import json
 import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -44,8 +50,17 @@ import torch
 from torch import nn
 
 from bench.attacks import augment
-from bench.thieves import DEFAULT_THIEVES, FULL_THIEVES, Images, Thief, steal, thief_pool
+from bench.thieves import (
+    ART_DEFAULTS,
+    DEFAULT_THIEVES,
+    FULL_THIEVES,
+    Images,
+    Thief,
+    steal,
+    thief_pool,
+)
 from bench.watermark_null import independent
+from private_core.watermark.keys import CHOICE_FILE
 from shared.keys import LocalFileKeyProvider
 from shared.logs import configure_logging
 from shared.manifest import TopKPolicy, WatermarkConfig
@@ -53,11 +68,26 @@ from splitvault.demo import digits
 from splitvault.deploy import init_deployment
 from splitvault.launcher import start_both
 from splitvault.ownership.owner import Candidates, OwnerModel
-from splitvault.ownership.verify import TriggerCheck, verify_candidates
+from splitvault.ownership.verify import TriggerCheck, Verification, verify_candidates
 
 MODEL, BATCH, CLASSES = "digits", 64, 10
 ALPHAS = {"1e-6": 1e-6, "2^-64": 2.0**-64}
 UNLIMITED = '{"rate_per_s": 1e9, "burst": 1000000, "daily_budget": 1000000000}'
+# Thief grids (``bench/thieves.py`` unchanged): ``non-adaptive`` is the default grid's Copycat
+# hard / soft and KnockoffNets rows; ``art-defaults`` the same attacks and networks with ART's
+# documented training defaults (batch 1, 10 epochs), hard and soft labels.
+GRIDS: dict[str, list[Thief]] = {
+    "default": DEFAULT_THIEVES,
+    "full": FULL_THIEVES,
+    "non-adaptive": [t for t in DEFAULT_THIEVES if t.adaptive == "none"],
+    "art-defaults": [
+        t
+        for t in FULL_THIEVES
+        if t.training == ART_DEFAULTS
+        and t.adaptive == "none"
+        and (t.attack, t.architecture) in {("copycat", "victim CNN"), ("knockoff-random", "MLP")}
+    ],
+}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -65,6 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--budgets", type=int, nargs="+", default=[1000, 2000, 5000, 10000])
     parser.add_argument("--full", action="store_true", help="every thief, budgets 1k..50k")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="default", help="which thieves")
     parser.add_argument("--independent", type=int, default=4, help="independent models")
     parser.add_argument("--benign", type=int, default=5000, help="augmented benign queries")
     parser.add_argument("--seed", type=int, default=0)
@@ -114,6 +145,7 @@ class Deployed:
     ca: Path
     keys: Any  # SqliteKeyStore
     owner: OwnerModel
+    private_model: Path  # the model's private folder (key, ``watermark.choice.json``)
 
 
 def deploy(net: nn.Module, workdir: Path, stack: ExitStack) -> Deployed:
@@ -139,7 +171,13 @@ def deploy(net: nn.Module, workdir: Path, stack: ExitStack) -> Deployed:
     keys = SqliteKeyStore(layout.public.root / "state" / "keys.sqlite3")
     stack.callback(keys.close)
     owner = OwnerModel(layout.root, MODEL)
-    return Deployed(f"https://localhost:{public.port}", layout.public.ca_cert, keys, owner)
+    return Deployed(
+        f"https://localhost:{public.port}",
+        layout.public.ca_cert,
+        keys,
+        owner,
+        layout.private.model(MODEL),
+    )
 
 
 def pack_spec_default(net: nn.Module, layout: Any) -> None:
@@ -155,6 +193,16 @@ def pack_spec_default(net: nn.Module, layout: Any) -> None:
         policy=TopKPolicy(k=3),
         show_progress=False,
         watermark=WatermarkConfig(),
+    )
+
+
+def key_choice(deployed: Deployed) -> str:
+    """How ``pack`` drew the key (``watermark.choice.json``) and the draws the verifier uses."""
+    choice = json.loads((deployed.private_model / CHOICE_FILE).read_text())
+    return (
+        f"key {choice['key_id']}, {choice['draws']} draw(s), benign cost on the pack data "
+        f"{choice.get('benign_cost', float('nan')):+.2%}; verifier's key_draws "
+        f"{deployed.owner.key_draws}"
     )
 
 
@@ -191,14 +239,25 @@ class Row:
     votes_owner: str
     independent_min: float
     log: str
+    claimed_thief: dict[str, bool]  # verify-ownership's verdict at each of ALPHAS
+    claimed_owner: dict[str, bool]
 
 
 def verify(owner: OwnerModel, candidates: Candidates, model: nn.Module) -> tuple[float, str]:
     """The region test's p-value and its selected votes (matches / selected regions)."""
-    result = verify_candidates(
-        owner, candidates, ModelSuspect("suspect", model), triggers=TriggerCheck(0, 0)
-    ).results[0]
-    return result.p_value, f"{result.matches}/{result.trials} vs {result.chance_rate:.0%}"
+    return _summary(verification(owner, candidates, model))
+
+
+def verification(owner: OwnerModel, candidates: Candidates, model: nn.Module) -> Verification:
+    """``verify-ownership``'s verification of ``model`` (the trigger log not consulted)."""
+    suspect = ModelSuspect("suspect", model)
+    return verify_candidates(owner, candidates, suspect, triggers=TriggerCheck(0, 0))
+
+
+def claimed_at(found: Verification) -> dict[str, bool]:
+    """Whether ``verify-ownership`` claims the copy at each of ``ALPHAS`` (its threshold shares
+    alpha among the key draws made at pack)."""
+    return {name: replace(found, alpha=alpha).claimed for name, alpha in ALPHAS.items()}
 
 
 def run(args: argparse.Namespace, deployed: Deployed, oracle: ApiOracle) -> list[Row]:
@@ -217,13 +276,15 @@ def run(args: argparse.Namespace, deployed: Deployed, oracle: ApiOracle) -> list
     )  # the thief's own labels (KnockoffNets adaptive)
     others = [m for _, m in independent(args.independent, args.seed)]
     rows = []
-    for thief in FULL_THIEVES if args.full else DEFAULT_THIEVES:
+    for thief in FULL_THIEVES if args.full else GRIDS[args.grid]:
         for budget in args.budgets:
             started = time.perf_counter()
             stolen = steal(thief, oracle, pool[:budget], pool_labels[:budget], args.seed)
             candidates = owner.candidates({"image": stolen.queries}, owner.marker())
-            p_thief, v_thief = verify(owner, candidates, stolen.model)
-            p_owner, v_owner = verify(owner, own_candidates, stolen.model)
+            on_thief = verification(owner, candidates, stolen.model)
+            on_owner = verification(owner, own_candidates, stolen.model)
+            p_thief, v_thief = _summary(on_thief)
+            p_owner, v_owner = _summary(on_owner)
             indep = min(
                 verify(owner, c, m)[0] for m in others for c in (candidates, own_candidates)
             )
@@ -232,11 +293,16 @@ def run(args: argparse.Namespace, deployed: Deployed, oracle: ApiOracle) -> list
             log = f"{int(candidates.marks.selected.sum())}"
             row = Row(
                 thief, budget, float((copy == net_labels).mean()), p_thief, p_owner,
-                v_thief, v_owner, indep, log,
+                v_thief, v_owner, indep, log, claimed_at(on_thief), claimed_at(on_owner),
             )  # fmt: skip
             rows.append(row)
             print_row(row, time.perf_counter() - started)
     return rows
+
+
+def _summary(found: Verification) -> tuple[float, str]:
+    result = found.results[0]
+    return result.p_value, f"{result.matches}/{result.trials} vs {result.chance_rate:.0%}"
 
 
 def print_row(row: Row, seconds: float) -> None:
@@ -251,16 +317,19 @@ def print_row(row: Row, seconds: float) -> None:
 
 def queries_to_claim(rows: list[Row]) -> None:
     """The smallest budget at which each thief's copy is claimed, per alpha and candidate set."""
-    print("\nqueries to claim (smallest budget claimed; '-' = none tested):")
+    print(
+        "\nqueries to claim (smallest budget verify-ownership claims at, alpha over the key "
+        "draws; '-' = none tested):"
+    )
     print(
         f"{'thief':<58} {'thief q 1e-6':>12} {'thief q 2^-64':>13} {'owner 1e-6':>10} {'owner 2^-64':>11}"
     )
     for thief in dict.fromkeys(r.thief for r in rows):
         mine = [r for r in rows if r.thief == thief]
         cells = [
-            next((f"{r.budget:,}" for r in mine if getattr(r, f"p_{kind}") < alpha), "-")
+            next((f"{r.budget:,}" for r in mine if getattr(r, f"claimed_{kind}")[alpha]), "-")
             for kind in ("thief", "owner")
-            for alpha in ALPHAS.values()
+            for alpha in ALPHAS
         ]
         print(f"{thief.name:<58} {cells[0]:>12} {cells[1]:>13} {cells[2]:>10} {cells[3]:>11}")
 
@@ -284,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{settings.region_cell}, {settings.region_fraction:.0%} of regions selected, runner-up "
             f"where the top-1 leads by < {settings.max_margin}; top-3 policy"
         )
+        print(f"key as pack chose it: {key_choice(deployed)}")
         pool = np.concatenate([data.train_x, data.test_x])
         labels = np.concatenate([data.train_y, data.test_y])
         rng = np.random.default_rng(args.seed + 7)
