@@ -344,6 +344,27 @@ def _in_flight(faults: Faults, count: int) -> Iterator[list[Future[Outcome]]]:
         ]
 
 
+def _slow_batches_started(faults: Faults) -> float:
+    """Requests of the slow model whose back-stage batch has started on the private tier."""
+    return _private_metric(
+        faults.private, "splitvault_private_queue_wait_seconds_count", model="slow"
+    )
+
+
+def _private_metric(tier: TierProcess, name: str, **labels: str) -> float:
+    """The sum of metric ``name``'s samples with ``labels`` on private tier ``tier``."""
+    (port,) = [
+        e["metrics_port"] for e in tier.events() if e.get("event") == "private_tier_listening"
+    ]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
 def _slow_latency(faults: Faults) -> float:
     with faults.http(timeout=60) as http:
         outcome = _send(http, SLOW, _slow_body(f"warm-up-{uuid.uuid4().hex}"))
@@ -375,9 +396,11 @@ def _assert_accounted_once(faults: Faults, outcomes: list[Outcome]) -> None:
 
 
 def test_private_sigterm_drains_in_flight_requests(faults: Faults) -> None:
-    latency = _slow_latency(faults)
+    _slow_latency(faults)
+    started = _slow_batches_started(faults)
     with _in_flight(faults, DRAINED) as futures:
-        time.sleep(latency / 3)  # they have reached the private tier, and are far from done
+        # Both are computing on the private tier (their batches started), far from done.
+        poll(lambda: _slow_batches_started(faults) >= started + DRAINED, "slow batches to start")
         signalled = time.monotonic()
         faults.private.process.send_signal(signal.SIGTERM)
         outcomes = [future.result(timeout=60) for future in futures]
@@ -510,11 +533,13 @@ class SdkLoad:
 
 
 def test_public_sigterm_drains_then_sdk_retries_across_the_restart(faults: Faults) -> None:
-    latency = _slow_latency(faults)
+    _slow_latency(faults)
     with SdkLoad(faults) as sdk:
         poll(lambda: sum(c.ok for c in sdk.calls) >= 3, "SDK calls to be served")
+        started = _slow_batches_started(faults)
         with _in_flight(faults, DRAINED) as futures:
-            time.sleep(latency / 3)  # they have reached the private tier, and are far from done
+            # Both are computing on the private tier (their batches started), far from done.
+            poll(lambda: _slow_batches_started(faults) >= started + DRAINED, "slow batches")
             signalled = time.monotonic()
             faults.public.process.send_signal(signal.SIGTERM)
             drained = [future.result(timeout=60) for future in futures]
@@ -550,16 +575,7 @@ def test_public_sigterm_drains_then_sdk_retries_across_the_restart(faults: Fault
 
 
 def _requests_served(tier: TierProcess) -> float:
-    (port,) = [
-        e["metrics_port"] for e in tier.events() if e.get("event") == "private_tier_listening"
-    ]
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "splitvault_private_requests_total" and sample.labels["code"] == "OK"
-    )
+    return _private_metric(tier, "splitvault_private_requests_total", code="OK")
 
 
 def test_one_replica_killed_the_others_keep_serving(faults: Faults) -> None:
