@@ -34,6 +34,7 @@ from private_core.signers import SignatureState, open_signature_state
 from private_core.state import require_writable_state
 from private_core.watermark.triggers import TRIGGER_DIR
 from protos import inference_pb2_grpc
+from shared import phases
 from shared.cert_expiry import watch_certificates
 from shared.heap import freeze_startup_objects
 from shared.keys import KeyProvider, LocalFileKeyProvider
@@ -123,6 +124,8 @@ async def build_server(settings: PrivateSettings) -> PrivateServer:
     require_writable_state(settings.state_dir)
     configure_torch_threads(settings.torch_threads, settings.torch_interop_threads)
     single_threaded_blas()  # NumPy (activation monitor, watermark): small products only
+    if settings.debug_phase_marks:  # a lone request's breakdown (bench/phase_breakdown.py)
+        phases.enable()
     tier = TierDir(settings.tier_dir)
     # The trigger log's folder: 0700/0600, tightened or refused.
     check_state_dir(settings.state_dir, create=False)
