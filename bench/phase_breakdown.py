@@ -5,6 +5,7 @@ within a bucket, so a figure is only as fine as the buckets around it."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import httpx
@@ -124,8 +125,10 @@ def label(before: str, after: str, private: bool = False) -> str:
 
 
 def lone_table(timelines: Sequence[Marks]) -> list[str]:
-    """Markdown: each step's median ms over requests whose timelines have the same steps."""
-    shape = [name for name, _ in timelines[0]]
+    """Markdown: each step's median ms over the requests whose timelines have the most common
+    steps (the thread counts chosen are steps too), then every thread choice's count and total."""
+    shapes = Counter(tuple(name for name, _ in t) for t in timelines)
+    shape = list(shapes.most_common(1)[0][0])
     same = [t for t in timelines if [name for name, _ in t] == shape]
     lines = ["| step (mark to mark) | median ms | p90 ms |", "|---|---|---|"]
     private = False
@@ -137,9 +140,18 @@ def lone_table(timelines: Sequence[Marks]) -> list[str]:
         lines.append(f"| {label(shape[i - 1], shape[i], private)} ({where}) | {cells} |")
     totals = sorted((t[-1][1] - t[0][1]) / 1e6 for t in same)
     lines.append(
-        f"| **client-observed total** ({len(same)} requests) | "
+        f"| **client-observed total** ({len(same)} of {len(timelines)} requests) | "
         f"**{_at(totals, 0.5):.2f}** | {_at(totals, 0.9):.2f} |"
     )
+    lines += ["", "| threads (front + back) | requests | median total ms |", "|---|---|---|"]
+    for steps, count in shapes.most_common():
+        threads = [
+            n.removeprefix("compute_start_") for n in steps if n.startswith("compute_start_")
+        ]
+        own = sorted(
+            (t[-1][1] - t[0][1]) / 1e6 for t in timelines if tuple(n for n, _ in t) == steps
+        )
+        lines.append(f"| {' + '.join(threads)} | {count} | {_at(own, 0.5):.2f} |")
     return lines
 
 
