@@ -39,7 +39,8 @@ def test_steps_are_named_and_their_medians_taken() -> None:
     assert "gRPC + mTLS out, protobuf parse" in rows
     assert "| 1.00 |" in rows["gRPC + mTLS out, protobuf parse"]
     assert "| 8.00 |" in rows["private_in -> private_out"]  # 5 + the median back time 3
-    assert "**15.00**" in lines[-1]
+    (total,) = [line for line in lines if "client-observed total" in line]
+    assert "(3 of 3 requests)" in total and "**15.00**" in total
 
 
 def test_compute_steps_say_their_thread_count() -> None:
