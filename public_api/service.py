@@ -184,6 +184,7 @@ class InferenceService:
             parameters=None if decoded.text is None else usage_parameters(decoded.text),
             outputs=[format_output(stage.config, outputs)],
         )
+        phases.mark("response_built")
         indices = outputs.get("indices")
         return InferenceOutcome(
             response=response,
