@@ -69,8 +69,10 @@ ALL_SYSTEMS = (
     "splitvault-open",
     "splitvault-fixed",
     "splitvault-unbatched",
+    "splitvault-base",
 )
-VARIANTS = ("splitvault-fixed", "splitvault-unbatched")  # protected, on their own state
+# protected, on their own state
+VARIANTS = ("splitvault-fixed", "splitvault-unbatched", "splitvault-base")
 DEFAULT_SYSTEMS = ("fastapi", "litserve", "splitvault", "splitvault-open")
 DECIMALS = 8  # output-policy rounding far below the FP16 transport error
 FIDELITY_IMAGES = 200
@@ -132,6 +134,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--out", type=Path, default=None, help="markdown file (BENCHMARKS.md)")
     add("--plots", type=Path, default=None, help="plot folder (docs/benchmarks)")
     add("--no-write", action="store_true", help="print only")
+    add("--base-tree", type=Path, default=None,
+        help="splitvault-base's source tree (e.g. git archive of the commit before a change)")  # fmt: skip
     args = parser.parse_args(argv)
     _resolve(args, parser)
     return args
@@ -159,6 +163,8 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     unknown |= set(args.profile_model) - set(ALL_MODELS)
     if unknown:
         parser.error(f"unknown model or system: {', '.join(sorted(unknown))}")
+    if "splitvault-base" in args.systems and args.base_tree is None:
+        parser.error("splitvault-base needs --base-tree")
     numbers = [args.batch, args.threads, args.private_threads, args.public_threads, args.seq]
     numbers.append(args.rounds)
     if min(numbers + args.concurrency + args.raw_batches) < 1 or args.duration <= 0:
@@ -389,6 +395,7 @@ def server_config(prepared: Prepared, workdir: Path, args: argparse.Namespace) -
         api_key=create_key(prepared.layout),
         private_env=args.private_env,
         public_env=args.public_env,
+        base_tree=args.base_tree,
     )
 
 

@@ -83,6 +83,7 @@ class ServerConfig:
     api_key: str
     private_env: dict[str, str] = field(default_factory=dict)
     public_env: dict[str, str] = field(default_factory=dict)
+    base_tree: Path | None = None  # splitvault-base: the source tree it runs (a copy of a commit)
 
     def verify(self) -> ssl.SSLContext:
         """A TLS context that trusts only the deployment's CA."""
@@ -121,6 +122,12 @@ def systems(config: ServerConfig) -> dict[str, SystemInfo]:
             "as splitvault (protected), but each request's front stage runs alone "
             f"(front_batching.max_batch_size = 1: the public tier before front batching); {split}",
         ),
+        "splitvault-base": SystemInfo(
+            "splitvault-base",
+            "splitvault (protected, base commit)",
+            "as splitvault (protected), run from another source tree (--base-tree: the code "
+            f"before a change, for before/after in the same rounds); {split}",
+        ),
         "splitvault-open": SystemInfo(
             "splitvault-open",
             "splitvault (protections off)",
@@ -129,18 +136,33 @@ def systems(config: ServerConfig) -> dict[str, SystemInfo]:
     }
 
 
+SPLITVAULT_KEYS = (
+    "splitvault",
+    "splitvault-open",
+    "splitvault-fixed",
+    "splitvault-unbatched",
+    "splitvault-base",
+)
+
+
 @contextmanager
 def running(key: str, config: ServerConfig) -> Iterator[Endpoint]:
     """Start system ``key``, yield its endpoint once it answers, stop it on exit."""
     if key in ("fastapi", "litserve"):
         with _baseline(key, config) as endpoint:
             yield endpoint
-    elif key in ("splitvault", "splitvault-open", "splitvault-fixed", "splitvault-unbatched"):
+    elif key in SPLITVAULT_KEYS:
+        tree = None
+        if key == "splitvault-base":
+            if config.base_tree is None:
+                raise ValueError("splitvault-base needs a source tree (--base-tree)")
+            tree = config.base_tree
         with _splitvault(
             key != "splitvault-open",
             config,
             fixed=key == "splitvault-fixed",
             unbatched=key == "splitvault-unbatched",
+            tree=tree,
         ) as found:
             yield found
     else:
@@ -149,10 +171,16 @@ def running(key: str, config: ServerConfig) -> Iterator[Endpoint]:
 
 @contextmanager
 def _splitvault(
-    protected: bool, config: ServerConfig, *, fixed: bool = False, unbatched: bool = False
+    protected: bool,
+    config: ServerConfig,
+    *,
+    fixed: bool = False,
+    unbatched: bool = False,
+    tree: Path | None = None,
 ) -> Iterator[Endpoint]:
     """Both tiers; ``fixed``: a lone request gets no more threads than a loaded one;
-    ``unbatched``: the public tier runs each request's front stage alone."""
+    ``unbatched``: the public tier runs each request's front stage alone; ``tree``: the
+    source tree they run (default: this one)."""
     private_env = {"SPLITVAULT_PRIVATE_TORCH_THREADS": str(config.private_threads)}
     public_env = {
         **(PROTECTED_ENV if protected else OPEN_ENV),
@@ -163,10 +191,13 @@ def _splitvault(
         public_env["SPLITVAULT_PUBLIC_LONE_REQUEST_THREADS"] = str(config.public_threads)
     # What makes the variant wins over --public-env (which every splitvault system gets).
     variant = {"SPLITVAULT_PUBLIC_FRONT_BATCHING__MAX_BATCH_SIZE": "1"} if unbatched else {}
-    private = start_private(config.layout.root, env={**private_env, **config.private_env})
+    private = start_private(config.layout.root, env={**private_env, **config.private_env}, cwd=tree)
     try:
         public = start_public(
-            config.layout.root, private.port, env={**public_env, **config.public_env, **variant}
+            config.layout.root,
+            private.port,
+            env={**public_env, **config.public_env, **variant},
+            cwd=tree,
         )
     except BaseException:
         private.stop()

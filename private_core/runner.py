@@ -27,6 +27,7 @@ from private_core.policy import restrict
 from private_core.settings import PrivateSettings
 from private_core.watermark.engine import QueryContext
 from protos import inference_pb2
+from shared import phases
 from shared.batch_plan import BatchPlan, assemble, unpad
 from shared.batch_plan import plan_batching as shared_plan
 from shared.batcher import BatchSettings, DynamicBatcher
@@ -123,12 +124,15 @@ class BackStageRunner:
             raise InvalidInput(
                 f"batch {batch} exceeds this model's limit {stage.config.max_batch_size}"
             )
+        phases.mark("decoded_checked")
         context = QueryContext.of(request)
         if self._attributor is not None:  # signature checks: refused before any budget or compute
             context = await self._attributor.attribute(request, stage.manifest, arrays, sizes)
+        phases.mark("attributed")
         if caller is not None and context.attribution == "signed":
             caller = replace(caller, signed=True)  # counted against the identity's signed budget
         await self._admit(caller, request.model, max(batch, 1))
+        phases.mark("admitted")
         plan = self._plans[request.model]
         # The activation monitor sees only valid, admitted requests.
         screening = None if self._monitor is None else Screening(request, tuple(identities))
@@ -136,6 +140,7 @@ class BackStageRunner:
         outputs = await self._batcher.submit(
             request.model, job, key=plan.key(stage.manifest.inputs, arrays), rows=max(batch, 1)
         )
+        phases.mark("batch_resolved")
         if screening is not None and screening.delay_s > 0:  # a throttled stream
             await asyncio.sleep(screening.delay_s)
         return inference_pb2.InferResponse(
@@ -170,6 +175,7 @@ def run_batch(
     """The monitor's verdicts on ``requests`` (in a worker thread), then one forward for those it
     lets through and each one's restricted rows; a refused request gets its error alone."""
     refusals = screen(monitor, requests)
+    phases.mark("screened")
     answered = [r for r, refused in zip(requests, refusals, strict=True) if refused is None]
     results = iter(compute_batch(stage, plan, answered) if answered else [])
     return [next(results) if refused is None else refused for refused in refusals]
@@ -209,6 +215,7 @@ def compute_batch(
     """
     try:
         output = forward(stage, assemble(stage.manifest, [r.arrays for r in requests]))
+        phases.mark("forward_done")
     except Exception:
         if len(requests) == 1:
             raise

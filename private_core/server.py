@@ -35,6 +35,7 @@ from private_core.state import StateLock, lock_state_dir, require_writable_state
 from private_core.store_health import keep_store_health
 from private_core.watermark.triggers import TRIGGER_DIR
 from protos import inference_pb2_grpc
+from shared import phases
 from shared.cert_expiry import watch_certificates
 from shared.heap import freeze_startup_objects
 from shared.keys import KeyProvider, LocalFileKeyProvider
@@ -140,6 +141,8 @@ async def _build_locked(settings: PrivateSettings) -> PrivateServer:
     """``build_server`` once this process holds the state folder."""
     configure_torch_threads(settings.torch_threads, settings.torch_interop_threads)
     single_threaded_blas()  # NumPy (activation monitor, watermark): small products only
+    if settings.debug_phase_marks:  # a lone request's breakdown (bench/phase_breakdown.py)
+        phases.enable()
     tier = TierDir(settings.tier_dir)
     # The trigger log's folder: 0700/0600, tightened or refused.
     check_state_dir(settings.state_dir, create=False)

@@ -12,6 +12,7 @@ from private_core.metrics import PrivateMetrics
 from private_core.model_store import ModelStore
 from private_core.runner import BackStageRunner
 from protos import inference_pb2, inference_pb2_grpc
+from shared import phases
 from shared.errors import (
     InternalError,
     PermissionDenied,
@@ -45,11 +46,14 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
     async def Infer(
         self, request: inference_pb2.InferRequest, context: Context
     ) -> inference_pb2.InferResponse:
+        phases.flush("request_phases", tier="private")  # the previous call's, once answered
+        phases.mark("private_in")
         try:
             self._store.check_pairing(request.model, request.pairing_id)
             response = await self._runner.infer(
                 request, self._caller(request, context), peer_identities(context)
             )
+            phases.mark("private_out")
         except SplitVaultError as error:
             await self._abort(context, request.model, error)
         except Exception:

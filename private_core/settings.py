@@ -49,6 +49,9 @@ class PrivateSettings(TierSettings):
     # (shared/compute_threads.py): None = every core this process may use, so a lone request
     # does not run on torch_threads while the rest idle. Set it to torch_threads to turn off.
     lone_request_threads: int | None = Field(default=None, ge=1, le=1024)
+    # Debug: log each request's phase marks (shared/phases.py, bench/phase_breakdown.py --lone);
+    # meaningful only for requests sent one at a time. Off: no cost.
+    debug_phase_marks: bool = False
     # Dynamic batching (Triton's dynamic batcher): rows per back-stage call (None: each model's
     # own max_batch_size, which always caps it), how long the oldest queued request may wait for
     # its batch to fill, rows allowed to wait per model before requests are refused as

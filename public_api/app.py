@@ -32,6 +32,7 @@ from public_api.state import VERSION, PublicState
 from public_api.state_backend import open_state
 from public_api.terms import link_header
 from public_api.text import load_text_encoders
+from shared import phases
 from shared.compute_threads import ComputeCallsCollector, ComputeThreads, usable_cores
 from shared.heap import freeze_startup_objects
 from shared.layout import TierDir
@@ -58,6 +59,8 @@ def create_app(settings: PublicSettings, metrics: PublicMetrics | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(settings.torch_threads)
+        if settings.debug_phase_marks:  # a lone request's breakdown (bench/phase_breakdown.py)
+            phases.enable()
         executor = ThreadPoolExecutor(settings.front_workers, thread_name_prefix="front-stage")
         stages = load_front_stages(TierDir(settings.tier_dir))
         private = PrivateTierClient(settings, message_limit(settings, stages))

@@ -12,6 +12,7 @@ from public_api.protection import Caller
 from public_api.sealing import V2_JSON, signature_nonce
 from public_api.service import Decoded, InferenceOutcome
 from public_api.state import PublicState
+from shared import phases
 
 
 async def serve_inference(
@@ -33,10 +34,12 @@ async def serve_inference(
     if sealer is not None:  # refuse before any work when the body could not be kept
         sealer.check_accepting()
     await state.protection.limit(caller, decoded.model, decoded.samples)
+    phases.mark("limited")
     outcome = await state.service.infer(decoded, key_id=caller.key_id, signature=signature)
     if sealer is not None and sealed_body is not None:
         nonce = signature_nonce(signature)
         sealer.submit(caller.key_id, decoded.model, request_id, sealed_body, content_type, nonce)
+        phases.mark("sealed")
     specs = state.service.stage(decoded.model).manifest.outputs
     await state.protection.record_served(caller, decoded.model, outcome, specs, context)
     return outcome

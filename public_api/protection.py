@@ -38,6 +38,7 @@ from public_api.protection_settings import LimitSettings, ProtectionSettings
 from public_api.ratelimit import LimitPolicy, RateLimiter, policy_header, ratelimit_headers
 from public_api.service import InferenceOutcome
 from public_api.terms import Terms
+from shared import phases
 from shared.errors import (
     KeyBlocked,
     PermissionDenied,
@@ -211,6 +212,7 @@ class Protection:
             self.metrics.set_risk(caller.key.key_id, assessment.score)
             if self.groups is not None:
                 self.groups.note(caller.key.key_id, caller.client)
+            phases.mark("monitor_observed")
         self.metrics.observe_front(model, outcome.front_seconds)
         self.metrics.observe_private_call(model, outcome.private_seconds)
         committed = self._audit(
@@ -224,10 +226,12 @@ class Protection:
             request_id=outcome.response.id,
             submit=True,
         )
+        phases.mark("audit_submitted")
         if context is not None:
             context.audited = True
         if committed is not None:
             await self._committed(committed, context)
+            phases.mark("audit_committed")
 
     async def _committed(self, committed: Future[int], context: RequestContext | None) -> None:
         """Wait for a served record's commit; a failed one leaves the 503 to be recorded."""

@@ -8,6 +8,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from public_api.metrics import PublicMetrics
+from shared import phases
 
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)/infer$")
 
@@ -25,6 +26,7 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         model = match.group(1)
+        phases.mark("public_in")
         started = time.perf_counter()
         status = 500
 
@@ -32,9 +34,12 @@ class RequestMetrics:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                phases.mark("response_encoded")
             await send(message)
 
         try:
             await self.app(scope, receive, observe)
         finally:
             self.metrics.observe_request(model, status, time.perf_counter() - started)
+            phases.mark("public_out")
+            phases.flush("request_phases", tier="public")

@@ -36,6 +36,7 @@ from public_api.v2 import (
     ServerMetadata,
     TermsBody,
 )
+from shared import phases
 
 # A body without a Content-Type is read as JSON, as stock v2 clients (tritonclient) send it.
 # Every route with a body needs an API key in a header, which no browser sends cross-origin
@@ -154,12 +155,14 @@ async def infer(
 ) -> InferenceResponse | Response:
     """Run the model; the answer is restricted by the model's output policy. Tensors may come
     and go as raw bytes after the JSON (the binary tensor data extension)."""
+    phases.mark("route_entered")
     context = RequestContext.of(request.scope)
     context.request_id = body.id  # audited with the answer, or with a refusal
     if state.sealer is not None:  # refuse before any work when the body could not be kept
         state.sealer.check_accepting()
     raw = None if context.binary is None else input_buffers(body, context.binary)
     decoded = await state.service.decode(model, body, raw)
+    phases.mark("decoded")
     protection = state.settings.protection
     signature = forwarded_signature(
         request.headers,

@@ -26,6 +26,7 @@ from public_api.v2 import (
     ModelMetadata,
     ResponseOutput,
 )
+from shared import phases
 from shared.errors import InvalidInput, ModelNotFound, ModelNotReady
 from shared.logs import get_logger
 from shared.manifest import BATCH_DIM, MAX_TOP_K, DimSpec, ModelConfig, TensorSpec, TopKPolicy
@@ -158,8 +159,10 @@ class InferenceService:
             lone = self._in_flight == 1
             activations = await self._front.run(stage, arrays, decoded.samples, lone=lone)
             front_done = time.perf_counter()
+            phases.mark("front_returned")
             tensors = [to_proto(name, value) for name, value in activations.items()]
             tensors += [to_proto(name, arrays[name]) for name in stage.manifest.forward_inputs]
+            phases.mark("activations_encoded")
             reply = await self._call_private(
                 inference_pb2.InferRequest(
                     model=model,
@@ -173,6 +176,7 @@ class InferenceService:
             )
         finally:
             self._in_flight -= 1
+        phases.mark("private_replied")
         outputs = {tensor.name: from_proto(tensor) for tensor in reply.outputs}
         response = InferenceResponse(
             model_name=model,
@@ -180,6 +184,7 @@ class InferenceService:
             parameters=None if decoded.text is None else usage_parameters(decoded.text),
             outputs=[format_output(stage.config, outputs)],
         )
+        phases.mark("response_built")
         indices = outputs.get("indices")
         return InferenceOutcome(
             response=response,

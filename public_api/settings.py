@@ -71,6 +71,9 @@ class PublicSettings(TierSettings):
     front_inline_below_ms: float = Field(default=0.5, ge=0, le=10)
     # Concurrent front-stage calls of one model run as one batch (public_api/front_batcher.py).
     front_batching: FrontBatchSettings = FrontBatchSettings()
+    # Debug: log each request's phase marks (shared/phases.py, bench/phase_breakdown.py --lone);
+    # meaningful only for requests sent one at a time. Off: no cost.
+    debug_phase_marks: bool = False
     # Slow and idle HTTP clients (public_api/connection.py): a request's headers must arrive
     # within header_timeout_s of the connection (or the request's first byte), its body within
     # body_timeout_s of the headers; an idle keep-alive connection closes after keep_alive_s.

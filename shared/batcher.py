@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Generic, TypeVar
 
+from shared import phases
 from shared.compute_threads import ComputeThreads
 from shared.errors import Overloaded, Unavailable
 from shared.logs import get_logger
@@ -248,6 +249,7 @@ class DynamicBatcher(Generic[P, R]):
                 self._observe_wait(lane.name, loop.time() - job.arrived)
         started = time.perf_counter()
         payloads = [job.payload for job in jobs]
+        phases.mark("batch_dispatched")
         try:
             if self._threads is None:
                 results = await loop.run_in_executor(self._executor, lane.run, payloads)
@@ -258,6 +260,7 @@ class DynamicBatcher(Generic[P, R]):
                 batch = partial(lane.run, payloads)
                 call = partial(self._threads.run, lone, batch, key=lane.name, rows=rows)
                 results = await loop.run_in_executor(self._executor, call)
+            phases.mark("batch_returned")
             if len(results) != len(jobs):
                 raise RuntimeError(f"{len(jobs)} requests got {len(results)} results")
         except Exception as error:  # the call itself failed: every caller gets the error

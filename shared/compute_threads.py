@@ -30,6 +30,7 @@ import torch
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from shared import phases
 from shared.logs import get_logger
 
 log = get_logger(__name__)
@@ -72,6 +73,7 @@ class ComputeThreads:
         """Run ``fn`` in this (worker) thread with the chosen count, waiting for running calls
         with another count to finish. ``lone``: the caller saw no other work in its tier;
         ``key`` and ``rows``: what the call computes, to learn which count is faster for it."""
+        phases.mark("worker_started")
         with self._changed:
             alone = lone and self._running == 0 and self._waiting == 0 and self.alone != self.loaded
             threads = self._choose(key) if alone else self.loaded
@@ -167,7 +169,10 @@ class ComputeThreads:
         try:
             if torch.get_num_threads() != threads:  # this thread's own OpenMP/MKL count
                 torch.set_num_threads(threads)
-            return fn()
+            phases.mark(f"compute_start_{threads}t")
+            result = fn()
+            phases.mark("compute_done")
+            return result
         finally:
             with self._changed:
                 self._running -= 1

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from public_api.monitor.cli import add_monitor_commands
 from shared.layout import DeployLayout
 from shared.logs import configure_logging
+from shared.openmp import default_wait_policy, log_wait_policy
 from splitvault.admin import add_admin_commands
 from splitvault.assess.cli import add_assess_command, add_budget_arguments
 from splitvault.errors import exit_status, report, require_tier, settings_error
@@ -218,6 +219,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _serve_private(args: argparse.Namespace) -> int:
+    omp = default_wait_policy()  # before torch loads (shared/openmp.py)
     from private_core.admission_store import AdmissionStateError
     from private_core.private_redis import PrivateStoreRefused
     from private_core.server import serve
@@ -236,6 +238,7 @@ def _serve_private(args: argparse.Namespace) -> int:
         kek_file=given(kek_file),
     )
     configure_logging(settings.log_level, tier="private")
+    log_wait_policy(*omp)
     try:
         asyncio.run(serve(settings))
     except (StateUnwritable, AdmissionStateError, PrivateStoreRefused):
@@ -247,6 +250,7 @@ def _serve_private(args: argparse.Namespace) -> int:
 
 
 def _serve_public(args: argparse.Namespace) -> int:
+    omp = default_wait_policy()  # before torch loads (shared/openmp.py)
     from public_api.server import serve
     from public_api.settings import PublicSettings
     from shared.settings import given
@@ -265,6 +269,7 @@ def _serve_public(args: argparse.Namespace) -> int:
     except ValidationError as error:
         raise settings_error(error, "public") from error
     configure_logging(settings.log_level, tier="public")
+    log_wait_policy(*omp)
     serve(settings)
     return 0
 

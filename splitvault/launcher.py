@@ -84,11 +84,12 @@ def start_tier(
     *,
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> TierProcess:
     """Run ``python -m splitvault ARGS`` and wait for the JSON log event ``ready_event``.
 
     The event must carry the bound ``port`` (and may carry ``metrics_port``); stderr and
-    stdout are merged and kept.
+    stdout are merged and kept. ``cwd``: the source tree to run (default: this one).
     """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
@@ -97,7 +98,7 @@ def start_tier(
         stderr=subprocess.STDOUT,
         text=True,
         env=full_env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=cwd or Path(__file__).resolve().parents[1],
     )
     lines: list[str] = []
     found: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -138,18 +139,26 @@ def start_tier(
     raise RuntimeError(f"{args[:2]} did not become ready:\n" + "\n".join(lines[-40:]))
 
 
-def start_private(deploy: Path, *, env: dict[str, str] | None = None) -> TierProcess:
-    """The private tier on a free loopback port."""
+def start_private(
+    deploy: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> TierProcess:
+    """The private tier on a free loopback port (``cwd``: the source tree to run)."""
     # A free metrics port too: several private tiers may run on one host (tests, demo).
     return start_tier(
         ["serve", "private", "--deploy", str(deploy), "--port", "0"],
         "private_tier_listening",
         env={"SPLITVAULT_PRIVATE_METRICS_PORT": "0", **(env or {})},
+        cwd=cwd,
     )
 
 
 def start_public(
-    deploy: Path, private_port: int, *, env: dict[str, str] | None = None, extra: Sequence[str] = ()
+    deploy: Path,
+    private_port: int,
+    *,
+    env: dict[str, str] | None = None,
+    extra: Sequence[str] = (),
+    cwd: Path | None = None,
 ) -> TierProcess:
     """The public tier on a free loopback port, talking to ``127.0.0.1:private_port``; its
     metrics listener on another free loopback port (``TierProcess.metrics_port``)."""
@@ -167,6 +176,7 @@ def start_public(
         ],
         "public_tier_listening",
         env={"SPLITVAULT_PUBLIC_METRICS_PORT": "0", **(env or {})},
+        cwd=cwd,
     )
     wait_for(
         lambda: any(e.get("event") == "public_tier_ready" for e in process.events()),
