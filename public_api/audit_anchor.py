@@ -29,8 +29,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from protos import inference_pb2
 from public_api.anchor_settings import AnchorSettings
-from public_api.audit import AuditTrail
 from public_api.audit_receipts import ReceiptStore, SqliteReceipts
+from public_api.audit_writer import AuditTrail
 from shared.anchor_receipt import AnchorReceipt
 from shared.errors import InternalError, SplitVaultError, Unavailable
 from shared.logs import get_logger

@@ -21,8 +21,9 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from public_api.audit import AuditRecord, AuditTrail, chain_rows
+from public_api.audit import AuditRecord, chain_rows
 from public_api.audit_source import GENESIS_HASH
+from public_api.audit_writer import AuditTrail
 from public_api.pg_store import unavailable_on_error
 from shared.anchor_receipt import AnchorReceipt
 

@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 
 from public_api.addresses import limit_subject
-from public_api.audit import AuditRecord, AuditTrail, Tallied, input_digest
+from public_api.audit import AuditRecord, input_digest
+from public_api.audit_tally import Tallied
+from public_api.audit_writer import AuditTrail
 from public_api.context import RequestContext, decision_for_status
 from public_api.key_cache import KeyCache, KnownCaller
 from public_api.keys import ApiKey, KeyStore, hash_token

@@ -13,8 +13,9 @@ from typing import TypedDict
 
 from psycopg_pool import ConnectionPool
 
-from public_api.audit import AUDIT_DB, AuditTrail, FailurePolicy
+from public_api.audit import AUDIT_DB
 from public_api.audit_receipts import ReceiptStore, SqliteReceipts
+from public_api.audit_writer import AuditTrail, FailurePolicy
 from public_api.keys import KEYS_DB, KeyStore, SqliteKeyStore
 from public_api.pg_audit import PgReceipts, open_pg_trail
 from public_api.pg_keys import PgKeyStore

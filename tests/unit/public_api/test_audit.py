@@ -17,11 +17,7 @@ import pytest
 
 from public_api.audit import (
     GENESIS_HASH,
-    OTHER_CLIENTS,
     AuditRecord,
-    AuditTrail,
-    RefusalTally,
-    Tallied,
     VerifyResult,
     export_records,
     head,
@@ -29,6 +25,8 @@ from public_api.audit import (
     record_hash,
     verify_chain,
 )
+from public_api.audit_tally import OTHER_CLIENTS, RefusalTally, Tallied
+from public_api.audit_writer import AuditTrail
 from shared.errors import Unavailable
 
 DECISIONS = ["served", "rate_limited", "blocked", "unauthenticated"]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from public_api.audit import AuditRecord, AuditTrail, VerifyResult, export_records, verify_chain
+from public_api.audit import AuditRecord, VerifyResult, export_records, verify_chain
+from public_api.audit_writer import AuditTrail
 from shared.errors import Unavailable
 
 FAIL_INSERTS = (

@@ -13,8 +13,9 @@ from private_core.anchors import AnchorBook
 from private_core.ledger import Ledger
 from private_core.ledger_export import export_anchors
 from public_api import audit_receipts
-from public_api.audit import AuditRecord, AuditTrail
+from public_api.audit import AuditRecord
 from public_api.audit_coverage import check_coverage
+from public_api.audit_writer import AuditTrail
 from shared.anchors_file import AnchorsFile
 from shared.keys import LocalFileKeyProvider
 from tests.support.audit_rewrite import rewrite_trail

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from public_api.audit import AuditTrail
+from public_api.audit_writer import AuditTrail
 from public_api.keys import SqliteKeyStore
 from public_api.monitor import SqliteAssessmentLog
 from shared.state_files import StatePermissionError, check_state_dir, private_dir, private_file

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from public_api.audit import AuditRecord, AuditTrail
+from public_api.audit import AuditRecord
+from public_api.audit_writer import AuditTrail
 from public_api.keys import SqliteKeyStore
 from shared.errors import Unauthenticated
 from splitvault.admin import add_admin_commands
