@@ -35,8 +35,8 @@ from private_core.activation_profile import (
     ActivationProfile,
     Floats,
     features_of,
-    raw_statistics,
 )
+from private_core.activation_scoring import RowStatistics
 from private_core.activation_streams import (
     LEVEL_NAMES,
     OK,
@@ -44,6 +44,7 @@ from private_core.activation_streams import (
     RowEvidence,
     Stream,
     StreamTable,
+    log_ratios,
 )
 from private_core.monitor_settings import ActivationMonitorSettings
 from protos import inference_pb2
@@ -62,6 +63,7 @@ PROJECTION_DIM = 32
 # Without a profile, the near-duplicate unit is this share of a row's own norm.
 NO_PROFILE_UNIT = 0.3
 CPU_SAMPLE = 8
+UNITS_KEPT = 256  # rows of a group whose near-duplicate units come from one kept array
 TIER_REFUSED = "activation monitor: this tier's stream of activations is refused"
 
 
@@ -87,6 +89,7 @@ class RowScorer:
         distance_tolerance: float = 1.0,
     ) -> None:
         self.profile, self.dim = profile, dim
+        self._median = np.zeros(len(STATISTICS), np.float32)
         # A secret projection per process: a sweep cannot hide in directions it drops.
         self._projection = (
             rng.standard_normal((dim, PROJECTION_DIM)) / PROJECTION_DIM**0.5
@@ -103,34 +106,30 @@ class RowScorer:
                 self._up[zero] = self._down[zero] = np.inf
             if not profile.pattern_active:
                 self._up[pattern] = np.inf
-            self._inverse_up, self._inverse_down = 1 / self._up, 1 / self._down
-            # PCA coordinates and the secret projection in one product of the centred rows.
-            self._fused = np.ascontiguousarray(
-                np.concatenate([profile.basis.T, self._projection], axis=1), dtype=np.float32
-            )
+            self._inverse_spreads = np.stack([1 / self._up, -1 / self._down]).astype(np.float32)
+        self._stats = None if profile is None else RowStatistics(profile, self._projection)
+        if self._stats is not None:
+            self._units = self._stats.unit(UNITS_KEPT)  # sliced per group, not allocated
 
     def evidence(
         self, features: Floats, weight: float, settings: ActivationMonitorSettings
     ) -> RowEvidence:
         """Scores, outlier flags, projections and near-duplicate units of ``features`` rows."""
-        profile = self.profile
-        if profile is None:
+        if self._stats is None:
             projected = features @ self._projection
             zeros = np.zeros(len(features), np.float32)
             norms = np.sqrt(np.einsum("ij,ij->i", features, features))
             scales = np.maximum(norms * NO_PROFILE_UNIT, 1e-6).astype(np.float32)
             return RowEvidence(zeros, zeros > 0, projected, scales, weight)
-        centred = features - profile.mean  # small numbers: distances lose no precision
-        fused = np.asarray(centred @ self._fused, dtype=np.float32)
-        components = profile.basis.shape[0]
-        coords, projected = fused[:, :components], fused[:, components:]
-        raw = raw_statistics(profile, features, centred, coords)
-        scores = np.maximum(
-            (raw - self._median) * self._inverse_up, (self._median - raw) * self._inverse_down
-        ).max(axis=1)
-        scales = np.full(len(features), profile.nn_scale, np.float32)
+        raw, projected = self._stats.raw(features)
+        difference = raw - self._median
+        # Above the median in units of the upper spread, below it in units of the lower one.
+        scaled = difference[:, None, :] * self._inverse_spreads
+        scores = np.maximum.reduce(scaled.reshape(len(raw), -1), axis=1)
+        unit = self._stats.unit
+        scales = self._units[: len(raw)] if len(raw) <= len(self._units) else unit(len(raw))
         outliers = scores > settings.outlier_score
-        return RowEvidence(scores, outliers, projected, scales, weight, profile.nn_scale)
+        return RowEvidence(scores, outliers, projected, scales, weight, self._stats.nn_scale)
 
 
 @dataclass
@@ -166,6 +165,7 @@ class ActivationMonitor:
         registry: CollectorRegistry,
     ) -> None:
         self.settings = settings
+        self._ratios = log_ratios(settings)
         self._rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
         self._models: dict[str, _Model] = {}
         self._metrics = MonitorMetrics(registry)
@@ -307,6 +307,9 @@ class ActivationMonitor:
             self._note(model, "identity", part.identity, before, tier)
 
     def _fold(self, stream: Stream, evidence: RowEvidence) -> None:
+        if len(evidence.scores) == 1:  # the common case, on scalars
+            stream.fold_one(evidence, self.settings, self._ratios)
+            return
         near = stream.near_duplicates(evidence, self.settings)
         stream.update(evidence, near, self.settings)
         stream.remember(evidence.projected)
