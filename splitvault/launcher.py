@@ -84,11 +84,13 @@ def start_tier(
     *,
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> TierProcess:
     """Run ``python -m splitvault ARGS`` and wait for the JSON log event ``ready_event``.
 
     The event must carry the bound ``port`` (and may carry ``metrics_port``); stderr and
-    stdout are merged and kept.
+    stdout are merged and kept. ``cwd``: another checkout of the code to run (benchmarks that
+    compare two revisions); this one by default.
     """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
@@ -97,7 +99,7 @@ def start_tier(
         stderr=subprocess.STDOUT,
         text=True,
         env=full_env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=cwd or Path(__file__).resolve().parents[1],
     )
     lines: list[str] = []
     found: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -138,13 +140,16 @@ def start_tier(
     raise RuntimeError(f"{args[:2]} did not become ready:\n" + "\n".join(lines[-40:]))
 
 
-def start_private(deploy: Path, *, env: dict[str, str] | None = None) -> TierProcess:
-    """The private tier on a free loopback port."""
+def start_private(
+    deploy: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> TierProcess:
+    """The private tier on a free loopback port (from the checkout ``cwd``, see ``start_tier``)."""
     # A free metrics port too: several private tiers may run on one host (tests, demo).
     return start_tier(
         ["serve", "private", "--deploy", str(deploy), "--port", "0"],
         "private_tier_listening",
         env={"SPLITVAULT_PRIVATE_METRICS_PORT": "0", **(env or {})},
+        cwd=cwd,
     )
 
 
