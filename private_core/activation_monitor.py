@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from prometheus_client import CollectorRegistry
 from threadpoolctl import threadpool_limits
 
 from private_core.activation_metrics import MonitorMetrics
 from private_core.activation_profile import (
+    FLOAT_DATATYPES,
     STATISTICS,
     ActivationProfile,
     Floats,
@@ -140,6 +142,7 @@ class _Model:
     keys: StreamTable
     cpu: Any  # the model's children of ``MonitorMetrics.cpu`` and ``.seconds``
     seconds: Any
+    plain: str | None  # the one input whose rows are the feature vectors, as they are
 
 
 @dataclass(eq=False)
@@ -192,6 +195,7 @@ class ActivationMonitor:
                 StreamTable(settings.max_streams, PROJECTION_DIM, window),
                 self._metrics.cpu.labels(name),
                 self._metrics.seconds.labels(name),
+                _plain_input(specs),
             )
 
     def check(self, request: inference_pb2.InferRequest, identities: Sequence[str]) -> Verdict:
@@ -273,7 +277,11 @@ class ActivationMonitor:
         if analysed < part.rows:  # rows drawn with a secret seed: none hidden at known places
             picked = np.sort(self._rng.choice(part.rows, analysed, replace=False))
             arrays = {name: array[picked] for name, array in arrays.items()}
-        part.features = features_of(arrays, model.specs)
+        if model.plain is not None:  # converted to float32 with the group's other rows
+            raw = np.asarray(arrays[model.plain])
+            part.features = raw.reshape(len(raw), -1)
+        else:
+            part.features = features_of(arrays, model.specs)
         if part.features.shape[1] != model.scorer.dim:  # before it joins the group's pass
             raise InvalidInput(f"activations of {part.features.shape[1]} features per row")
         return part
@@ -287,7 +295,7 @@ class ActivationMonitor:
                 by_model.setdefault(part.request.model, []).append(part)
         for group in by_model.values():
             stacked = [part.features for part in group if part.features is not None]
-            rows = stacked[0] if len(stacked) == 1 else np.concatenate(stacked)
+            rows = as_float32(stacked[0] if len(stacked) == 1 else np.concatenate(stacked))
             whole = group[0].model.scorer.evidence(rows, 1.0, self.settings)
             start = 0
             for part, features in zip(group, stacked, strict=True):
@@ -374,6 +382,31 @@ def _feature_dim(specs: Sequence[TensorSpec]) -> int | None:
         return int(features_of(zeros, specs).shape[1])
     except ValueError:
         return None
+
+
+def as_float32(rows: np.ndarray) -> Floats:
+    """``rows`` in float32. FP16 goes through torch's vectorised conversion when it may (a
+    writable array: a group's rows put together), NumPy's is ten times slower."""
+    if rows.dtype == np.float32:
+        return rows
+    if rows.dtype == np.float16 and rows.flags.writeable and rows.flags.c_contiguous:
+        out = np.empty(rows.shape, np.float32)
+        torch.from_numpy(out).copy_(torch.from_numpy(rows))
+        return out
+    return rows.astype(np.float32)
+
+
+def _plain_input(specs: Sequence[TensorSpec]) -> str | None:
+    """The input whose rows, flattened, are the feature vectors (``features_of`` without
+    pooling or concatenation), if the model has one such and no other activation input."""
+    floats = [
+        spec
+        for spec in specs
+        if spec.datatype in FLOAT_DATATYPES and (spec.source or "").startswith("front:")
+    ]
+    if len(floats) != 1 or any(isinstance(dim, DimSpec) for dim in floats[0].shape[1:]):
+        return None
+    return floats[0].name
 
 
 def _rows(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> int:
