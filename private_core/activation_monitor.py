@@ -47,6 +47,7 @@ from private_core.activation_streams import (
     Stream,
     StreamTable,
     log_ratios,
+    probes_of,
 )
 from private_core.monitor_settings import ActivationMonitorSettings
 from protos import inference_pb2
@@ -128,10 +129,11 @@ class RowScorer:
         # Above the median in units of the upper spread, below it in units of the lower one.
         scaled = difference[:, None, :] * self._inverse_spreads
         scores = np.maximum.reduce(scaled.reshape(len(raw), -1), axis=1)
-        unit = self._stats.unit
-        scales = self._units[: len(raw)] if len(raw) <= len(self._units) else unit(len(raw))
+        units = self._stats.unit
+        scales = self._units[: len(raw)] if len(raw) <= len(self._units) else units(len(raw))
         outliers = scores > settings.outlier_score
-        return RowEvidence(scores, outliers, projected, scales, weight, self._stats.nn_scale)
+        unit = self._stats.nn_scale
+        return RowEvidence(scores, outliers, projected, scales, weight, unit, probes_of(projected))
 
 
 @dataclass

@@ -37,6 +37,7 @@ class RowEvidence:
     scales: Floats  # per row: the distance unit of the near-duplicate test
     weight: float
     unit: float | None = None  # the unit when every row has the same (a profile's)
+    probes: Floats | None = None  # ``probes_of(projected)``, when the scorer made them
 
     def part(self, start: int, stop: int, weight: float) -> RowEvidence:
         """Rows ``start:stop`` (one request of a group scored together), with its weight."""
@@ -47,19 +48,31 @@ class RowEvidence:
             self.scales[start:stop],
             weight,
             self.unit,
+            None if self.probes is None else self.probes[start:stop],
         )
+
+
+def probes_of(projected: Floats) -> Floats:
+    """(n, P + 2): each row as ``-2 r``, 1 and its squared norm: one product with a stream's
+    table (rows and their squared norms) gives ``|w|^2 - 2 w.r`` for every window row."""
+    probes = np.empty((len(projected), projected.shape[1] + 2), np.float32)
+    np.multiply(projected, -2.0, out=probes[:, :-2])
+    probes[:, -2] = 1.0
+    np.einsum("ij,ij->i", projected, projected, out=probes[:, -1])
+    return probes
 
 
 @dataclass
 class Stream:
     """One (scope, name, model) stream: statistics, level and recent rows.
 
-    ``norms`` holds each window row's squared norm (+inf while the slot is empty), so that a
-    one-row request is screened for near duplicates by one float32 product (``fold_one``);
-    ``largest`` bounds them, for that screen's rounding margin."""
+    ``norms`` holds each window row's squared norm (+inf while the slot is empty), next to the
+    row in ``table``, so that a one-row request is screened for near duplicates by one float32
+    product (``fold_one``); ``largest`` bounds them, for that screen's rounding margin."""
 
     window: Floats
     norms: Floats = field(default_factory=lambda: np.zeros(0, np.float32))
+    table: Floats = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     largest: float = 0.0
     shift: float = 0.0
     rows: float = 0.0
@@ -72,8 +85,10 @@ class Stream:
     reasons: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if len(self.norms) != len(self.window):
-            self.norms = np.full(len(self.window), np.inf, np.float32)
+        table = np.empty((len(self.window), self.window.shape[1] + 1), np.float32)
+        table[:, :-1] = self.window
+        table[:, -1] = np.inf
+        self.table, self.window, self.norms = table, table[:, :-1], table[:, -1]
 
     def near_duplicates(self, evidence: RowEvidence, settings: ActivationMonitorSettings) -> Bools:
         """Rows within the near band of a recent row or of another row of this request."""
@@ -131,7 +146,7 @@ class Stream:
             return
         if len(projected) == 1:  # the common case, without index arrays
             row = projected[0]
-            self._remember_one(row, float(row @ row))
+            self._remember_one(row, float(np.dot(row, row)))
             return
         rows = projected[-size:]
         slots = (self.head + np.arange(len(rows))) % size
@@ -193,8 +208,9 @@ class Stream:
         """``near_duplicates``, ``update`` and ``remember`` of a one-row request (``ratios``:
         ``log_ratios(settings)``), on scalars; the same statistics and level."""
         row = evidence.projected[0]
-        length = float(row @ row)
-        near = self._near_one(row, length, evidence, settings)
+        probe = probes_of(evidence.projected)[0] if evidence.probes is None else evidence.probes[0]
+        length = float(probe[-1])
+        near = self._near_one(probe[:-1], length, evidence, settings)
         weight, score, outlier = evidence.weight, float(evidence.scores[0]), evidence.outliers[0]
         shift = max(
             0.0, self.shift + weight * (min(score, settings.shift_cap) - settings.shift_drift)
@@ -212,16 +228,18 @@ class Stream:
             self._remember_one(row, length)
 
     def _near_one(
-        self, row: Floats, length: float, evidence: RowEvidence, settings: ActivationMonitorSettings
+        self,
+        probe: Floats,
+        length: float,
+        evidence: RowEvidence,
+        settings: ActivationMonitorSettings,
     ) -> bool:
         """Whether one row is a near duplicate: a float32 product screens the window, and only a
         row it finds within the band plus its rounding margin gets the exact test."""
         if self.filled == 0:
             return False
-        squared = self.window @ row
-        squared *= -2.0
-        squared += self.norms  # +inf where the window is empty
-        closest = float(np.minimum.reduce(squared)) + length
+        # |w|^2 - 2 w.r per window row (+inf where the slot is empty), plus |r|^2.
+        closest = float(np.minimum.reduce(self.table @ probe)) + length
         unit = evidence.unit if evidence.unit is not None else float(evidence.scales[0])
         margin = SCREEN_MARGIN * (self.largest + length)
         if closest >= (settings.near_high * unit) ** 2 + margin:
@@ -231,7 +249,7 @@ class Stream:
     def _forget(self) -> None:
         """Drop the window (a refused stream is sticky: its rows are no longer needed)."""
         self.window, self.filled, self.head = self.window[:0], 0, 0
-        self.norms = self.norms[:0]
+        self.norms, self.table = self.norms[:0], self.table[:0]
 
     def reason(self) -> dict[str, float]:
         """What the stream's statistics say, for the alert log."""
