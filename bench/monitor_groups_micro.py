@@ -46,8 +46,9 @@ def natural(rng: np.random.Generator, base: np.ndarray, n: int) -> np.ndarray:
     return np.asarray(np.maximum(latent @ base * 0.3 - 0.2, 0), np.float16)
 
 
-def per_request(group: int, requests: int) -> float:
-    """Microseconds of thread CPU per request in groups of ``group``."""
+def per_request(group: int, requests: int, keys: int = 1) -> float:
+    """Microseconds of thread CPU per request in groups of ``group``, the requests cycling
+    through ``keys`` key ids (``bench/private_checks_cpu.py`` uses 50)."""
     rng = np.random.default_rng(1)
     base = rng.standard_normal((64, WIDTH)).astype(np.float32)
     profile = build_profile(natural(rng, base, 3000), channels=SHAPE[0])
@@ -55,15 +56,19 @@ def per_request(group: int, requests: int) -> float:
         ActivationMonitorSettings(), {"digits": ([SPEC], profile)}, CollectorRegistry()
     )
     rows = natural(rng, base, requests).reshape(-1, 1, *SHAPE)
-    call = (inference_pb2.InferRequest(model="digits", key_id="k0"), ("splitvault-public",))
+    identity = ("splitvault-public",)
+    calls = [
+        (inference_pb2.InferRequest(model="digits", key_id=f"k{i % keys}"), identity)
+        for i in range(requests)
+    ]
     decoded = [{"act": row} for row in rows]
-    groups = [range(start, start + group) for start in range(0, requests - group + 1, group)]
+    groups = [slice(start, start + group) for start in range(0, requests - group + 1, group)]
     warm = len(groups) // 10
     for span in groups[:warm]:
-        monitor.check_many([call] * group, decoded[span.start : span.stop])
+        monitor.check_many(calls[span], decoded[span])
     started = time.thread_time()
     for span in groups[warm:]:
-        monitor.check_many([call] * group, decoded[span.start : span.stop])
+        monitor.check_many(calls[span], decoded[span])
     return 1e6 * (time.thread_time() - started) / (group * (len(groups) - warm))
 
 
@@ -71,10 +76,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("groups", type=int, nargs="*", default=[1, 2, 4, 8, 32])
     parser.add_argument("--requests", type=int, default=12800)
+    parser.add_argument("--keys", type=int, default=1, help="key ids the requests cycle through")
     args = parser.parse_args()
     single_threaded_blas()
     for group in args.groups:
-        print(f"groups of {group:>2}: {per_request(group, args.requests):6.1f} us per request")
+        cost = per_request(group, args.requests, args.keys)
+        print(f"groups of {group:>2}: {cost:6.1f} us per request")
 
 
 if __name__ == "__main__":
