@@ -25,6 +25,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import argparse
 import re
+import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -146,17 +147,22 @@ def cpu_per_request(
         return (cpu_seconds(tier.process.pid) - before) * 1000 / n
 
 
-def run(workdir: Path, stack: ExitStack, n: int, rounds: int) -> None:
+def run(workdir: Path, stack: ExitStack, n: int, rounds: int, compare: str | None) -> None:
     layout = init_deployment(workdir / "deploy")
     pack_both(layout)
     base = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1"}
-    on = start_private(layout.root, env=base)
-    stack.callback(on.stop)
-    off = start_private(
-        layout.root, env={**base, "SPLITVAULT_PRIVATE_ACTIVATION_MONITOR__ENABLED": "false"}
-    )
-    stack.callback(off.stop)
-    stubs = {tier.port: stub(layout, tier.port) for tier in (on, off)}
+    tiers = {
+        "on": start_private(layout.root, env=base),
+        "off": start_private(
+            layout.root, env={**base, "SPLITVAULT_PRIVATE_ACTIVATION_MONITOR__ENABLED": "false"}
+        ),
+    }
+    if compare is not None:  # the monitor on, in the code of another revision
+        tiers[compare] = start_private(layout.root, env=base, cwd=checkout(compare, workdir))
+    for name, tier in tiers.items():
+        stack.callback(tier.stop)
+        print(f"tier {name}: pid {tier.process.pid}", flush=True)
+    stubs = {name: stub(layout, tier.port) for name, tier in tiers.items()}
     workloads = {
         model: (digits_requests if model == "digits" else minilm_requests)(
             layout, read_manifest(layout.public.model(model)).pairing_id or ""
@@ -164,30 +170,59 @@ def run(workdir: Path, stack: ExitStack, n: int, rounds: int) -> None:
         for model in ("digits", "minilm")
     }
     print(f"private tier CPU per single-row request, c={CONCURRENCY}, {n} requests per round")
+    monitored = [name for name in tiers if name != "off"]
     for model, requests in workloads.items():
-        ratios, off_ms = [], []
-        spent = monitor_seconds(on, model)
-        for index in range(rounds):  # alternate which tier goes first
-            order = (on, off) if index % 2 == 0 else (off, on)
-            ms = {
-                tier.port: cpu_per_request(tier, caller(stubs[tier.port]), requests, n)
-                for tier in order
-            }
-            ratios.append(ms[on.port] / ms[off.port])
-            off_ms.append(ms[off.port])
+        ms: dict[str, list[float]] = {name: [] for name in tiers}
+        spent = {name: monitor_seconds(tiers[name], model) for name in monitored}
+        groups = batch_sizes(tiers["on"], model)
+        for index in range(rounds):  # rotate which tier goes first
+            names = list(tiers)
+            for name in names[index % len(names) :] + names[: index % len(names)]:
+                ms[name].append(cpu_per_request(tiers[name], caller(stubs[name]), requests, n))
             print(
-                f"  {model} round {index + 1}: monitor on {ms[on.port]:.3f} ms, "
-                f"off {ms[off.port]:.3f} ms, on/off {ratios[-1]:.3f}",
+                f"  {model} round {index + 1}: "
+                + ", ".join(f"{name} {ms[name][-1]:.3f} ms" for name in tiers),
                 flush=True,
             )
-        total, count = monitor_seconds(on, model)
-        own = 1000 * (total - spent[0]) / max(count - spent[1], 1.0)
-        print(
-            f"  {model}: process CPU on/off, median of {rounds}: {np.median(ratios):.3f}; "
-            f"the monitor's own CPU {own:.3f} ms per request = "
-            f"{100 * own / np.median(off_ms):.1f}% of the tier's CPU per request with it off "
-            "(target <= 5%)"
-        )
+        histogram = {
+            size: count - groups.get(size, 0)
+            for size, count in batch_sizes(tiers["on"], model).items()
+        }
+        print(f"  {model}: requests per batch (scored group) on 'on', <= bucket: {histogram}")
+        off = np.asarray(ms["off"])
+        for name in monitored:
+            total, count = monitor_seconds(tiers[name], model)
+            own = 1000 * (total - spent[name][0]) / max(count - spent[name][1], 1.0)
+            print(
+                f"  {model} [{name}]: process CPU {name}/off, median of {rounds}: "
+                f"{np.median(np.asarray(ms[name]) / off):.3f}; the monitor's own CPU "
+                f"{own:.4f} ms per request = {100 * own / np.median(off):.1f}% of the tier's "
+                "CPU per request with it off (target <= 5%)"
+            )
+
+
+def checkout(ref: str, workdir: Path) -> Path:
+    """The files of git revision ``ref`` in a folder of ``workdir`` (to run that code)."""
+    folder = workdir / "checkout"
+    folder.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", ref], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def batch_sizes(tier: TierProcess, model: str) -> dict[str, float]:
+    """The tier's cumulative batch-size histogram for ``model``: {upper bound: batches}."""
+    text = httpx.get(tier.metrics_url).text
+    found = re.findall(
+        rf'splitvault_private_batch_size_bucket{{le="([^"]+)",model="{model}"}} (\S+)', text
+    )
+    cumulative = {bound: float(value) for bound, value in found}
+    counts, below = {}, 0.0
+    for bound, value in cumulative.items():
+        counts[bound], below = value - below, value
+    return counts
 
 
 def monitor_seconds(tier: TierProcess, model: str) -> tuple[float, float]:
@@ -208,9 +243,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--compare",
+        metavar="REF",
+        help="also run a monitor-on tier from git revision REF (e.g. main), side by side",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        run(Path(tmp), stack, args.requests, args.rounds)
+        run(Path(tmp), stack, args.requests, args.rounds, args.compare)
 
 
 if __name__ == "__main__":

@@ -26,17 +26,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from prometheus_client import CollectorRegistry
 from threadpoolctl import threadpool_limits
 
 from private_core.activation_metrics import MonitorMetrics
 from private_core.activation_profile import (
+    FLOAT_DATATYPES,
     STATISTICS,
     ActivationProfile,
     Floats,
     features_of,
-    raw_statistics,
 )
+from private_core.activation_scoring import RowStatistics
 from private_core.activation_streams import (
     LEVEL_NAMES,
     OK,
@@ -44,6 +46,8 @@ from private_core.activation_streams import (
     RowEvidence,
     Stream,
     StreamTable,
+    log_ratios,
+    probes_of,
 )
 from private_core.monitor_settings import ActivationMonitorSettings
 from protos import inference_pb2
@@ -62,6 +66,7 @@ PROJECTION_DIM = 32
 # Without a profile, the near-duplicate unit is this share of a row's own norm.
 NO_PROFILE_UNIT = 0.3
 CPU_SAMPLE = 8
+UNITS_KEPT = 256  # rows of a group whose near-duplicate units come from one kept array
 TIER_REFUSED = "activation monitor: this tier's stream of activations is refused"
 
 
@@ -87,6 +92,7 @@ class RowScorer:
         distance_tolerance: float = 1.0,
     ) -> None:
         self.profile, self.dim = profile, dim
+        self._median = np.zeros(len(STATISTICS), np.float32)
         # A secret projection per process: a sweep cannot hide in directions it drops.
         self._projection = (
             rng.standard_normal((dim, PROJECTION_DIM)) / PROJECTION_DIM**0.5
@@ -103,34 +109,31 @@ class RowScorer:
                 self._up[zero] = self._down[zero] = np.inf
             if not profile.pattern_active:
                 self._up[pattern] = np.inf
-            self._inverse_up, self._inverse_down = 1 / self._up, 1 / self._down
-            # PCA coordinates and the secret projection in one product of the centred rows.
-            self._fused = np.ascontiguousarray(
-                np.concatenate([profile.basis.T, self._projection], axis=1), dtype=np.float32
-            )
+            self._inverse_spreads = np.stack([1 / self._up, -1 / self._down]).astype(np.float32)
+        self._stats = None if profile is None else RowStatistics(profile, self._projection)
+        if self._stats is not None:
+            self._units = self._stats.unit(UNITS_KEPT)  # sliced per group, not allocated
 
     def evidence(
         self, features: Floats, weight: float, settings: ActivationMonitorSettings
     ) -> RowEvidence:
         """Scores, outlier flags, projections and near-duplicate units of ``features`` rows."""
-        profile = self.profile
-        if profile is None:
+        if self._stats is None:
             projected = features @ self._projection
             zeros = np.zeros(len(features), np.float32)
             norms = np.sqrt(np.einsum("ij,ij->i", features, features))
             scales = np.maximum(norms * NO_PROFILE_UNIT, 1e-6).astype(np.float32)
             return RowEvidence(zeros, zeros > 0, projected, scales, weight)
-        centred = features - profile.mean  # small numbers: distances lose no precision
-        fused = np.asarray(centred @ self._fused, dtype=np.float32)
-        components = profile.basis.shape[0]
-        coords, projected = fused[:, :components], fused[:, components:]
-        raw = raw_statistics(profile, features, centred, coords)
-        scores = np.maximum(
-            (raw - self._median) * self._inverse_up, (self._median - raw) * self._inverse_down
-        ).max(axis=1)
-        scales = np.full(len(features), profile.nn_scale, np.float32)
+        raw, projected = self._stats.raw(features)
+        difference = raw - self._median
+        # Above the median in units of the upper spread, below it in units of the lower one.
+        scaled = difference[:, None, :] * self._inverse_spreads
+        scores = np.maximum.reduce(scaled.reshape(len(raw), -1), axis=1)
+        units = self._stats.unit
+        scales = self._units[: len(raw)] if len(raw) <= len(self._units) else units(len(raw))
         outliers = scores > settings.outlier_score
-        return RowEvidence(scores, outliers, projected, scales, weight, profile.nn_scale)
+        unit = self._stats.nn_scale
+        return RowEvidence(scores, outliers, projected, scales, weight, unit, probes_of(projected))
 
 
 @dataclass
@@ -141,6 +144,7 @@ class _Model:
     keys: StreamTable
     cpu: Any  # the model's children of ``MonitorMetrics.cpu`` and ``.seconds``
     seconds: Any
+    plain: str | None  # the one input whose rows are the feature vectors, as they are
 
 
 @dataclass(eq=False)
@@ -166,6 +170,7 @@ class ActivationMonitor:
         registry: CollectorRegistry,
     ) -> None:
         self.settings = settings
+        self._ratios = log_ratios(settings)
         self._rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
         self._models: dict[str, _Model] = {}
         self._metrics = MonitorMetrics(registry)
@@ -192,6 +197,7 @@ class ActivationMonitor:
                 StreamTable(settings.max_streams, PROJECTION_DIM, window),
                 self._metrics.cpu.labels(name),
                 self._metrics.seconds.labels(name),
+                _plain_input(specs),
             )
 
     def check(self, request: inference_pb2.InferRequest, identities: Sequence[str]) -> Verdict:
@@ -273,7 +279,11 @@ class ActivationMonitor:
         if analysed < part.rows:  # rows drawn with a secret seed: none hidden at known places
             picked = np.sort(self._rng.choice(part.rows, analysed, replace=False))
             arrays = {name: array[picked] for name, array in arrays.items()}
-        part.features = features_of(arrays, model.specs)
+        if model.plain is not None:  # converted to float32 with the group's other rows
+            raw = np.asarray(arrays[model.plain])
+            part.features = raw.reshape(len(raw), -1)
+        else:
+            part.features = features_of(arrays, model.specs)
         if part.features.shape[1] != model.scorer.dim:  # before it joins the group's pass
             raise InvalidInput(f"activations of {part.features.shape[1]} features per row")
         return part
@@ -287,7 +297,7 @@ class ActivationMonitor:
                 by_model.setdefault(part.request.model, []).append(part)
         for group in by_model.values():
             stacked = [part.features for part in group if part.features is not None]
-            rows = stacked[0] if len(stacked) == 1 else np.concatenate(stacked)
+            rows = as_float32(stacked[0] if len(stacked) == 1 else np.concatenate(stacked))
             whole = group[0].model.scorer.evidence(rows, 1.0, self.settings)
             start = 0
             for part, features in zip(group, stacked, strict=True):
@@ -307,6 +317,9 @@ class ActivationMonitor:
             self._note(model, "identity", part.identity, before, tier)
 
     def _fold(self, stream: Stream, evidence: RowEvidence) -> None:
+        if len(evidence.scores) == 1:  # the common case, on scalars
+            stream.fold_one(evidence, self.settings, self._ratios)
+            return
         near = stream.near_duplicates(evidence, self.settings)
         stream.update(evidence, near, self.settings)
         stream.remember(evidence.projected)
@@ -371,6 +384,31 @@ def _feature_dim(specs: Sequence[TensorSpec]) -> int | None:
         return int(features_of(zeros, specs).shape[1])
     except ValueError:
         return None
+
+
+def as_float32(rows: np.ndarray) -> Floats:
+    """``rows`` in float32. FP16 goes through torch's vectorised conversion when it may (a
+    writable array: a group's rows put together), NumPy's is ten times slower."""
+    if rows.dtype == np.float32:
+        return rows
+    if rows.dtype == np.float16 and rows.flags.writeable and rows.flags.c_contiguous:
+        out = np.empty(rows.shape, np.float32)
+        torch.from_numpy(out).copy_(torch.from_numpy(rows))
+        return out
+    return rows.astype(np.float32)
+
+
+def _plain_input(specs: Sequence[TensorSpec]) -> str | None:
+    """The input whose rows, flattened, are the feature vectors (``features_of`` without
+    pooling or concatenation), if the model has one such and no other activation input."""
+    floats = [
+        spec
+        for spec in specs
+        if spec.datatype in FLOAT_DATATYPES and (spec.source or "").startswith("front:")
+    ]
+    if len(floats) != 1 or any(isinstance(dim, DimSpec) for dim in floats[0].shape[1:]):
+        return None
+    return floats[0].name
 
 
 def _rows(specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> int:

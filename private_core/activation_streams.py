@@ -21,6 +21,9 @@ Floats = npt.NDArray[np.float32]
 Bools = npt.NDArray[np.bool_]
 SHORT_CUSUM = 8  # steps below which the recursion beats the vectorised form
 FEW_ROWS = 4  # rows up to which the near-duplicate test uses differences, not products
+# A float32 squared distance |w|^2 - 2 w.r + |r|^2 of 32-wide rows is off by less than
+# 40 * 2^-24 * (|w|^2 + |r|^2); this margin is 25 times that.
+SCREEN_MARGIN = 1e-4
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class RowEvidence:
     scales: Floats  # per row: the distance unit of the near-duplicate test
     weight: float
     unit: float | None = None  # the unit when every row has the same (a profile's)
+    probes: Floats | None = None  # ``probes_of(projected)``, when the scorer made them
 
     def part(self, start: int, stop: int, weight: float) -> RowEvidence:
         """Rows ``start:stop`` (one request of a group scored together), with its weight."""
@@ -44,18 +48,32 @@ class RowEvidence:
             self.scales[start:stop],
             weight,
             self.unit,
+            None if self.probes is None else self.probes[start:stop],
         )
+
+
+def probes_of(projected: Floats) -> Floats:
+    """(n, P + 2): each row as ``-2 r``, 1 and its squared norm: one product with a stream's
+    table (rows and their squared norms) gives ``|w|^2 - 2 w.r`` for every window row."""
+    probes = np.empty((len(projected), projected.shape[1] + 2), np.float32)
+    np.multiply(projected, -2.0, out=probes[:, :-2])
+    probes[:, -2] = 1.0
+    np.einsum("ij,ij->i", projected, projected, out=probes[:, -1])
+    return probes
 
 
 @dataclass
 class Stream:
     """One (scope, name, model) stream: statistics, level and recent rows.
 
-    ``norms`` holds each window row's squared norm (+inf while the slot is empty), so the
-    near-duplicate test is one matrix product per request, whatever the window's fill."""
+    ``norms`` holds each window row's squared norm (+inf while the slot is empty), next to the
+    row in ``table``, so that a one-row request is screened for near duplicates by one float32
+    product (``fold_one``); ``largest`` bounds them, for that screen's rounding margin."""
 
     window: Floats
-    norms: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    norms: Floats = field(default_factory=lambda: np.zeros(0, np.float32))
+    table: Floats = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    largest: float = 0.0
     shift: float = 0.0
     rows: float = 0.0
     level: int = OK
@@ -67,8 +85,10 @@ class Stream:
     reasons: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if len(self.norms) != len(self.window):
-            self.norms = np.full(len(self.window), np.inf)
+        table = np.empty((len(self.window), self.window.shape[1] + 1), np.float32)
+        table[:, :-1] = self.window
+        table[:, -1] = np.inf
+        self.table, self.window, self.norms = table, table[:, :-1], table[:, -1]
 
     def near_duplicates(self, evidence: RowEvidence, settings: ActivationMonitorSettings) -> Bools:
         """Rows within the near band of a recent row or of another row of this request."""
@@ -108,10 +128,13 @@ class Stream:
         land in the band through rounding); +inf against empty window slots."""
         rows = projected.astype(np.float64)
         lengths = np.einsum("ij,ij->i", rows, rows)
-        squared = rows @ self.window.T.astype(np.float64)
+        window = self.window.astype(np.float64)
+        norms = np.einsum("ij,ij->i", window, window)
+        norms[self.filled :] = np.inf  # slots fill in order: the empty ones are never in the band
+        squared = rows @ window.T
         squared *= -2.0
         squared += lengths[:, None]
-        squared += self.norms  # +inf where the window is empty: never in the band
+        squared += norms
         own = lengths[:, None] + lengths[None, :] - 2.0 * rows @ rows.T
         np.fill_diagonal(own, np.inf)
         return np.concatenate([squared, own], axis=1)
@@ -122,19 +145,26 @@ class Stream:
         if size == 0:
             return
         if len(projected) == 1:  # the common case, without index arrays
-            self.window[self.head] = projected[0]
-            stored = self.window[self.head].astype(np.float64)
-            self.norms[self.head] = float(stored @ stored)
-            self.head = (self.head + 1) % size
-            self.filled = min(self.filled + 1, size)
+            row = projected[0]
+            self._remember_one(row, float(np.dot(row, row)))
             return
         rows = projected[-size:]
         slots = (self.head + np.arange(len(rows))) % size
         self.window[slots] = rows
-        stored = self.window[slots].astype(np.float64)  # the rows as kept (float32)
-        self.norms[slots] = np.einsum("ij,ij->i", stored, stored)
+        self.norms[slots] = lengths = np.einsum("ij,ij->i", rows, rows)
+        self.largest = max(self.largest, float(lengths.max()))
         self.head = int(slots[-1] + 1) % size
         self.filled = min(self.filled + len(rows), size)
+
+    def _remember_one(self, row: Floats, length: float) -> None:
+        size = len(self.window)
+        if size == 0:
+            return
+        self.window[self.head] = row
+        self.norms[self.head] = length
+        self.largest = max(self.largest, length)
+        self.head = (self.head + 1) % size
+        self.filled = min(self.filled + 1, size)
 
     def update(
         self, evidence: RowEvidence, near: Bools, settings: ActivationMonitorSettings
@@ -166,9 +196,60 @@ class Stream:
         self.near += weight * nearby
         self.level = max(self.level, level_of(shift_peak, rows_peak, settings))
         if self.level == REFUSE:  # sticky: its rows are no longer needed
-            self.window, self.filled, self.head = self.window[:0], 0, 0
-            self.norms = self.norms[:0]
+            self._forget()
         return self.level
+
+    def fold_one(
+        self,
+        evidence: RowEvidence,
+        settings: ActivationMonitorSettings,
+        ratios: tuple[float, float],
+    ) -> None:
+        """``near_duplicates``, ``update`` and ``remember`` of a one-row request (``ratios``:
+        ``log_ratios(settings)``), on scalars; the same statistics and level."""
+        row = evidence.projected[0]
+        probe = probes_of(evidence.projected)[0] if evidence.probes is None else evidence.probes[0]
+        length = float(probe[-1])
+        near = self._near_one(probe[:-1], length, evidence, settings)
+        weight, score, outlier = evidence.weight, float(evidence.scores[0]), evidence.outliers[0]
+        shift = max(
+            0.0, self.shift + weight * (min(score, settings.shift_cap) - settings.shift_drift)
+        )
+        rows = max(0.0, self.rows + weight * (ratios[0] if outlier or near else ratios[1]))
+        shift_peak, rows_peak = max(self.shift, shift), max(self.rows, rows)
+        self.shift, self.rows = shift, rows
+        self.seen += weight
+        self.outliers += weight * bool(outlier)
+        self.near += weight * near
+        self.level = max(self.level, level_of(shift_peak, rows_peak, settings))
+        if self.level == REFUSE:
+            self._forget()
+        else:
+            self._remember_one(row, length)
+
+    def _near_one(
+        self,
+        probe: Floats,
+        length: float,
+        evidence: RowEvidence,
+        settings: ActivationMonitorSettings,
+    ) -> bool:
+        """Whether one row is a near duplicate: a float32 product screens the window, and only a
+        row it finds within the band plus its rounding margin gets the exact test."""
+        if self.filled == 0:
+            return False
+        # |w|^2 - 2 w.r per window row (+inf where the slot is empty), plus |r|^2.
+        closest = float(np.minimum.reduce(self.table @ probe)) + length
+        unit = evidence.unit if evidence.unit is not None else float(evidence.scales[0])
+        margin = SCREEN_MARGIN * (self.largest + length)
+        if closest >= (settings.near_high * unit) ** 2 + margin:
+            return False
+        return bool(self.near_duplicates(evidence, settings)[0])
+
+    def _forget(self) -> None:
+        """Drop the window (a refused stream is sticky: its rows are no longer needed)."""
+        self.window, self.filled, self.head = self.window[:0], 0, 0
+        self.norms, self.table = self.norms[:0], self.table[:0]
 
     def reason(self) -> dict[str, float]:
         """What the stream's statistics say, for the alert log."""
@@ -196,6 +277,11 @@ def cusum(start: float, steps: npt.NDArray[np.floating[Any]] | list[float]) -> t
     running = np.cumsum(steps, dtype=np.float64)
     path = running - np.minimum.accumulate(np.minimum(running, -start))
     return float(path[-1]), float(path.max())
+
+
+def log_ratios(settings: ActivationMonitorSettings) -> tuple[float, float]:
+    """Log-likelihood ratios of a suspect row and of a clean one (crafted against benign)."""
+    return _log_ratios(settings)
 
 
 @functools.lru_cache(maxsize=8)
