@@ -151,14 +151,19 @@ def run(workdir: Path, stack: ExitStack, n: int, rounds: int, compare: str | Non
     layout = init_deployment(workdir / "deploy")
     pack_both(layout)
     base = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1"}
+
+    def own_state(name: str) -> dict[str, str]:  # a private tier locks its state folder
+        return {**base, "SPLITVAULT_PRIVATE_STATE_DIR": str(layout.private.root / f"state-{name}")}
+
+    monitor_off = {"SPLITVAULT_PRIVATE_ACTIVATION_MONITOR__ENABLED": "false"}
     tiers = {
-        "on": start_private(layout.root, env=base),
-        "off": start_private(
-            layout.root, env={**base, "SPLITVAULT_PRIVATE_ACTIVATION_MONITOR__ENABLED": "false"}
-        ),
+        "on": start_private(layout.root, env=own_state("on")),
+        "off": start_private(layout.root, env={**own_state("off"), **monitor_off}),
     }
     if compare is not None:  # the monitor on, in the code of another revision
-        tiers[compare] = start_private(layout.root, env=base, cwd=checkout(compare, workdir))
+        tiers[compare] = start_private(
+            layout.root, env=own_state("compare"), cwd=checkout(compare, workdir)
+        )
     for name, tier in tiers.items():
         stack.callback(tier.stop)
         print(f"tier {name}: pid {tier.process.pid}", flush=True)
