@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -91,13 +92,15 @@ def test_no_private_tier_is_live_not_ready_and_fails_fast(http: httpx.Client) ->
 
 
 def test_public_tier_recovers_when_private_starts_and_fails_fast_when_it_stops(
-    http: httpx.Client, deployment: Deployment, private_port: int
+    http: httpx.Client, deployment: Deployment, private_port: int, tmp_path: Path
 ) -> None:
     _assert_unavailable(http)
+    # The session's private tier holds the deployment's state folder (a tier locks it),
+    # so this second tier keeps its budgets and nonces in a folder of its own.
     private = start_tier(
         ["serve", "private", "--deploy", str(deployment.root), "--port", str(private_port)],
         "private_tier_listening",
-        env=tier_env(),
+        env={**tier_env(), "SPLITVAULT_PRIVATE_STATE_DIR": str(tmp_path / "state")},
     )
     try:
         assert private.port == private_port
