@@ -59,9 +59,14 @@ class Attributor:
     ) -> QueryContext:
         """The request's ``QueryContext``; ``SignatureRefused`` (logged) when refused."""
         context = QueryContext.of(request)
-        if not request.key_id and not request.HasField("signature"):
+        signed = request.HasField("signature")
+        if not request.key_id and not signed:
             return context
         try:
+            if not signed and self._registry.local_lookups:
+                # An unsigned request only needs its key id looked up: microseconds in a local
+                # file, cheaper than a hand-off to a worker thread and back.
+                return self._check(request, manifest, arrays, sizes, context)
             return await asyncio.to_thread(self._check, request, manifest, arrays, sizes, context)
         except SignatureRefused as refusal:
             log.warning(

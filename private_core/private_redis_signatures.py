@@ -28,6 +28,8 @@ T = TypeVar("T")
 class RedisSignatureState:
     """``SignerRegistry`` and ``NonceStore`` in the private store (blocking; called in threads)."""
 
+    local_lookups = False
+
     def __init__(
         self, client: redis.Redis, *, prefix: str, window_s: float, health: StoreHealth
     ) -> None:

@@ -44,7 +44,13 @@ CREATE INDEX IF NOT EXISTS nonces_by_created ON nonces (created);
 
 
 class SignerRegistry(Protocol):
-    """Who may sign for which API key id."""
+    """Who may sign for which API key id.
+
+    ``local_lookups``: ``public_key`` reads a local file in microseconds and never waits on a
+    write, so the event loop may call it (else it is called in a worker thread).
+    """
+
+    local_lookups: bool
 
     def public_key(self, key_id: str) -> Ed25519PublicKey | None:
         """The key registered for ``key_id``, or None."""
@@ -85,7 +91,13 @@ def open_signature_state(
 
 
 class SqliteSignatureState:
-    """``SignerRegistry`` and ``NonceStore`` in one SQLite file (safe across processes)."""
+    """``SignerRegistry`` and ``NonceStore`` in one SQLite file (safe across processes).
+
+    Signer lookups use a connection of their own: in WAL mode a reader never waits for a nonce
+    being written, and it sees every committed registration, this process's or the CLI's.
+    """
+
+    local_lookups = True
 
     def __init__(self, path: Path) -> None:
         private_file(path)
@@ -98,10 +110,12 @@ class SqliteSignatureState:
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._pruned = 0.0
+        self._reader = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
+        self._read_lock = threading.Lock()
 
     def public_key(self, key_id: str) -> Ed25519PublicKey | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._read_lock:
+            row = self._reader.execute(
                 "SELECT public_key FROM signers WHERE key_id = ?", (key_id,)
             ).fetchone()
         return None if row is None else load_public_key(row[0])
@@ -135,5 +149,6 @@ class SqliteSignatureState:
 
     def close(self) -> None:
         """Close the database."""
-        with self._lock:
+        with self._lock, self._read_lock:
+            self._reader.close()
             self._db.close()

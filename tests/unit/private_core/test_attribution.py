@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import stat
@@ -188,3 +189,34 @@ async def test_another_deployment_is_refused(
     other = Attributor(state, state, "dep-2", window_s=300.0)
     with pytest.raises(SignatureRefused, match="signed deployment differ"):
         await _attribute(other, _request(signer))
+
+
+async def test_a_signer_registered_by_another_process_applies_to_the_next_unsigned_request(
+    tmp_path: Path, signer: RequestSigner
+) -> None:
+    """Unsigned requests are looked up on the event loop; the CLI registers through a connection
+    of its own, so the tier's lookups must see its commits at once, and its removals too."""
+    path = tmp_path / "fresh" / SIGNATURES_DB
+    tier_state = SqliteSignatureState(path)
+    attributor = _attributor(tier_state)
+    assert tier_state.local_lookups
+    assert (await _attribute(attributor, _request(None))).attribution == PUBLIC
+    cli_state = SqliteSignatureState(path)
+    cli_state.register(KEY_ID, load_public_key(signer.public_key()))
+    with pytest.raises(SignatureRefused, match="signs its requests"):
+        await _attribute(attributor, _request(None))
+    assert cli_state.remove(KEY_ID)
+    assert (await _attribute(attributor, _request(None))).attribution == PUBLIC
+    cli_state.close()
+    tier_state.close()
+
+
+async def test_an_unsigned_lookup_does_not_wait_for_a_nonce_being_written(
+    state: SqliteSignatureState,
+) -> None:
+    """The writer's lock held (a nonce insert or a prune in a worker thread) does not hold up
+    the event loop's lookup of an unsigned request's key id."""
+    request = _request(None, key_id="k_bearer00")
+    with state._lock:  # what a worker thread holds while it writes a nonce
+        context = await asyncio.wait_for(_attribute(_attributor(state), request), timeout=5)
+    assert context.attribution == PUBLIC
