@@ -88,7 +88,13 @@ class ApiKey:
 
 
 class KeyStore(Protocol):
-    """Where API keys and terms acceptances live; a server database can replace SQLite."""
+    """Where API keys and terms acceptances live; a server database can replace SQLite.
+
+    ``local_lookups``: reads are a local file's, microseconds, so the event loop may make them
+    (a server database's are network calls, made in a worker thread).
+    """
+
+    local_lookups: bool
 
     def create(
         self,
@@ -178,6 +184,8 @@ class SqliteKeyStore:
     Every call reads the database: the public tier caches recent callers in front of it
     (``public_api.key_cache``).
     """
+
+    local_lookups = True
 
     def __init__(
         self,

@@ -49,6 +49,8 @@ _STORE = "API key store"
 class PgKeyStore:
     """``KeyStore`` on a connection pool; safe to share between threads."""
 
+    local_lookups = False
+
     def __init__(
         self,
         pool: ConnectionPool,

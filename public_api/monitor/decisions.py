@@ -19,7 +19,12 @@ from public_api.monitor.store import Level, level_of
 
 
 class DecisionStore(Protocol):
-    """A key's lasting monitor decision ("throttled" or "blocked"), by key id."""
+    """A key's lasting monitor decision ("throttled" or "blocked"), by key id.
+
+    ``immediate``: ``decided`` answers without waiting for I/O (it never suspends).
+    """
+
+    immediate: bool
 
     async def decided(self, key_id: str) -> Level | None:
         """The key's decision, or None; ``Unavailable`` if it cannot be read."""
@@ -32,15 +37,21 @@ class DecisionStore(Protocol):
 
 
 class KeyStoreDecisions:
-    """``DecisionStore`` in the public tier's key store; its blocking calls run in a thread."""
+    """``DecisionStore`` in the public tier's key store. Its writes run in a worker thread, and
+    its reads too unless the store is a local file: a read is made on every admission and every
+    monitor update, and a SQLite lookup costs less than a hand-off to a thread and back."""
 
     def __init__(self, keys: KeyStore, clock: Callable[[], float] = time.time) -> None:
         self._keys = keys
         self._clock = clock
+        self.immediate = keys.local_lookups
 
     async def decided(self, key_id: str) -> Level | None:
         """The key's decision, or None."""
-        value = await asyncio.to_thread(self._keys.monitor_decision, key_id)
+        if self.immediate:
+            value = self._keys.monitor_decision(key_id)
+        else:
+            value = await asyncio.to_thread(self._keys.monitor_decision, key_id)
         return None if value is None else level_of(value)
 
     async def decide(self, key_id: str, level: Level) -> None:

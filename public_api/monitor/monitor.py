@@ -94,7 +94,7 @@ class ExtractionMonitor:
         """The verdict already reached for ``key_id``: the graver of its state's level and its
         lasting decision (blocked stays blocked until cleared); ``Unavailable`` if unreadable."""
         await self._apply_clear_requests()
-        found, decided = await asyncio.gather(self._read(key_id), self._decided(key_id))
+        found, decided = await self._state_and_decision(key_id)
         assessment = Assessment(key_id, 0.0, "ok", (), 0, 0.0)
         if found is not None:
             try:
@@ -155,7 +155,7 @@ class ExtractionMonitor:
         wins the race, at most ``cas_attempts`` times (then ``Unavailable``). A throttle or block
         is made lasting before the state carrying it is committed."""
         for attempt in range(1, self.config.cas_attempts + 1):
-            found, decided = await asyncio.gather(self._read(key_id), self._decided(key_id))
+            found, decided = await self._state_and_decision(key_id)
             data = None if found is None else found.data
             try:
                 update = await asyncio.to_thread(self._update, key_id, data, requests, decided)
@@ -185,6 +185,13 @@ class ExtractionMonitor:
 
     async def _decided(self, key_id: str) -> Level | None:
         return None if self._decisions is None else await self._decisions.decided(key_id)
+
+    async def _state_and_decision(self, key_id: str) -> tuple[Versioned | None, Level | None]:
+        """The key's state and lasting decision: both at once when the decision is a network
+        read too, else one after the other (no tasks to make for reads that never wait)."""
+        if self._decisions is not None and not self._decisions.immediate:
+            return await asyncio.gather(self._read(key_id), self._decided(key_id))
+        return await self._read(key_id), await self._decided(key_id)
 
     async def clear(self, key_id: str) -> None:
         """Forget everything about ``key_id``: its statistics and any block or throttle (the

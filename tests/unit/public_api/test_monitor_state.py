@@ -8,6 +8,7 @@ swap, so the swap meets a version it did not read.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -253,3 +254,24 @@ async def test_a_block_kept_only_in_the_state_is_made_lasting_when_read(
     replica = _replica(store, decisions=KeyStoreDecisions(keys))
     assert (await replica.current(key.key_id)).level == "blocked"
     assert keys.monitor_decision(key.key_id) == "blocked"
+
+
+async def test_a_decision_written_through_another_connection_is_read_at_the_next_admission(
+    tmp_path: Path,
+) -> None:
+    """With keys in a local SQLite file the decision is read on the event loop, without a
+    hand-off to a thread; another replica or the CLI writes it through a connection of its
+    own, and the next admission sees it (and its clear) at once."""
+    path = tmp_path / "shared-keys.sqlite3"
+    own, other = SqliteKeyStore(path), SqliteKeyStore(path)
+    key, _ = own.create("watched")
+    decisions = KeyStoreDecisions(own)
+    assert decisions.immediate
+    replica = _replica(MemoryMonitorStore(), decisions=decisions)
+    assert (await replica.current(key.key_id)).level == "ok"
+    other.record_monitor_decision(key.key_id, "blocked", time.time())
+    assert (await replica.current(key.key_id)).level == "blocked"
+    other.clear_monitor_decision(key.key_id)
+    assert (await replica.current(key.key_id)).level == "ok"
+    own.close()
+    other.close()
