@@ -81,6 +81,7 @@ class ComputeThreads:
         self._per_row: dict[tuple[str, int], float] = {}  # (key, threads) -> seconds per row
         self._lone_calls: Counter[str] = Counter()
         self._retry_every: dict[str, int] = {}
+        self._last_threads: dict[str, int] = {}  # the count of each key's last lone timing
 
     def run(self, lone: bool, fn: Callable[[], R], *, key: str | None = None, rows: int = 1) -> R:
         """Run ``fn`` in this (worker) thread with the chosen count, waiting for running calls
@@ -153,7 +154,14 @@ class ComputeThreads:
                 return
             other = self.loaded if threads == self.alone else self.alone
             before = self._per_row.get((key, threads))
-            now = per_row if before is None else before + SMOOTHING * (per_row - before)
+            # A count's average smooths its consecutive calls; a retry or a switch starts it
+            # afresh, as its last calls ran in other conditions (a tier's lone calls while the
+            # other tier was busy taught it that two threads are slow, then stuck for minutes).
+            if before is None or self._last_threads.get(key) != threads:
+                now = per_row
+            else:
+                now = before + SMOOTHING * (per_row - before)
+            self._last_threads[key] = threads
             self._per_row[(key, threads)] = now
             rival = self._per_row.get((key, other))
             if rival is None or before is None:

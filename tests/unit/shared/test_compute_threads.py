@@ -172,6 +172,18 @@ def test_the_choice_follows_the_host() -> None:
     assert gate.run(True, host.call, key="other") == 2  # another kind learns on its own
 
 
+def test_a_retry_replaces_an_average_learned_in_other_conditions() -> None:
+    """Two threads four times slower (a busy host) are retried at the 8th lone call and then
+    32 calls later; by then the host is quiet and that one retry's timing decides."""
+    host = Host({2: 4.0, 1: 1.0})
+    gate = ComputeThreads(alone=2, loaded=1, clock=host.clock)
+    busy = [gate.run(True, host.call, key="m") for _ in range(2 + 20)]
+    assert busy[2:].count(2) == 1  # the first retry, lost
+    host.cost[2] = 0.5
+    quiet = [gate.run(True, host.call, key="m") for _ in range(30)]
+    assert quiet[-10:].count(2) >= 8  # wide again, the narrow count retried now and then
+
+
 def test_a_wide_count_a_little_slower_is_kept() -> None:
     """Two threads 10 % slower per row than one (within WIDE_MARGIN): lone calls keep two, and
     one thread is retried now and then, as the slower count always is."""
