@@ -47,11 +47,6 @@ RETRY_FIRST, RETRY_MOST = 8, 1024  # lone calls between tries of the slower coun
 WIDE_MARGIN = 1.25  # the wide count is kept while its seconds per row are at most this x narrow
 
 
-def _wide_wins(wide: float, narrow: float) -> bool:
-    """Whether a lone call gets the wide count, given both counts' seconds per row."""
-    return wide <= narrow * WIDE_MARGIN
-
-
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity), at least 1."""
     try:
@@ -140,8 +135,8 @@ class ComputeThreads:
         wide, narrow = self._per_row.get((key, self.alone)), self._per_row.get((key, self.loaded))
         if wide is None or narrow is None:
             return self.alone if wide is None else self.loaded
-        wide_wins = _wide_wins(wide, narrow)
-        faster, slower = (self.alone, self.loaded) if wide_wins else (self.loaded, self.alone)
+        faster = self._faster({self.alone: wide, self.loaded: narrow})
+        slower = self.loaded if faster == self.alone else self.alone
         self._lone_calls[key] += 1
         if self._lone_calls[key] >= self._retry_every.setdefault(key, RETRY_FIRST):
             self._lone_calls[key] = 0
@@ -166,12 +161,8 @@ class ComputeThreads:
             rival = self._per_row.get((key, other))
             if rival is None or before is None:
                 return
-            wide = threads == self.alone
-
-            def wins(average: float) -> bool:  # this count is the one a lone call would get
-                return _wide_wins(average, rival) if wide else not _wide_wins(rival, average)
-
-            was_faster, is_faster = wins(before), wins(now)
+            was_faster = self._faster({threads: before, other: rival}) == threads
+            is_faster = self._faster({threads: now, other: rival}) == threads
             if not was_faster and not is_faster:  # a retry of the slower count lost again
                 # Wait twice as long, and at least as many calls as it is times slower (x8),
                 # so that retries cost a bounded share of the time however slow they are.
@@ -182,6 +173,12 @@ class ComputeThreads:
                 log.info(
                     "compute_threads_switched", key=key, threads=threads if is_faster else other
                 )
+
+    def _faster(self, per_row: dict[int, float]) -> int:
+        """The count a lone call gets, given both counts' seconds per row: the wide one unless
+        it is more than ``WIDE_MARGIN`` slower."""
+        wide, narrow = per_row[self.alone], per_row[self.loaded]
+        return self.alone if wide <= narrow * WIDE_MARGIN else self.loaded
 
     def _admits(self, threads: int) -> bool:
         return self._running == 0 or self._in_use == threads
