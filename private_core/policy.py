@@ -14,7 +14,7 @@ class to a keyed other class in every answer, never changing the top-1 class. Se
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,12 +24,14 @@ import torch
 from private_core.watermark.answers import relabel_top_k, shift_to_class
 from private_core.watermark.engine import Marking, QueryContext
 from private_core.watermark.marks import watermark_labels
+from shared.logs import get_logger
 from shared.manifest import LabelPolicy, ModelConfig, RoundingPolicy, TopKPolicy
 
 if TYPE_CHECKING:
     from private_core.model_store import BackStage
 
 INDICES, SCORES, EMBEDDING = "indices", "scores", "embedding"
+log = get_logger(__name__)
 
 
 def restrict(
@@ -56,6 +58,90 @@ def restrict(
         top1 = probabilities.argmax(axis=1)
         watermark.record(marking, inputs, top1, restricted[INDICES][:, 0], context)
     return restricted
+
+
+def restrict_many(
+    stage: BackStage,
+    outputs: Sequence[torch.Tensor],
+    inputs: Sequence[Mapping[str, Any]],
+    requested_ks: Sequence[int],
+    contexts: Sequence[QueryContext | None],
+) -> list[dict[str, Any] | Exception]:
+    """``restrict`` of each request of one batch, the same answers and trigger records: the
+    requests asking for the same k whose inputs and outputs have the same shapes are marked
+    and restricted in one pass over their rows (each of those steps is row by row), each
+    request keeping its own trigger record. A request that fails gets its error alone."""
+    results: list[dict[str, Any] | Exception | None] = [None] * len(outputs)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for index, (output, arrays, k) in enumerate(zip(outputs, inputs, requested_ks, strict=True)):
+        shapes = tuple((name, np.shape(arrays[name])[1:]) for name in sorted(arrays))
+        groups.setdefault((k, tuple(output.shape[1:]), shapes), []).append(index)
+    for (k, _, _), members in groups.items():
+        if len(members) == 1:
+            continue
+        try:
+            together = _Together(
+                stage, [outputs[i] for i in members], [inputs[i] for i in members], k
+            )
+        except Exception:  # each alone below: a bad request fails alone
+            log.warning("restrict_batch_failed", model=stage.config.name, requests=len(members))
+            continue
+        for position, index in enumerate(members):
+            try:
+                results[index] = together.answer(position, inputs[index], contexts[index])
+            except Exception as error:
+                results[index] = error
+    for index, result in enumerate(results):
+        if result is None:
+            try:
+                results[index] = restrict(
+                    stage,
+                    outputs[index],
+                    inputs[index],
+                    requested_ks[index],
+                    context=contexts[index],
+                )
+            except Exception as error:
+                results[index] = error
+    return [result for result in results if result is not None]
+
+
+class _Together:
+    """Several requests' rows marked and restricted in one pass; ``answer`` gives each its own
+    rows and queues its own trigger record."""
+
+    def __init__(
+        self,
+        stage: BackStage,
+        outputs: Sequence[torch.Tensor],
+        inputs: Sequence[Mapping[str, Any]],
+        k: int,
+    ) -> None:
+        output = torch.cat(list(outputs))
+        arrays = {
+            name: np.concatenate([np.asarray(one[name]) for one in inputs]) for name in inputs[0]
+        }
+        self.watermark = stage.watermark if stage.config.task == "classification" else None
+        self.marking: Marking | None = None
+        self.probabilities: npt.NDArray[np.float64] | None = None
+        if self.watermark is not None:
+            self.probabilities = torch.softmax(output.to(torch.float64), dim=-1).numpy()
+            self.marking = self.watermark.marking(arrays, self.probabilities)
+        self.restricted = apply_policy(stage.config, output, k, self.marking)
+        self.starts = np.cumsum([0, *(len(one) for one in outputs)]).tolist()
+
+    def answer(
+        self, position: int, inputs: Mapping[str, Any], context: QueryContext | None
+    ) -> dict[str, Any]:
+        start, stop = self.starts[position], self.starts[position + 1]
+        answer = {name: value[start:stop] for name, value in self.restricted.items()}
+        marking, probabilities, watermark = self.marking, self.probabilities, self.watermark
+        # Every request is recorded, marked or not, as ``restrict`` records it.
+        if watermark and marking and probabilities is not None and marking.scheme == "label":
+            top1 = probabilities[start:stop].argmax(axis=1)
+            answered = answer[INDICES][:, 0]
+            watermark.record(marking.rows(start, stop), inputs, top1, answered, context)
+        return answer
 
 
 def apply_policy(

@@ -23,7 +23,7 @@ from private_core.attribution import Attributor
 from private_core.budgets import BudgetGate
 from private_core.metrics import PrivateMetrics
 from private_core.model_store import BackStage, ModelStore
-from private_core.policy import restrict
+from private_core.policy import restrict, restrict_many
 from private_core.settings import PrivateSettings
 from private_core.watermark.engine import QueryContext
 from protos import inference_pb2
@@ -209,7 +209,7 @@ def screen(
 def compute_batch(
     stage: BackStage, plan: BatchPlan, requests: list[BackRequest]
 ) -> list[dict[str, Any] | Exception]:
-    """One forward for all ``requests``, then each one's restricted rows.
+    """One forward for all ``requests``, then each one's restricted rows (``restrict_many``).
 
     When a batch of several fails, each request runs alone so one bad request fails alone.
     """
@@ -220,19 +220,26 @@ def compute_batch(
         if len(requests) == 1:
             raise
         return [_alone(stage, plan, request) for request in requests]
-    results: list[dict[str, Any] | Exception] = []
+    if len(requests) == 1:
+        (request,) = requests
+        rows = unpad(output, stage.manifest.outputs[0], plan, request.sizes)
+        try:
+            return [restrict(stage, rows, request.arrays, request.top_k, context=request.context)]
+        except Exception as error:
+            return [error]
+    outputs: list[torch.Tensor] = []
     start = 0
     for request in requests:
-        rows = output if len(requests) == 1 else output[start : start + request.rows]
-        rows = unpad(rows, stage.manifest.outputs[0], plan, request.sizes)
+        rows = output[start : start + request.rows]
+        outputs.append(unpad(rows, stage.manifest.outputs[0], plan, request.sizes))
         start += request.rows
-        try:
-            results.append(
-                restrict(stage, rows, request.arrays, request.top_k, context=request.context)
-            )
-        except Exception as error:
-            results.append(error)
-    return results
+    return restrict_many(
+        stage,
+        outputs,
+        [r.arrays for r in requests],
+        [r.top_k for r in requests],
+        [r.context for r in requests],
+    )
 
 
 def _alone(stage: BackStage, plan: BatchPlan, request: BackRequest) -> dict[str, Any] | Exception:

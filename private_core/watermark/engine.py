@@ -67,6 +67,20 @@ class Marking:
     amplitude: float
     runner_up: npt.NDArray[np.int64] | None = None  # region marks: the class answered
 
+    def rows(self, start: int, stop: int) -> Marking:
+        """The decisions of samples ``start:stop`` (one request of a batch marked together)."""
+        marks = self.marks
+        return replace(
+            self,
+            marks=QueryMarks(
+                marks.ids[start:stop],
+                marks.selected[start:stop],
+                marks.offsets[start:stop],
+                marks.signal_offsets[start:stop],
+            ),
+            runner_up=None if self.runner_up is None else self.runner_up[start:stop],
+        )
+
     def labels(self, top1: npt.NDArray[np.int64], classes: int) -> npt.NDArray[np.int64]:
         """The label answered for each selected sample (region: the runner-up)."""
         if self.runner_up is not None:

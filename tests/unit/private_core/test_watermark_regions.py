@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
-from private_core.policy import INDICES, SCORES, restrict
-from private_core.watermark.engine import ModelWatermark
+from private_core.policy import INDICES, SCORES, restrict, restrict_many
+from private_core.watermark.engine import ModelWatermark, QueryContext
 from private_core.watermark.keys import WatermarkKey
 from private_core.watermark.regions import RegionMarker, top_two, unsure
+from private_core.watermark.triggers import read_triggers
 from shared.manifest import LabelPolicy, ModelConfig, TopKPolicy, WatermarkConfig
 from splitvault.ownership.stats import region_test, region_votes
 
@@ -116,3 +120,49 @@ def test_region_test_is_fisher_over_regions_and_calibrated_under_the_null() -> N
     votes = rng.random(400) < 0.3  # any suspect's votes, fixed
     p = np.array([region_test(rng.random(400) < 0.3, votes).p_value for _ in range(4000)])
     assert (p < 0.01).mean() <= 0.01 + 3 * np.sqrt(0.01 * 0.99 / 4000)
+
+
+def _records(folder: Path) -> list[tuple[str, str, int, int, int]]:
+    return sorted(
+        (r.key_id, r.query_id, r.label, r.answer, r.count)
+        for r in read_triggers(folder, "clf", KEY)
+    )
+
+
+@pytest.mark.parametrize("policy", [TopKPolicy(k=3), LabelPolicy()])
+def test_a_batch_restricted_together_answers_and_records_as_one_by_one(
+    tmp_path: Path, policy: TopKPolicy | LabelPolicy
+) -> None:
+    """``restrict_many`` (one marking and policy pass over a batch's requests of the same k and
+    shapes) gives each request what ``restrict`` gives it alone, trigger records included; a
+    request of another k or shape is restricted on its own."""
+    x = _activations(400, seed=5)
+    logits = _logits(x)
+    spans = [(0, 1), (1, 4), (4, 40), (40, 41), (41, 200), (200, 400)]
+    ks = [0, 0, 2, 0, 0, 2]
+    contexts = [QueryContext(f"r{i}", f"k{i % 3}") for i in range(len(spans))]
+    answers: dict[str, list[dict[str, np.ndarray]]] = {}
+    for mode in ("alone", "together"):
+        config = _stage(policy, region_fraction=0.5).config
+        stage = SimpleNamespace(
+            config=config, watermark=ModelWatermark(config, KEY, tmp_path / mode)
+        )
+        outputs = [logits[a:b] for a, b in spans]
+        inputs = [{NAME: x[a:b]} for a, b in spans]
+        got: list[Any]
+        if mode == "alone":
+            got = [
+                restrict(stage, out, arrays, k, context=context)  # type: ignore[arg-type]
+                for out, arrays, k, context in zip(outputs, inputs, ks, contexts, strict=True)
+            ]
+        else:
+            got = restrict_many(stage, outputs, inputs, ks, contexts)  # type: ignore[arg-type]
+        stage.watermark.close()
+        answers[mode] = [answer for answer in got if isinstance(answer, dict)]
+        assert len(answers[mode]) == len(spans)
+    for alone, together in zip(answers["alone"], answers["together"], strict=True):
+        assert alone.keys() == together.keys()
+        for name in alone:
+            np.testing.assert_array_equal(together[name], alone[name])
+    recorded = _records(tmp_path / "alone" / "clf")
+    assert recorded and _records(tmp_path / "together" / "clf") == recorded
