@@ -147,14 +147,7 @@ def cpu_per_request(
         return (cpu_seconds(tier.process.pid) - before) * 1000 / n
 
 
-def run(
-    workdir: Path,
-    stack: ExitStack,
-    n: int,
-    rounds: int,
-    compare: str | None,
-    variants: Sequence[str] = (),
-) -> None:
+def run(workdir: Path, stack: ExitStack, n: int, rounds: int, compare: str | None) -> None:
     layout = init_deployment(workdir / "deploy")
     pack_both(layout)
     base = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1"}
@@ -167,10 +160,6 @@ def run(
         "on": start_private(layout.root, env=own_state("on")),
         "off": start_private(layout.root, env={**own_state("off"), **monitor_off}),
     }
-    for variant in variants:  # the monitor on, with one more setting (NAME=VALUE)
-        name, _, value = variant.partition("=")
-        label = f"{name.rsplit('__', 1)[-1].lower()}={value}"
-        tiers[label] = start_private(layout.root, env={**own_state(label), name: value})
     if compare is not None:  # the monitor on, in the code of another revision
         tiers[compare] = start_private(
             layout.root, env=own_state("compare"), cwd=checkout(compare, workdir)
@@ -204,7 +193,7 @@ def run(
             size: count - groups.get(size, 0)
             for size, count in batch_sizes(tiers["on"], model).items()
         }
-        print(f"  {model}: requests per batch on 'on', <= bucket: {histogram}")
+        print(f"  {model}: requests per batch (scored group) on 'on', <= bucket: {histogram}")
         off = np.asarray(ms["off"])
         for name in monitored:
             total, count = monitor_seconds(tiers[name], model)
@@ -264,17 +253,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="REF",
         help="also run a monitor-on tier from git revision REF (e.g. main), side by side",
     )
-    parser.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="also run a monitor-on tier with this environment setting, e.g. "
-        "SPLITVAULT_PRIVATE_ACTIVATION_MONITOR__DEFER_ROWS=32 (repeatable)",
-    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        run(Path(tmp), stack, args.requests, args.rounds, args.compare, args.variant)
+        run(Path(tmp), stack, args.requests, args.rounds, args.compare)
 
 
 if __name__ == "__main__":

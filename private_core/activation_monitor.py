@@ -17,8 +17,8 @@ Natural activations of natural inputs look natural by construction: only budgets
 
 from __future__ import annotations
 
+import itertools
 import os
-import random
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -136,7 +136,7 @@ class RowScorer:
         return RowEvidence(scores, outliers, projected, scales, weight, unit, probes_of(projected))
 
 
-@dataclass(eq=False)
+@dataclass
 class _Model:
     specs: Sequence[TensorSpec]
     scorer: RowScorer
@@ -158,7 +158,6 @@ class _Part:
     tier: Stream
     rows: int = 0
     features: Floats | None = None
-    verdict: Verdict | None = None  # scored at once: the verdict right after its own rows
 
 
 class ActivationMonitor:
@@ -176,10 +175,7 @@ class ActivationMonitor:
         self._models: dict[str, _Model] = {}
         self._metrics = MonitorMetrics(registry)
         self._lock = threading.Lock()  # streams are folded one group at a time
-        self._sampler = random.Random(os.urandom(16))  # which calls' CPU time is read
-        self._pending: list[_Part] = []  # scored together at the next flush (``_due``)
-        self._pending_rows = 0
-        self._pending_since = 0.0
+        self._groups = itertools.count()
         for name, (specs, profile) in models.items():
             dim = _feature_dim(specs)
             if dim is None:
@@ -216,39 +212,30 @@ class ActivationMonitor:
         calls: Sequence[tuple[inference_pb2.InferRequest, Sequence[str]]],
         decoded: Sequence[Mapping[str, np.ndarray]] | None = None,
     ) -> list[Verdict | Exception]:
-        """Verdicts of ``calls`` in order, each on its streams' levels after the rows scored so
-        far; their rows are scored with the pending ones in one pass per model once
-        ``defer_rows`` are pending (``ActivationMonitorSettings``). A request whose tensors do
-        not fit gets its own exception. ``decoded``: each request's arrays when the caller has
-        them already. Thread-safe (the runner calls it from its batch workers)."""
+        """Verdicts of ``calls`` in order, as if checked one by one, with their rows scored in
+        one pass per model; a request whose tensors do not fit gets its own exception.
+        ``decoded``: each request's arrays when the caller has them already. Thread-safe (the
+        runner calls it from its batch workers)."""
         with self._lock:
-            # Thread CPU time is a system call (10 us in a sandbox): read on a random one call in
-            # CPU_SAMPLE (flushes come every few calls: a fixed stride could always miss them),
-            # counted CPU_SAMPLE times, an unbiased estimate.
-            sampled = self._sampler.random() * CPU_SAMPLE < 1.0
+            # Thread CPU time is a system call (10 us in a sandbox): read on one group in
+            # CPU_SAMPLE, counted CPU_SAMPLE times, an unbiased estimate.
+            sampled = next(self._groups) % CPU_SAMPLE == 0
             started, cpu = time.perf_counter(), time.thread_time() if sampled else 0.0
-            verdicts, flushed = self._check_many(calls, decoded)
+            verdicts = self._check_many(calls, decoded)
             used = CPU_SAMPLE * (time.thread_time() - cpu) if sampled else 0.0
             spent = time.perf_counter() - started
         counted = [self._models[r.model] for r, _ in calls if r.model in self._models]
-        for model in counted:  # shared out evenly
-            model.seconds.observe(spent / len(counted))
-        if sampled:  # over this call's requests and those its flush scored
-            counted += flushed
-            for model in counted:
+        for model in counted:  # shared out evenly: one group is one pass
+            if sampled:
                 model.cpu.inc(used / len(counted))
+            model.seconds.observe(spent / len(counted))
         return verdicts
-
-    def flush(self) -> None:
-        """Score and fold the pending rows now (``level`` does; so may a caller at shutdown)."""
-        with self._lock:
-            self._flush()
 
     def _check_many(
         self,
         calls: Sequence[tuple[inference_pb2.InferRequest, Sequence[str]]],
         decoded: Sequence[Mapping[str, np.ndarray]] | None,
-    ) -> tuple[list[Verdict | Exception], list[_Model]]:
+    ) -> list[Verdict | Exception]:
         parts: list[_Part | Exception | None] = []
         for index, (request, identities) in enumerate(calls):
             try:
@@ -256,45 +243,16 @@ class ActivationMonitor:
                 parts.append(self._prepare(request, identities, arrays))
             except Exception as error:  # that request fails alone, not its group
                 parts.append(error)
-        scored = [part for part in parts if isinstance(part, _Part) and part.features is not None]
-        flushed: list[_Model] = []
-        if scored:
-            if not self._pending:
-                self._pending_since = time.monotonic()
-            self._pending += scored
-            self._pending_rows += sum(
-                len(part.features) for part in scored if part.features is not None
-            )
-            if self._due(scored):
-                flushed = self._flush()
+        evidence = self._evidence([part for part in parts if isinstance(part, _Part)])
         verdicts: list[Verdict | Exception] = []
         for part in parts:
-            if isinstance(part, _Part):
-                verdict = part.verdict
-                if verdict is None:
-                    verdict = self._verdict(part.request.model, part.key, part.tier)
-                verdicts.append(verdict)
-            else:
+            if not isinstance(part, _Part):
                 verdicts.append(PASS if part is None else part)
-        return verdicts, flushed
-
-    def _due(self, parts: Sequence[_Part]) -> bool:
-        """Whether the pending rows are scored now: enough of them, the oldest waited long
-        enough, or one of ``parts`` comes from a stream already half way to an alert."""
-        settings = self.settings
-        if self._pending_rows >= settings.defer_rows:
-            return True
-        if time.monotonic() - self._pending_since >= settings.defer_s:
-            return True
-        return any(self._hot(part.key) or self._hot(part.tier) for part in parts)
-
-    def _hot(self, stream: Stream) -> bool:
-        settings = self.settings
-        return (
-            stream.level > OK
-            or stream.shift >= settings.shift_alert / 2
-            or stream.rows >= settings.rows_alert / 2
-        )
+                continue
+            if part.key.level < REFUSE and part.tier.level < REFUSE and part.rows:
+                self._score(part, evidence[id(part)])
+            verdicts.append(self._verdict(part.request.model, part.key, part.tier))
+        return verdicts
 
     def _prepare(
         self,
@@ -330,61 +288,41 @@ class ActivationMonitor:
             raise InvalidInput(f"activations of {part.features.shape[1]} features per row")
         return part
 
-    def _flush(self) -> list[_Model]:
-        """Score the pending rows in one pass per model and fold them in arrival order: each
-        request's rows into its key's stream and, while that key is below alert, into its
-        identity's (deferred: the identity's rows of the whole flush in one fold, after the
-        keys'). The models of the requests scored."""
-        pending, self._pending, self._pending_rows = self._pending, [], 0
+    def _evidence(self, parts: Sequence[_Part]) -> dict[int, RowEvidence]:
+        """Each part's evidence, from one scoring pass per model over all their rows."""
+        found: dict[int, RowEvidence] = {}
         by_model: dict[str, list[_Part]] = {}
-        for part in pending:
-            by_model.setdefault(part.request.model, []).append(part)
-        for model, group in by_model.items():
-            self._fold_group(model, group)
-        return [part.model for part in pending]
+        for part in parts:
+            if part.features is not None:
+                by_model.setdefault(part.request.model, []).append(part)
+        for group in by_model.values():
+            stacked = [part.features for part in group if part.features is not None]
+            rows = as_float32(stacked[0] if len(stacked) == 1 else np.concatenate(stacked))
+            whole = group[0].model.scorer.evidence(rows, 1.0, self.settings)
+            start = 0
+            for part, features in zip(group, stacked, strict=True):
+                stop = start + len(features)
+                found[id(part)] = whole.part(start, stop, part.rows / len(features))
+                start = stop
+        return found
 
-    def _fold_group(self, model: str, group: Sequence[_Part]) -> None:
-        stacked = [part.features for part in group if part.features is not None]
-        rows = as_float32(stacked[0] if len(stacked) == 1 else np.concatenate(stacked))
-        whole = group[0].model.scorer.evidence(rows, 1.0, self.settings)
-        tiers: dict[tuple[int, float], tuple[_Part, list[range]]] = {}
-        start = 0
-        for part, features in zip(group, stacked, strict=True):
-            stop = start + len(features)
-            span, start = range(start, stop), stop
-            if part.key.level == REFUSE or part.tier.level == REFUSE:
-                continue
-            weight = part.rows / len(features)
-            before = part.key.level
-            self._fold(part.key, whole.part(span.start, span.stop, weight))
-            self._note(model, "key", part.request.key_id, before, part.key)
-            at_once = not self.settings.defer_rows
-            if part.key.level == OK and at_once:  # exactly as one by one
-                evidence, before = whole.part(span.start, span.stop, weight), part.tier.level
-                self._fold(part.tier, evidence)
-                self._note(model, "identity", part.identity, before, part.tier)
-            elif part.key.level == OK:  # deferred: the identity's rows of the flush in one fold
-                tiers.setdefault((id(part.tier), weight), (part, []))[1].append(span)
-            if at_once:
-                part.verdict = self._verdict(model, part.key, part.tier)
-        for (_, weight), (part, spans) in tiers.items():
-            tier, before = part.tier, part.tier.level
-            if before == REFUSE:
-                continue
-            if len(spans) == 1:
-                evidence = whole.part(spans[0].start, spans[0].stop, weight)
-            else:
-                evidence = whole.take(
-                    np.concatenate([np.arange(s.start, s.stop) for s in spans]), weight
-                )
+    def _score(self, part: _Part, evidence: RowEvidence) -> None:
+        model, key, tier = part.request.model, part.key, part.tier
+        before = key.level
+        self._fold(key, evidence)
+        self._note(model, "key", part.request.key_id, before, key)
+        if key.level == OK:
+            before = tier.level
             self._fold(tier, evidence)
             self._note(model, "identity", part.identity, before, tier)
 
     def _fold(self, stream: Stream, evidence: RowEvidence) -> None:
         if len(evidence.scores) == 1:  # the common case, on scalars
             stream.fold_one(evidence, self.settings, self._ratios)
-        else:
-            stream.fold_many(evidence, self.settings)
+            return
+        near = stream.near_duplicates(evidence, self.settings)
+        stream.update(evidence, near, self.settings)
+        stream.remember(evidence.projected)
 
     def _note(self, model: str, scope: str, name: str, before: int, stream: Stream) -> None:
         """Count a level change, and log it unless the action is ``record``."""
@@ -417,9 +355,7 @@ class ActivationMonitor:
         return Verdict(PermissionDenied(TIER_REFUSED))
 
     def level(self, model: str, identity: str, key_id: str | None = None) -> str:
-        """The level of a stream (``ok`` when unknown), after the pending rows: for tests and
-        operators."""
-        self.flush()
+        """The level of a stream (``ok`` when unknown): for tests and operators."""
         entry = self._models[model]
         stream = (
             entry.identities.peek(identity)

@@ -15,15 +15,11 @@ from typing import cast
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from private_core.activation_profile import STATISTICS, ActivationProfile, Floats
 
 OOD, KNN, ZERO, PATTERN = (STATISTICS.index(name) for name in STATISTICS)
 NEAREST = 3  # reference rows averaged for the nearest-neighbour distance
-# From this many rows torch's top-k selects the nearest three times faster than NumPy's
-# partition (1.7 against 5 us a row over a 1,024-row bank); below it its call costs more.
-TOPK_ROWS = 4
 
 
 class RowStatistics:
@@ -81,10 +77,7 @@ class RowStatistics:
         """Mean distance of each row to its ``NEAREST`` nearest bank rows, into ``out``."""
         squared = coords @ self._bank
         squared += self._bank_norms
-        if squared.shape[1] > NEAREST and len(squared) >= TOPK_ROWS:
-            nearest = torch.from_numpy(squared).topk(NEAREST, dim=1, largest=False, sorted=False)
-            squared = nearest.values.numpy()
-        elif squared.shape[1] > NEAREST:
+        if squared.shape[1] > NEAREST:
             squared = np.partition(squared, NEAREST - 1, axis=1)[:, :NEAREST]
         squared += norms[:, None]
         np.maximum(squared, 0.0, out=squared)

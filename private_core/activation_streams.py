@@ -51,18 +51,6 @@ class RowEvidence:
             None if self.probes is None else self.probes[start:stop],
         )
 
-    def take(self, rows: npt.NDArray[np.intp], weight: float) -> RowEvidence:
-        """The given rows (several requests' rows, folded into one stream together)."""
-        return RowEvidence(
-            self.scores[rows],
-            self.outliers[rows],
-            self.projected[rows],
-            self.scales[rows],
-            weight,
-            self.unit,
-            None if self.probes is None else self.probes[rows],
-        )
-
 
 def probes_of(projected: Floats) -> Floats:
     """(n, P + 2): each row as ``-2 r``, 1 and its squared norm: one product with a stream's
@@ -238,48 +226,6 @@ class Stream:
             self._forget()
         else:
             self._remember_one(row, length)
-
-    def fold_many(self, evidence: RowEvidence, settings: ActivationMonitorSettings) -> None:
-        """``near_duplicates``, ``update`` and ``remember`` of several rows, the window screened
-        as ``fold_one`` screens it: only rows the float32 product finds within the band plus its
-        rounding margin get the exact test. The same statistics and level."""
-        near = self._near_many(evidence, settings)
-        self.update(evidence, near, settings)
-        self.remember(evidence.projected)
-
-    def _near_many(self, evidence: RowEvidence, settings: ActivationMonitorSettings) -> Bools:
-        rows = evidence.projected
-        if evidence.unit is not None:
-            scales: npt.NDArray[np.float64] = np.full(len(rows), evidence.unit, np.float64)
-        else:
-            scales = evidence.scales.astype(np.float64)
-        low, high = np.square(settings.near_low * scales), np.square(settings.near_high * scales)
-        probes = probes_of(rows) if evidence.probes is None else evidence.probes
-        lengths = probes[:, -1].astype(np.float64)
-        # Screen: |w|^2 - 2 w.r + |r|^2 for the window's rows and the request's own, in float32.
-        own = np.empty((len(rows), probes.shape[1] - 1), np.float32)
-        own[:, :-1], own[:, -1] = rows, probes[:, -1]
-        among = own @ probes[:, :-1].T
-        np.fill_diagonal(among, np.inf)  # not a row against itself
-        closest = np.minimum.reduce(among, axis=0).astype(np.float64)
-        largest = float(lengths.max())
-        if self.filled:
-            window = np.minimum.reduce(self.table @ probes[:, :-1].T, axis=0)
-            closest = np.minimum(closest, window)
-            largest = max(largest, self.largest)
-        closest += lengths
-        screened = np.flatnonzero(closest < high + SCREEN_MARGIN * (largest + lengths))
-        near: Bools = np.zeros(len(rows), np.bool_)
-        if len(screened) == 0:
-            return near
-        # The exact test of the screened rows: float32 differences (a repeat is exactly 0).
-        others = np.concatenate([self.window[: self.filled], rows])
-        apart = others[None, :, :] - rows[screened][:, None, :]
-        squared = np.asarray(np.einsum("ijk,ijk->ij", apart, apart), np.float64)
-        squared[np.arange(len(screened)), self.filled + screened] = np.inf
-        low_s, high_s = low[screened, None], high[screened, None]
-        near[screened] = ((squared >= low_s) & (squared < high_s)).any(axis=1)
-        return near
 
     def _near_one(
         self,

@@ -54,13 +54,6 @@ class ActivationMonitorSettings(BaseModel):
     # bench/compromised_public.py; each crafted row answered is a label for a thief's copy.
     rows_refuse: float = Field(default=30.0, gt=0)
     throttle_delay_s: float = Field(default=1.0, ge=0, le=60)
-    # Rows of small requests are scored and folded together, once ``defer_rows`` are pending or
-    # the oldest has waited ``defer_s`` (one pass and one fold of the identity's stream for many
-    # requests); a request is judged on the levels after the rows scored so far, so a stream
-    # crossing a level is acted on at most ``defer_rows - 1`` rows late. Calls from a stream
-    # already above half an alert threshold are scored at once. 0: every call at once.
-    defer_rows: int = Field(default=0, ge=0, le=4096)
-    defer_s: float = Field(default=0.1, ge=0, le=10)
     # Streams kept per model and scope; the least recently seen one below alert goes first.
     max_streams: int = Field(default=10_000, ge=1)
 

@@ -20,7 +20,7 @@ from private_core.activation_profile import (
     load_profile,
     save_profile,
 )
-from private_core.activation_streams import REFUSE, cusum
+from private_core.activation_streams import cusum
 from private_core.monitor_settings import ActivationMonitorSettings
 from protos import inference_pb2
 from shared.crypto import DecryptionError
@@ -227,7 +227,6 @@ def _mixed_requests(count: int) -> list[inference_pb2.InferRequest]:
 
 
 def test_a_group_is_judged_as_its_requests_one_by_one(profile: ActivationProfile) -> None:
-    """At the default (every call scored at once), verdicts and statistics as one by one."""
     one_by_one, grouped = monitor(profile), monitor(profile)
     grouped._models["m"].scorer = one_by_one._models["m"].scorer  # the same secret projection
     calls = [(r, IDENTITY) for r in _mixed_requests(400)]
@@ -251,95 +250,6 @@ def test_a_group_is_judged_as_its_requests_one_by_one(profile: ActivationProfile
         assert stream_b.reason() == stream_a.reason()
 
 
-def _refused_at(verdicts: list[Verdict | Exception], calls: list[Any], key: str) -> int:
-    """Rows sent, over all keys, up to and including ``key``'s first refused request."""
-    sent = 0
-    for verdict, (request, _) in zip(verdicts, calls, strict=True):
-        sent += len(from_proto(request.inputs[0]))
-        if request.key_id == key and isinstance(verdict, Verdict) and verdict.error is not None:
-            return sent
-    raise AssertionError(f"{key} was never refused")
-
-
-def test_rows_are_folded_in_request_order_whatever_the_grouping(
-    profile: ActivationProfile,
-) -> None:
-    """At once (the default), one by one with ``defer_rows=32``, and so in groups of 1 to 12:
-    the same rows folded into the same streams in the same order, so the same statistics; a
-    deferred stream is refused at most ``defer_rows`` rows (plus the last request's) late."""
-    defer = 32
-    at_once = monitor(profile)
-    one_by_one, grouped = monitor(profile, defer_rows=defer), monitor(profile, defer_rows=defer)
-    for other in (one_by_one, grouped):
-        other._models["m"].scorer = at_once._models["m"].scorer  # the same secret projection
-    # One identity per key: an identity's stream then only ever sees what its key saw below
-    # alert, is never refused, and never stops a key's rows from being folded.
-    calls = [(r, [f"tier-{r.key_id}"]) for r in _mixed_requests(400)]
-    immediate = [at_once.check(r, who) for r, who in calls]
-    deferred = [one_by_one.check(r, who) for r, who in calls]
-    sizes, got, start = np.random.default_rng(21).integers(1, 13, 400), [], 0
-    for size in sizes:
-        got += grouped.check_many(calls[start : start + int(size)])
-        start += int(size)
-        if start >= len(calls):
-            break
-    for key in ("k0", "k1", "k2"):
-        first = _refused_at(list(immediate), calls, key)
-        assert first < _refused_at(list(deferred), calls, key) + 1 <= first + defer + 4 + 1
-        _refused_at(got, calls, key)
-        levels = {mon.level("m", f"tier-{key}", key) for mon in (at_once, one_by_one, grouped)}
-        assert levels == {"refuse"}
-        streams = [
-            mon._models["m"].keys.peek((f"tier-{key}", key))
-            for mon in (at_once, one_by_one, grouped)
-        ]
-        assert all(stream is not None for stream in streams)
-        reasons = [stream.reason() for stream in streams if stream is not None]
-        assert reasons[1] == reasons[0] and reasons[2] == reasons[0]
-        tiers = [
-            mon._models["m"].identities.peek(f"tier-{key}")
-            for mon in (at_once, one_by_one, grouped)
-        ]
-        assert len({str(stream.reason()) for stream in tiers if stream is not None}) == 1
-
-
-def test_a_cold_stream_waits_for_the_pending_rows_and_a_hot_one_does_not(
-    profile: ActivationProfile,
-) -> None:
-    """With ``defer_rows`` set, below that many pending rows a fresh stream's noise is
-    answered; the call that brings them to ``defer_rows`` scores them all; a stream half way to
-    an alert is scored at each call. By default every call is scored at once."""
-    assert ActivationMonitorSettings().defer_rows == 0
-    defer = 32
-    mon = monitor(profile, defer_rows=defer)
-    crafted = noise(200, 40)
-    answered = [mon.check(request(crafted[i : i + 1], "k"), IDENTITY) for i in range(defer - 1)]
-    assert all(verdict.error is None for verdict in answered)
-    stream = mon._models["m"].keys.peek((IDENTITY[0], "k"))
-    assert stream is not None and stream.seen == 0  # nothing scored yet
-    mon.check(request(crafted[defer - 1 : defer], "k"), IDENTITY)
-    # All scored at once, in order, up to the row that refused the stream.
-    assert 0 < stream.seen < defer and stream.level == REFUSE
-    assert mon.check(request(crafted[defer : defer + 1], "k"), IDENTITY).error is not None
-    # A stream that is hot (above half an alert threshold) is scored at every call.
-    hot = monitor(
-        profile,
-        defer_rows=defer,
-        rows_alert=20,
-        rows_refuse=1000,
-        shift_alert=1000,
-        shift_refuse=2000,
-    )
-    for i in range(8):
-        hot.check(request(crafted[i : i + 1], "h"), IDENTITY)
-    hot.flush()
-    warm = hot._models["m"].keys.peek((IDENTITY[0], "h"))
-    assert warm is not None and warm.rows >= 10
-    seen = warm.seen
-    hot.check(request(crafted[8:9], "h"), IDENTITY)
-    assert warm.seen == seen + 1
-
-
 def test_a_bad_request_fails_alone_in_its_group(profile: ActivationProfile) -> None:
     mon = monitor(profile)
     bad = inference_pb2.InferRequest(model="m", inputs=[to_proto("act", natural(2, 30)[:, :5])])
@@ -356,19 +266,9 @@ def test_decoded_arrays_are_judged_as_the_request_bytes(profile: ActivationProfi
     from_arrays._models["m"].scorer = from_bytes._models["m"].scorer
     calls = [(r, IDENTITY) for r in _mixed_requests(400)]
     arrays = [{"act": from_proto(r.inputs[0])} for r, _ in calls]
-    expected: list[type | None] = []
-    got: list[type | None] = []
-    for start in range(0, 400, 5):
-        span = slice(start, start + 5)
-        expected += [
-            type(v.error) if isinstance(v, Verdict) else None
-            for v in from_bytes.check_many(calls[span])
-        ]
-        got += [
-            type(v.error) if isinstance(v, Verdict) else None
-            for v in from_arrays.check_many(calls[span], arrays[span])
-        ]
-    assert got == expected
+    expected = [type(from_bytes.check(r, who).error) for r, who in calls]
+    got = from_arrays.check_many(calls, arrays)
+    assert [type(v.error) if isinstance(v, Verdict) else v for v in got] == expected
     assert len(set(expected)) > 1  # refused on the way
 
 

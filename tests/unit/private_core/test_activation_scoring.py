@@ -79,57 +79,6 @@ def test_the_one_row_fold_equals_the_general_fold(unit: float | None) -> None:
     np.testing.assert_array_equal(fast.window, general.window)
 
 
-def many_rows(rows: np.ndarray, scores: np.ndarray, unit: float | None) -> RowEvidence:
-    projected = rows.astype(np.float32)
-    scales = np.full(len(rows), 1.0 if unit is None else unit, np.float32)
-    scores = scores.astype(np.float32)
-    return RowEvidence(scores, scores > 4.0, projected, scales, 1.0, unit, probes_of(projected))
-
-
-@pytest.mark.parametrize("unit", [1.0, None])
-@pytest.mark.parametrize("size", [2, 5, 32])
-def test_the_screened_many_row_fold_equals_the_general_fold(unit: float | None, size: int) -> None:
-    """Requests of several rows holding repeats, in-band steps from a window row and from a
-    row of the same request, rows just outside the band and far rows, through a turning
-    window: ``fold_many`` gives the near-duplicate flags, statistics and level of
-    ``near_duplicates`` + ``update`` + ``remember``."""
-    settings = ActivationMonitorSettings(window=16, rows_alert=500, rows_refuse=600)
-    rng = np.random.default_rng(size)
-    fast = Stream(window=np.zeros((16, 32), np.float32))
-    general = Stream(window=np.zeros((16, 32), np.float32))
-    previous = rng.standard_normal(32) * 10
-    for _ in range(40):
-        rows: list[np.ndarray] = []
-        for _ in range(size):
-            kind = int(rng.integers(0, 5))
-            base = rows[-1] if rows and kind == 4 else previous  # 4: from its own request
-            if kind == 0:
-                row = rng.standard_normal(32) * 10
-            elif kind == 1:
-                row = base.copy()
-            else:
-                direction = rng.standard_normal(32)
-                step = 0.07 if kind == 3 else 0.02
-                row = base + step * direction / np.linalg.norm(direction)
-            rows.append(row)
-        evidence = many_rows(np.asarray(rows), rng.uniform(0, 6, size), unit)
-        expected = general.near_duplicates(evidence, settings)
-        assert np.array_equal(fast._near_many(evidence, settings), expected)
-        fast.fold_many(evidence, settings)
-        general.update(evidence, expected, settings)
-        general.remember(evidence.projected)
-        assert (fast.near, fast.outliers, fast.seen) == (
-            general.near,
-            general.outliers,
-            general.seen,
-        )
-        assert (fast.shift, fast.rows) == pytest.approx((general.shift, general.rows))
-        assert fast.level == general.level
-        previous = rows[-1]
-    assert 0 < fast.near < fast.seen
-    np.testing.assert_array_equal(fast.window, general.window)
-
-
 def test_fp16_rows_convert_as_numpy_converts_them() -> None:
     rows = np.random.default_rng(7).standard_normal((9, 40)).astype(np.float16)
     rows[0, :4] = [np.float16(6e-8), np.float16(-0.0), np.float16(65504), np.float16(0)]
