@@ -98,6 +98,10 @@ def deploy(
         "SPLITVAULT_PRIVATE_TORCH_THREADS": "1",
         "SPLITVAULT_PUBLIC_TORCH_THREADS": "1",
         "SPLITVAULT_PUBLIC_PROTECTION__MONITOR_ACTION": "record",
+        # The private activation monitor reads the noisy copies ``pick`` adds when natural
+        # digits hold too few marked queries as a perturbation sweep and refuses the key (what
+        # it is for); this benchmark measures the watermark's timing channel, so it records.
+        "SPLITVAULT_PRIVATE_ACTIVATION_MONITOR__ACTION": "record",
         "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__RATE_PER_S": "100000",
         "SPLITVAULT_PUBLIC_PROTECTION__IP_LIMITS__BURST": "100000",
     }
