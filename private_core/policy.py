@@ -48,16 +48,7 @@ def restrict(
     decisions made in this tier; ``context`` (``QueryContext.of(request)``) names who asked, for
     the trigger log.
     """
-    watermark = stage.watermark
-    if watermark is None or stage.config.task != "classification":
-        return apply_policy(stage.config, output, requested_k)
-    probabilities = torch.softmax(output.to(torch.float64), dim=-1).numpy()
-    marking = watermark.marking(inputs, probabilities)
-    restricted = apply_policy(stage.config, output, requested_k, marking)
-    if marking.scheme == "label":  # every request, marked or not: equal work on both
-        top1 = probabilities.argmax(axis=1)
-        watermark.record(marking, inputs, top1, restricted[INDICES][:, 0], context)
-    return restricted
+    return _Together(stage, [output], [inputs], requested_k).answer(0, inputs, context)
 
 
 def restrict_many(
@@ -107,8 +98,8 @@ def restrict_many(
 
 
 class _Together:
-    """Several requests' rows marked and restricted in one pass; ``answer`` gives each its own
-    rows and queues its own trigger record."""
+    """One or several requests' rows marked and restricted in one pass; ``answer`` gives each
+    its own rows and queues its own trigger record."""
 
     def __init__(
         self,
@@ -117,10 +108,16 @@ class _Together:
         inputs: Sequence[Mapping[str, Any]],
         k: int,
     ) -> None:
-        output = torch.cat(list(outputs))
-        arrays = {
-            name: np.concatenate([np.asarray(one[name]) for one in inputs]) for name in inputs[0]
-        }
+        self.alone = len(outputs) == 1
+        output = outputs[0] if self.alone else torch.cat(list(outputs))
+        arrays = (
+            inputs[0]
+            if self.alone
+            else {
+                name: np.concatenate([np.asarray(one[name]) for one in inputs])
+                for name in inputs[0]
+            }
+        )
         self.watermark = stage.watermark if stage.config.task == "classification" else None
         self.marking: Marking | None = None
         self.probabilities: npt.NDArray[np.float64] | None = None
@@ -134,13 +131,15 @@ class _Together:
         self, position: int, inputs: Mapping[str, Any], context: QueryContext | None
     ) -> dict[str, Any]:
         start, stop = self.starts[position], self.starts[position + 1]
-        answer = {name: value[start:stop] for name, value in self.restricted.items()}
+        answer = self.restricted
+        if not self.alone:
+            answer = {name: value[start:stop] for name, value in answer.items()}
         marking, probabilities, watermark = self.marking, self.probabilities, self.watermark
-        # Every request is recorded, marked or not, as ``restrict`` records it.
+        # Every request is recorded, marked or not: equal work on both.
         if watermark and marking and probabilities is not None and marking.scheme == "label":
             top1 = probabilities[start:stop].argmax(axis=1)
-            answered = answer[INDICES][:, 0]
-            watermark.record(marking.rows(start, stop), inputs, top1, answered, context)
+            own = marking if self.alone else marking.rows(start, stop)
+            watermark.record(own, inputs, top1, answer[INDICES][:, 0], context)
         return answer
 
 

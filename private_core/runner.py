@@ -23,7 +23,7 @@ from private_core.attribution import Attributor
 from private_core.budgets import BudgetGate
 from private_core.metrics import PrivateMetrics
 from private_core.model_store import BackStage, ModelStore
-from private_core.policy import restrict, restrict_many
+from private_core.policy import restrict_many
 from private_core.settings import PrivateSettings
 from private_core.watermark.engine import QueryContext
 from protos import inference_pb2
@@ -220,17 +220,10 @@ def compute_batch(
         if len(requests) == 1:
             raise
         return [_alone(stage, plan, request) for request in requests]
-    if len(requests) == 1:
-        (request,) = requests
-        rows = unpad(output, stage.manifest.outputs[0], plan, request.sizes)
-        try:
-            return [restrict(stage, rows, request.arrays, request.top_k, context=request.context)]
-        except Exception as error:
-            return [error]
     outputs: list[torch.Tensor] = []
     start = 0
     for request in requests:
-        rows = output[start : start + request.rows]
+        rows = output if len(requests) == 1 else output[start : start + request.rows]
         outputs.append(unpad(rows, stage.manifest.outputs[0], plan, request.sizes))
         start += request.rows
     return restrict_many(
