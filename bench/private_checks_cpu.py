@@ -147,7 +147,14 @@ def cpu_per_request(
         return (cpu_seconds(tier.process.pid) - before) * 1000 / n
 
 
-def run(workdir: Path, stack: ExitStack, n: int, rounds: int, compare: str | None) -> None:
+def run(
+    workdir: Path,
+    stack: ExitStack,
+    n: int,
+    rounds: int,
+    compare: str | None,
+    models: Sequence[str] = ("digits", "minilm"),
+) -> None:
     layout = init_deployment(workdir / "deploy")
     pack_both(layout)
     base = {"SPLITVAULT_PRIVATE_TORCH_THREADS": "1"}
@@ -172,7 +179,7 @@ def run(workdir: Path, stack: ExitStack, n: int, rounds: int, compare: str | Non
         model: (digits_requests if model == "digits" else minilm_requests)(
             layout, read_manifest(layout.public.model(model)).pairing_id or ""
         )
-        for model in ("digits", "minilm")
+        for model in models
     }
     print(f"private tier CPU per single-row request, c={CONCURRENCY}, {n} requests per round")
     monitored = [name for name in tiers if name != "off"]
@@ -198,9 +205,12 @@ def run(workdir: Path, stack: ExitStack, n: int, rounds: int, compare: str | Non
         for name in monitored:
             total, count = monitor_seconds(tiers[name], model)
             own = 1000 * (total - spent[name][0]) / max(count - spent[name][1], 1.0)
+            ratios = np.asarray(ms[name]) / off
+            low, high = np.percentile(ratios, [25, 75])
             print(
                 f"  {model} [{name}]: process CPU {name}/off, median of {rounds}: "
-                f"{np.median(np.asarray(ms[name]) / off):.3f}; the monitor's own CPU "
+                f"{np.median(ratios):.3f} (quartiles {low:.3f}-{high:.3f}, all rounds pooled "
+                f"{np.sum(ms[name]) / np.sum(off):.3f}); the monitor's own CPU "
                 f"{own:.4f} ms per request = {100 * own / np.median(off):.1f}% of the tier's "
                 "CPU per request with it off (target <= 5%)"
             )
@@ -253,9 +263,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="REF",
         help="also run a monitor-on tier from git revision REF (e.g. main), side by side",
     )
+    parser.add_argument(
+        "--models",
+        default="digits,minilm",
+        help="comma-separated models to measure (both are packed either way)",
+    )
     args = parser.parse_args(argv)
+    models = [name for name in args.models.split(",") if name]
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        run(Path(tmp), stack, args.requests, args.rounds, args.compare)
+        run(Path(tmp), stack, args.requests, args.rounds, args.compare, models)
 
 
 if __name__ == "__main__":

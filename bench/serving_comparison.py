@@ -30,7 +30,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from types import FrameType
@@ -435,10 +435,11 @@ def idle_cpu_shares(endpoints: dict[str, Endpoint], seconds: float = 3.0) -> dic
     }
 
 
-def measure_split(
+def split_measurer(
     prepared: Prepared, model: str, counts: Sequence[int], seq: int
-) -> dict[int, float]:
-    """Median ms of one request's front then back stage in-process, per torch thread count."""
+) -> Callable[[], float]:
+    """A measurement of one request's front then back stage in-process: median ms at the best
+    torch thread count of ``counts``, logged; the stages are loaded once, here."""
     provider = LocalFileKeyProvider.load(prepared.layout.kek)
     front, back = split_compute.load_stages(prepared.layout, provider, model)
     if model == "digits":
@@ -448,18 +449,32 @@ def measure_split(
 
         tokens = minilm.tokenize(minilm.SENTENCES[:1], length=seq)
         inputs = {name: tensor.numpy() for name, tensor in tokens.items()}
-    found = split_compute.split_ms(front, back, inputs, counts)
-    _progress(f"  {model}: " + ", ".join(f"{t} thr {ms:.2f} ms" for t, ms in found.items()))
-    return found
+
+    def measure() -> float:
+        found = split_compute.split_ms(front, back, inputs, counts)
+        _progress(
+            f"  {model} split compute: "
+            + ", ".join(f"{t} thr {ms:.2f} ms" for t, ms in found.items())
+        )
+        return min(found.values())
+
+    return measure
 
 
 def measure_rounds(
-    endpoints: dict[str, Endpoint], workloads: list[Workload], args: argparse.Namespace
-) -> dict[tuple[str, str, int], list[Point]]:
+    endpoints: dict[str, Endpoint],
+    workloads: list[Workload],
+    args: argparse.Namespace,
+    split: Mapping[str, Callable[[], float]] | None = None,
+) -> tuple[dict[tuple[str, str, int], list[Point]], dict[str, list[float]]]:
     """Every point ``args.rounds`` times, the systems interleaved (their order rotating each
     round), so that a slow spell of a shared host falls on all of them: each point's rounds, in
-    system, model and concurrency order (reported as medians and per-round ratios)."""
+    system, model and concurrency order (reported as medians and per-round ratios). ``split``:
+    per model, the in-process split compute, measured in every round after that model's points
+    with every system stopped, so that each round's latency is set against its own moment."""
     systems_order = list(endpoints)
+    everyone = [pid for endpoint in endpoints.values() for pid in endpoint.pids]
+    split_rounds: dict[str, list[float]] = {}
     runs: dict[tuple[str, str, int], list[Point]] = {}
     for round_index in range(args.rounds):
         _progress(f"round {round_index + 1} of {args.rounds}")
@@ -471,12 +486,16 @@ def measure_rounds(
                     with suspended(_other_pids(endpoints, system)):
                         point = measure_point(system, endpoints[system], workload, c, args)
                     runs.setdefault((system, workload.model, c), []).append(point)
-    return {
+            if split is not None and workload.model in split:
+                with suspended(everyone):
+                    split_rounds.setdefault(workload.model, []).append(split[workload.model]())
+    ordered = {
         (system, workload.model, c): runs[(system, workload.model, c)]
         for system in systems_order
         for workload in workloads
         for c in args.concurrency
     }
+    return ordered, split_rounds
 
 
 def _other_pids(endpoints: dict[str, Endpoint], system: str) -> list[int]:
@@ -600,12 +619,11 @@ def run(args: argparse.Namespace) -> Report:
         raw = {
             w.model: measure_raw(w, counts, args.raw_batches, args.raw_seconds) for w in workloads
         }
-        _progress("in-process split compute of one request")
-        split = {model: measure_split(prepared, model, counts, args.seq) for model in args.models}
+        split = {model: split_measurer(prepared, model, counts, args.seq) for model in args.models}
         config = server_config(prepared, workdir, args)
         endpoints, fidelity = start_systems(config, prepared, args, stack)
         idle = idle_cpu_shares(endpoints)
-        rounds = measure_rounds(endpoints, workloads, args)
+        rounds, split_ms = measure_rounds(endpoints, workloads, args, split)
         points = [median_point(found) for found in rounds.values()]
         known = systems(config)
         report = Report(
@@ -616,7 +634,7 @@ def run(args: argparse.Namespace) -> Report:
             fidelity=fidelity,
             command=_command(),
             rounds=rounds,
-            split_ms={model: min(found.values()) for model, found in split.items()},
+            split_ms=split_ms,
         )
         if _should_profile(report, args):
             folder = REPO_ROOT / "bench" / "results" / "profiles"  # ignored by git

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,8 +169,9 @@ class Report:
     profile: list[str] = field(default_factory=list)
     # Every round's point per (system, model, c), in round order; per-round ratios use these.
     rounds: dict[tuple[str, str, int], list[Point]] = field(default_factory=dict)
-    # Per model: one request's front then back stage in-process, ms (best thread setting).
-    split_ms: dict[str, float] = field(default_factory=dict)
+    # Per model: one request's front then back stage in-process, ms (best thread setting), in
+    # each round (one value: measured once, set against every round).
+    split_ms: dict[str, list[float]] = field(default_factory=dict)
 
     def point(self, system: str, model: str, concurrency: int) -> Point | None:
         """The measured point, if any."""
@@ -217,8 +219,12 @@ def round_values(report: Report, system: str, rule: TargetRule, model: str) -> t
     c, metric = rule.concurrency, rule.metric
     mine = report.rounds.get((system, model, c)) or _single(report.point(system, model, c))
     if rule.other == "split":
-        split = report.split_ms.get(model)
-        return () if split is None else tuple(getattr(p, f"{metric}_ms") - split for p in mine)
+        split = report.split_ms.get(model) or []
+        if len(split) == 1:
+            split = split * len(mine)
+        if len(split) != len(mine):
+            return ()
+        return tuple(getattr(p, f"{metric}_ms") - ms for p, ms in zip(mine, split, strict=True))
     if rule.other == "raw":
         raw = report.raw.get(model)
         if raw is None or metric != "throughput":
@@ -378,10 +384,15 @@ def targets_section(results: Sequence[TargetResult], report: Report) -> list[str
         for result in results
     ]
     headers = ("model", "target", "splitvault mode", "median", "spread", "rounds", "verdict")
-    split = ", ".join(f"{model} {ms:.1f} ms" for model, ms in report.split_ms.items())
+    split = ", ".join(
+        f"{model} {statistics.median(ms):.1f} ms ({min(ms):.1f}-{max(ms):.1f}, {len(ms)} rounds)"
+        for model, ms in report.split_ms.items()
+        if ms
+    )
     note = (
         [
-            f"In-process split compute (one request, front then back, best of 1 and all threads): {split}.",
+            "In-process split compute (one request, front then back, best of 1 and all "
+            f"threads; median, range, measured in each round with every system stopped): {split}.",
             "",
         ]
         if split
