@@ -263,8 +263,13 @@ async def test_the_runner_batches_calls_that_go_to_the_pool(
     answers = await asyncio.gather(*calls)
     assert module.batches == [5]
     for i, answer in enumerate(answers):
-        np.testing.assert_array_equal(
-            answer["relu"], run_front(stages["digits"], _images(digits_model, i, 1))["relu"]
+        # Within one FP16 step, as above: on this CPU one value of a batch of 5 crossed an FP16
+        # boundary (0.0098190 against 0.0098114 alone).
+        np.testing.assert_allclose(
+            answer["relu"],
+            run_front(stages["digits"], _images(digits_model, i, 1))["relu"],
+            atol=1e-6,
+            rtol=2**-10,
         )
     await runner.close()
 
