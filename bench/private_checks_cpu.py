@@ -153,7 +153,7 @@ def run(
     n: int,
     rounds: int,
     compare: str | None,
-    models: Sequence[str] = ("digits", "minilm"),
+    models: Sequence[str],
 ) -> None:
     layout = init_deployment(workdir / "deploy")
     pack_both(layout)

@@ -465,7 +465,7 @@ def measure_rounds(
     endpoints: dict[str, Endpoint],
     workloads: list[Workload],
     args: argparse.Namespace,
-    split: Mapping[str, Callable[[], float]] | None = None,
+    split: Mapping[str, Callable[[], float]],
 ) -> tuple[dict[tuple[str, str, int], list[Point]], dict[str, list[float]]]:
     """Every point ``args.rounds`` times, the systems interleaved (their order rotating each
     round), so that a slow spell of a shared host falls on all of them: each point's rounds, in
@@ -486,7 +486,7 @@ def measure_rounds(
                     with suspended(_other_pids(endpoints, system)):
                         point = measure_point(system, endpoints[system], workload, c, args)
                     runs.setdefault((system, workload.model, c), []).append(point)
-            if split is not None and workload.model in split:
+            if workload.model in split:
                 with suspended(everyone):
                     split_rounds.setdefault(workload.model, []).append(split[workload.model]())
     ordered = {

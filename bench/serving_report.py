@@ -170,7 +170,7 @@ class Report:
     # Every round's point per (system, model, c), in round order; per-round ratios use these.
     rounds: dict[tuple[str, str, int], list[Point]] = field(default_factory=dict)
     # Per model: one request's front then back stage in-process, ms (best thread setting), in
-    # each round (one value: measured once, set against every round).
+    # each round.
     split_ms: dict[str, list[float]] = field(default_factory=dict)
 
     def point(self, system: str, model: str, concurrency: int) -> Point | None:
@@ -220,8 +220,6 @@ def round_values(report: Report, system: str, rule: TargetRule, model: str) -> t
     mine = report.rounds.get((system, model, c)) or _single(report.point(system, model, c))
     if rule.other == "split":
         split = report.split_ms.get(model) or []
-        if len(split) == 1:
-            split = split * len(mine)
         if len(split) != len(mine):
             return ()
         return tuple(getattr(p, f"{metric}_ms") - ms for p, ms in zip(mine, split, strict=True))
