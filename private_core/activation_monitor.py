@@ -337,7 +337,8 @@ class ActivationMonitor:
                 scope=scope,
                 # A key id is what the caller asserted, not proven.
                 **({"key_id_asserted": name} if scope == "key" else {"identity": name}),
-                level=level,
+                # Not "level": that is the log record's own (warning) and would hide this one.
+                stream_level=level,
                 action=self.settings.action,
                 **stream.reason(),
             )

@@ -141,6 +141,8 @@ def test_uniform_noise_is_alerted_within_200_and_refused_within_1000(attacker: A
     poll(lambda: bool(attacker.alerts("noise")), "an alert for the noise stream")
     (alert, *_) = attacker.alerts("noise")
     assert alert["samples"] <= 200, alert
+    # Each level change is logged with the stream's level (the log record's own is "warning").
+    assert "refuse" in [event["stream_level"] for event in attacker.alerts("noise")]
     # Refused for good: natural activations under that key id are refused too.
     natural = attacker.activations(np.asarray(digits.load_data().test_x[:BATCH]))
     assert attacker.send(natural, "noise") == BATCH
