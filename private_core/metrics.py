@@ -43,6 +43,7 @@ class PrivateMetrics:
     back_stage_seconds: Histogram
     queue_wait_seconds: Histogram
     requests: Counter
+    batch_calls: Histogram
     model_load_errors: Counter
     models_loaded: Gauge
     _server: tuple[WSGIServer, threading.Thread] | None = field(default=None)
@@ -81,6 +82,13 @@ class PrivateMetrics:
                 ["model", "code"],
                 registry=registry,
             ),
+            batch_calls=Histogram(
+                "splitvault_private_batch_call_requests",
+                "Requests per InferBatch call (the public tier sends together those ready at "
+                "one moment; each is also counted in splitvault_private_requests_total).",
+                buckets=BATCH_BUCKETS[:7],
+                registry=registry,
+            ),
             model_load_errors=Counter(
                 "splitvault_model_load_errors_total",
                 "Models that failed to load.",
@@ -111,6 +119,10 @@ class PrivateMetrics:
     def observe_request(self, model: str, code: grpc.StatusCode) -> None:
         """Count one answered call with its gRPC status code (``OK``, ``NOT_FOUND``, ...)."""
         self.requests.labels(self.model_label(model), code.name).inc()
+
+    def observe_batch_call(self, requests: int) -> None:
+        """Record the number of requests in one ``InferBatch`` call."""
+        self.batch_calls.observe(requests)
 
     def model_load_error(self, model: str) -> None:
         """Count a model that failed to load."""

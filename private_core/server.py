@@ -180,7 +180,7 @@ async def _build_locked(settings: PrivateSettings) -> PrivateServer:
         )
     runner, batcher = build_runner(store, executor, metrics, settings, budgets, attributor, monitor)
     inference_pb2_grpc.add_PrivateInferenceServicer_to_server(
-        PrivateInferenceServicer(store, runner, metrics, identities), server
+        PrivateInferenceServicer(store, runner, metrics, identities, limit), server
     )
     ledger = add_ledger_service(
         server,

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\rsplitvault.v1\"E\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xbf\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.splitvault.v1.Tensor\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x32\n\tsignature\x18\x06 \x01(\x0b\x32\x1f.splitvault.v1.RequestSignature\x12\x12\n\npairing_id\x18\x07 \x01(\t\"v\n\x10RequestSignature\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontent_digest\x18\x02 \x01(\t\x12\x0e\n\x06\x63laims\x18\x03 \x01(\t\x12\x17\n\x0fsignature_input\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\t\"V\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x07outputs\x18\x02 \x03(\x0b\x32\x15.splitvault.v1.Tensor\x12\x0e\n\x06policy\x18\x03 \x01(\t\"#\n\x12ModelStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"N\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\npairing_id\x18\x04 \x01(\t\"A\n\x13ModelStatusResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.splitvault.v1.ModelStatus\"R\n\rAnchorRequest\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04head\x18\x03 \x01(\t\x12\x14\n\x0crecord_count\x18\x04 \x01(\x04\"\xb3\x01\n\rAnchorReceipt\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04head\x18\x03 \x01(\t\x12\x14\n\x0crecord_count\x18\x04 \x01(\x04\x12\x13\n\x0b\x61nchored_at\x18\x05 \x01(\x01\x12\x12\n\nreplica_id\x18\x06 \x01(\t\x12\x13\n\x0b\x61nchored_by\x18\x07 \x01(\t\x12\x0e\n\x06signer\x18\x08 \x01(\t\x12\x11\n\tsignature\x18\t \x01(\x0c\x32\xac\x01\n\x10PrivateInference\x12\x42\n\x05Infer\x12\x1b.splitvault.v1.InferRequest\x1a\x1c.splitvault.v1.InferResponse\x12T\n\x0bModelStatus\x12!.splitvault.v1.ModelStatusRequest\x1a\".splitvault.v1.ModelStatusResponse2Z\n\rPrivateLedger\x12I\n\x0b\x41nchorAudit\x12\x1c.splitvault.v1.AnchorRequest\x1a\x1c.splitvault.v1.AnchorReceiptb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\rsplitvault.v1\"E\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xbf\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.splitvault.v1.Tensor\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\x12\x32\n\tsignature\x18\x06 \x01(\x0b\x32\x1f.splitvault.v1.RequestSignature\x12\x12\n\npairing_id\x18\x07 \x01(\t\"v\n\x10RequestSignature\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontent_digest\x18\x02 \x01(\t\x12\x0e\n\x06\x63laims\x18\x03 \x01(\t\x12\x17\n\x0fsignature_input\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\t\"V\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x07outputs\x18\x02 \x03(\x0b\x32\x15.splitvault.v1.Tensor\x12\x0e\n\x06policy\x18\x03 \x01(\t\"#\n\x12ModelStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"N\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\npairing_id\x18\x04 \x01(\t\"A\n\x13ModelStatusResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.splitvault.v1.ModelStatus\"B\n\x11InferBatchRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.splitvault.v1.InferRequest\"\x99\x01\n\x0bInferStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12:\n\x08trailers\x18\x03 \x03(\x0b\x32(.splitvault.v1.InferStatus.TrailersEntry\x1a/\n\rTrailersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x86\x01\n\x0bInferResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1c.splitvault.v1.InferResponseH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.splitvault.v1.InferStatusH\x00\x42\t\n\x07outcome\">\n\x0fInferBatchReply\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.splitvault.v1.InferResult\"R\n\rAnchorRequest\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04head\x18\x03 \x01(\t\x12\x14\n\x0crecord_count\x18\x04 \x01(\x04\"\xb3\x01\n\rAnchorReceipt\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04head\x18\x03 \x01(\t\x12\x14\n\x0crecord_count\x18\x04 \x01(\x04\x12\x13\n\x0b\x61nchored_at\x18\x05 \x01(\x01\x12\x12\n\nreplica_id\x18\x06 \x01(\t\x12\x13\n\x0b\x61nchored_by\x18\x07 \x01(\t\x12\x0e\n\x06signer\x18\x08 \x01(\t\x12\x11\n\tsignature\x18\t \x01(\x0c\x32\xfe\x01\n\x10PrivateInference\x12\x42\n\x05Infer\x12\x1b.splitvault.v1.InferRequest\x1a\x1c.splitvault.v1.InferResponse\x12P\n\nInferBatch\x12 .splitvault.v1.InferBatchRequest\x1a\x1e.splitvault.v1.InferBatchReply0\x01\x12T\n\x0bModelStatus\x12!.splitvault.v1.ModelStatusRequest\x1a\".splitvault.v1.ModelStatusResponse2Z\n\rPrivateLedger\x12I\n\x0b\x41nchorAudit\x12\x1c.splitvault.v1.AnchorRequest\x1a\x1c.splitvault.v1.AnchorReceiptb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_INFERSTATUS_TRAILERSENTRY']._loaded_options = None
+  _globals['_INFERSTATUS_TRAILERSENTRY']._serialized_options = b'8\001'
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=110
   _globals['_INFERREQUEST']._serialized_start=113
@@ -45,12 +47,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELSTATUS']._serialized_end=629
   _globals['_MODELSTATUSRESPONSE']._serialized_start=631
   _globals['_MODELSTATUSRESPONSE']._serialized_end=696
-  _globals['_ANCHORREQUEST']._serialized_start=698
-  _globals['_ANCHORREQUEST']._serialized_end=780
-  _globals['_ANCHORRECEIPT']._serialized_start=783
-  _globals['_ANCHORRECEIPT']._serialized_end=962
-  _globals['_PRIVATEINFERENCE']._serialized_start=965
-  _globals['_PRIVATEINFERENCE']._serialized_end=1137
-  _globals['_PRIVATELEDGER']._serialized_start=1139
-  _globals['_PRIVATELEDGER']._serialized_end=1229
+  _globals['_INFERBATCHREQUEST']._serialized_start=698
+  _globals['_INFERBATCHREQUEST']._serialized_end=764
+  _globals['_INFERSTATUS']._serialized_start=767
+  _globals['_INFERSTATUS']._serialized_end=920
+  _globals['_INFERSTATUS_TRAILERSENTRY']._serialized_start=873
+  _globals['_INFERSTATUS_TRAILERSENTRY']._serialized_end=920
+  _globals['_INFERRESULT']._serialized_start=923
+  _globals['_INFERRESULT']._serialized_end=1057
+  _globals['_INFERBATCHREPLY']._serialized_start=1059
+  _globals['_INFERBATCHREPLY']._serialized_end=1121
+  _globals['_ANCHORREQUEST']._serialized_start=1123
+  _globals['_ANCHORREQUEST']._serialized_end=1205
+  _globals['_ANCHORRECEIPT']._serialized_start=1208
+  _globals['_ANCHORRECEIPT']._serialized_end=1387
+  _globals['_PRIVATEINFERENCE']._serialized_start=1390
+  _globals['_PRIVATEINFERENCE']._serialized_end=1644
+  _globals['_PRIVATELEDGER']._serialized_start=1646
+  _globals['_PRIVATELEDGER']._serialized_end=1736
 # @@protoc_insertion_point(module_scope)

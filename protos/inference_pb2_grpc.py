@@ -39,6 +39,11 @@ class PrivateInferenceStub:
                 request_serializer=protos_dot_inference__pb2.InferRequest.SerializeToString,
                 response_deserializer=protos_dot_inference__pb2.InferResponse.FromString,
                 _registered_method=True)
+        self.InferBatch = channel.unary_stream(
+                '/splitvault.v1.PrivateInference/InferBatch',
+                request_serializer=protos_dot_inference__pb2.InferBatchRequest.SerializeToString,
+                response_deserializer=protos_dot_inference__pb2.InferBatchReply.FromString,
+                _registered_method=True)
         self.ModelStatus = channel.unary_unary(
                 '/splitvault.v1.PrivateInference/ModelStatus',
                 request_serializer=protos_dot_inference__pb2.ModelStatusRequest.SerializeToString,
@@ -50,6 +55,12 @@ class PrivateInferenceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Infer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InferBatch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -68,6 +79,11 @@ def add_PrivateInferenceServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=protos_dot_inference__pb2.InferRequest.FromString,
                     response_serializer=protos_dot_inference__pb2.InferResponse.SerializeToString,
+            ),
+            'InferBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.InferBatch,
+                    request_deserializer=protos_dot_inference__pb2.InferBatchRequest.FromString,
+                    response_serializer=protos_dot_inference__pb2.InferBatchReply.SerializeToString,
             ),
             'ModelStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelStatus,
@@ -102,6 +118,33 @@ class PrivateInference:
             '/splitvault.v1.PrivateInference/Infer',
             protos_dot_inference__pb2.InferRequest.SerializeToString,
             protos_dot_inference__pb2.InferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitvault.v1.PrivateInference/InferBatch',
+            protos_dot_inference__pb2.InferBatchRequest.SerializeToString,
+            protos_dot_inference__pb2.InferBatchReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,12 +37,14 @@ class PrivateInferenceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PrivateInferenceAsyncStub: ...
     Infer: _grpc.UnaryUnaryMultiCallable[_inference_pb2.InferRequest, _inference_pb2.InferResponse]
+    InferBatch: _grpc.UnaryStreamMultiCallable[_inference_pb2.InferBatchRequest, _inference_pb2.InferBatchReply]
     ModelStatus: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ModelStatusRequest, _inference_pb2.ModelStatusResponse]
 
 @_typing.type_check_only
 class PrivateInferenceAsyncStub(PrivateInferenceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Infer: _aio.UnaryUnaryMultiCallable[_inference_pb2.InferRequest, _inference_pb2.InferResponse]  # type: ignore[assignment]
+    InferBatch: _aio.UnaryStreamMultiCallable[_inference_pb2.InferBatchRequest, _inference_pb2.InferBatchReply]  # type: ignore[assignment]
     ModelStatus: _aio.UnaryUnaryMultiCallable[_inference_pb2.ModelStatusRequest, _inference_pb2.ModelStatusResponse]  # type: ignore[assignment]
 
 class PrivateInferenceServicer(metaclass=_abc_1.ABCMeta):
@@ -52,6 +54,13 @@ class PrivateInferenceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.InferRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.InferResponse, _abc.Awaitable[_inference_pb2.InferResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def InferBatch(
+        self,
+        request: _inference_pb2.InferBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_inference_pb2.InferBatchReply], _abc.AsyncIterator[_inference_pb2.InferBatchReply]]: ...
 
     @_abc_1.abstractmethod
     def ModelStatus(

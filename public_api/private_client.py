@@ -1,10 +1,17 @@
-"""The public tier's client of the private tier: one reused mTLS channel, deadlines, health."""
+"""The public tier's client of the private tier: one reused mTLS channel, deadlines, health.
+
+Requests ready at the same moment (a front batch's, or any that reach ``infer`` in one turn of
+the event loop) leave in one ``InferBatch`` call instead of one ``Infer`` call each: a gRPC call
+costs the private tier about as much CPU as a small model's back stage. A lone request still
+goes as ``Infer``, so nothing waits for company.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -12,7 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import inference_pb2, inference_pb2_grpc
 from public_api.settings import PublicSettings
-from shared.errors import SplitVaultError, error_from_grpc
+from shared.batch_rpc import error_of, runs
+from shared.errors import InternalError, SplitVaultError, error_from_grpc
 from shared.layout import TierDir
 
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
@@ -41,6 +49,14 @@ def channel_target(addresses: list[str]) -> str:
         ) from None
     scheme = "ipv4" if versions == {4} else "ipv6"
     return f"{scheme}:{','.join(addresses)}"
+
+
+@dataclass
+class _Pending:
+    """Requests waiting for the next turn of the event loop, and their callers' futures."""
+
+    requests: list[inference_pb2.InferRequest] = field(default_factory=list)
+    futures: list[asyncio.Future[inference_pb2.InferResponse]] = field(default_factory=list)
 
 
 class PrivateTierClient:
@@ -72,16 +88,84 @@ class PrivateTierClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._ledger = inference_pb2_grpc.PrivateLedgerStub(self._channel)
         self._timeout = settings.request_timeout_s
+        self._limit = limit
+        self._pending: _Pending | None = None
+        self._calls: set[asyncio.Task[None]] = set()  # in flight, kept from the collector
 
     async def infer(self, request: inference_pb2.InferRequest) -> inference_pb2.InferResponse:
-        """Send one request; map any failure to a ``SplitVaultError``."""
+        """Send one request, with any others sent in this turn of the event loop; map any
+        failure to a ``SplitVaultError``."""
+        loop = asyncio.get_running_loop()
+        if self._pending is None:
+            self._pending = _Pending()
+            loop.call_soon(self._flush)
+        future: asyncio.Future[inference_pb2.InferResponse] = loop.create_future()
+        self._pending.requests.append(request)
+        self._pending.futures.append(future)
+        return await future
+
+    def _flush(self) -> None:
+        """Send what is pending: one ``Infer`` for a lone request, else ``InferBatch`` calls of
+        at most ``MAX_REQUESTS`` requests within the message size limit."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        sizes = [request.ByteSize() for request in pending.requests]
+        for start, stop in runs(sizes, self._limit):
+            requests, futures = pending.requests[start:stop], pending.futures[start:stop]
+            send = self._send_one if len(requests) == 1 else self._send_batch
+            task = asyncio.ensure_future(send(requests, futures))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _send_one(
+        self,
+        requests: list[inference_pb2.InferRequest],
+        futures: list[asyncio.Future[inference_pb2.InferResponse]],
+    ) -> None:
         try:
             response: inference_pb2.InferResponse = await self._stub.Infer(
-                request, timeout=self._timeout
+                requests[0], timeout=self._timeout
             )
         except grpc.aio.AioRpcError as error:
-            raise _mapped(error) from None
-        return response
+            _settle(futures[0], _mapped(error))
+        except BaseException as error:  # the future must not wait forever
+            _settle(futures[0], InternalError(f"private tier call failed: {error!r}"))
+            raise
+        else:
+            _settle(futures[0], response)
+
+    async def _send_batch(
+        self,
+        requests: list[inference_pb2.InferRequest],
+        futures: list[asyncio.Future[inference_pb2.InferResponse]],
+    ) -> None:
+        call = self._stub.InferBatch(
+            inference_pb2.InferBatchRequest(requests=requests), timeout=self._timeout
+        )
+        answered = 0
+        try:
+            async for reply in call:
+                for result in reply.results:
+                    if result.index >= len(futures) or futures[result.index].done():
+                        continue  # not one of ours, or answered already: ignored
+                    if result.HasField("response"):
+                        _settle(futures[result.index], result.response)
+                    else:
+                        _settle(futures[result.index], error_of(result.error))
+                    answered += 1
+        except grpc.aio.AioRpcError as error:
+            failure: SplitVaultError = _mapped(error)
+        except BaseException as error:
+            for future in futures:
+                _settle(future, InternalError(f"private tier call failed: {error!r}"))
+            raise
+        else:
+            if answered == len(futures):
+                return
+            failure = InternalError("private tier: a batch call ended with requests unanswered")
+        for future in futures:  # the call failed as a whole: so does each request left
+            _settle(future, failure)
 
     async def anchor_audit(
         self, request: inference_pb2.AnchorRequest
@@ -124,6 +208,19 @@ class PrivateTierClient:
     async def close(self) -> None:
         """Close the channel."""
         await self._channel.close(grace=None)
+
+
+def _settle(
+    future: asyncio.Future[inference_pb2.InferResponse],
+    outcome: inference_pb2.InferResponse | SplitVaultError,
+) -> None:
+    """Give a waiting caller its answer or error, unless it stopped waiting (cancelled)."""
+    if future.done():
+        return
+    if isinstance(outcome, SplitVaultError):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def _mapped(error: grpc.aio.AioRpcError) -> SplitVaultError:

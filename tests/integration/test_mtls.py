@@ -90,6 +90,12 @@ def _infer(channel: grpc.Channel) -> inference_pb2.InferResponse:
     return stub.Infer(inference_pb2.InferRequest(model="digits"), timeout=TIMEOUT)
 
 
+def _infer_batch(channel: grpc.Channel) -> list[inference_pb2.InferBatchReply]:
+    stub = inference_pb2_grpc.PrivateInferenceStub(channel)
+    batch = inference_pb2.InferBatchRequest(requests=[inference_pb2.InferRequest(model="digits")])
+    return list(stub.InferBatch(batch, timeout=TIMEOUT))
+
+
 def _health(channel: grpc.Channel) -> health_pb2.HealthCheckResponse:
     stub = health_pb2_grpc.HealthStub(channel)
     return stub.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
@@ -136,6 +142,7 @@ def test_certificate_from_another_ca_is_refused(connect: Connect) -> None:
     channel = connect(ClientIdentity.of(impostor))
     assert _code(_status, channel) == REFUSED
     assert _code(_infer, channel) == REFUSED
+    assert _code(_infer_batch, channel) == REFUSED
 
 
 def test_other_identity_from_the_deployment_ca_is_denied(
@@ -145,6 +152,7 @@ def test_other_identity_from_the_deployment_ca_is_denied(
     channel = connect(ClientIdentity.of(intruder))
     denied = grpc.StatusCode.PERMISSION_DENIED
     assert _code(_infer, channel) == denied
+    assert _code(_infer_batch, channel) == denied
     assert _code(_status, channel) == denied
     assert _code(_health, channel) == denied
 
@@ -166,6 +174,7 @@ def test_private_identity_may_only_check_health_and_model_status(
     channel = connect(own)
     assert _health(channel).status == health_pb2.HealthCheckResponse.SERVING
     assert _code(_infer, channel) == grpc.StatusCode.PERMISSION_DENIED
+    assert _code(_infer_batch, channel) == grpc.StatusCode.PERMISSION_DENIED
     # Read-only model status, for `splitvault health private` to say which model failed.
     assert _status(channel).models
 
@@ -189,6 +198,7 @@ def test_certificate_outside_its_validity_is_refused(
     channel = connect(ClientIdentity.of(pair))
     assert _code(_status, channel) == REFUSED
     assert _code(_infer, channel) == REFUSED
+    assert _code(_infer_batch, channel) == REFUSED
 
 
 def test_private_tier_keeps_serving_after_refusals(
