@@ -11,6 +11,7 @@ signature registry lookup run on both tiers (no setting switches them off); thei
 in-process figure printed last (and ``bench/signature_micro.py`` for a signed request).
 
 Run from the repository root:  .venv/bin/python bench/private_checks_cpu.py [--requests N]
+[--per-call K] (K requests per ``InferBatch`` call, as the public tier sends them together)
 """
 
 # ruff: noqa: E402 - the repository root goes on sys.path before the project imports.
@@ -132,19 +133,43 @@ def stub(layout: DeployLayout, port: int) -> inference_pb2_grpc.PrivateInference
     return inference_pb2_grpc.PrivateInferenceStub(channel)
 
 
-def caller(target: inference_pb2_grpc.PrivateInferenceStub) -> Callable[[Request], object]:
-    return lambda request: target.Infer(request, timeout=60)
+def caller(
+    target: inference_pb2_grpc.PrivateInferenceStub,
+) -> Callable[[Sequence[Request]], object]:
+    """Sends one request as ``Infer``, several in one ``InferBatch`` call (as the public tier
+    sends the requests it has ready together); any refusal fails the benchmark."""
+
+    def call(requests: Sequence[Request]) -> object:
+        if len(requests) == 1:
+            return target.Infer(requests[0], timeout=60)
+        batch = inference_pb2.InferBatchRequest(requests=requests)
+        results = [r for reply in target.InferBatch(batch, timeout=60) for r in reply.results]
+        if len(results) != len(requests) or any(r.HasField("error") for r in results):
+            raise RuntimeError(f"a batch call was not answered whole: {results!r:.300}")
+        return results
+
+    return call
 
 
 def cpu_per_request(
-    tier: TierProcess, call: Callable[[Request], object], requests: Sequence[Request], n: int
+    tier: TierProcess,
+    call: Callable[[Sequence[Request]], object],
+    requests: Sequence[Request],
+    n: int,
+    per_call: int = 1,
 ) -> float:
-    """The tier's process CPU per request (ms), ``n`` requests, 32 in flight."""
-    with ThreadPoolExecutor(CONCURRENCY) as pool:
-        list(pool.map(lambda i: call(requests[i % len(requests)]), range(200)))  # warm-up
+    """The tier's process CPU per request (ms), ``n`` requests, 32 in flight: in calls of
+    ``per_call`` requests (``CONCURRENCY // per_call`` calls in flight)."""
+
+    def group(start: int) -> list[Request]:
+        return [requests[(start + i) % len(requests)] for i in range(per_call)]
+
+    with ThreadPoolExecutor(max(CONCURRENCY // per_call, 1)) as pool:
+        list(pool.map(lambda i: call(group(i * per_call)), range(200 // per_call)))  # warm-up
         before = cpu_seconds(tier.process.pid)
-        list(pool.map(lambda i: call(requests[i % len(requests)]), range(n)))
-        return (cpu_seconds(tier.process.pid) - before) * 1000 / n
+        calls = n // per_call
+        list(pool.map(lambda i: call(group(i * per_call)), range(calls)))
+        return (cpu_seconds(tier.process.pid) - before) * 1000 / (calls * per_call)
 
 
 def run(
@@ -154,6 +179,7 @@ def run(
     rounds: int,
     compare: str | None,
     models: Sequence[str],
+    per_call: int = 1,
 ) -> None:
     layout = init_deployment(workdir / "deploy")
     pack_both(layout)
@@ -181,7 +207,10 @@ def run(
         )
         for model in models
     }
-    print(f"private tier CPU per single-row request, c={CONCURRENCY}, {n} requests per round")
+    print(
+        f"private tier CPU per single-row request, c={CONCURRENCY}, {n} requests per round, "
+        f"{per_call} per call"
+    )
     monitored = [name for name in tiers if name != "off"]
     for model, requests in workloads.items():
         ms: dict[str, list[float]] = {name: [] for name in tiers}
@@ -190,7 +219,8 @@ def run(
         for index in range(rounds):  # rotate which tier goes first
             names = list(tiers)
             for name in names[index % len(names) :] + names[: index % len(names)]:
-                ms[name].append(cpu_per_request(tiers[name], caller(stubs[name]), requests, n))
+                call = caller(stubs[name])
+                ms[name].append(cpu_per_request(tiers[name], call, requests, n, per_call))
             print(
                 f"  {model} round {index + 1}: "
                 + ", ".join(f"{name} {ms[name][-1]:.3f} ms" for name in tiers),
@@ -268,10 +298,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="digits,minilm",
         help="comma-separated models to measure (both are packed either way)",
     )
+    parser.add_argument(
+        "--per-call",
+        type=int,
+        default=1,
+        help="requests per call: 1 sends Infer calls, more sends InferBatch calls as the "
+        "public tier does with the requests it has ready together (digits at c=32 through the "
+        "public tier: about 5); --compare then needs a revision that has InferBatch",
+    )
     args = parser.parse_args(argv)
     models = [name for name in args.models.split(",") if name]
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        run(Path(tmp), stack, args.requests, args.rounds, args.compare, models)
+        run(Path(tmp), stack, args.requests, args.rounds, args.compare, models, args.per_call)
 
 
 if __name__ == "__main__":
