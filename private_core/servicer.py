@@ -15,7 +15,7 @@ from private_core.model_store import ModelStore
 from private_core.runner import BackStageRunner
 from protos import inference_pb2, inference_pb2_grpc
 from shared import phases
-from shared.batch_rpc import MAX_REQUESTS, failed, runs
+from shared.batch_rpc import MAX_BATCH_BYTES, MAX_REQUESTS, failed, runs
 from shared.errors import (
     InternalError,
     InvalidInput,
@@ -85,7 +85,8 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
                 pending -= done
                 results = sorted((task.result() for task in done), key=lambda r: r.index)
                 sizes = [result.ByteSize() for result in results]
-                for start, stop in runs(sizes, self._max_reply_bytes, len(results)):
+                limit = min(self._max_reply_bytes, MAX_BATCH_BYTES)
+                for start, stop in runs(sizes, limit, len(results)):
                     yield inference_pb2.InferBatchReply(results=results[start:stop])
         finally:  # the call ended early (cancelled, deadline): so do its requests
             for task in pending:

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import inference_pb2, inference_pb2_grpc
 from public_api.settings import PublicSettings
-from shared.batch_rpc import error_of, runs
+from shared.batch_rpc import MAX_BATCH_BYTES, error_of, runs
 from shared.errors import InternalError, SplitVaultError, error_from_grpc
 from shared.layout import TierDir
 
@@ -111,7 +111,7 @@ class PrivateTierClient:
         if pending is None:
             return
         sizes = [request.ByteSize() for request in pending.requests]
-        for start, stop in runs(sizes, self._limit):
+        for start, stop in runs(sizes, min(self._limit, MAX_BATCH_BYTES)):
             requests, futures = pending.requests[start:stop], pending.futures[start:stop]
             send = self._send_one if len(requests) == 1 else self._send_batch
             task = asyncio.ensure_future(send(requests, futures))

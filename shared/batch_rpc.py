@@ -13,6 +13,10 @@ from shared.errors import SplitVaultError, error_from_grpc, grpc_trailers, mappi
 
 # Requests in one InferBatch call; the private tier refuses more (INVALID_ARGUMENT).
 MAX_REQUESTS = 64
+# The largest batch message (request or reply) either tier sends: the smallest message limit a
+# tier may be configured with (``max_message_mb`` >= 4), so that a batch never fails whole on a
+# limit each of its requests would have passed alone. A larger request or result goes alone.
+MAX_BATCH_BYTES = 4 * 1024 * 1024
 # What one request or result adds to a batch message beyond its own bytes (tag and length).
 FRAMING_BYTES = 11
 _CODES = {code.value[0]: code for code in grpc.StatusCode}

@@ -4,10 +4,21 @@ same error its own ``Infer`` call would have given, and batch messages are cut t
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from private_core.settings import PrivateSettings
 from protos import inference_pb2
-from shared.batch_rpc import FRAMING_BYTES, MAX_REQUESTS, error_of, failed, runs
+from public_api.settings import PublicSettings
+from shared.batch_rpc import (
+    FRAMING_BYTES,
+    MAX_BATCH_BYTES,
+    MAX_REQUESTS,
+    error_of,
+    failed,
+    runs,
+)
 from shared.errors import (
     ERROR_TABLE,
     SplitVaultError,
@@ -62,3 +73,12 @@ def test_runs_fit_what_protobuf_actually_sends() -> None:
     for start, stop in runs([r.ByteSize() for r in requests], limit):
         message = inference_pb2.InferBatchRequest(requests=requests[start:stop])
         assert message.ByteSize() <= limit
+
+
+@pytest.mark.parametrize("settings", [PrivateSettings, PublicSettings], ids=lambda s: s.__name__)
+def test_a_batch_message_fits_the_smallest_limit_a_tier_accepts(settings: type[Any]) -> None:
+    """A batch never fails whole on a message limit that each request would pass alone."""
+    (smallest,) = [
+        m.ge for m in settings.model_fields["max_message_mb"].metadata if hasattr(m, "ge")
+    ]
+    assert smallest * 1024 * 1024 >= MAX_BATCH_BYTES
