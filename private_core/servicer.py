@@ -15,10 +15,11 @@ from private_core.model_store import ModelStore
 from private_core.runner import BackStageRunner
 from protos import inference_pb2, inference_pb2_grpc
 from shared import phases
-from shared.batch_rpc import MAX_BATCH_BYTES, MAX_REQUESTS, failed, runs
+from shared.batch_rpc import FRAMING_BYTES, MAX_BATCH_BYTES, MAX_REQUESTS, failed, runs
 from shared.errors import (
     InternalError,
     InvalidInput,
+    PayloadTooLarge,
     PermissionDenied,
     SplitVaultError,
     grpc_trailers,
@@ -67,11 +68,12 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
     ) -> AsyncIterator[inference_pb2.InferBatchReply]:
         """Answer each request as ``Infer`` would, streaming the results as they are ready (all
         those a moment finished in one reply); a request's failure is its own result."""
+        phases.flush("request_phases", tier="private")
         calls = request.requests
+        self._metrics.observe_batch_call(len(calls))
         if len(calls) > MAX_REQUESTS:
             error = InvalidInput(f"{len(calls)} requests in one batch call; at most {MAX_REQUESTS}")
             await self._abort(context, "", error)
-        self._metrics.observe_batch_call(len(calls))
         identities = peer_identities(context)
         pending = {
             asyncio.ensure_future(self._result(index, call, context, identities))
@@ -83,7 +85,8 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
                 await asyncio.sleep(0)  # neighbours resolved by the same batch finish too
                 done |= {task for task in pending if task.done()}
                 pending -= done
-                results = sorted((task.result() for task in done), key=lambda r: r.index)
+                results = [self._sendable(task.result()) for task in done]
+                results.sort(key=lambda result: result.index)
                 sizes = [result.ByteSize() for result in results]
                 limit = min(self._max_reply_bytes, MAX_BATCH_BYTES)
                 for start, stop in runs(sizes, limit, len(results)):
@@ -91,6 +94,14 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
         finally:  # the call ended early (cancelled, deadline): so do its requests
             for task in pending:
                 task.cancel()
+
+    def _sendable(self, result: inference_pb2.InferResult) -> inference_pb2.InferResult:
+        """``result``, or its refusal if alone it would exceed the message limit (one answer too
+        large fails alone, not the call and its neighbours)."""
+        if result.ByteSize() + FRAMING_BYTES <= self._max_reply_bytes:
+            return result
+        error = PayloadTooLarge("the answer exceeds the private tier's message limit")
+        return failed(result.index, error)
 
     async def _result(
         self,

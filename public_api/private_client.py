@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import sys
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import grpc
@@ -20,9 +22,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import inference_pb2, inference_pb2_grpc
 from public_api.settings import PublicSettings
 from shared.batch_rpc import MAX_BATCH_BYTES, error_of, runs
-from shared.errors import InternalError, SplitVaultError, error_from_grpc
+from shared.errors import InternalError, SplitVaultError, Unavailable, error_from_grpc
 from shared.layout import TierDir
+from shared.logs import get_logger
 
+log = get_logger(__name__)
+CLIENT_CLOSED = "the private tier's client is closed"
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
@@ -106,17 +111,22 @@ class PrivateTierClient:
 
     def _flush(self) -> None:
         """Send what is pending: one ``Infer`` for a lone request, else ``InferBatch`` calls of
-        at most ``MAX_REQUESTS`` requests within the message size limit."""
+        at most ``MAX_REQUESTS`` requests within ``MAX_BATCH_BYTES``. A request whose caller
+        stopped waiting before this turn is not sent."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        sizes = [request.ByteSize() for request in pending.requests]
+        kept = [i for i, future in enumerate(pending.futures) if not future.done()]
+        requests = [pending.requests[i] for i in kept]
+        futures = [pending.futures[i] for i in kept]
+        sizes = [request.ByteSize() for request in requests]
         for start, stop in runs(sizes, min(self._limit, MAX_BATCH_BYTES)):
-            requests, futures = pending.requests[start:stop], pending.futures[start:stop]
-            send = self._send_one if len(requests) == 1 else self._send_batch
-            task = asyncio.ensure_future(send(requests, futures))
+            send = self._send_one if stop - start == 1 else self._send_batch
+            task = asyncio.ensure_future(send(requests[start:stop], futures[start:stop]))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
+            for future in futures[start:stop]:
+                future.add_done_callback(partial(_cancel_when_abandoned, task, futures[start:stop]))
 
     async def _send_one(
         self,
@@ -129,8 +139,8 @@ class PrivateTierClient:
             )
         except grpc.aio.AioRpcError as error:
             _settle(futures[0], _mapped(error))
-        except BaseException as error:  # the future must not wait forever
-            _settle(futures[0], InternalError(f"private tier call failed: {error!r}"))
+        except BaseException:  # the future must not wait forever
+            _fail_all(futures)
             raise
         else:
             _settle(futures[0], response)
@@ -140,30 +150,30 @@ class PrivateTierClient:
         requests: list[inference_pb2.InferRequest],
         futures: list[asyncio.Future[inference_pb2.InferResponse]],
     ) -> None:
-        call = self._stub.InferBatch(
-            inference_pb2.InferBatchRequest(requests=requests), timeout=self._timeout
-        )
-        answered = 0
+        answered: set[int] = set()
         try:
+            call = self._stub.InferBatch(
+                inference_pb2.InferBatchRequest(requests=requests), timeout=self._timeout
+            )
             async for reply in call:
                 for result in reply.results:
-                    if result.index >= len(futures) or futures[result.index].done():
+                    if result.index >= len(futures) or result.index in answered:
                         continue  # not one of ours, or answered already: ignored
+                    answered.add(result.index)
                     if result.HasField("response"):
                         _settle(futures[result.index], result.response)
                     else:
                         _settle(futures[result.index], error_of(result.error))
-                    answered += 1
         except grpc.aio.AioRpcError as error:
             failure: SplitVaultError = _mapped(error)
-        except BaseException as error:
-            for future in futures:
-                _settle(future, InternalError(f"private tier call failed: {error!r}"))
+        except BaseException:
+            _fail_all(futures)
             raise
         else:
-            if answered == len(futures):
+            if len(answered) == len(futures):
                 return
-            failure = InternalError("private tier: a batch call ended with requests unanswered")
+            log.error("private_batch_unanswered", requests=len(futures), answered=len(answered))
+            failure = InternalError("internal error")
         for future in futures:  # the call failed as a whole: so does each request left
             _settle(future, failure)
 
@@ -206,8 +216,33 @@ class PrivateTierClient:
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def close(self) -> None:
-        """Close the channel."""
+        """Close the channel; a request not yet answered fails as ``Unavailable``."""
+        pending, self._pending = self._pending, None
+        for future in [] if pending is None else pending.futures:
+            _settle(future, Unavailable(CLIENT_CLOSED))
+        for task in list(self._calls):
+            task.cancel()
         await self._channel.close(grace=None)
+
+
+def _fail_all(futures: list[asyncio.Future[inference_pb2.InferResponse]]) -> None:
+    """Settle a call's unanswered futures after an unexpected end (cancelled: the client is
+    closing; anything else is logged, never shown to a customer)."""
+    if sys.exc_info()[0] is not asyncio.CancelledError:
+        log.exception("private_call_failed", requests=len(futures))
+    for future in futures:
+        _settle(future, Unavailable(CLIENT_CLOSED))
+
+
+def _cancel_when_abandoned(
+    task: asyncio.Task[None],
+    futures: list[asyncio.Future[inference_pb2.InferResponse]],
+    _: asyncio.Future[inference_pb2.InferResponse],
+) -> None:
+    """Cancel a call once nobody waits for any of its answers and a caller gave up (its
+    future cancelled: a client that disconnected, a deadline of the ingress)."""
+    if all(future.done() for future in futures) and any(f.cancelled() for f in futures):
+        task.cancel()
 
 
 def _settle(

@@ -220,7 +220,7 @@ def test_concurrent_requests_through_the_public_tier_share_calls_and_keep_their_
             http.post("/v2/models/digits/infer", json=image_request(images[i : i + 1])).json()
             for i in range(len(images))
         ]
-    calls_before, _ = _batch_calls(stack.private)
+    calls_before, requests_before = _batch_calls(stack.private)
 
     def one(i: int) -> Any:
         with https(stack.layout, stack.public.port, stack.key) as http:
@@ -237,7 +237,7 @@ def test_concurrent_requests_through_the_public_tier_share_calls_and_keep_their_
         if calls > calls_before:
             break
     assert calls > calls_before, "32 concurrent requests never shared a call"
-    assert requests >= 2 * calls
+    assert requests - requests_before >= 2 * (calls - calls_before)  # several per call
 
 
 def _front(layout: DeployLayout) -> torch.nn.Module:
