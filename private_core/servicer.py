@@ -28,6 +28,7 @@ from shared.errors import (
 from shared.logs import get_logger
 
 log = get_logger(__name__)
+ANSWER_TOO_LARGE = "the answer exceeds the private tier's message limit"
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -75,6 +76,7 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
             error = InvalidInput(f"{len(calls)} requests in one batch call; at most {MAX_REQUESTS}")
             await self._abort(context, "", error)
         identities = peer_identities(context)
+        limit = min(self._max_reply_bytes, MAX_BATCH_BYTES)
         pending = {
             asyncio.ensure_future(self._result(index, call, context, identities))
             for index, call in enumerate(calls)
@@ -85,23 +87,17 @@ class PrivateInferenceServicer(inference_pb2_grpc.PrivateInferenceServicer):
                 await asyncio.sleep(0)  # neighbours resolved by the same batch finish too
                 done |= {task for task in pending if task.done()}
                 pending -= done
-                results = [self._sendable(task.result()) for task in done]
-                results.sort(key=lambda result: result.index)
+                results = sorted((task.result() for task in done), key=lambda r: r.index)
                 sizes = [result.ByteSize() for result in results]
-                limit = min(self._max_reply_bytes, MAX_BATCH_BYTES)
+                for i, size in enumerate(sizes):
+                    if size + FRAMING_BYTES > self._max_reply_bytes:  # fails alone, not the call
+                        results[i] = failed(results[i].index, PayloadTooLarge(ANSWER_TOO_LARGE))
+                        sizes[i] = results[i].ByteSize()
                 for start, stop in runs(sizes, limit, len(results)):
                     yield inference_pb2.InferBatchReply(results=results[start:stop])
         finally:  # the call ended early (cancelled, deadline): so do its requests
             for task in pending:
                 task.cancel()
-
-    def _sendable(self, result: inference_pb2.InferResult) -> inference_pb2.InferResult:
-        """``result``, or its refusal if alone it would exceed the message limit (one answer too
-        large fails alone, not the call and its neighbours)."""
-        if result.ByteSize() + FRAMING_BYTES <= self._max_reply_bytes:
-            return result
-        error = PayloadTooLarge("the answer exceeds the private tier's message limit")
-        return failed(result.index, error)
 
     async def _result(
         self,

@@ -24,14 +24,14 @@ import torch
 
 from protos import inference_pb2, inference_pb2_grpc
 from shared.batch_rpc import MAX_REQUESTS
-from shared.layout import FRONT_FILE, PRIVATE_IDENTITY, DeployLayout
+from shared.layout import FRONT_FILE, DeployLayout
 from shared.manifest import DimSpec, read_manifest
 from shared.tensor_codec import to_proto
 from splitvault.deploy import add_public_replica, load_ca
 from tests.conftest import Deployment, DigitsFixture, issue_key
 from tests.support.deployments import copy_deployment, pairing_id
 from tests.support.processes import TierProcess, start_private, start_public
-from tests.support.stack import https, image_request, poll, tier_env
+from tests.support.stack import https, image_request, poll, private_channel, tier_env
 
 pytestmark = pytest.mark.slow
 
@@ -61,18 +61,8 @@ class Stack:
 
     def stub(self, replica: int, port: int | None = None) -> Any:
         """A direct caller of the private tier with replica ``replica``'s certificate."""
-        folder = self.folders[replica]
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=self.layout.public.ca_cert.read_bytes(),
-            private_key=(folder / "client.key").read_bytes(),
-            certificate_chain=(folder / "client.crt").read_bytes(),
-        )
-        options = [
-            ("grpc.ssl_target_name_override", PRIVATE_IDENTITY),
-            ("grpc.use_local_subchannel_pool", 1),
-        ]
-        target = f"127.0.0.1:{port or self.private.port}"
-        self.channels.append(grpc.secure_channel(target, credentials, options=options))
+        port = port or self.private.port
+        self.channels.append(private_channel(self.layout, port, self.folders[replica]))
         return inference_pb2_grpc.PrivateInferenceStub(self.channels[-1])
 
 

@@ -40,7 +40,7 @@ from protos import inference_pb2, inference_pb2_grpc
 from public_api.front import load_front_stages, run_front
 from public_api.keys import parse_key_id
 from shared.keys import LocalFileKeyProvider
-from shared.layout import PRIVATE_IDENTITY, DeployLayout
+from shared.layout import DeployLayout
 from shared.manifest import TopKPolicy
 from shared.signatures import SignedRequest
 from shared.tensor_codec import to_proto
@@ -52,7 +52,7 @@ from tests.conftest import DigitsFixture, issue_key
 from tests.support.deployments import pairing_id
 from tests.support.processes import TierProcess, start_private, wait_for
 from tests.support.redis_server import MISSING, RedisServer
-from tests.support.stack import REPO_ROOT, image_request, tier_env
+from tests.support.stack import REPO_ROOT, image_request, private_channel, tier_env
 
 pytestmark = pytest.mark.slow
 
@@ -109,17 +109,7 @@ class Shared:
     def caller(self, replica: int, tls: Path | None = None) -> Caller:
         """Replica 0 or 1, called with public replica 1's certificate (or those in ``tls``)."""
         tls = tls or self.layout.public.tls
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=self.layout.public.ca_cert.read_bytes(),
-            private_key=(tls / "client.key").read_bytes(),
-            certificate_chain=(tls / "client.crt").read_bytes(),
-        )
-        options = [
-            ("grpc.ssl_target_name_override", PRIVATE_IDENTITY),
-            ("grpc.use_local_subchannel_pool", 1),
-        ]
-        address = f"127.0.0.1:{self.replicas[replica].port}"
-        channel = grpc.secure_channel(address, credentials, options=options)
+        channel = private_channel(self.layout, self.replicas[replica].port, tls)
         caller = Caller(channel, inference_pb2_grpc.PrivateInferenceStub(channel))
         self.callers.append(caller)
         return caller

@@ -11,11 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import numpy.typing as npt
 
-from shared.layout import DeployLayout
+from shared.layout import PRIVATE_IDENTITY, DeployLayout
 from tests.support import deployments
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -111,3 +112,19 @@ def image_request(images: npt.NDArray[np.float32], **extra: Any) -> dict[str, An
         "data": x.ravel().tolist(),
     }
     return {"inputs": [tensor], **extra}
+
+
+def private_channel(layout: DeployLayout, port: int, tls: Path) -> grpc.Channel:
+    """A channel to a private tier of ``layout`` on loopback ``port``, presenting the client
+    certificate in ``tls`` (``client.crt``, ``client.key``): a direct caller, as whoever holds
+    a public replica's certificate is. Its own subchannel pool: its own TLS handshake."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=layout.public.ca_cert.read_bytes(),
+        private_key=(tls / "client.key").read_bytes(),
+        certificate_chain=(tls / "client.crt").read_bytes(),
+    )
+    options = [
+        ("grpc.ssl_target_name_override", PRIVATE_IDENTITY),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    return grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=options)
