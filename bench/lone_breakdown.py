@@ -9,16 +9,18 @@ median; the in-process front, back and split compute at 1 and 2 torch threads co
     .venv/bin/python bench/lone_breakdown.py --requests 300
 """
 
+# ruff: noqa: E402 - the tiers' OpenMP wait is set before torch (and the other imports) load.
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# The in-process figures under the tiers' OpenMP wait policy (shared/openmp.py), set before
-# torch loads; OMP_WAIT_POLICY in the environment wins, for both.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The in-process figures under the tiers' OpenMP wait (shared/openmp.py), set before torch
+# loads; OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment wins, for both.
+from shared.openmp import default_wait_policy
+
+OPENMP_WAIT, _ = default_wait_policy()
 
 import argparse
 import statistics
@@ -108,8 +110,7 @@ def in_process(layout: Any, inputs: Mapping[str, Any]) -> list[str]:
     front, back = split_compute.load_stages(layout, LocalFileKeyProvider.load(layout.kek), "minilm")
     activations = run_front(front, dict(inputs))
     arrays = {**activations, **{name: inputs[name] for name in front.manifest.forward_inputs}}
-    policy = os.environ["OMP_WAIT_POLICY"]
-    lines = [f"| in-process, one request (OMP_WAIT_POLICY={policy}) | 1 thread ms | 2 threads ms |"]
+    lines = [f"| in-process, one request ({OPENMP_WAIT}) | 1 thread ms | 2 threads ms |"]
     lines.append("|---|---|---|")
     calls: dict[str, Callable[[], object]] = {
         "front (+ FP16 cast)": lambda: run_front(front, dict(inputs)),
