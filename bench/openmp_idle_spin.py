@@ -8,12 +8,21 @@ time minus the calling thread's is what the team spent spinning before it slept 
 Run from the repository root:  .venv/bin/python bench/openmp_idle_spin.py [COUNT ...]
 """
 
+# ruff: noqa: E402 - the repository root goes on sys.path before the project imports.
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 import argparse
 import os
 import subprocess
-import sys
+
+from shared.openmp import SPIN_COUNT, WAIT_POLICY
 
 CHILD = """
 import resource, statistics, time, torch
@@ -36,9 +45,9 @@ print(f"{1000 * statistics.mean(spent):.3f}")
 
 def idle_ms(count: str) -> float:
     """Mean ms of CPU the idle team burns after one region with ``GOMP_SPINCOUNT=count``."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {k: v for k, v in os.environ.items() if k not in (WAIT_POLICY, SPIN_COUNT)}
     if count != "default":
-        env["GOMP_SPINCOUNT"] = count
+        env[SPIN_COUNT] = count
     out = subprocess.run(
         [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True
     )
@@ -52,7 +61,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     for count in args.counts:
-        print(f"GOMP_SPINCOUNT={count}: {idle_ms(count):.3f} ms of CPU after a region", flush=True)
+        print(f"{SPIN_COUNT}={count}: {idle_ms(count):.3f} ms of CPU after a region", flush=True)
 
 
 if __name__ == "__main__":

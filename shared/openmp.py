@@ -2,14 +2,15 @@
 
 libgomp (torch's OpenMP runtime) lets a thread that finished its share of a parallel region
 spin for the next one, ``GOMP_SPINCOUNT`` pauses (300,000 by default: about 8 ms of a core on
-the benchmark host, ``bench/openmp_idle_spin.py``), then sleep. The two tiers take turns on one host's cores within each
-request: with the default, a tier that has just computed keeps a core spinning while the other
-computes, and the computing tier's team then waits at each barrier for a descheduled team mate
-(a lone MiniLM request on two threads, in-process on a shared 2-core host: 339-488 ms spinning,
-89-95 ms sleeping). Not spinning at all (``OMP_WAIT_POLICY=PASSIVE``, the serve commands'
-setting before) wakes the team through the kernel at every parallel region, hundreds per
-forward: MiniLM's lone back stage on two threads took as long as on one. ``SERVING_SPIN_COUNT``
-pauses (about 0.5 ms) bridge the gaps between one forward's regions and stop soon after it.
+the benchmark host, ``bench/openmp_idle_spin.py``), then sleep. The two tiers take turns on
+one host's cores within each request: with the default, a tier that has just computed keeps a
+core spinning while the other computes, and the computing tier's team then waits at each
+barrier for a descheduled team mate (a lone MiniLM request on two threads, in-process on a
+shared 2-core host: 339-488 ms spinning, 89-95 ms sleeping). Not spinning at all
+(``OMP_WAIT_POLICY=PASSIVE``, the serve commands' setting before) wakes the team through the
+kernel at every parallel region, hundreds per forward: MiniLM's lone back stage on two threads
+took as long as on one. ``SERVING_SPIN_COUNT`` pauses (about 0.5 ms) bridge the gaps between
+one forward's regions and stop soon after it.
 
 libgomp reads the environment once, when torch loads it, so the serve commands set
 ``GOMP_SPINCOUNT`` before importing torch, unless the operator set it or ``OMP_WAIT_POLICY``
